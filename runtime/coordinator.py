@@ -1,0 +1,181 @@
+"""The Coordinator: per-sequence verification, acceptance and rollback.
+
+Theory of operation. For each sequence the Coordinator tracks the committed
+tokens (prompt plus verified output), the in-flight tokens (emitted early by an
+exit head, not yet verified), the epoch and a state. It does no I/O and knows
+nothing of layers, tensors or transports: stages report predictions, and it
+answers with commands.
+
+- ``receive(event)`` only records; ``next_action()`` hands out the next command
+  (``StepRequest``, ``Rollback``, ``Verified``, ``SequenceFinished``) or the
+  sentinel ``WAITING`` / ``DONE``.
+- A ``FinalPrediction`` for position ``p`` is the truth for ``p``. If an early
+  token is in flight at ``p`` and agrees, it is accepted (it is already in the
+  pipeline). If it disagrees, the epoch grows, everything at ``>= p`` is rolled
+  back on every stage, and the final token is started instead. With no early
+  token at ``p``, the final token is committed and started.
+- An ``EarlyPrediction`` for the next free position starts that token at once,
+  up to ``max_inflight`` unverified tokens.
+- Positions only move forward, except on ``Rollback``. Nothing is shown
+  (``Verified``) or counted before it is verified, and stop conditions are
+  checked on verified tokens only.
+- Predictions of an older epoch are stale and dropped; predictions for a
+  finished sequence are dropped too (in-flight work may still drain).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from .events import (
+    DONE,
+    WAITING,
+    EarlyPrediction,
+    FinalPrediction,
+    ProtocolError,
+    Rollback,
+    SequenceFinished,
+    StepRequest,
+    Verified,
+)
+from .stopping import StopCriteria
+
+
+class SeqState(enum.Enum):
+    PREFILL = "prefill"  # prompt sent, no token yet
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ERROR = "error"
+
+
+# The legal moves, in one place: {state: {event type: next state}}. A prediction in
+# DECODING may also finish the sequence; that move is decided by the stop criteria.
+TRANSITIONS: dict[SeqState, dict[type, SeqState]] = {
+    SeqState.PREFILL: {FinalPrediction: SeqState.DECODING, EarlyPrediction: SeqState.PREFILL},
+    SeqState.DECODING: {FinalPrediction: SeqState.DECODING, EarlyPrediction: SeqState.DECODING},
+    SeqState.FINISHED: {FinalPrediction: SeqState.FINISHED, EarlyPrediction: SeqState.FINISHED},
+    SeqState.ERROR: {},
+}
+
+
+@dataclass
+class SeqStats:
+    early_emitted: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    early_by_layer: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Sequence:
+    seq: int
+    prompt_len: int
+    tokens: list[int]  # committed: prompt + verified output
+    criteria: StopCriteria
+    state: SeqState = SeqState.PREFILL
+    epoch: int = 0
+    inflight: list[int] = field(default_factory=list)  # early tokens at len(tokens) + i
+    finish_reason: str | None = None
+    stats: SeqStats = field(default_factory=SeqStats)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class Coordinator:
+    def __init__(self, max_inflight: int = 0):
+        """``max_inflight``: cap on unverified early tokens per sequence (0 disables early exit)."""
+        self.max_inflight = max_inflight
+        self.sequences: dict[int, Sequence] = {}
+        self._actions: deque = deque()
+
+    def add_sequence(self, seq: int, prompt: list[int], criteria: StopCriteria) -> None:
+        """Register ``seq`` and queue its prompt for stage 0."""
+        if seq in self.sequences:
+            raise ProtocolError(f"sequence {seq} already exists")
+        if not prompt:
+            raise ValueError(f"sequence {seq}: the prompt is empty; give at least one token")
+        self.sequences[seq] = Sequence(seq, len(prompt), list(prompt), criteria)
+        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt)))
+
+    def receive(self, event) -> None:
+        """Record a prediction from a stage."""
+        s = self.sequences.get(event.seq)
+        if s is None:
+            raise ProtocolError(f"{type(event).__name__} for unknown sequence {event.seq}")
+        allowed = TRANSITIONS[s.state]
+        if type(event) not in allowed:
+            state = s.state
+            s.state = SeqState.ERROR
+            raise ProtocolError(f"{type(event).__name__} is illegal in state {state.name} (sequence {s.seq})")
+        if s.state is SeqState.FINISHED or event.epoch < s.epoch:
+            return  # stale: in-flight work draining after a rollback or the end
+        if event.epoch > s.epoch:
+            s.state = SeqState.ERROR
+            raise ProtocolError(f"{type(event).__name__} from future epoch {event.epoch} > {s.epoch} (sequence {s.seq})")
+        if isinstance(event, FinalPrediction):
+            self._on_final(s, event)
+        else:
+            self._on_early(s, event)
+        if s.state is not SeqState.FINISHED:
+            s.state = allowed[type(event)]
+
+    def next_action(self):
+        """The next command to carry out, or ``WAITING`` / ``DONE``."""
+        if self._actions:
+            return self._actions.popleft()
+        if all(s.state is SeqState.FINISHED for s in self.sequences.values()):
+            return DONE
+        return WAITING
+
+    # --- transitions ---------------------------------------------------------------
+
+    def _on_final(self, s: Sequence, ev: FinalPrediction) -> None:
+        pos = len(s.tokens)
+        if ev.pos != pos:
+            s.state = SeqState.ERROR
+            raise ProtocolError(
+                f"FinalPrediction for position {ev.pos} but sequence {s.seq} expects {pos} (state {s.state.name})"
+            )
+        s.tokens.append(ev.token)
+        self._actions.append(Verified(s.seq, pos, (ev.token,)))
+        if s.inflight:
+            if s.inflight[0] == ev.token:
+                s.inflight.pop(0)
+                s.stats.accepted += 1
+            else:
+                s.inflight.clear()
+                s.epoch += 1
+                s.stats.rollbacks += 1
+                self._actions.append(Rollback(s.seq, s.epoch, pos))
+                if not self._maybe_finish(s):
+                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+                return
+            self._maybe_finish(s)
+            return
+        if not self._maybe_finish(s):
+            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+
+    def _on_early(self, s: Sequence, ev: EarlyPrediction) -> None:
+        pos = len(s.tokens) + len(s.inflight)
+        if ev.pos != pos or len(s.inflight) >= self.max_inflight:
+            return  # not the next free position, or too much unverified work: ignore
+        if len(s.generated) + len(s.inflight) >= s.criteria.max_new_tokens:
+            return  # past the length limit: the token could never be output
+        s.inflight.append(ev.token)
+        s.stats.early_emitted += 1
+        s.stats.early_by_layer[ev.layer] = s.stats.early_by_layer.get(ev.layer, 0) + 1
+        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+
+    def _maybe_finish(self, s: Sequence) -> bool:
+        reason = s.criteria.check(s.generated)
+        if reason is None:
+            return False
+        s.state = SeqState.FINISHED
+        s.finish_reason = reason
+        s.inflight.clear()
+        self._actions.append(SequenceFinished(s.seq, reason))
+        return True

