@@ -1,0 +1,632 @@
+"""Run configuration: the schema, its validation, and the YAML/CLI loader.
+
+The schema is nested dataclasses, one per section, as in torchtitan's
+``JobConfig``. Every field has a type, a default and a one-line docstring
+directly beneath it; ``config_help()`` reads those docstrings back out of this
+file's source, so the schema is the only place an option is documented.
+
+Precedence, highest first::
+
+    --section.key=value   (or --section.key value)  on the command line
+    --config PATH          a YAML file shaped like configs/smollm2-135m.yaml
+    dataclass defaults     below
+
+    cfg = load_config(["--config", "configs/smollm2-135m.yaml", "--pipeline.stages=3"])
+
+Each section validates itself in ``__post_init__`` and every failure is a
+``ConfigError`` naming the dotted key, the bad value, what is allowed and how
+to fix it. Components receive only their own section (``cfg.pipeline``), never
+the root config.
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "PipelineConfig",
+    "DecodingConfig",
+    "TransportConfig",
+    "LoggingConfig",
+    "RunConfig",
+    "load_config",
+    "config_to_dict",
+    "dump_yaml",
+    "config_help",
+    "field_docs",
+    "check_world_size",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value, file or flag is invalid; the message says how to fix it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key  # dotted key at fault, so the loader can say where it was set
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and how its weights and KV cache are laid out."""
+
+    source: str = "bundled:smollm2-135m-instruct"
+    """Model to load: `bundled:<name>`, a Hugging Face model directory, or a `.gguf` file."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of weights, activations and KV cache."""
+
+    max_seq_len: int = 2048
+    """KV cache capacity in positions, prompt plus generated tokens."""
+
+    cache_dir: str = ""
+    """Where converted GGUF weights are kept; empty means $ADADECODE_CACHE or ~/.cache/adadecode."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.source.strip() == "":
+            raise _invalid(
+                "model.source", self.source, "a non-empty model source",
+                "use e.g. `--model.source=bundled:smollm2-135m-instruct` or a path to a model directory or .gguf file",
+            )
+        if self.max_seq_len < 2:
+            raise _invalid(
+                "model.max_seq_len", self.max_seq_len, "an integer >= 2 (one prompt token plus one generated token)",
+                "set e.g. `--model.max_seq_len=2048`",
+            )
+
+
+@dataclass
+class PipelineConfig:
+    """How the decoder layers are cut into pipeline stages."""
+
+    stages: int = 1
+    """Number of pipeline stages, one per rank; 1 runs the whole model in one stage."""
+
+    split_points: list[int] = field(default_factory=list)
+    """First layer index of stages 1..P-1, e.g. [10, 20]; empty means an automatic cost-balanced split."""
+
+    threads: int = 0
+    """Torch intra-op threads per rank; 0 leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.stages < 1:
+            raise _invalid(
+                "pipeline.stages", self.stages, "an integer >= 1",
+                "set it to the number of pipeline ranks, e.g. `--pipeline.stages=2`",
+            )
+        if self.threads < 0:
+            raise _invalid(
+                "pipeline.threads", self.threads, "an integer >= 0",
+                "set a thread count, or `--pipeline.threads=0` to keep torch's default",
+            )
+        sp = self.split_points
+        if not sp:
+            return
+        if len(sp) != self.stages - 1:
+            raise _invalid(
+                "pipeline.split_points", sp,
+                f"{self.stages - 1} entries for pipeline.stages = {self.stages} (the first layer of each stage after the first)",
+                f"set `--pipeline.stages={len(sp) + 1}` to match, change the split points, "
+                "or use `--pipeline.split_points=[]` for an automatic split",
+            )
+        if sp[0] < 1:
+            raise _invalid(
+                "pipeline.split_points", sp, "split points >= 1 (stage 0 must own at least layer 0)",
+                "drop the 0 or leave split_points empty for an automatic split",
+            )
+        for a, b in zip(sp, sp[1:]):
+            if b <= a:
+                raise _invalid(
+                    "pipeline.split_points", sp,
+                    f"strictly increasing layer indices (found {a} then {b}), so that no stage is empty",
+                    "list each stage's first layer in ascending order, e.g. `--pipeline.split_points=10,20`",
+                )
+
+
+@dataclass
+class DecodingConfig:
+    """What to generate and when to stop."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate after the prompt."""
+
+    early_exit: Literal["off", "eager", "deferred"] = "off"
+    """Early exit: off (plain greedy), eager (bit-exact backfill) or deferred (batched backfill)."""
+
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: generation ends once the verified text contains any of them."""
+
+    chat: bool = False
+    """Wrap the prompt in the tokenizer's chat template."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.max_new_tokens < 1:
+            raise _invalid(
+                "decoding.max_new_tokens", self.max_new_tokens, "an integer >= 1",
+                "set e.g. `--decoding.max_new_tokens=128`",
+            )
+        for s in self.stop:
+            if s == "":
+                raise _invalid(
+                    "decoding.stop", self.stop, "non-empty stop strings (an empty one would match at once)",
+                    "remove the empty string from the list",
+                )
+
+
+@dataclass
+class TransportConfig:
+    """How stages talk to each other."""
+
+    backend: Literal["inprocess", "gloo", "nccl"] = "inprocess"
+    """inprocess: all stages in one process; gloo: one CPU rank per stage; nccl: one GPU rank per stage."""
+
+    timeout_s: float = 60.0
+    """Every wait on another rank gives up after this many seconds, with a message."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise _invalid(
+                "transport.timeout_s", self.timeout_s, "a finite number of seconds > 0",
+                "set e.g. `--transport.timeout_s=60` (use a large value such as 3600 when debugging)",
+            )
+
+
+@dataclass
+class LoggingConfig:
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Log level of the `adadecode` loggers."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+
+@dataclass
+class RunConfig:
+    """The whole run; hand each component only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model source, dtype and KV cache size."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Stage count and layer split."""
+
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    """Generation length, early exit and stop conditions."""
+
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Communication backend between stages."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, f.type):
+                raise _invalid(
+                    f.name, value, f"a {f.type.__name__}",
+                    f"build it with `{f.type.__name__}(...)` or use load_config()",
+                )
+        # The prompt needs at least one cache position besides the generated tokens.
+        if self.decoding.max_new_tokens >= self.model.max_seq_len:
+            raise _invalid(
+                "decoding.max_new_tokens", self.decoding.max_new_tokens,
+                f"fewer than model.max_seq_len = {self.model.max_seq_len} positions, leaving room for the prompt",
+                f"lower decoding.max_new_tokens or raise `--model.max_seq_len` above {self.decoding.max_new_tokens}",
+            )
+
+
+def check_world_size(pipeline: PipelineConfig, transport: TransportConfig, world_size: int) -> None:
+    """Raise ConfigError unless `world_size` ranks fit the stage count and backend."""
+    if transport.backend == "inprocess":
+        if world_size != 1:
+            raise _invalid(
+                "transport.backend", transport.backend,
+                f"a single process (all stages in one), but WORLD_SIZE={world_size}",
+                f"run without torchrun, or use `--transport.backend=gloo` with `--pipeline.stages={world_size}`",
+            )
+    elif world_size != pipeline.stages:
+        raise _invalid(
+            "pipeline.stages", pipeline.stages,
+            f"one rank per stage with backend {transport.backend!r}, but WORLD_SIZE={world_size}",
+            f"launch {pipeline.stages} ranks (torchrun --nproc-per-node={pipeline.stages}) "
+            f"or set `--pipeline.stages={world_size}`",
+        )
+
+
+# The section name of each section class, read off RunConfig so it is stated once.
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_OF: dict[type, str] = {cls: name for name, cls in _SECTIONS.items()}
+
+
+# ----------------------------------------------------------------- type checking
+
+
+def _invalid(key: str, value: Any, expected: str, fix: str) -> ConfigError:
+    return ConfigError(f"invalid {key} = {value!r}: expected {expected}; {fix}", key=key)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return {int: "a list of ints", str: "a list of strings"}[typing.get_args(tp)[0]]
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}[tp]
+
+
+def _example(key: str, tp: Any) -> str:
+    """A CLI flag that would set `key` to a valid value of type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        value = typing.get_args(tp)[0]
+    elif origin is list:
+        value = "10,20" if typing.get_args(tp)[0] is int else "a,b"
+    else:
+        value = {bool: "true", int: "2", float: "1.5", str: "text"}[tp]
+    return f"`--{key}={value}`"
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against `tp`, converting only where no information is lost."""
+    origin = typing.get_origin(tp)
+    yaml_hint = {bool: "unquoted true/false", int: "an unquoted number", float: "an unquoted number"}
+    fix = f"write it like {_example(key, tp)}"
+    if tp in yaml_hint:
+        fix += f" (in YAML, {yaml_hint[tp]})"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        # YAML 1.1 reads an unquoted `off` as false; map it back rather than fail on valid-looking YAML.
+        if value is False and "off" in choices:
+            return "off"
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        close += [c for c in choices if c.lower() == str(value).lower()]
+        hint = f"did you mean {close[-1]!r}?" if close else f"pick one of them, e.g. {_example(key, tp)}"
+        raise _invalid(key, value, _type_name(tp), hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _invalid(key, value, _type_name(tp), f"write a list, e.g. {_example(key, tp)} or a YAML list")
+        (item_tp,) = typing.get_args(tp)
+        items = []
+        for item in value:
+            try:
+                items.append(_coerce(key, item_tp, item))
+            except ConfigError:
+                raise _invalid(
+                    key, value, _type_name(tp), f"item {item!r} is not {_type_name(item_tp)}; {fix}"
+                ) from None
+        return items  # a fresh list, so configs never share a mutable default
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema field of a type this loader cannot parse
+        raise TypeError(f"unsupported config field type {tp!r} for {key}")
+    raise _invalid(key, value, _type_name(tp), fix)
+
+
+def _check_types(section: Any) -> None:
+    name = _SECTION_OF[type(section)]
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, _coerce(f"{name}.{f.name}", f.type, getattr(section, f.name)))
+
+
+# ------------------------------------------------------------------ docstrings
+
+
+def field_docs() -> dict[str, str]:
+    """`{"section.key": docstring}` for every field, plus `{"section": docstring}` per section.
+
+    Read with `ast` from this module's source: the string literal right under a
+    field is otherwise discarded by Python.
+    """
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):  # frozen or source-less install: help loses its text, nothing else
+        return {}
+    classes = {cls.__name__: name for name, cls in _SECTIONS.items()}
+    docs: dict[str, str] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        if node.name == RunConfig.__name__:
+            prefix = ""  # RunConfig's fields are the sections
+        elif node.name in classes:
+            prefix = classes[node.name] + "."
+        else:
+            continue
+        for stmt, nxt in zip(node.body, node.body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[prefix + stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _did_you_mean(word: str, candidates: Sequence[str], fmt: str = "`{}`") -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    if close:
+        return "did you mean " + fmt.format(close[0]) + "?"
+    return "valid choices: " + ", ".join(fmt.format(c) for c in candidates)
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _field_type(section: str, key: str) -> Any:
+    return {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}[key]
+
+
+def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file `{path}` not found (looked in {p.resolve()}); "
+            "pass an existing YAML file with --config, e.g. `--config configs/smollm2-135m.yaml`"
+        )
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file `{path}` is not valid YAML: {e}") from None
+    if data is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file `{path}` must be a mapping of sections ({', '.join(_SECTIONS)}), "
+            f"got a {type(data).__name__}; see configs/smollm2-135m.yaml for the layout"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    for section, body in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"unknown key `{section}` in {path}; {_did_you_mean(str(section), list(_SECTIONS))}"
+            )
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"section `{section}` in {path} must be a mapping of keys to values, got {body!r}; "
+                f"write e.g. `{section}:` followed by indented `key: value` lines"
+            )
+        keys = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        for key in body:
+            if key not in keys:
+                raise ConfigError(
+                    f"unknown key `{section}.{key}` in {path}; "
+                    + _did_you_mean(str(key), keys, fmt=f"`{section}.{{}}`")
+                )
+        out[section] = dict(body)
+    return out
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _parse_cli_value(key: str, tp: Any, raw: str) -> Any:
+    """Turn the text after `--key=` into a value of the field's type."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise ValueError
+        if tp is int:
+            return int(raw, 10)
+        if tp is float:
+            return float(raw)
+        if origin is list:
+            if raw.strip().startswith("["):
+                value = yaml.safe_load(raw)  # a YAML flow list: `[10, 20]`, `["\n", "a,b"]`
+                if not isinstance(value, list):
+                    raise ValueError
+                return value
+            if raw.strip() == "":
+                return []
+            (item_tp,) = typing.get_args(tp)
+            # Comma-separated items are taken verbatim for strings; use a flow list for commas or escapes.
+            return [int(x, 10) for x in raw.split(",")] if item_tp is int else raw.split(",")
+    except (ValueError, yaml.YAMLError):
+        raise _invalid(key, raw, _type_name(tp), f"write it like {_example(key, tp)}") from None
+    return raw  # str and Literal: checked by the section's __post_init__
+
+
+def _parse_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str, str, str]]]:
+    """Split argv into the --config path and `(section, key, raw value, flag)` overrides."""
+    config_path: str | None = None
+    overrides: list[tuple[str, str, str, str]] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        i += 1
+        if not arg.startswith("--"):
+            raise ConfigError(
+                f"unexpected argument `{arg}`: config overrides take the form `--section.key=value` "
+                "(e.g. `--pipeline.stages=2`), and a file is given with `--config PATH`"
+            )
+        name, eq, raw = arg[2:].partition("=")
+        if name == "config" or "." in name:
+            if not eq:
+                is_bool = "." in name and _known(name) and _field_type(*name.split(".")) is bool
+                if i < len(items) and not items[i].startswith("--"):
+                    raw = items[i]
+                    i += 1
+                elif is_bool:
+                    raw = "true"  # a bare boolean flag, e.g. `--decoding.chat`
+                else:
+                    raise ConfigError(f"`--{name}` needs a value: write `--{name}=VALUE` or `--{name} VALUE`")
+        if name == "config":
+            if config_path is not None:
+                raise ConfigError(
+                    f"--config given twice (`{config_path}` and `{raw}`); pass one file and "
+                    "override single keys with `--section.key=value`"
+                )
+            config_path = raw
+            continue
+        if "." not in name:
+            close = difflib.get_close_matches(name, [k.split(".")[1] for k in _all_keys()], n=1)
+            hint = "".join(f"; did you mean `--{k}`?" for k in _all_keys() if close and k.endswith("." + close[0]))
+            raise ConfigError(
+                f"unknown argument `{arg}`: config overrides take the form `--section.key=value`{hint}"
+            )
+        if not _known(name):
+            raise ConfigError(f"unknown option `--{name}` on the command line; {_cli_suggestion(name)}")
+        section, key = name.split(".")
+        overrides.append((section, key, raw, f"--{name}"))
+    return config_path, overrides
+
+
+def _known(dotted: str) -> bool:
+    return dotted in _all_keys()
+
+
+def _cli_suggestion(dotted: str) -> str:
+    section, _, key = dotted.partition(".")
+    if section in _SECTIONS and "." not in key:
+        keys = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if difflib.get_close_matches(key, keys, n=1):
+            return _did_you_mean(key, keys, fmt=f"`--{section}.{{}}`")
+    # The key may exist in another section (`--model.stages`) or the section be misspelt.
+    same_key = [k for k in _all_keys() if k.split(".")[1] == key]
+    if same_key:
+        return f"did you mean `--{same_key[0]}`?"
+    return _did_you_mean(dotted, _all_keys(), fmt="`--{}`")
+
+
+def load_config(argv: Sequence[str] = (), *, defaults_file: str | None = None) -> RunConfig:
+    """Build the RunConfig from dataclass defaults, a YAML file and `--section.key=value` overrides.
+
+    argv holds only config arguments: `--config PATH` / `--config=PATH` and
+    `--section.key=value` / `--section.key value` (a bare boolean flag means
+    true). `defaults_file`, if given, is the YAML read when argv has no
+    `--config`. Raises ConfigError for anything else.
+    """
+    if isinstance(argv, str):
+        raise TypeError("load_config takes a list of arguments, not a string")
+    config_path, overrides = _parse_argv(argv)
+    path = config_path if config_path is not None else defaults_file
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    origin: dict[str, str] = {}  # dotted key -> where it was set, for error messages
+    if path is not None:
+        for section, body in _read_yaml(path).items():
+            values[section].update(body)
+            origin.update({f"{section}.{k}": f"in {path}" for k in body})
+
+    def where(e: ConfigError) -> ConfigError:
+        src = origin.get(e.key or "")
+        return ConfigError(f"{e} (set {src})", key=e.key) if src else e
+
+    try:
+        for section, key, raw, flag in overrides:
+            dotted = f"{section}.{key}"
+            origin[dotted] = f"on the command line by `{flag}`"
+            values[section][key] = _parse_cli_value(dotted, _field_type(section, key), raw)
+        sections = {s: cls(**values[s]) for s, cls in _SECTIONS.items()}
+        return RunConfig(**sections)
+    except ConfigError as e:
+        raise where(e) from None
+
+
+# ------------------------------------------------------------------- printing
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts and lists (a deep copy)."""
+    return dataclasses.asdict(cfg)
+
+
+def _yaml_scalar(value: Any, in_list: bool = False) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_scalar(v, in_list=True) for v in value) + "]"
+    if isinstance(value, str):
+        text = yaml.safe_dump(value, width=sys.maxsize).removesuffix("\n...\n").removesuffix("\n")
+        if in_list or "\n" in text:
+            return json.dumps(value)  # a JSON string is a valid double-quoted YAML scalar
+        return text
+    return yaml.safe_dump(value).removesuffix("\n...\n").removesuffix("\n")
+
+
+def dump_yaml(cfg: RunConfig, *, comments: bool = False) -> str:
+    """The config as YAML that `--config` reads back; `comments` adds each field's docstring."""
+    docs = field_docs() if comments else {}
+    lines: list[str] = []
+    for section, body in config_to_dict(cfg).items():
+        if lines:
+            lines.append("")
+        if section in docs:
+            lines.append(f"# {docs[section]}")
+        lines.append(f"{section}:")
+        for key, value in body.items():
+            if f"{section}.{key}" in docs:
+                lines.append(f"  # {docs[f'{section}.{key}']}")
+            lines.append(f"  {key}: {_yaml_scalar(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _metavar(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(typing.get_args(tp)) + "}"
+    if origin is list:
+        item = _metavar(typing.get_args(tp)[0])
+        return f"{item},{item},..."
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[tp]
+
+
+def config_help() -> str:
+    """Every `--section.key` with its type, default and docstring, for `--help`."""
+    docs = field_docs()
+    defaults = config_to_dict(RunConfig())
+    lines = [
+        "config options (precedence: --section.key=value > --config FILE > defaults):",
+        "  --config PATH  YAML file with the sections below, e.g. configs/smollm2-135m.yaml",
+    ]
+    for section, cls in _SECTIONS.items():
+        lines.append("")
+        lines.append(f"{section}: {docs.get(section, '')}".rstrip())
+        for f in dataclasses.fields(cls):
+            default = _yaml_scalar(defaults[section][f.name])
+            lines.append(f"  --{section}.{f.name} {_metavar(f.type)}  (default: {default})")
+            if f"{section}.{f.name}" in docs:
+                lines.append(f"      {docs[f'{section}.{f.name}']}")
+    return "\n".join(lines) + "\n"
