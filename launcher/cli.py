@@ -1,0 +1,211 @@
+"""The `adadecode` command.
+
+Generate with the bundled SmolLM2-135M-Instruct on the default config
+(configs/smollm2-135m.yaml), streaming the answer to stdout:
+
+    adadecode generate --prompt "What is the capital of France?" --chat
+
+Several prompts, one JSON object per prompt on stdout:
+
+    adadecode generate --prompts data/prompts/heldout.jsonl --json --max-new-tokens 64
+
+Another model (a Hugging Face directory or a .gguf file), three pipeline
+stages simulated in one process, any config key overridden from the CLI:
+
+    adadecode generate --model ~/models/Qwen2.5-0.5B-Instruct --stages 3 --prompt "..." \\
+        --model.max_seq_len=4096 --pipeline.threads=2
+
+Speed against transformers' `generate`, same process, same threads:
+
+    adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
+
+Every config key is a flag `--section.key=value` (see `adadecode generate --help`);
+precedence is CLI > `--config FILE` > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, RunConfig, config_help, dump_yaml, load_config
+
+# Short flags for the keys users change most; each maps onto a config key.
+SHORTCUTS = {
+    "model": "model.source",
+    "max_new_tokens": "decoding.max_new_tokens",
+    "stages": "pipeline.stages",
+    "early_exit": "decoding.early_exit",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
+    p.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="decoding.max_new_tokens")
+    p.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
+    p.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="decoding.early_exit")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (decoding.chat)")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adadecode",
+        description="Pipeline-parallel LLM decoding with verified early exit.",
+        epilog="Config keys (--section.key=value):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text greedily",
+        epilog="Config keys (--section.key=value):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", metavar="FILE", help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout instead of text")
+    gen.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; decoding.stop)")
+    _add_config_flags(gen)
+
+    bench = sub.add_parser("bench", help="tokens/s against transformers generate, same process and threads")
+    bench.add_argument("--prompts", metavar="FILE", default="data/prompts/heldout.jsonl")
+    bench.add_argument("--num-prompts", type=int, default=8, metavar="N")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed generations first")
+    bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_config_flags(bench)
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """Split argv into our own flags and config overrides; return both, validated."""
+    args, rest = build_parser().parse_known_args(list(argv))
+    overrides = list(rest)
+    for name, key in SHORTCUTS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"--{key}={value}")
+    if args.stages is not None:
+        overrides.append("--pipeline.split_points=[]")  # an explicit split belongs to its own stage count
+    if args.chat:
+        overrides.append("--decoding.chat=true")
+    if getattr(args, "stop", None):
+        overrides.append("--decoding.stop=" + json.dumps(args.stop))
+    if args.config:
+        overrides = ["--config", args.config, *overrides]
+    return args, load_config(overrides)
+
+
+def read_prompts(path: str) -> list[str | list[dict]]:
+    """Prompts from a JSONL file: each line has "prompt" (text) or "messages" (chat)."""
+    prompts = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read prompts file {path}: {e.strerror}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            prompts.append(item["prompt"])
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            prompts.append(item["messages"])
+        else:
+            raise ValueError(f'{path}:{n}: each line needs "prompt" (a string) or "messages" (a list)')
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def setup_process(cfg: RunConfig) -> None:
+    """Process-wide knobs: log level and torch threads."""
+    import torch
+
+    logging.basicConfig(level=cfg.logging.level, format="%(levelname)s %(name)s: %(message)s")
+    if cfg.pipeline.threads > 0:
+        torch.set_num_threads(cfg.pipeline.threads)
+
+
+def build_engine(cfg: RunConfig):
+    """An Engine from the model and pipeline sections."""
+    from runtime.engine import Engine
+
+    m, p = cfg.model, cfg.pipeline
+    return Engine.load(
+        m.source,
+        stages=p.stages,
+        split_points=p.split_points,
+        dtype=m.dtype,
+        max_seq_len=m.max_seq_len,
+        cache_dir=m.cache_dir or None,
+    )
+
+
+def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
+    if args.prompt is None and args.prompts is None:
+        raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    d = cfg.decoding
+    if d.early_exit != "off":
+        raise ValueError(f"--early-exit {d.early_exit} needs exit heads, which are not available yet; use off")
+    engine = build_engine(cfg)
+    for prompt in prompts:
+        stream = None if args.json else _stdout_writer
+        result = engine.generate(
+            prompt,
+            max_new_tokens=d.max_new_tokens,
+            chat=d.chat,
+            stop=d.stop,
+            early_exit=d.early_exit,
+            on_text=stream,
+        )
+        if args.json:
+            record = {"prompt": prompt, **result.__dict__}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(
+                f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _stdout_writer(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, cfg = parse(argv)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        setup_process(cfg)
+        if args.command == "generate":
+            return cmd_generate(args, cfg)
+        from .bench import run_bench
+
+        return run_bench(args, cfg)
+    except (ConfigError, ValueError, NotImplementedError, RuntimeError) as e:
+        print(f"adadecode: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The HF adapter: our layer call equals transformers' own, bit for bit; loading reads only a stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from helpers import save_tiny_model, tiny_config
+from runtime.hf_adapter import (
+    causal_chunk_mask,
+    decoder_layer_forward,
+    load_hf_config,
+    load_stage_modules,
+)
+from runtime.kv_cache import KVCache
+from runtime.model_source import UnsupportedArchitectureError
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+class _HFCacheShim:
+    """What transformers' attention calls: ``update(k, v, layer_idx, ...)`` on our cache."""
+
+    def __init__(self, cache: KVCache, pos: int):
+        self.cache, self.pos = cache, pos
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        return self.cache.update(layer_idx, 0, self.pos, k, v)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type):
+    path = save_tiny_model(tmp_path, model_type, seed=1)
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 0, 2, embed=True, head=True)
+    hd = mods.layers[0].self_attn.head_dim
+    kv = config.num_key_value_heads
+    ours, theirs = KVCache(), KVCache()
+    for c in (ours, theirs):
+        c.setup(2, 1, kv, 32, hd)
+    torch.manual_seed(0)
+    # a prefill of 5, a chunk of 3 appended (explicit mask), then a single token
+    for pos, length in [(0, 5), (5, 3), (8, 1)]:
+        hidden = torch.randn(1, length, config.hidden_size)
+        positions = torch.arange(pos, pos + length)[None]
+        cos, sin = mods.rotary(hidden, positions)
+        mask = causal_chunk_mask(pos, length)
+        for li, layer in enumerate(mods.layers):
+            a = decoder_layer_forward(
+                layer, hidden, cos, sin, lambda k, v, li=li: ours.update(li, 0, pos, k, v), mask
+            )
+            b = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=_HFCacheShim(theirs, pos))
+            b = b[0] if isinstance(b, tuple) else b
+            assert torch.equal(a, b), f"{model_type} layer {li} chunk at {pos}x{length}"
+            hidden = a
+
+
+def test_chunk_mask_shapes():
+    assert causal_chunk_mask(0, 5) is None  # SDPA's causal flag is exact from position 0
+    assert causal_chunk_mask(7, 1) is None
+    m = causal_chunk_mask(4, 3)
+    assert m.shape == (1, 1, 3, 7)
+    assert m[0, 0].tolist() == [
+        [True] * 5 + [False] * 2,
+        [True] * 6 + [False],
+        [True] * 7,
+    ]
+
+
+def test_stage_loads_only_its_range(tmp_path):
+    path = save_tiny_model(tmp_path, "llama")
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 2, 4, embed=False, head=False)
+    assert mods.embed is None and mods.norm is None and mods.lm_head is None
+    assert len(mods.layers) == 2
+    for p in mods.layers.parameters():
+        assert p.device.type == "cpu"  # nothing left on meta
+    first = load_stage_modules(path, config, 0, 1, embed=True, head=False)
+    assert first.embed is not None and first.lm_head is None
+
+
+def test_tied_lm_head_reuses_the_embedding(tmp_path):
+    path = save_tiny_model(tmp_path, "llama", tie_word_embeddings=True)
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 0, 6, embed=True, head=True)
+    assert mods.lm_head.weight.data_ptr() == mods.embed.weight.data_ptr()
+
+
+def test_unsupported_architecture_is_named_before_any_weight_is_read(tmp_path):
+    tiny_config("gpt2", n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)  # no weights at all
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama, mistral, qwen2, qwen3"):
+        load_hf_config(tmp_path)
+
+
+_PEAK_RSS = textwrap.dedent(
+    r"""
+    import json, re, sys
+    from runtime.hf_adapter import load_hf_config, load_stage_modules
+
+    def status(key):
+        return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+    path, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    config = load_hf_config(path)
+    load_stage_modules(path, config, 0, 0, embed=False, head=False)  # imports and meta skeleton: not weights
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS")
+    mods = load_stage_modules(path, config, a, b, embed=a == 0, head=b == config.num_hidden_layers)
+    print(json.dumps({"delta_kib": status("VmHWM") - before}))
+    """
+)
+
+
+def _peak_rss_kib(path, a, b) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(path), str(a), str(b)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["delta_kib"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
+def test_peak_memory_follows_the_layer_range(tmp_path):
+    # 8 layers of ~12.6 MB each (fp32), small vocab: the layers dominate the file.
+    path = save_tiny_model(
+        tmp_path, "llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, vocab_size=64,
+    )
+    layer_mib = (4 * 512 * 512 + 3 * 512 * 1536) * 4 / 2**20
+    one = _peak_rss_kib(path, 1, 2) / 1024
+    full = _peak_rss_kib(path, 0, 8) / 1024
+    assert full > 6 * layer_mib
+    print(f"peak: one layer {one:.0f} MiB, all {full:.0f} MiB, a layer's weights {layer_mib:.0f} MiB")
+    assert one < 2.5 * layer_mib, f"one layer took {one:.0f} MiB of peak memory, the model {full:.0f} MiB"

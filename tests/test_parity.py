@@ -1,0 +1,70 @@
+"""Output parity on the real bundled model: the runtime's tokens equal transformers' greedy
+`generate` with 1, 2 and 3 stages (scripts/parity.py runs the full 18 x 128 version)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import bundled_model_dir
+from launcher.bench import first_divergence, hf_generate, select_prompts
+from runtime.engine import Engine
+
+NUM_PROMPTS = 6  # one per category: code, prose, chat, math, list, qa
+MAX_NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM
+
+    path = bundled_model_dir()
+    engine = Engine.load("bundled:smollm2-135m-instruct", stages=1)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    eos = sorted(engine.eos_token_ids)
+    cases = []
+    for prompt in select_prompts("data/prompts/heldout.jsonl", NUM_PROMPTS):
+        ids = engine.encode(prompt, chat=isinstance(prompt, list))
+        cases.append((ids, hf_generate(hf, ids, MAX_NEW_TOKENS, eos)[0]))
+    return engine, cases
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_tokens_equal_transformers_generate(reference, stages):
+    engine, cases = reference
+    if stages != 1:
+        engine = Engine.load("bundled:smollm2-135m-instruct", stages=stages)
+    assert len(engine.stages) == stages
+    for ids, ref in cases:
+        ours = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS).tokens
+        at = first_divergence(ours, ref)
+        assert at is None, f"{stages} stages: diverges at token {at}: {ours[at:at + 3]} vs {ref[at:at + 3]}"
+
+
+def test_eos_and_length_stops(reference):
+    engine, cases = reference
+    for ids, ref in cases:
+        res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS)
+        if ref[-1] in engine.eos_token_ids:
+            assert res.finish_reason == "eos" and res.tokens[-1] == ref[-1]
+        else:
+            assert res.finish_reason == "length" and len(res.tokens) == MAX_NEW_TOKENS
+    short = engine.generate(cases[0][0], max_new_tokens=1)
+    assert short.tokens == cases[0][1][:1] and short.finish_reason in ("length", "eos")
+
+
+def test_stop_string_ends_generation_and_is_not_output(reference):
+    engine, _ = reference
+    full = engine.generate("List three colours:\n1.", max_new_tokens=30)
+    assert "2." in full.text, full.text  # the premise: the model numbers its list
+    res = engine.generate("List three colours:\n1.", max_new_tokens=30, stop=["2."])
+    assert res.finish_reason == "stop"
+    assert "2." not in res.text and full.text.startswith(res.text)
+    assert res.tokens == full.tokens[: len(res.tokens)]
+
+
+def test_streamed_text_equals_the_result(reference):
+    engine, cases = reference
+    chunks: list[str] = []
+    res = engine.generate(cases[2][0], max_new_tokens=MAX_NEW_TOKENS, on_text=chunks.append)
+    assert "".join(chunks) == res.text and len(chunks) > 1
