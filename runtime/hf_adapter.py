@@ -26,6 +26,11 @@ from torch import nn
 
 from .model_source import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
+try:  # transformers' own SDPA call, so kernel choice (GQA packing, masks) is exactly theirs
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
+except ImportError as e:  # pragma: no cover
+    raise ImportError(f"adadecode needs transformers >= 5 with sdpa_attention ({e})") from e
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -203,9 +208,28 @@ def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return norm.weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(rotary: nn.Module, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a sign-folded sin for every position, from transformers' rotary module.
+
+    transformers computes ``q * cos + rotate_half(q) * sin`` with
+    ``rotate_half(q) = cat(-q2, q1)``. Since ``(-a) * b == a * (-b)`` exactly in
+    IEEE arithmetic, ``swap_halves(q) * cat(-sin1, sin2)`` gives the same bits
+    with two fewer ops, and one call covers q and k together. The rotary math is
+    elementwise per position, so table rows equal what it computes per call.
+
+    # returns cos, sin_folded: [max_len, head_dim]
+    """
+    cos, sin = rotary(torch.empty(1, dtype=dtype), torch.arange(max_len)[None])
+    cos, sin = cos[0], sin[0]
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """# x: [B, S, H, hd]; cos, sin_folded: [B, S, 1, hd]"""
+    b, s, h, hd = x.shape
+    swapped = x.view(b, s, h, 2, hd // 2).flip(3).reshape(b, s, h, hd)
+    return (x * cos) + (swapped * sin_folded)
 
 
 def causal_chunk_mask(input_pos: int, length: int) -> torch.Tensor | None:
@@ -225,16 +249,14 @@ def decoder_layer_forward(
     layer: nn.Module,
     hidden: torch.Tensor,
     cos: torch.Tensor,
-    sin: torch.Tensor,
+    sin_folded: torch.Tensor,
     kv_update,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """One Llama-family decoder layer; ``kv_update(k, v) -> (k_all, v_all)`` writes the cache.
 
-    # hidden: [1, S, D]; cos, sin: [1, S, head_dim]
+    # hidden: [1, S, D]; cos, sin_folded: [1, S, 1, head_dim] (see ``rope_tables``)
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     attn, mlp = layer.self_attn, layer.mlp
     bsz, seqlen, _ = hidden.shape
     hd = attn.head_dim
@@ -243,19 +265,17 @@ def decoder_layer_forward(
 
     x = rms_norm(hidden, layer.input_layernorm)
     qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
-    q = qkv[..., :n_q].view(bsz, seqlen, -1, hd)
-    k = qkv[..., n_q : n_q + n_kv].view(bsz, seqlen, -1, hd)
     v = qkv[..., n_q + n_kv :].view(bsz, seqlen, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * cos) + (_rotate_half(q) * sin)
-    k = (k * cos) + (_rotate_half(k) * sin)
-    k, v = kv_update(k, v)
-    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-    hidden = hidden + attn.o_proj(o.reshape(bsz, seqlen, -1).contiguous())
+        q = apply_rope(attn.q_norm(qkv[..., :n_q].view(bsz, seqlen, -1, hd)), cos, sin_folded)
+        k = apply_rope(attn.k_norm(qkv[..., n_q : n_q + n_kv].view(bsz, seqlen, -1, hd)), cos, sin_folded)
+    else:
+        qk = apply_rope(qkv[..., : n_q + n_kv].view(bsz, seqlen, -1, hd), cos, sin_folded)
+        q, k = qk[:, :, : n_q // hd], qk[:, :, n_q // hd :]
+    k, v = kv_update(k.transpose(1, 2), v)
+    o, _ = _sdpa(attn, q.transpose(1, 2), k, v, mask, dropout=0.0, scaling=attn.scaling)
+    hidden = hidden + F.linear(o.reshape(bsz, seqlen, -1), attn.o_proj.weight, attn.o_proj.bias)
 
     x = rms_norm(hidden, layer.post_attention_layernorm)
     gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+    return hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .hf_adapter import StageModules, causal_chunk_mask, decoder_layer_forward
+from .hf_adapter import StageModules, causal_chunk_mask, decoder_layer_forward, rope_tables
 from .kv_cache import KVCache
 
 
@@ -23,11 +23,7 @@ class StageModel:
         self.dtype = dtype
         self.cache = KVCache()
         self.cache.setup(self.end - self.start, num_slots, args.num_kv_heads, max_seq_len, args.head_dim, dtype)
-        # RoPE for every position at once: the rotary module's math is elementwise per
-        # position, so table rows equal what it computes for a single position.
-        positions = torch.arange(max_seq_len)[None]
-        cos, sin = modules.rotary(torch.empty(1, dtype=dtype), positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_seq_len, head_dim]
+        self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, dtype)  # [max_seq_len, head_dim]
 
     @property
     def max_seq_len(self) -> int:
@@ -62,7 +58,7 @@ class StageModel:
                 f"sequence needs {end} positions but the KV cache holds {self.cache.max_len}; "
                 "raise model.max_seq_len or shorten the prompt / max_new_tokens"
             )
-        cos, sin = self.cos[input_pos:end][None], self.sin[input_pos:end][None]
+        cos, sin = self.cos[input_pos:end][None, :, None], self.sin[input_pos:end][None, :, None]
         mask = causal_chunk_mask(input_pos, seqlen)
         h = hidden[None]
         cache = self.cache

@@ -16,6 +16,7 @@ from runtime.hf_adapter import (
     decoder_layer_forward,
     load_hf_config,
     load_stage_modules,
+    rope_tables,
 )
 from runtime.kv_cache import KVCache
 from runtime.model_source import UnsupportedArchitectureError
@@ -43,6 +44,7 @@ def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type):
     ours, theirs = KVCache(), KVCache()
     for c in (ours, theirs):
         c.setup(2, 1, kv, 32, hd)
+    cos_table, sin_table = rope_tables(mods.rotary, 32, torch.float32)
     torch.manual_seed(0)
     # a prefill of 5, a chunk of 3 appended (explicit mask), then a single token
     for pos, length in [(0, 5), (5, 3), (8, 1)]:
@@ -50,9 +52,15 @@ def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type):
         positions = torch.arange(pos, pos + length)[None]
         cos, sin = mods.rotary(hidden, positions)
         mask = causal_chunk_mask(pos, length)
+        rows = slice(pos, pos + length)
         for li, layer in enumerate(mods.layers):
             a = decoder_layer_forward(
-                layer, hidden, cos, sin, lambda k, v, li=li: ours.update(li, 0, pos, k, v), mask
+                layer,
+                hidden,
+                cos_table[rows][None, :, None],
+                sin_table[rows][None, :, None],
+                lambda k, v, li=li: ours.update(li, 0, pos, k, v),
+                mask,
             )
             b = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=_HFCacheShim(theirs, pos))
             b = b[0] if isinstance(b, tuple) else b

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import bundled_model_dir
+from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 from launcher.bench import first_divergence, hf_generate, select_prompts
 from runtime.engine import Engine
 
@@ -68,3 +68,12 @@ def test_streamed_text_equals_the_result(reference):
     chunks: list[str] = []
     res = engine.generate(cases[2][0], max_new_tokens=MAX_NEW_TOKENS, on_text=chunks.append)
     assert "".join(chunks) == res.text and len(chunks) > 1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_architecture_matches_generate_on_any_split(tmp_path, model_type):
+    path = save_tiny_model(tmp_path, model_type, seed=3)
+    prompt = [5, 17, 33, 2, 9, 41, 7]
+    ref = hf_greedy(path, prompt, 24)
+    for ranges in ([(0, 6)], [(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)]):
+        assert InProcessPipeline(path, ranges).generate(prompt, 24) == ref, (model_type, ranges)
