@@ -103,6 +103,10 @@ class Coordinator:
 
     def receive(self, event) -> None:
         """Record a prediction from a stage."""
+        if not hasattr(event, "seq"):
+            raise ProtocolError(
+                f"the coordinator takes FinalPrediction or EarlyPrediction, not {type(event).__name__}"
+            )
         s = self.sequences.get(event.seq)
         if s is None:
             raise ProtocolError(f"{type(event).__name__} for unknown sequence {event.seq}")
@@ -114,8 +118,11 @@ class Coordinator:
         if s.state is SeqState.FINISHED or event.epoch < s.epoch:
             return  # stale: in-flight work draining after a rollback or the end
         if event.epoch > s.epoch:
-            s.state = SeqState.ERROR
-            raise ProtocolError(f"{type(event).__name__} from future epoch {event.epoch} > {s.epoch} (sequence {s.seq})")
+            state, s.state = s.state, SeqState.ERROR
+            raise ProtocolError(
+                f"{type(event).__name__} from future epoch {event.epoch} > {s.epoch} is illegal in state "
+                f"{state.name} (sequence {s.seq})"
+            )
         if isinstance(event, FinalPrediction):
             self._on_final(s, event)
         else:
@@ -136,9 +143,10 @@ class Coordinator:
     def _on_final(self, s: Sequence, ev: FinalPrediction) -> None:
         pos = len(s.tokens)
         if ev.pos != pos:
-            s.state = SeqState.ERROR
+            state, s.state = s.state, SeqState.ERROR
             raise ProtocolError(
-                f"FinalPrediction for position {ev.pos} but sequence {s.seq} expects {pos} (state {s.state.name})"
+                f"FinalPrediction for position {ev.pos} is illegal in state {state.name}: sequence {s.seq} "
+                f"expects position {pos}"
             )
         s.tokens.append(ev.token)
         self._actions.append(Verified(s.seq, pos, (ev.token,)))

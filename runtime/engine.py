@@ -76,12 +76,7 @@ class Engine:
         _check_seq_len(config, args, max_seq_len)
         ranges = plan_stages(config, stages, split_points)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        built = []
-        for i, (a, b) in enumerate(ranges):
-            modules = load_stage_modules(
-                resolved.path, config, a, b, embed=i == 0, head=i == len(ranges) - 1, dtype=DTYPES[dtype]
-            )
-            built.append(Stage(i, len(ranges), StageModel(modules, args, max_seq_len)))
+        built = [build_stage(resolved, config, ranges, i, dtype=dtype, max_seq_len=max_seq_len) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, built, max_seq_len)
 
     @property
@@ -168,6 +163,22 @@ class Engine:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def build_stage(
+    resolved: ResolvedModel,
+    config,
+    ranges: Sequence[tuple[int, int]],
+    index: int,
+    *,
+    dtype: str = "float32",
+    max_seq_len: int = 2048,
+) -> Stage:
+    """Load stage ``index`` of ``ranges`` and only its weights: what one rank of a pipeline holds."""
+    a, b = ranges[index]
+    last = index == len(ranges) - 1
+    modules = load_stage_modules(resolved.path, config, a, b, embed=index == 0, head=last, dtype=DTYPES[dtype])
+    return Stage(index, len(ranges), StageModel(modules, ModelArgs.from_hf_config(config), max_seq_len))
 
 
 def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:

@@ -74,6 +74,10 @@ class Activations:
     """Hidden states of positions ``pos .. pos+S-1`` after the sender's last layer.
 
     ``hidden``: [S, D]. ``layer`` is the index of the next layer to run.
+    ``predict_from``: the first position whose next token the final layer must
+    predict (the prompt's last position, or the chunk's first decoded one).
+    ``emitted``: the last position's next token was already emitted early, so no
+    exit head is evaluated on it again.
     """
 
     seq: int
@@ -81,6 +85,8 @@ class Activations:
     pos: int
     layer: int
     hidden: torch.Tensor = field(repr=False)
+    predict_from: int = -1  # -1: only the last position
+    emitted: bool = False
 
 
 # --- stages -> coordinator ------------------------------------------------------

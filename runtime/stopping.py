@@ -34,14 +34,14 @@ class StopCriteria:
         return None
 
     def _hits_stop_string(self, generated: Sequence[int]) -> bool:
-        # Only a stop string that ends inside the newest token can be new; a token is at
-        # least one character, so decoding a tail as long as the longest string suffices.
+        # Only a stop string that ends inside the newest token can be new. A token may decode to
+        # nothing (a skipped special token) or to part of a character (byte-level BPE), so no
+        # fixed token tail is safe: compare the whole text with the text before the newest token.
+        text = self.decode(generated)
+        before = len(self.decode(generated[:-1]))
         longest = max(len(s) for s in self.stop_strings)
-        tail = self.decode(generated[-(longest + 1) :])
-        newest = self.decode(generated[-1:])
-        window = tail[-(longest + len(newest)) :]
+        window = text[max(0, min(before, len(text)) - longest) :]
         return any(s in window for s in self.stop_strings)
-
 
 def trim_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
     """Cut ``text`` before the first stop string it contains (stop strings are not output)."""
