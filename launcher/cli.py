@@ -140,7 +140,7 @@ def build_engine(cfg: RunConfig):
     """An Engine from the model and pipeline sections."""
     from runtime.engine import Engine
 
-    m, p = cfg.model, cfg.pipeline
+    m, p, d = cfg.model, cfg.pipeline, cfg.decoding
     return Engine.load(
         m.source,
         stages=p.stages,
@@ -148,6 +148,10 @@ def build_engine(cfg: RunConfig):
         dtype=m.dtype,
         max_seq_len=m.max_seq_len,
         cache_dir=m.cache_dir or None,
+        heads=d.heads,
+        exit_layers=d.exit_layers,
+        thresholds=d.thresholds,
+        max_inflight=d.max_inflight,
     )
 
 
@@ -156,8 +160,6 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
         raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     d = cfg.decoding
-    if d.early_exit != "off":
-        raise ValueError(f"--early-exit {d.early_exit} needs exit heads, which are not available yet; use off")
     engine = build_engine(cfg)
     for prompt in prompts:
         stream = None if args.json else _stdout_writer

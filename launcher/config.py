@@ -150,6 +150,18 @@ class DecodingConfig:
     early_exit: Literal["off", "eager", "deferred"] = "off"
     """Early exit: off (plain greedy), eager (bit-exact backfill) or deferred (batched backfill)."""
 
+    heads: str = "auto"
+    """Exit heads directory (from `adadecode train-heads`); auto: the heads shipped for the bundled model; none."""
+
+    exit_layers: list[int] = field(default_factory=list)
+    """Head layers to use, a subset of the heads' layers; empty: the heads' default layers."""
+
+    thresholds: list[float] = field(default_factory=list)
+    """Confidence thresholds: one for every head, or one per exit layer; empty: the heads' calibrated defaults."""
+
+    max_inflight: int = 2
+    """Most unverified early tokens per sequence in flight at once."""
+
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends once the verified text contains any of them."""
 
@@ -162,6 +174,23 @@ class DecodingConfig:
             raise _invalid(
                 "decoding.max_new_tokens", self.max_new_tokens, "an integer >= 1",
                 "set e.g. `--decoding.max_new_tokens=128`",
+            )
+        if self.max_inflight < 1:
+            raise _invalid(
+                "decoding.max_inflight", self.max_inflight, "an integer >= 1",
+                "set e.g. `--decoding.max_inflight=2` (early_exit off ignores it)",
+            )
+        for t in self.thresholds:
+            if not 0.0 <= t < 1.0:
+                raise _invalid(
+                    "decoding.thresholds", self.thresholds, "confidences in [0, 1) (a head emits when its top probability exceeds it)",
+                    "set e.g. `--decoding.thresholds=0.9` or one value per exit layer",
+                )
+        if self.thresholds and self.exit_layers and len(self.thresholds) not in (1, len(self.exit_layers)):
+            raise _invalid(
+                "decoding.thresholds", self.thresholds,
+                f"one value, or one per exit layer ({len(self.exit_layers)} in decoding.exit_layers)",
+                "give a single threshold or match decoding.exit_layers",
             )
         for s in self.stop:
             if s == "":
@@ -271,7 +300,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return {int: "a list of ints", str: "a list of strings"}[typing.get_args(tp)[0]]
+        return {int: "a list of ints", float: "a list of numbers", str: "a list of strings"}[typing.get_args(tp)[0]]
     return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}[tp]
 
 
@@ -281,7 +310,7 @@ def _example(key: str, tp: Any) -> str:
     if origin is Literal:
         value = typing.get_args(tp)[0]
     elif origin is list:
-        value = "10,20" if typing.get_args(tp)[0] is int else "a,b"
+        value = {int: "10,20", float: "0.9,0.8", str: "a,b"}[typing.get_args(tp)[0]]
     else:
         value = {bool: "true", int: "2", float: "1.5", str: "text"}[tp]
     return f"`--{key}={value}`"
@@ -463,7 +492,9 @@ def _parse_cli_value(key: str, tp: Any, raw: str) -> Any:
                 return []
             (item_tp,) = typing.get_args(tp)
             # Comma-separated items are taken verbatim for strings; use a flow list for commas or escapes.
-            return [int(x, 10) for x in raw.split(",")] if item_tp is int else raw.split(",")
+            if item_tp is int:
+                return [int(x, 10) for x in raw.split(",")]
+            return [float(x) for x in raw.split(",")] if item_tp is float else raw.split(",")
     except (ValueError, yaml.YAMLError):
         raise _invalid(key, raw, _type_name(tp), f"write it like {_example(key, tp)}") from None
     return raw  # str and Literal: checked by the section's __post_init__

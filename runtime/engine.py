@@ -52,6 +52,8 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.runner = LocalRunner(stages)
         self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
+        self.heads_path: Path | None = None
+        self.max_inflight = 2
         self._next_seq = 0
 
     @classmethod
@@ -64,8 +66,18 @@ class Engine:
         dtype: str = "float32",
         max_seq_len: int = 2048,
         cache_dir: str | Path | None = None,
+        heads: str | Path | None = "auto",
+        exit_layers: Sequence[int] = (),
+        thresholds: Sequence[float] = (),
+        max_inflight: int = 2,
     ) -> Engine:
-        """Resolve ``source``, split its layers into ``stages`` and load each stage's weights."""
+        """Resolve ``source``, split its layers into ``stages`` and load each stage's weights.
+
+        ``heads``: a directory of exit heads, ``"auto"`` (the heads shipped for the bundled
+        model, none for others) or None. ``exit_layers`` / ``thresholds`` override the heads'
+        defaults (one threshold for all, or one per layer); ``max_inflight`` caps unverified
+        early tokens per sequence.
+        """
         from transformers import AutoTokenizer
 
         if dtype not in DTYPES:
@@ -76,8 +88,18 @@ class Engine:
         _check_seq_len(config, args, max_seq_len)
         ranges = plan_stages(config, stages, split_points)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        built = [build_stage(resolved, config, ranges, i, dtype=dtype, max_seq_len=max_seq_len) for i in range(len(ranges))]
-        return cls(resolved, config, tokenizer, built, max_seq_len)
+        heads_path = resolve_heads(heads, resolved)
+        built = [
+            build_stage(
+                resolved, config, ranges, i, dtype=dtype, max_seq_len=max_seq_len,
+                heads=heads_path, exit_layers=exit_layers, thresholds=thresholds,
+            )
+            for i in range(len(ranges))
+        ]
+        engine = cls(resolved, config, tokenizer, built, max_seq_len)
+        engine.heads_path = heads_path
+        engine.max_inflight = max_inflight
+        return engine
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -106,11 +128,13 @@ class Engine:
         """Greedy-decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text."""
         if early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
-        if early_exit != "off":
-            raise NotImplementedError(
-                f"early_exit `{early_exit}` needs trained exit heads, which this build does not have yet; "
-                "use early_exit `off`"
+        if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
+            raise ValueError(
+                f"early_exit `{early_exit}` needs exit heads and {self.resolved.origin} has none loaded; "
+                "train them with `adadecode train-heads` and set decoding.heads, or use early_exit `off`"
             )
+        for stage in self.stages:
+            stage.policy = early_exit
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = list(prompt)
         else:
@@ -129,7 +153,7 @@ class Engine:
         )
         seq = self._next_seq
         self._next_seq += 1
-        coord = Coordinator(max_inflight=0)
+        coord = Coordinator(max_inflight=0 if early_exit == "off" else self.max_inflight)
         coord.add_sequence(seq, ids, criteria)
 
         streamer = _TextStreamer(self._decode, stop, on_text)
@@ -158,6 +182,8 @@ class Engine:
                 "early_emitted": s.stats.early_emitted,
                 "accepted": s.stats.accepted,
                 "rollbacks": s.stats.rollbacks,
+                "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
+                "early_exit": early_exit,
             },
         )
 
@@ -173,12 +199,75 @@ def build_stage(
     *,
     dtype: str = "float32",
     max_seq_len: int = 2048,
+    heads: Path | None = None,
+    exit_layers: Sequence[int] = (),
+    thresholds: Sequence[float] = (),
+    policy: str = "off",
 ) -> Stage:
-    """Load stage ``index`` of ``ranges`` and only its weights: what one rank of a pipeline holds."""
+    """Load stage ``index`` of ``ranges`` and only its weights: what one rank of a pipeline holds.
+
+    A stage loads the final norm and LM head when it is the last, or when one of the exit
+    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5).
+    """
     a, b = ranges[index]
     last = index == len(ranges) - 1
-    modules = load_stage_modules(resolved.path, config, a, b, embed=index == 0, head=last, dtype=DTYPES[dtype])
-    return Stage(index, len(ranges), StageModel(modules, ModelArgs.from_hf_config(config), max_seq_len))
+    stage_heads = None
+    if heads is not None:
+        from .exit_heads import read_manifest
+
+        manifest = read_manifest(heads)
+        layers = list(exit_layers) or list(manifest["default_layers"])
+        num_layers = ModelArgs.from_hf_config(config).num_layers
+        mine = [l for l in layers if a < l <= b and l < num_layers]
+    else:
+        mine = []
+    modules = load_stage_modules(
+        resolved.path, config, a, b, embed=index == 0, head=last or bool(mine), dtype=DTYPES[dtype]
+    )
+    if mine:
+        from .exit_heads import load_exit_heads
+
+        stage_heads = load_exit_heads(
+            heads, fingerprint=resolved.fingerprint, config=config,
+            norm=modules.norm, lm_head_weight=modules.lm_head.weight,
+        ).select(layers=mine, thresholds=_thresholds_for(layers, thresholds, mine))
+    model = StageModel(modules, ModelArgs.from_hf_config(config), max_seq_len)
+    return Stage(index, len(ranges), model, heads=stage_heads, policy=policy)
+
+
+def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | None:
+    """The exit-heads directory ``heads`` names: ``auto`` is the shipped heads of the bundled model."""
+    if heads is None or str(heads) in ("", "none"):
+        return None
+    if str(heads) == "auto":
+        from .exit_heads import bundled_heads_path
+
+        if not resolved.origin.startswith("bundled:"):
+            return None
+        path = bundled_heads_path(resolved.origin.split(":", 1)[1])
+        return path if path.exists() else None
+    path = Path(heads).expanduser()
+    if not (path / "manifest.json").exists():
+        raise ValueError(
+            f"exit heads `{heads}`: no manifest.json there; point decoding.heads at the directory "
+            "`adadecode train-heads --out DIR` wrote, or use `auto` / `none`"
+        )
+    return path
+
+
+def _thresholds_for(layers: Sequence[int], thresholds: Sequence[float], mine: Sequence[int]):
+    """``thresholds`` as ExitHeads.select takes them: None, one for all, or per layer of ``mine``."""
+    if not thresholds:
+        return None
+    if len(thresholds) == 1:
+        return float(thresholds[0])
+    if len(thresholds) != len(layers):
+        raise ValueError(
+            f"decoding.thresholds has {len(thresholds)} values for {len(layers)} exit layers {list(layers)}; "
+            "give one threshold for all, or one per exit layer"
+        )
+    per_layer = dict(zip(layers, thresholds))
+    return {l: float(per_layer[l]) for l in mine}
 
 
 def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:

@@ -1,31 +1,47 @@
-"""The Stage: a contiguous layer range ``[start, end)``, its KV cache, its work queue.
+"""The Stage: a contiguous layer range ``[start, end)``, its KV cache, its exit heads.
 
 Theory of operation. A Stage takes work items — a ``StepRequest`` (stage 0:
 tokens to embed) or ``Activations`` from the previous stage — and runs each
 through its layers, handing out ``Activations`` for the next stage or, on the
-last stage, the final layer's greedy ``FinalPrediction``. It does no I/O: a
-runner or transport feeds ``receive()`` and ships what ``next_action()``
-returns.
+last stage, the final layer's greedy ``FinalPrediction`` for every position of
+the chunk that needs one. It does no I/O: a runner or transport feeds
+``receive()`` and ships what ``next_action()`` returns, one event at a time.
+
+Early exit. The head at layer ``l`` reads the hidden state entering layer
+``l``; a stage evaluates the heads in ``(start, end]`` on the last position of
+an item whose next token has not been emitted yet. When a head is confident,
+the stage emits an ``EarlyPrediction`` at once and stops the item there; its
+remaining layers (the *backfill*) then run under the policy:
+
+- ``eager``: next, before any other item, one chunk as it was: bit-identical
+  to early exit off.
+- ``deferred``: parked at layer ``l`` until the next token of the sequence
+  reaches ``l``, then run as one chunk with it (true positions, causal mask).
+  Deferred work never waits while the stage would otherwise idle: with no
+  fresh item queued, the parked item with the lowest layer runs (and picks up
+  the parked items above it on its way).
 
 Rules:
 
 - The Stage never decides acceptance; the Coordinator does.
 - Every item carries ``(seq, epoch)``. Items of an older epoch than the
   stage has seen for that sequence are dropped. An item of a newer epoch at
-  position ``p`` first truncates the sequence's cache to ``p`` — the rollback
-  it implies — so the result never depends on whether the ``Rollback`` or the
-  data arrives first (DESIGN.md, Transport).
-- Positions only move forward within an epoch: an item must start exactly at
-  the cache's valid length (DESIGN.md invariant 1).
+  position ``p`` first truncates the sequence's cache to ``p`` and discards
+  queued and parked work of older epochs — the rollback it implies — so the
+  result never depends on whether the ``Rollback`` or the data arrives first
+  (DESIGN.md, Transport).
+- Positions only move forward within an epoch: at every layer an item starts
+  exactly at the cache's valid length (DESIGN.md invariant 1).
 
-It does not know the prompt, the tokenizer or the stop conditions.
+It does not know the prompt, the tokenizer, the stop conditions or how many
+early tokens the Coordinator will take.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +49,7 @@ from .events import (
     DONE,
     WAITING,
     Activations,
+    EarlyPrediction,
     FinalPrediction,
     ProtocolError,
     Rollback,
@@ -41,6 +58,8 @@ from .events import (
     StepRequest,
 )
 from .model_runner import StageModel
+
+BACKFILL_POLICIES = ("off", "eager", "deferred")
 
 
 class StageState(enum.Enum):
@@ -67,8 +86,14 @@ class _Work:
     seq: int
     epoch: int
     pos: int
-    layer: int
+    layer: int  # the next layer to run
     hidden: torch.Tensor  # [S, D]
+    predict_from: int  # first position whose next token the final layer predicts
+    emitted: bool = False  # the last position's next token went out early
+
+    @property
+    def end_pos(self) -> int:
+        return self.pos + self.hidden.shape[0]
 
 
 @dataclass
@@ -76,23 +101,41 @@ class StageStats:
     items: int = 0
     positions: int = 0
     dropped_stale: int = 0
+    head_evals: int = 0
+    early_exits: dict[int, int] = field(default_factory=dict)  # head layer -> exits
+    merged: int = 0  # deferred backfills run together with a later token
+    idle_backfills: int = 0  # deferred backfills run because the stage had nothing else
 
 
 class Stage:
-    def __init__(self, index: int, num_stages: int, model: StageModel):
+    def __init__(self, index: int, num_stages: int, model: StageModel, heads=None, policy: str = "off"):
+        """``heads``: an ``ExitHeads`` (runtime/exit_heads.py) or None; ``policy``: off, eager or deferred."""
+        if policy not in BACKFILL_POLICIES:
+            raise ValueError(f"backfill policy `{policy}` is unknown; use one of {', '.join(BACKFILL_POLICIES)}")
         self.index = index
         self.num_stages = num_stages
         self.model = model
         self.start, self.end = model.start, model.end
         self.is_first = index == 0
         self.is_last = index == num_stages - 1
+        self.heads = heads
+        self.policy = policy
         self.state = StageState.RUNNING
         self.epochs: dict[int, int] = {}
         self.slots: dict[int, int] = {}
         self.finished: set[int] = set()
         self.stats = StageStats()
         self._work: deque[_Work] = deque()
+        self._parked: dict[int, dict[int, _Work]] = {}  # seq -> {layer: deferred backfill}
         self._out: deque = deque()
+
+    @property
+    def head_layers(self) -> tuple[int, ...]:
+        """Head layers this stage evaluates under the current policy."""
+        if self.heads is None or self.policy == "off":
+            return ()
+        num_layers = self.model.args.num_layers
+        return tuple(l for l in self.heads.layers if self.start < l <= self.end and l < num_layers)
 
     # --- input ---------------------------------------------------------------------
 
@@ -108,17 +151,18 @@ class Stage:
         if isinstance(event, Shutdown):
             self.state = StageState.SHUTDOWN
             self._work.clear()
+            self._parked.clear()
         elif isinstance(event, SequenceFinished):
             self._release(event.seq)
         elif isinstance(event, Rollback):
-            if self._advance_epoch(event.seq, event.epoch, event.keep_len):
-                self._work = deque(w for w in self._work if not (w.seq == event.seq and w.epoch < event.epoch))
+            self._advance_epoch(event.seq, event.epoch, event.keep_len)
         elif isinstance(event, StepRequest):
             if not self.is_first:
                 self.state = StageState.ERROR
                 raise ProtocolError(f"stage {self.index}: StepRequest sent to a stage other than 0 (sequence {event.seq})")
             hidden = self.model.embed(torch.tensor(event.tokens, dtype=torch.long))
-            self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden))
+            last = event.pos + len(event.tokens) - 1
+            self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last))
         else:  # Activations
             if event.layer != self.start:
                 self.state = StageState.ERROR
@@ -126,7 +170,11 @@ class Stage:
                     f"stage {self.index} starts at layer {self.start} but got activations for layer "
                     f"{event.layer} (sequence {event.seq})"
                 )
-            self._enqueue(_Work(event.seq, event.epoch, event.pos, event.layer, event.hidden))
+            last = event.pos + event.hidden.shape[0] - 1
+            predict_from = last if event.predict_from < 0 else event.predict_from
+            self._enqueue(
+                _Work(event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted)
+            )
 
     def _enqueue(self, work: _Work) -> None:
         if work.seq in self.finished or work.epoch < self.epochs.get(work.seq, 0):
@@ -135,14 +183,15 @@ class Stage:
         self._advance_epoch(work.seq, work.epoch, work.pos)
         self._work.append(work)
 
-    def _advance_epoch(self, seq: int, epoch: int, keep_len: int) -> bool:
-        """Apply the rollback a newer epoch implies; False if ``epoch`` is not newer."""
+    def _advance_epoch(self, seq: int, epoch: int, keep_len: int) -> None:
+        """Apply the rollback a newer epoch implies: truncate, and drop older queued work."""
         if seq in self.finished or epoch <= self.epochs.get(seq, 0):
-            return False
+            return
         self.epochs[seq] = epoch
         if seq in self.slots:
             self.model.truncate(self.slots[seq], keep_len)
-        return True
+        self._work = deque(w for w in self._work if not (w.seq == seq and w.epoch < epoch))
+        self._parked.pop(seq, None)  # parked work is never older than the newest epoch's
 
     def _slot(self, seq: int) -> int:
         slot = self.slots.get(seq)
@@ -161,33 +210,85 @@ class Stage:
         self.finished.add(seq)
         self.slots.pop(seq, None)
         self.epochs.pop(seq, None)
+        self._parked.pop(seq, None)
         self._work = deque(w for w in self._work if w.seq != seq)
 
     # --- output ----------------------------------------------------------------------
 
     def next_action(self):
-        """Run queued work and return the next output event, or ``WAITING`` / ``DONE``."""
-        while not self._out and self._work:
-            self._run(self._work.popleft())
+        """Run work until an event is ready; return it, or ``WAITING`` / ``DONE``.
+
+        Fresh items run first; parked (deferred) backfills only when there is none.
+        """
+        while not self._out:
+            if self._work:
+                self._run(self._work.popleft())
+            elif any(self._parked.values()):
+                self._run(self._pop_lowest_parked())
+                self.stats.idle_backfills += 1
+            else:
+                break
         if self._out:
             return self._out.popleft()
         return DONE if self.state is StageState.SHUTDOWN else WAITING
 
+    def _pop_lowest_parked(self) -> _Work:
+        parked = self._parked[min(seq for seq, items in self._parked.items() if items)]
+        return parked.pop(min(parked))
+
     def _run(self, w: _Work) -> None:
         slot = self._slot(w.seq)
-        length = self.model.cache_length(w.layer, slot)
-        if w.pos != length:
+        heads = self.head_layers
+        while True:
+            parked = self._parked.get(w.seq, {}).pop(w.layer, None)
+            if parked is not None:  # a deferred backfill joins this token: one chunk from here on
+                w = self._merge(parked, w)
+            if w.layer in heads and not w.emitted and self._try_exit(w) and w.layer < self.end:
+                if self.policy == "eager":  # the backfill runs next, before anything else
+                    self._work.appendleft(w)
+                else:
+                    self._parked.setdefault(w.seq, {})[w.layer] = w
+                return
+            if w.layer == self.end:
+                break
+            length = self.model.cache_length(w.layer, slot)
+            if w.pos != length:
+                self.state = StageState.ERROR
+                raise ProtocolError(
+                    f"stage {self.index}: sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
+                    f"but layer {w.layer} holds {length} positions"
+                )
+            stop = min(l for l in (self.end, *heads, *self._parked.get(w.seq, ())) if l > w.layer)
+            w.hidden = self.model.run_layers(w.hidden, w.pos, w.layer, stop, slot)
+            w.layer = stop
+            self.stats.items += 1
+            self.stats.positions += w.hidden.shape[0]
+        if not self.is_last:
+            self._out.append(Activations(w.seq, w.epoch, w.pos, self.end, w.hidden, w.predict_from, w.emitted))
+            return
+        # Greedy: only the positions that still need a next token get the LM head.
+        first = max(w.predict_from - w.pos, 0)
+        tokens = self.model.logits(w.hidden[first:]).argmax(dim=-1).tolist()
+        for i, token in enumerate(tokens):
+            self._out.append(FinalPrediction(w.seq, w.epoch, w.pos + first + i + 1, token))
+
+    def _try_exit(self, w: _Work) -> bool:
+        token, prob = self.heads.predict(w.layer, w.hidden[-1])
+        self.stats.head_evals += 1
+        if prob <= self.heads.thresholds[w.layer]:
+            return False
+        w.emitted = True
+        self.stats.early_exits[w.layer] = self.stats.early_exits.get(w.layer, 0) + 1
+        self._out.append(EarlyPrediction(w.seq, w.epoch, w.end_pos, token, w.layer, prob))
+        return True
+
+    def _merge(self, parked: _Work, w: _Work) -> _Work:
+        if parked.epoch != w.epoch or parked.end_pos != w.pos:
             self.state = StageState.ERROR
             raise ProtocolError(
-                f"stage {self.index}: sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
-                f"but layer {w.layer} holds {length} positions"
+                f"stage {self.index}: sequence {w.seq} parked positions {parked.pos}..{parked.end_pos - 1} "
+                f"(epoch {parked.epoch}) at layer {w.layer} cannot join position {w.pos} (epoch {w.epoch})"
             )
-        hidden = self.model.run_layers(w.hidden, w.pos, w.layer, self.end, slot)
-        self.stats.items += 1
-        self.stats.positions += hidden.shape[0]
-        if not self.is_last:
-            self._out.append(Activations(w.seq, w.epoch, w.pos, self.end, hidden))
-            return
-        # Greedy: only the last position's distribution is needed.
-        token = int(self.model.logits(hidden[-1:]).argmax(dim=-1)[0])
-        self._out.append(FinalPrediction(w.seq, w.epoch, w.pos + hidden.shape[0], token))
+        self.stats.merged += 1
+        hidden = torch.cat([parked.hidden, w.hidden])
+        return replace(w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from))

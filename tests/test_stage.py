@@ -361,16 +361,7 @@ def _rollback_scenario(model_dir, rollback_first: bool, old_work_ran: bool) -> t
     "old_work_ran",
     [
         pytest.param(True, id="old-work-already-ran"),
-        pytest.param(
-            False,
-            id="old-work-still-queued",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=(ProtocolError, AssertionError),
-                reason="BUG: a newer-epoch data item truncates the cache but does not purge the older "
-                "epoch's queued work, which then runs on the truncated cache (stale KV, then ProtocolError)",
-            ),
-        ),
+        pytest.param(False, id="old-work-still-queued"),
     ],
 )
 def test_rollback_and_new_data_give_the_same_result_in_either_order(model_dir, old_work_ran):
