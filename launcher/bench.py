@@ -1,12 +1,22 @@
 """`adadecode bench`: tokens/s of this runtime against transformers' `generate`.
 
-Both run greedy, batch 1, in this process with the same torch threads, on the
-same prompts, interleaved prompt by prompt so that drift in the machine's speed
-hits both alike. Tokens/s is generated tokens (prompt excluded) over the wall
-time of the whole call, prefill included, for both. The runtime's tokens are
-compared with `generate`'s, so a speedup never hides a parity break.
+Every contender runs greedy, batch 1, in this process with the same torch
+threads, on the same prompts, interleaved prompt by prompt so that drift in the
+machine's speed hits all alike:
+
+- ``hf``: transformers ``generate(do_sample=False)``, the parity reference;
+- ``off``, ``eager``, ``deferred``: this runtime with each early-exit mode
+  (``--modes``), on the configured stages;
+- ``hf-ee-K``: transformers ``generate(assistant_early_exit=K)`` (LayerSkip-style
+  self-speculation, ``--hf-early-exit``), when asked for.
+
+Tokens/s is generated tokens (prompt excluded) over the wall time of the whole
+call, prefill included. Each runtime mode's tokens are compared with ``hf``'s,
+so a speedup never hides a parity break; early-exit modes also report the exit
+rate per head, the acceptance rate and the rollbacks.
 
     taskset -c 0,1 adadecode bench --pipeline.threads=2 --num-prompts 8
+    taskset -c 0 adadecode bench --pipeline.threads=1 --modes off,deferred,eager --hf-early-exit 8,15,22
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ def first_divergence(ours: list[int], ref: list[int]) -> int | None:
     return None if len(ours) == len(ref) else min(len(ours), len(ref))
 
 
-def hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int]) -> tuple[list[int], float]:
+def hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int], **kwargs) -> tuple[list[int], float]:
     """transformers' greedy ``generate``: (new token ids, wall seconds)."""
     x = torch.tensor([ids])
     t0 = time.perf_counter()
@@ -58,54 +68,102 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int]) -> t
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=eos[0],
+            **kwargs,
         )
     return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+
+
+class _Tally:
+    """Totals of one contender over the prompts."""
+
+    def __init__(self):
+        self.tokens = self.seconds = self.matches = 0
+        self.early = self.accepted = self.rollbacks = 0
+        self.by_layer: dict[int, int] = {}
+        self.busy: list[float] = []
+        self.divergences: list[dict] = []
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 def run_bench(args, cfg: RunConfig) -> int:
     from transformers import AutoModelForCausalLM
 
     d = cfg.decoding
+    modes = [m for m in args.modes.split(",") if m]
+    hf_ks = [int(k) for k in args.hf_early_exit.split(",") if k]
     prompts = select_prompts(args.prompts, args.num_prompts)
     engine = build_engine(cfg)
     hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=engine.stages[0].model.dtype).eval()
     eos = sorted(engine.eos_token_ids)
-    encoded = [engine.encode(p, d.chat) for p in prompts]
+    encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]
 
     for ids in encoded[: args.warmup]:
         hf_generate(hf, ids, 8, eos)
-        engine.generate(ids, max_new_tokens=8)
+        for mode in modes:
+            engine.generate(ids, max_new_tokens=8, early_exit=mode)
 
-    totals = {"hf": [0, 0.0], "adadecode": [0, 0.0]}
-    matches = 0
-    busy = [0.0] * len(engine.stages)
-    for ids in encoded:
+    tally = {name: _Tally() for name in ["hf", *modes, *(f"hf-ee-{k}" for k in hf_ks)]}
+    for n, ids in enumerate(encoded):
         ref, t_hf = hf_generate(hf, ids, d.max_new_tokens, eos)
-        res = engine.generate(ids, max_new_tokens=d.max_new_tokens)
-        totals["hf"][0] += len(ref)
-        totals["hf"][1] += t_hf
-        totals["adadecode"][0] += len(res.tokens)
-        totals["adadecode"][1] += res.stats["elapsed_s"]
-        busy = [b + f * res.stats["elapsed_s"] for b, f in zip(busy, res.stats["stage_busy_fraction"])]
-        matches += res.tokens == ref
+        t = tally["hf"]
+        t.tokens, t.seconds, t.matches = t.tokens + len(ref), t.seconds + t_hf, t.matches + 1
+        for mode in modes:
+            res = engine.generate(ids, max_new_tokens=d.max_new_tokens, early_exit=mode)
+            t, st = tally[mode], res.stats
+            t.tokens += len(res.tokens)
+            t.seconds += st["elapsed_s"]
+            t.early, t.accepted, t.rollbacks = t.early + st["early_emitted"], t.accepted + st["accepted"], t.rollbacks + st["rollbacks"]
+            for layer, c in st["early_by_layer"].items():
+                t.by_layer[layer] = t.by_layer.get(layer, 0) + c
+            busy = [f * st["elapsed_s"] for f in st["stage_busy_fraction"]]
+            t.busy = [a + b for a, b in zip(t.busy, busy)] if t.busy else busy
+            at = first_divergence(res.tokens, ref)
+            t.matches += at is None
+            if at is not None:
+                t.divergences.append({"prompt": n, "position": at, "ours": res.tokens[at : at + 1], "hf": ref[at : at + 1]})
+        for k in hf_ks:
+            out, secs = hf_generate(hf, ids, d.max_new_tokens, eos, assistant_early_exit=k)
+            t = tally[f"hf-ee-{k}"]
+            t.tokens, t.seconds, t.matches = t.tokens + len(out), t.seconds + secs, t.matches + (out == ref)
 
-    hf_tps = totals["hf"][0] / totals["hf"][1]
-    ours_tps = totals["adadecode"][0] / totals["adadecode"][1]
+    base = tally["hf"].tokens_per_s
+    off = tally["off"].tokens_per_s if "off" in tally else None
+    rows = {}
+    for name, t in tally.items():
+        row = {
+            "tokens_per_s": round(t.tokens_per_s, 2),
+            "vs_hf_generate": round(t.tokens_per_s / base, 3),
+            "token_identical_prompts": f"{t.matches}/{len(encoded)}",
+        }
+        if off and name not in ("hf", "off") and not name.startswith("hf-"):
+            row["vs_off"] = round(t.tokens_per_s / off, 3)
+        if name in modes:
+            row["stage_busy_fraction"] = [round(b / t.seconds, 3) for b in t.busy]
+        if name in modes and name != "off":
+            row["exit_rate_per_head"] = {l: round(c / t.tokens, 3) for l, c in sorted(t.by_layer.items())}
+            row["acceptance_rate"] = round(t.accepted / t.early, 3) if t.early else None
+            row["rollbacks"] = t.rollbacks
+        if t.divergences:
+            row["divergences"] = t.divergences
+        rows[name] = row
     summary = {
         "model": engine.resolved.origin,
         "prompts": len(encoded),
         "max_new_tokens": d.max_new_tokens,
         "threads": torch.get_num_threads(),
         "stages": engine.layer_ranges,
-        "hf_generate_tokens_per_s": round(hf_tps, 2),
-        "adadecode_tokens_per_s": round(ours_tps, 2),
-        "ratio": round(ours_tps / hf_tps, 3),
-        "token_identical_prompts": f"{matches}/{len(encoded)}",
-        "stage_busy_fraction": [round(b / totals["adadecode"][1], 3) for b in busy],
+        "results": rows,
     }
     if args.json:
         print(json.dumps(summary))
     else:
         for k, v in summary.items():
-            print(f"{k:>26}: {v}")
-    return 0 if matches == len(encoded) else 1
+            if k != "results":
+                print(f"{k:>16}: {v}")
+        for name, row in rows.items():
+            print(f"{name:>16}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    exact = [m for m in modes if m != "deferred"]
+    return 0 if all(tally[m].matches == len(encoded) for m in exact) else 1

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", metavar="FILE", default="data/prompts/heldout.jsonl")
     bench.add_argument("--num-prompts", type=int, default=8, metavar="N")
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed generations first")
+    bench.add_argument("--modes", default="off", metavar="M,M", help="early-exit modes to time: off,eager,deferred")
+    bench.add_argument("--hf-early-exit", default="", metavar="K,K",
+                       help="also time transformers generate(assistant_early_exit=K) for each K")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_config_flags(bench)
     return parser
