@@ -1,0 +1,166 @@
+"""Early exit on the real bundled model: eager and deferred backfill, forced rollbacks, and
+stops (EOS emitted early on every stage, max_new_tokens, stop strings) all give exactly the
+tokens of plain greedy decoding. scripts/parity.py runs the large version (32 x 256)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import bundled_model_dir
+from launcher.bench import first_divergence, hf_generate, select_prompts
+from runtime import coordinator as coordinator_module
+from runtime.engine import Engine
+from runtime.exit_heads import ExitHeads
+
+MAX_NEW_TOKENS = 20
+MODES = ("eager", "deferred")
+
+
+def untrained_heads(engine: Engine, layers, threshold: float = 0.0) -> ExitHeads:
+    """Heads at initialisation (T = identity): the frozen LM head on the raw hidden state.
+
+    They agree with the final layer rarely, so with a low threshold nearly every early token
+    is rolled back: the hardest case for verification. They score the 4096 lowest token ids
+    (byte-level BPE puts the common tokens there) to keep the tests quick."""
+    last = engine.stages[-1].model.modules
+    eye = torch.eye(engine.args.hidden_size)
+    vocab = torch.arange(4096, dtype=torch.int32)
+    manifest = {"default_layers": list(layers), "default_thresholds": {str(l): threshold for l in layers}}
+    return ExitHeads({l: eye for l in layers}, last.norm, last.lm_head.weight[:4096].contiguous(), vocab,
+                     {l: threshold for l in layers}, manifest)
+
+
+def with_heads(engine: Engine, heads: ExitHeads) -> Engine:
+    for stage in engine.stages:
+        stage.heads = heads
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engines():
+    bundled_model_dir()
+    return {p: Engine.load("bundled:smollm2-135m-instruct", stages=p, heads=None) for p in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def cases(engines):
+    from transformers import AutoModelForCausalLM
+
+    engine = engines[1]
+    hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=torch.float32).eval()
+    eos = sorted(engine.eos_token_ids)
+    out = []
+    for prompt in select_prompts("data/prompts/heldout.jsonl", 2):
+        ids = engine.encode(prompt, chat=isinstance(prompt, list))
+        out.append((ids, hf_generate(hf, ids, MAX_NEW_TOKENS, eos)[0]))
+    return out
+
+
+def boundary_layers(engine: Engine) -> list[int]:
+    """A head in the middle of every stage and one at every stage boundary."""
+    layers = {(a + b) // 2 for a, b in engine.layer_ranges} | {b for _, b in engine.layer_ranges[:-1]}
+    return sorted(layers)
+
+
+def staggered_heads(engine: Engine) -> ExitHeads:
+    """Untrained heads on every stage: all confident-only but the deepest, which always exits,
+    so that early tokens come from every stage and most of them are wrong."""
+    layers = boundary_layers(engine)
+    heads = untrained_heads(engine, layers)
+    return heads.select(layers, {l: 0.0 if l == layers[-1] else 0.85 for l in layers})
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_forced_rollbacks_still_match_plain_greedy(engines, cases, stages, mode):
+    engine = with_heads(engines[stages], staggered_heads(engines[stages]))
+    rollbacks = accepted = 0
+    exit_stages = set()
+    for ids, ref in cases:
+        res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
+        at = first_divergence(res.tokens, ref)
+        assert at is None, f"{stages} stages, {mode}: diverges at {at}: {res.tokens[at:at + 3]} vs {ref[at:at + 3]}"
+        rollbacks += res.stats["rollbacks"]
+        accepted += res.stats["accepted"]
+        exit_stages |= {i for i, (a, b) in enumerate(engine.layer_ranges) for l in res.stats["early_by_layer"] if a < l <= b}
+    assert rollbacks >= 5  # the premise: verification really had to undo work
+    assert exit_stages == set(range(stages))  # and early tokens came from every stage
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_and_deferred_match_off_with_a_confident_threshold(engines, cases, mode):
+    engine = with_heads(engines[1], untrained_heads(engines[1], [20, 26], threshold=0.6))
+    for ids, ref in cases:
+        res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
+        assert res.tokens == ref
+        assert res.stats["early_emitted"] > 0
+
+
+class RecordingCoordinator(coordinator_module.Coordinator):
+    """The real Coordinator, also keeping every early prediction it is shown."""
+
+    seen: list = []
+
+    def receive(self, event):
+        if type(event).__name__ == "EarlyPrediction":
+            RecordingCoordinator.seen.append(event)
+        super().receive(event)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_eos_emitted_early_on_each_stage_stops_only_once_verified(engines, cases, monkeypatch, stage):
+    """Heads on one stage of three. Declare a token the EOS that a head there predicted early:
+    wrongly (it must be rolled back, never end the sequence) and, where the head was right,
+    correctly (generation ends exactly there, once verified)."""
+    engine = engines[3]
+    a, b = engine.layer_ranges[stage]
+    layers = sorted({(a + b) // 2, b} - {30})
+    with_heads(engine, untrained_heads(engine, layers))
+    monkeypatch.setattr("runtime.engine.Coordinator", RecordingCoordinator)
+    eos = engine.eos_token_ids
+    try:
+        right = wrong = 0
+        for ids, ref in cases:
+            RecordingCoordinator.seen = []
+            engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit="eager")
+            for ev in RecordingCoordinator.seen:
+                j = ev.pos - len(ids)
+                if not 0 <= j < len(ref) or ev.token in ref[:j]:
+                    continue  # stop at the first occurrence only, so the early token is the trigger
+                expected = ref[: j + 1] if ev.token == ref[j] else (ref if ev.token not in ref else None)
+                if expected is None or (right if ev.token == ref[j] else wrong) >= 1:
+                    continue
+                engine.eos_token_ids = frozenset({ev.token})
+                for mode in MODES:
+                    res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
+                    assert res.tokens == expected, (stage, mode, ev)
+                    assert res.finish_reason == ("eos" if ev.token == ref[j] else "length")
+                engine.eos_token_ids = eos
+                right, wrong = right + (ev.token == ref[j]), wrong + (ev.token != ref[j])
+        assert wrong == 1 and right == 1, f"stage {stage}: found {right} right and {wrong} wrong early EOS cases"
+    finally:
+        engine.eos_token_ids = eos
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_max_new_tokens_with_early_tokens_in_flight(engines, cases, n):
+    engine = with_heads(engines[2], untrained_heads(engines[2], [10, 19, 25], threshold=0.2))
+    ids, ref = cases[0]
+    for mode in MODES:
+        res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
+        assert res.tokens == ref[:n] and res.finish_reason in ("length", "eos")
+
+
+def test_stop_string_with_early_exit(engines):
+    engine = with_heads(engines[1], untrained_heads(engines[1], [16, 24], threshold=0.3))
+    plain = engine.generate("List three colours:\n1.", max_new_tokens=30, stop=["2."])
+    for mode in MODES:
+        res = engine.generate("List three colours:\n1.", max_new_tokens=30, stop=["2."], early_exit=mode)
+        assert (res.tokens, res.text, res.finish_reason) == (plain.tokens, plain.text, "stop")
+
+
+def test_early_exit_without_heads_is_refused(engines):
+    engine = with_heads(engines[1], None)
+    with pytest.raises(ValueError, match="needs exit heads"):
+        engine.generate("Hi", max_new_tokens=2, early_exit="eager")
