@@ -88,14 +88,16 @@ class _Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_bench(args, cfg: RunConfig) -> int:
+def run_bench(args, cfg: RunConfig, engine=None) -> int:
+    """``engine``: the stages to time (default: built from ``cfg`` in this process; on a
+    multi-rank pipeline, rank 0's ``PipelineEngine``)."""
     from transformers import AutoModelForCausalLM
 
     d = cfg.decoding
     modes = [m for m in args.modes.split(",") if m]
     hf_ks = [int(k) for k in args.hf_early_exit.split(",") if k]
     prompts = select_prompts(args.prompts, args.num_prompts)
-    engine = build_engine(cfg)
+    engine = build_engine(cfg) if engine is None else engine
     hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=engine.stages[0].model.dtype).eval()
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]

@@ -102,7 +102,10 @@ class PipelineConfig:
     """First layer index of stages 1..P-1, e.g. [10, 20]; empty means an automatic cost-balanced split."""
 
     threads: int = 0
-    """Torch intra-op threads per rank; 0 leaves torch's default."""
+    """Torch intra-op threads per rank; 0: torch's default in one process, 1 per rank in a multi-rank run."""
+
+    pin_cpus: bool = True
+    """Multi-rank runs: pin local rank i to its own cores (threads per rank each) when the node has enough."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -204,11 +207,14 @@ class DecodingConfig:
 class TransportConfig:
     """How stages talk to each other."""
 
-    backend: Literal["inprocess", "gloo", "nccl"] = "inprocess"
-    """inprocess: all stages in one process; gloo: one CPU rank per stage; nccl: one GPU rank per stage."""
+    backend: Literal["inprocess", "gloo", "nccl", "auto"] = "auto"
+    """inprocess: all stages in one process; gloo / nccl: one CPU / GPU rank per stage; auto: inprocess for 1 stage, else gloo."""
 
     timeout_s: float = 60.0
-    """Every wait on another rank gives up after this many seconds, with a message."""
+    """Every wait on another rank gives up after this many seconds; a rank silent for 80% of it is declared hung."""
+
+    control_addr: str = ""
+    """Address rank 0 binds the control plane to; empty: loopback on one host, else its address towards MASTER_ADDR."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -268,6 +274,8 @@ class RunConfig:
 
 def check_world_size(pipeline: PipelineConfig, transport: TransportConfig, world_size: int) -> None:
     """Raise ConfigError unless `world_size` ranks fit the stage count and backend."""
+    if transport.backend == "auto" and world_size == 1:
+        return  # one process: in-process stages, or ranks it spawns itself
     if transport.backend == "inprocess":
         if world_size != 1:
             raise _invalid(

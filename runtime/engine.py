@@ -337,3 +337,55 @@ class _TextStreamer:
         if upto > self.sent:
             self.on_text(text[self.sent : upto])
             self.sent = upto
+
+
+# --- one rank of a multi-process pipeline (runners/distributed.py) ----------------------
+
+
+def load_rank(
+    source: str,
+    *,
+    rank: int,
+    stages: int,
+    split_points: Sequence[int] = (),
+    dtype: str = "float32",
+    max_seq_len: int = 2048,
+    cache_dir: str | Path | None = None,
+    heads: str | Path | None = "auto",
+    exit_layers: Sequence[int] = (),
+    thresholds: Sequence[float] = (),
+) -> tuple[ResolvedModel, object, list[tuple[int, int]], Stage]:
+    """What rank ``rank`` of a ``stages``-rank pipeline loads: ``(resolved, config, ranges, its stage)``.
+
+    Every rank computes the same ``ranges`` (``plan_stages`` is a pure function)
+    and reads only its own stage's weights (and exit heads); the arguments are
+    ``Engine.load``'s.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
+    resolved = resolve_model(source, cache_dir)
+    config = load_hf_config(resolved.path)
+    _check_seq_len(config, ModelArgs.from_hf_config(config), max_seq_len)
+    ranges = plan_stages(config, stages, split_points)
+    stage = build_stage(
+        resolved, config, ranges, rank, dtype=dtype, max_seq_len=max_seq_len,
+        heads=resolve_heads(heads, resolved), exit_layers=exit_layers, thresholds=thresholds,
+    )
+    return resolved, config, ranges, stage
+
+
+class PipelineEngine(Engine):
+    """Rank 0 of a multi-rank pipeline: tokenizer, coordinator and stage 0 here; later stages on other ranks.
+
+    ``runner`` is a ``DistributedRunner`` connected to the other ranks; its
+    ``stages`` are stage 0 plus a ``RemoteStage`` view of each other rank's, so
+    ``generate`` is ``Engine.generate`` unchanged. Call ``runner.close()`` when done.
+    """
+
+    def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len)
+        self.runner = runner
+        self.max_inflight = max_inflight

@@ -28,7 +28,8 @@ def test_generate_json_over_a_prompts_file(tmp_path, capsys):
         json.dumps({"prompt": "def add(a, b):"}) + "\n\n"
         + json.dumps({"messages": [{"role": "user", "content": "Say hi."}]}) + "\n"
     )
-    assert main(["generate", "--prompts", str(prompts), "--json", "--max-new-tokens", "5", "--stages", "2"]) == 0
+    argv = ["generate", "--prompts", str(prompts), "--json", "--max-new-tokens", "5", "--stages", "2"]
+    assert main([*argv, "--transport.backend=inprocess"]) == 0  # ranks of their own: tests/test_distributed.py
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 2
     for r in records:
@@ -49,7 +50,8 @@ def test_print_config_shows_overrides(capsys):
     [
         (["generate", "--prompt", "x", "--pipline.stages=2"], "did you mean `--pipeline.stages`"),
         (["generate"], "--prompt TEXT, or --prompts FILE"),
-        (["generate", "--prompt", "x", "--early-exit", "eager"], "needs exit heads"),
+        (["generate", "--prompt", "x", "--early-exit", "eager", "--decoding.heads=none"], "needs exit heads"),
+        (["generate", "--prompt", "x", "--decoding.heads=/no/such/heads"], "no manifest.json"),
         (["generate", "--prompt", "x", "--model", "/no/such/model"], "does not exist"),
         (["generate", "--prompt", "x", "--stages", "31"], "31"),
         (["generate", "--prompt", "word " * 40, "--model.max_seq_len=32", "--max-new-tokens", "8"], "max_seq_len"),

@@ -1,0 +1,182 @@
+"""Transports between ranks: set up and torn down here, and only here.
+
+``open_transport`` is a context manager, torchtitan's ``main()`` pattern: it
+joins the process group, opens the data plane (``p2p.py``) and the control
+plane (``control.py``), and on the way out — normal or not — tells the other
+ranks why, closes the zmq sockets and destroys the process group. A teardown
+that itself hangs (a collective library stuck on a dead peer) is cut short by a
+hard exit after ``teardown_s``, so that a failing rank never stays behind.
+
+    with open_transport(rank=r, world_size=n, ..., backend="gloo") as t:
+        runner = DistributedRunner(stage, t)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import secrets
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .control import ControlClient, ControlServer
+from .errors import JobAborted, TransportError
+from .p2p import DataPlane, make_links
+
+__all__ = ["Transport", "TransportError", "JobAborted", "open_transport", "route_address"]
+
+log = logging.getLogger("adadecode.transport")
+
+
+@dataclass
+class Transport:
+    rank: int
+    world_size: int
+    data: DataPlane
+    control: ControlServer | ControlClient | None  # None on a single-rank job
+    device: torch.device
+    hosts: list[str]  # host name of each rank
+
+
+def route_address(master_addr: str) -> str:
+    """This host's address on the route to ``master_addr`` (a UDP connect sends no packet)."""
+    family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((master_addr, 9))
+            return s.getsockname()[0]
+        except OSError as e:
+            raise TransportError(
+                f"cannot find this host's address towards MASTER_ADDR={master_addr}: {e}; "
+                "set --transport.control_addr to an address of rank 0's host"
+            ) from e
+
+
+@contextmanager
+def open_transport(
+    *,
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    backend: str,
+    local_rank: int = 0,
+    timeout_s: float = 60.0,
+    hidden_size: int,
+    dtype: torch.dtype,
+    control_addr: str = "",
+) -> Iterator[Transport]:
+    """Join the job and yield this rank's ``Transport``; tear everything down on exit."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend {backend!r}: expected 'gloo' (CPU) or 'nccl' (GPU)")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    control = data = None
+    try:
+        _init_process_group(backend, rank, world_size, master_addr, master_port, timeout)
+        hosts = [socket.gethostname()]
+        if world_size > 1:
+            gathered: list = [None] * world_size
+            dist.all_gather_object(gathered, socket.gethostname())
+            hosts = list(gathered)
+            if rank == 0:
+                host = control_addr or ("127.0.0.1" if len(set(hosts)) == 1 else route_address(master_addr))
+                control = ControlServer(world_size, secrets.token_bytes(32), host, timeout_s)
+                shared = [control.key, control.endpoint]
+            else:
+                shared = [None, None]
+            dist.broadcast_object_list(shared, src=0)
+            if rank != 0:
+                control = ControlClient(rank, shared[1], shared[0], timeout_s)
+            else:
+                control.wait_for_peers()
+        links = make_links(world_size, backend)
+        data = DataPlane(
+            rank - 1 if rank > 0 else None,
+            rank + 1 if rank < world_size - 1 else None,
+            hidden_size, dtype, device, timeout_s,
+            recv_group=links[rank - 1] if rank > 0 else None,
+            send_group=links[rank] if rank < world_size - 1 else None,
+            stage_device=torch.device("cpu"),  # StageModel computes on the CPU for now
+        )
+        yield Transport(rank, world_size, data, control, device, hosts)
+    except BaseException as e:
+        _report(control, e)
+        _teardown(data, control, rank, linger_s=1.0, deadline_s=max(1.0, min(5.0, timeout_s / 10)))
+        raise
+    else:
+        _teardown(data, control, rank, linger_s=1.0, deadline_s=max(1.0, min(5.0, timeout_s / 10)))
+
+
+def _init_process_group(backend, rank, world_size, master_addr, master_port, timeout) -> None:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        init_method = "env://"  # torchrun's agent already hosts the store at MASTER_PORT
+    else:
+        if master_port == 0:
+            if world_size > 1:
+                raise TransportError(f"a {world_size}-rank job needs MASTER_PORT; the launcher did not set it")
+            master_addr, master_port = "127.0.0.1", _free_port()
+        host = f"[{master_addr}]" if ":" in master_addr else master_addr
+        init_method = f"tcp://{host}:{master_port}"
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        raise TransportError(
+            f"rank {rank}: joining the {world_size}-rank job at {init_method} failed within "
+            f"{timeout.total_seconds():g} s: {e}"
+        ) from e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _report(control, exc: BaseException) -> None:
+    """Tell the others why this rank stops; never raises."""
+    reason = "interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    try:
+        if isinstance(control, ControlServer):
+            control.abort(reason)
+        elif isinstance(control, ControlClient) and not isinstance(exc, JobAborted):
+            control.send("err", reason)
+    except Exception:  # best effort: the peer may be gone already
+        pass
+
+
+def _teardown(data, control, rank: int, linger_s: float, deadline_s: float) -> None:
+    """Stop the p2p threads, close zmq, destroy the process group; a hard exit if that hangs."""
+    budget = deadline_s + linger_s + 2.0
+
+    def hard_exit() -> None:
+        sys.stderr.write(f"adadecode: rank {rank}: teardown did not finish in {budget:g} s; exiting now\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(budget, hard_exit)
+    timer.daemon = True
+    timer.start()
+    try:
+        quiet = data.shutdown(deadline_s) if data is not None else True
+        if control is not None:
+            control.close(linger_s)
+        if dist.is_initialized():
+            if quiet:
+                dist.destroy_process_group()
+            else:  # a receive from a hung rank is still blocked: gloo would abort this process
+                log.warning("rank %d: a p2p receive is still pending; the process group ends with the process", rank)
+    finally:
+        timer.cancel()

@@ -1,0 +1,287 @@
+"""Data plane: hidden states between neighbouring stages over torch.distributed p2p.
+
+Each message is two tensors, sent with separate ``isend`` calls (never
+coalesced, so a later item is not held behind an earlier one):
+
+- a fixed header, int64 [8]: ``seq, epoch, pos, layer, S, predict_from,
+  emitted, kind`` — every field of ``Activations`` except the tensor, plus the
+  chunk length ``S`` and the message kind (``KIND_ACTIVATIONS``, or
+  ``KIND_STOP``: the upstream neighbour's orderly goodbye);
+- the hidden states, [S, D] in the model dtype (absent for ``KIND_STOP``).
+
+Receiving: a thread keeps the next header receive posted at all times. When a
+header arrives it posts the receive for its [S, D] tensor and, right after,
+the next header's (posting order = sending order, which NCCL needs; gloo also
+gets distinct tags), then waits for the hidden states and hands the
+``Activations`` to the rank's loop through a queue, writing one byte to a pipe
+so that the loop can sleep in ``zmq.poll`` on that pipe and the control socket
+together. Why a thread: gloo's p2p ``Work.is_completed()`` only turns true
+inside ``wait()``, and a ``wait(timeout)`` that expires closes the link, so
+completion can only be learnt by a blocking ``wait()``.
+
+Sending: ``send()`` calls ``isend`` and returns; a second thread waits for each
+send in order and releases its tensors. A send pending for ``timeout_s``, or
+one that failed, raises ``TransportError`` naming the peer on the rank's next
+``poll()`` / ``reap()``.
+
+The links live in their own two-rank process groups whose timeout is long:
+an idle link is not an error (rank 0 may wait minutes between requests);
+liveness is the control plane's job (a gloo receive from a killed process
+never completes, it does not fail).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+
+from ..events import Activations
+from .errors import TransportError
+
+HEADER_FIELDS = ("seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "kind")
+KIND_ACTIVATIONS = 1
+KIND_STOP = 2
+_TAG_HEADER = 1
+_TAG_HIDDEN = 2
+LINK_TIMEOUT = datetime.timedelta(days=365)  # see the module docstring: idle is not dead
+
+# The header must carry every field of Activations: fail loudly the day one is added.
+_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted"}
+_HAS = {f.name for f in fields(Activations)}
+if _HAS != _CARRIED:
+    raise ImportError(
+        f"runtime/transport/p2p.py carries Activations fields {sorted(_CARRIED)} but Activations has "
+        f"{sorted(_HAS)}; extend HEADER_FIELDS, encode_header and decode_header"
+    )
+
+
+def encode_header(act: Activations | None) -> torch.Tensor:
+    """The int64 [8] header of ``act``, or of a stop message for ``None``."""
+    if act is None:
+        return torch.tensor([0, 0, 0, 0, 0, 0, 0, KIND_STOP], dtype=torch.int64)
+    s = act.hidden.shape[0]
+    return torch.tensor(
+        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), KIND_ACTIVATIONS],
+        dtype=torch.int64,
+    )
+
+
+def decode_header(header: torch.Tensor) -> dict[str, int]:
+    values = header.tolist()
+    if len(values) != len(HEADER_FIELDS):
+        raise TransportError(f"data-plane header has {len(values)} fields, expected {len(HEADER_FIELDS)}")
+    return dict(zip(HEADER_FIELDS, values))
+
+
+def _link_error(what: str, peer: int | None, exc: BaseException) -> TransportError:
+    text = str(exc)
+    if "closed by peer" in text or "reset by peer" in text:  # gloo's words for a vanished process
+        return TransportError(f"rank {peer} closed its data-plane connection: the process died")
+    return TransportError(f"{what} rank {peer} failed: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+def make_links(world_size: int, backend: str) -> list:
+    """One two-rank process group per neighbouring pair (every rank must call this, in order)."""
+    return [dist.new_group([i, i + 1], timeout=LINK_TIMEOUT, backend=backend) for i in range(world_size - 1)]
+
+
+class DataPlane:
+    """This rank's p2p links: receive from ``prev_rank``, send to ``next_rank`` (either may be None)."""
+
+    def __init__(
+        self,
+        prev_rank: int | None,
+        next_rank: int | None,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        timeout_s: float,
+        recv_group=None,
+        send_group=None,
+        stage_device: torch.device = torch.device("cpu"),
+    ):
+        """``device``: where the link's tensors live (a GPU for NCCL); ``stage_device``:
+        where received hidden states are handed over (the stage's compute device)."""
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.stage_device = stage_device
+        self.timeout_s = timeout_s
+        self.recv_group, self.send_group = recv_group, send_group
+        self.stopped = prev_rank is None  # True once the upstream neighbour said goodbye
+        self.bytes_sent = 0
+        self._closing = False
+        self._stop_sent = False
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        self._sends: deque[float] = deque()  # start times of sends in flight, oldest first
+        self._send_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._send_error: BaseException | None = None
+        self._threads = []
+        if prev_rank is not None:
+            self._threads.append(threading.Thread(target=self._receive_loop, name="adadecode-recv", daemon=True))
+        if next_rank is not None:
+            self._threads.append(threading.Thread(target=self._send_loop, name="adadecode-send", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def fileno(self) -> int:
+        """Readable when ``poll()`` has something (for ``zmq.Poller`` / ``select``)."""
+        return self._rfd
+
+    # --- receive ----------------------------------------------------------------------
+
+    def _complete(self, work: dist.Work) -> None:
+        if self.device.type == "cuda":  # NCCL's wait() only orders streams; ask the event instead
+            while not work.is_completed():
+                time.sleep(20e-6)
+        else:
+            work.wait()
+
+    def _receive_loop(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
+            header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
+            while True:
+                self._complete(header_work)
+                head = decode_header(header.cpu())
+                if head["kind"] == KIND_STOP:
+                    self._deliver(None)
+                    return
+                if head["kind"] != KIND_ACTIVATIONS or head["S"] < 1:
+                    raise TransportError(f"malformed data-plane header from rank {self.prev_rank}: {head}")
+                hidden = torch.empty(head["S"], self.hidden_size, dtype=self.dtype, device=self.device)
+                hidden_work = dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN)
+                header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
+                header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
+                self._complete(hidden_work)
+                hidden = hidden.to(self.stage_device)
+                self._deliver(
+                    Activations(
+                        head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
+                        predict_from=head["predict_from"], emitted=bool(head["emitted"]),
+                    )
+                )
+        except BaseException as e:  # handed to the rank's loop, which raises it
+            if not self._closing:
+                self._deliver(e)
+
+    def _deliver(self, item) -> None:
+        self._inbox.put(item)
+        try:
+            os.write(self._wfd, b"\0")
+        except OSError:  # closed during teardown
+            pass
+
+    def poll(self) -> list[Activations]:
+        """Every item that has fully arrived, in order; never blocks."""
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        got: list[Activations] = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.stopped = True
+            elif isinstance(item, BaseException):
+                raise _link_error("receiving from", self.prev_rank, item) from item
+            else:
+                got.append(item)
+        self.reap()
+        return got
+
+    # --- send -----------------------------------------------------------------------------
+
+    def send(self, act: Activations) -> None:
+        """Start sending ``act`` to the next stage; returns at once."""
+        self.reap()
+        hidden = act.hidden.to(self.device).contiguous()
+        self._isend(encode_header(act).to(self.device), _TAG_HEADER)
+        self._isend(hidden, _TAG_HIDDEN)
+        self.bytes_sent += hidden.numel() * hidden.element_size()
+
+    def send_stop(self) -> None:
+        """Tell the next stage that nothing follows (its posted header receive completes)."""
+        if self.next_rank is not None and not self._stop_sent:
+            self._stop_sent = True
+            self._isend(encode_header(None).to(self.device), _TAG_HEADER)
+
+    def _isend(self, tensor: torch.Tensor, tag: int) -> None:
+        try:
+            work = dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag)
+        except RuntimeError as e:
+            raise TransportError(f"sending to rank {self.next_rank} failed: {e}") from e
+        self._sends.append(time.monotonic())
+        self._send_q.put((work, tensor))  # the tensor lives until the send completes
+
+    def _send_loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            item = self._send_q.get()
+            if item is None:
+                return
+            try:
+                self._complete(item[0])
+            except BaseException as e:
+                if not self._closing:
+                    self._send_error = e
+                return
+            self._sends.popleft()
+
+    def reap(self) -> None:
+        """Raise if a send failed or has been pending for ``timeout_s``."""
+        if self._send_error is not None:
+            raise _link_error("sending to", self.next_rank, self._send_error) from self._send_error
+        if self._sends and time.monotonic() - self._sends[0] > self.timeout_s:
+            raise TransportError(
+                f"a send to rank {self.next_rank} has not completed in {self.timeout_s:g} s "
+                "(the rank hangs or its link is down)"
+            )
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for pending sends; True when all completed."""
+        deadline = time.monotonic() + timeout_s
+        while self._sends and self._send_error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return not self._sends
+
+    def shutdown(self, timeout_s: float) -> bool:
+        """End both helper threads; True when they ended within ``timeout_s``.
+
+        The next stage is told to stop (even on an error path: that is what ends its
+        receive thread), and the receive thread ends when the previous stage does the
+        same, or its connection drops. A thread still blocked inside a receive makes
+        destroying the process group unsafe (gloo aborts the process), so the caller
+        only destroys it when this returns True.
+        """
+        self._closing = True
+        try:
+            self.send_stop()
+        except TransportError:
+            pass  # the next rank is gone already
+        self._send_q.put(None)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return not any(t.is_alive() for t in self._threads)

@@ -1,0 +1,166 @@
+"""launcher/dist_env.py against faked launcher environments, and the launch plan built on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.config import ConfigError, load_config
+from launcher.dist_env import DistEnv, DistEnvError, expand_nodelist, read_dist_env
+from launcher.distributed import plan_launch
+
+TORCHRUN = {
+    "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500",
+    "TORCHELASTIC_RUN_ID": "none", "GROUP_RANK": "1",
+}
+DEEPSPEED = {  # what deepspeed/launcher/launch.py sets
+    "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "CROSS_RANK": "0", "CROSS_SIZE": "1",
+}
+SLURM = {
+    "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
+    "SLURM_JOB_NODELIST": "gpu-node[07-09,12]", "SLURM_JOB_ID": "123456",
+}
+
+
+def test_no_launcher_is_a_single_process():
+    env = read_dist_env({"PATH": "/usr/bin"})
+    assert env == DistEnv(0, 1, 0, "127.0.0.1", 0, "none", 1)
+    assert not env.under_launcher
+
+
+def test_torchrun():
+    env = read_dist_env(TORCHRUN)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert (env.master_addr, env.master_port, env.launcher) == ("10.1.2.3", 29500, "torchrun")
+    assert env.under_launcher
+
+
+def test_deepspeed_launcher_sets_the_same_variables():
+    env = read_dist_env(DEEPSPEED)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (1, 2, 1, 2)
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", 29500)
+
+
+def test_torchrun_wins_over_slurm():
+    # `srun torchrun ...`: both are set, and the rank torchrun gives is the one that counts.
+    env = read_dist_env({**SLURM, **TORCHRUN})
+    assert (env.rank, env.launcher) == (3, "torchrun")
+
+
+def test_slurm():
+    env = read_dist_env(SLURM)
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 8, 1, "slurm")
+    assert env.master_addr == "gpu-node07"  # first host of the compressed nodelist
+    assert env.master_port == 15000 + 123456 % 15000  # derived from the job id: stable across the job's tasks
+    assert env.local_world_size is None  # several nodes: not known from these variables
+
+
+def test_slurm_master_and_port_from_the_environment_win():
+    env = read_dist_env({**SLURM, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29400"})
+    assert (env.master_addr, env.master_port) == ("10.0.0.9", 29400)
+
+
+def test_slurm_older_variable_names_and_single_node():
+    env = read_dist_env({
+        "SLURM_PROCID": "0", "SLURM_NPROCS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
+        "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "7",
+    })
+    assert (env.world_size, env.master_addr, env.master_port, env.local_world_size) == (2, "localhost", 15007, 2)
+
+
+def test_slurm_different_job_ids_get_different_ports():
+    ports = {read_dist_env({**SLURM, "SLURM_JOB_ID": str(j)}).master_port for j in range(100, 110)}
+    assert len(ports) == 10
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node01", ["node01"]),
+        ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+        ("a[1-2],b3,c[09-11]", ["a1", "a2", "b3", "c09", "c10", "c11"]),
+        ("gpu-node[7]", ["gpu-node7"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+        ("host.example.com,other", ["host.example.com", "other"]),
+    ],
+)
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize(
+    "nodelist, fragment",
+    [
+        ("", "empty"),
+        ("node[01-04", "never closed"),
+        ("node01]", "without `[`"),
+        ("node[a-b]", "not a number or a range"),
+        ("node[4-1]", "runs backwards"),
+        ("a,,b", "empty host name"),
+        ("n[1[2]]", "nested"),
+    ],
+)
+def test_bad_nodelists_are_named(nodelist, fragment):
+    with pytest.raises(DistEnvError) as info:
+        expand_nodelist(nodelist, "SLURM_JOB_NODELIST")
+    assert fragment in str(info.value) and "SLURM_JOB_NODELIST" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "environ, fragments",
+    [
+        ({"RANK": "0"}, ["WORLD_SIZE is not set", "torchrun"]),
+        ({"WORLD_SIZE": "2"}, ["RANK is not set"]),
+        ({**TORCHRUN, "RANK": "4"}, ["RANK=4 is not below WORLD_SIZE=4", "0..3"]),
+        ({**TORCHRUN, "RANK": "x"}, ["RANK='x' is not an integer"]),
+        ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0", "LOCAL_RANK": "0"}, ["WORLD_SIZE=0"]),
+        ({**TORCHRUN, "LOCAL_RANK": "5"}, ["LOCAL_RANK=5 is larger than RANK=3"]),
+        ({k: v for k, v in TORCHRUN.items() if k != "LOCAL_RANK"}, ["LOCAL_RANK is not set"]),
+        ({k: v for k, v in TORCHRUN.items() if k != "MASTER_ADDR"}, ["MASTER_ADDR not set for a 4-rank job"]),
+        ({**TORCHRUN, "MASTER_PORT": "99999"}, ["MASTER_PORT=99999 is not a TCP port"]),
+        ({**TORCHRUN, "LOCAL_WORLD_SIZE": "1"}, ["LOCAL_WORLD_SIZE=1 does not fit LOCAL_RANK=1"]),
+        ({**SLURM, "SLURM_PROCID": "8"}, ["SLURM_PROCID=8 is not below SLURM_NTASKS=8", "srun"]),
+        ({k: v for k, v in SLURM.items() if k != "SLURM_NTASKS"}, ["SLURM_NPROCS is not set"]),
+        ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, ["SLURM_LOCALID is not set"]),
+        ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_NODELIST"}, ["neither MASTER_ADDR nor SLURM_JOB_NODELIST"]),
+        ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"}, ["neither MASTER_PORT nor SLURM_JOB_ID"]),
+        ({**SLURM, "SLURM_JOB_NODELIST": "n[1-"}, ["SLURM_JOB_NODELIST", "never closed"]),
+    ],
+)
+def test_inconsistent_environments_get_a_clear_error(environ, fragments):
+    with pytest.raises(DistEnvError) as info:
+        read_dist_env(environ)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------ launch plans
+
+SINGLE = DistEnv(0, 1, 0, "127.0.0.1", 0, "none", 1)
+
+
+@pytest.mark.parametrize(
+    "argv, mode, backend, world",
+    [
+        ([], "inprocess", "inprocess", 1),
+        (["--pipeline.stages=3"], "spawn", "gloo", 3),  # the default run for N > 1
+        (["--pipeline.stages=3", "--transport.backend=inprocess"], "inprocess", "inprocess", 1),
+        (["--pipeline.stages=2", "--transport.backend=nccl"], "spawn", "nccl", 2),
+        (["--transport.backend=nccl"], "rank", "nccl", 1),  # one GPU rank in this process
+    ],
+)
+def test_plan_without_a_launcher(argv, mode, backend, world):
+    plan = plan_launch(load_config(argv), SINGLE)
+    assert (plan.mode, plan.backend, plan.world_size) == (mode, backend, world)
+
+
+def test_plan_under_a_launcher_is_one_rank():
+    env = read_dist_env(TORCHRUN)
+    plan = plan_launch(load_config(["--pipeline.stages=4"]), env)
+    assert (plan.mode, plan.backend, plan.world_size) == ("rank", "gloo", 4)
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=4.*--pipeline.stages=4"):
+        plan_launch(load_config(["--pipeline.stages=2"]), env)
+    with pytest.raises(ConfigError, match=r"transport.backend = 'inprocess'.*WORLD_SIZE=4"):
+        plan_launch(load_config(["--pipeline.stages=4", "--transport.backend=inprocess"]), env)

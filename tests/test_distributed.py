@@ -1,0 +1,272 @@
+"""The multi-process pipeline: wire formats, the control plane's job key and liveness, and real
+gloo jobs of 2 and 3 ranks (spawned with launcher/spawn.py, each with a deadline) that must give
+the reference runner's tokens, with and without early exit, and must exit cleanly, naming the
+rank and the cause, when a rank dies, hangs or fails.
+
+Every job here starts processes that import torch; the module takes about 1.5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
+from launcher.spawn import spawn_ranks
+from runtime.events import (
+    Activations,
+    EarlyPrediction,
+    FinalPrediction,
+    Rollback,
+    SequenceFinished,
+    Shutdown,
+    StepRequest,
+)
+from runtime.transport.control import ControlClient, ControlServer, decode_event, encode_event
+from runtime.transport.errors import TransportError
+from runtime.transport.p2p import HEADER_FIELDS, KIND_ACTIVATIONS, decode_header, encode_header
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [1, 2, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+MAX_NEW_TOKENS = 24
+
+
+# --------------------------------------------------------------- wire formats (no processes)
+
+
+def test_header_carries_every_activations_field():
+    act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True)
+    head = decode_header(encode_header(act))
+    assert list(head) == list(HEADER_FIELDS)
+    assert head == {"seq": 7, "epoch": 3, "pos": 41, "layer": 12, "S": 5, "predict_from": 43, "emitted": 1,
+                    "kind": KIND_ACTIVATIONS}
+    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (8,)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        StepRequest(1, 2, 30, (5, 6)),
+        Rollback(1, 3, 29),
+        SequenceFinished(1, "eos"),
+        Shutdown(),
+        FinalPrediction(1, 2, 31, 49151),
+        EarlyPrediction(1, 2, 32, 17, 12, 0.8125),
+    ],
+)
+def test_control_events_round_trip(event):
+    assert decode_event(json.loads(json.dumps(encode_event(event)))) == event
+
+
+def _pair(timeout_s: float = 5.0, key: bytes = b"k" * 32):
+    server = ControlServer(2, key, "127.0.0.1", timeout_s)
+    client = ControlClient(1, server.endpoint, key, timeout_s)
+    server.wait_for_peers()
+    return server, client
+
+
+def _recv_until(endpoint, n: int = 1, seconds: float = 3.0) -> list:
+    got, deadline = [], time.monotonic() + seconds
+    while len(got) < n and time.monotonic() < deadline:
+        got += endpoint.recv(0.05)
+    return got
+
+
+def test_control_plane_round_trip_and_job_key():
+    server, client = _pair()
+    rogue_ctx = zmq.Context()
+    rogue = rogue_ctx.socket(zmq.DEALER)
+    try:
+        assert server.endpoint.startswith("tcp://127.0.0.1:")  # one node: loopback only
+        server.send(1, "ev", encode_event(Rollback(0, 1, 9)))
+        assert _recv_until(client) == [("ev", encode_event(Rollback(0, 1, 9)))]
+        client.send("ev", encode_event(FinalPrediction(0, 1, 10, 42)))
+        assert _recv_until(server) == [(1, "ev", encode_event(FinalPrediction(0, 1, 10, 42)))]
+
+        # A process outside the job: a well-formed prediction claiming to be rank 1's but
+        # without the job's key, and a malformed message: both dropped and counted.
+        rogue.connect(server.endpoint)
+        forged = json.dumps([1, "ev", encode_event(FinalPrediction(0, 1, 11, 7))]).encode()
+        rogue.send_multipart([b"\0" * 16, forged])
+        rogue.send_multipart([b"junk"])
+        time.sleep(0.3)
+        assert server.recv(0.1) == [] and server.dropped == 2
+        assert client.recv(0.0) == []
+    finally:
+        rogue.close(0)
+        rogue_ctx.term()
+        client.close()
+        server.close()
+
+
+def test_control_plane_detects_a_peer_that_vanishes():
+    server, client = _pair()
+    try:
+        client.close()  # no goodbye: as if the process died
+        with pytest.raises(TransportError, match=r"rank 1 \(pid \d+ on .*\) closed its control connection"):
+            _recv_until(server, 1, 3.0)
+    finally:
+        server.close()
+
+
+def test_control_plane_detects_a_silent_peer():
+    server, client = _pair(timeout_s=0.5)
+    try:
+        with pytest.raises(TransportError, match=r"rank 1 .* has sent nothing for .*hangs"):
+            _recv_until(server, 1, 3.0)  # the client never calls recv(), so never heartbeats
+    finally:
+        client.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------- gloo jobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model, untrained exit heads for it, and its plain greedy reference."""
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", seed=3)
+    layers = [1, 2, 3, 4, 5]  # heads on every stage of every split used below
+    thresholds = {l: 0.5 * (len(layers) - 1 - i) / (len(layers) - 1) for i, l in enumerate(layers)}
+    heads = write_untrained_heads(path, tmp_path_factory.mktemp("heads"), layers, thresholds)
+    ref = InProcessPipeline(path, [(0, 6)]).generate(PROMPTS[0], MAX_NEW_TOKENS)
+    eos = ref[9]  # a token the model produces: some generations end on it, early
+    refs = [InProcessPipeline(path, [(0, 6)]).generate(p, MAX_NEW_TOKENS, frozenset([eos])) for p in PROMPTS]
+    assert hf_greedy(path, PROMPTS[0], MAX_NEW_TOKENS) == ref
+    assert any(len(r) < MAX_NEW_TOKENS for r in refs) and any(len(r) == MAX_NEW_TOKENS for r in refs)
+    return path, heads, eos, refs
+
+
+def write_untrained_heads(model_dir: Path, out: Path, layers, thresholds) -> Path:
+    """Exit heads at initialisation (T = identity): mostly wrong, so verification must roll back."""
+    from runtime.exit_heads import save_exit_heads
+    from runtime.hf_adapter import load_hf_config
+    from runtime.model_source import resolve_model
+
+    config = load_hf_config(model_dir)
+    base = {
+        "fingerprint": resolve_model(str(model_dir)).fingerprint, "origin": str(model_dir),
+        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "num_layers": config.num_hidden_layers,
+    }
+    manifest = {"base_model": base, "default_layers": list(layers),
+                "default_thresholds": {str(l): t for l, t in thresholds.items()}}
+    eye = torch.eye(config.hidden_size)
+    return save_exit_heads(out, {l: eye.clone() for l in layers}, None, manifest, dtype=torch.float32)
+
+
+def run_job(tmp_path: Path, world: int, *args: str, grace_s: float = 30.0, deadline_s: float = 120.0):
+    out = tmp_path / f"job-{world}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(WORKER), *args, "--out", str(out)]
+    t0 = time.monotonic()
+    exits = spawn_ranks(cmd, world, grace_s=grace_s, deadline_s=deadline_s)
+    elapsed = time.monotonic() - t0
+    for ex in exits:  # every rank was waited for: nothing is left running
+        assert not Path(f"/proc/{ex.pid}").exists(), f"rank {ex.rank} (pid {ex.pid}) is still there"
+    return exits, elapsed, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.mark.parametrize("world, split", [(2, "3"), (3, "2,4")])
+def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split):
+    path, heads, eos, refs = tiny
+    exits, _, out = run_job(
+        tmp_path, world, "--model", str(path), "--split-points", split, "--prompts", json.dumps(PROMPTS),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--heads", str(heads),
+        "--modes", "off,eager,deferred",
+    )
+    assert [ex.returncode for ex in exits] == [0] * world, [ex.describe() for ex in exits]
+    for mode in ("off", "eager", "deferred"):
+        assert out["tokens"][mode] == refs, mode
+    assert out["stats"]["off"]["early_emitted"] == 0
+    for mode in ("eager", "deferred"):  # the premise: early tokens flowed and many were rolled back
+        assert out["stats"][mode]["rollbacks"] >= 5 and out["stats"][mode]["accepted"] >= 1, out["stats"]
+    assert len(out["busy_s"]) == world and all(b > 0 for b in out["busy_s"])
+
+
+def test_a_killed_rank_stops_every_other_rank_with_its_name(tmp_path, tiny, capfd):
+    path, _, _, _ = tiny
+    timeout = 20.0
+    exits, elapsed, out = run_job(
+        tmp_path, 3, "--model", str(path), "--split-points", "2,4", "--prompts", json.dumps(PROMPTS * 4),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--timeout", str(timeout), "--fault", "1:kill:20",
+        grace_s=timeout,
+    )
+    err = capfd.readouterr().err
+    assert out is None
+    assert exits[1].returncode == -signal.SIGKILL
+    # The others exited by themselves (1), not by the supervisor's SIGTERM after the grace period.
+    assert exits[0].returncode == 1 and exits[2].returncode == 1, [ex.describe() for ex in exits]
+    dead = f"rank 1 (pid {exits[1].pid} on "
+    assert f"adadecode: error: rank 0: {dead}" in err and "closed its control connection" in err, err
+    # Rank 2 hears it from rank 0, or first from its own data-plane link to rank 1.
+    assert ("adadecode: error: rank 2: stopped by rank 0: TransportError: " + dead in err
+            or "adadecode: error: rank 2: rank 1 closed its data-plane connection: the process died" in err), err
+    assert elapsed < timeout + 30, elapsed
+
+
+def test_a_hung_rank_is_found_by_its_silence(tmp_path, tiny, capfd):
+    path, _, _, _ = tiny
+    timeout = 8.0
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", str(path), "--prompts", json.dumps(PROMPTS * 4),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--timeout", str(timeout), "--fault", "1:hang:10",
+        grace_s=1.0,
+    )
+    err = capfd.readouterr().err
+    assert out is None and exits[0].returncode == 1, [ex.describe() for ex in exits]
+    assert f"adadecode: error: rank 0: rank 1 (pid {exits[1].pid} on " in err and "has sent nothing for" in err, err
+    assert exits[1].returncode in (-signal.SIGTERM, -signal.SIGKILL)  # the stopped rank is reaped too
+
+
+def test_a_failing_rank_reports_its_error_to_every_rank(tmp_path, tiny, capfd):
+    path, _, _, _ = tiny
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", str(path), "--prompts", json.dumps(PROMPTS),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--fault", "1:raise:5", grace_s=20.0,
+    )
+    err = capfd.readouterr().err
+    assert out is None and [ex.returncode for ex in exits] == [1, 1], [ex.describe() for ex in exits]
+    assert "adadecode: error: rank 1: injected failure" in err, err
+    assert f"adadecode: error: rank 0: rank 1 (pid {exits[1].pid} on " in err, err
+    assert "failed: RuntimeError: injected failure" in err, err
+
+
+# ------------------------------------------------------------------- the bundled model
+
+
+def test_bundled_model_on_two_spawned_ranks_matches_one_process(tmp_path):
+    """`adadecode generate --stages 2` (the default multi-stage run: two spawned gloo ranks)."""
+    bundled_model_dir()
+    from launcher.bench import select_prompts
+    from runtime.engine import Engine
+
+    prompts = select_prompts(str(ROOT / "data/prompts/heldout.jsonl"), 3)
+    file = tmp_path / "p.jsonl"
+    file.write_text("".join(json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}) + "\n" for p in prompts))
+    cmd = [sys.executable, "-m", "launcher.cli", "generate", "--stages", "2", "--prompts", str(file), "--json",
+           "--max-new-tokens", "32", "--decoding.heads=none"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    engine = Engine.load("bundled:smollm2-135m-instruct", stages=1, heads=None)
+    assert len(records) == len(prompts)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two busy cores crawl
+    try:
+        refs = [engine.generate(prompt, max_new_tokens=32).tokens for prompt in prompts]
+    finally:
+        torch.set_num_threads(threads)
+    for rec, ref in zip(records, refs):
+        assert rec["tokens"] == ref
+        assert rec["stats"]["stages"] == [[0, 19], [19, 30]]
+        assert len(rec["stats"]["stage_busy_fraction"]) == 2 and all(0 < f <= 1 for f in rec["stats"]["stage_busy_fraction"])
