@@ -15,9 +15,26 @@ stages simulated in one process, any config key overridden from the CLI:
     adadecode generate --model ~/models/Qwen2.5-0.5B-Instruct --stages 3 --prompt "..." \\
         --model.max_seq_len=4096 --pipeline.threads=2
 
+One rank per stage (docs/distributed.md): `--stages N` alone spawns N local gloo
+ranks and supervises them; under torchrun, Slurm's srun or the DeepSpeed
+launcher each process is one rank (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
+from launcher/dist_env.py), rank 0 prints:
+
+    adadecode generate --stages 2 --prompt "..."                          # 2 local ranks, 1 thread each, pinned
+    torchrun --nproc-per-node 2 -m launcher.cli generate --stages 2 --prompt "..."
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank $NODE --rdzv-backend c10d \
+        --rdzv-endpoint $HEAD:29500 -m launcher.cli generate --stages 2 --prompt "..."
+    sbatch --nodes 2 scripts/slurm/adadecode.sbatch --prompt "..."
+    deepspeed --num_gpus 2 --module launcher.cli generate --stages 2 --prompt "..."
+    adadecode generate --stages 3 --dry-run                               # the plan, nothing loaded
+
 Speed against transformers' `generate`, same process, same threads:
 
     adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
+
+Exit heads for a model (self-distillation; see launcher/train_heads.py):
+
+    adadecode train-heads --model ~/models/Qwen2.5-0.5B-Instruct --out heads/qwen --threads 2
 
 Every config key is a flag `--section.key=value` (see `adadecode generate --help`);
 precedence is CLI > `--config FILE` > defaults.
@@ -72,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", metavar="FILE", help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout instead of text")
     gen.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; decoding.stop)")
+    gen.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
     _add_config_flags(gen)
+
+    # Parsed by launcher/train_heads.py (main() hands it the arguments); listed here for --help.
+    sub.add_parser("train-heads", add_help=False, help="train exit heads for a model (train-heads --help)")
 
     bench = sub.add_parser("bench", help="tokens/s against transformers generate, same process and threads")
     bench.add_argument("--prompts", metavar="FILE", default="data/prompts/heldout.jsonl")
@@ -158,12 +179,61 @@ def build_engine(cfg: RunConfig):
     )
 
 
-def cmd_generate(args: argparse.Namespace, cfg: RunConfig) -> int:
+def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
+    from .dist_env import read_dist_env
+    from .distributed import plan_launch, run_rank, spawn_local
+
+    plan = plan_launch(cfg, read_dist_env())
+    if args.dry_run:
+        return dry_run(cfg, plan)
     if args.prompt is None and args.prompts is None:
         raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    if plan.mode == "spawn":  # N local ranks of this same command; rank 0 prints
+        stage_ranges(cfg)  # a bad model or split fails here, once, not in N processes
+        return spawn_local(argv, cfg, plan)
+    if plan.mode == "rank":
+        return run_rank(cfg, plan, lambda engine: generate_all(args, cfg, engine, prompts))
+    return generate_all(args, cfg, build_engine(cfg), prompts)
+
+
+def stage_ranges(cfg: RunConfig) -> list[tuple[int, int]]:
+    """The layer range of each stage; resolves (and, for a GGUF, converts once) the model, loads no weights."""
+    from runtime.engine import plan_stages
+    from runtime.hf_adapter import load_hf_config
+    from runtime.model_source import resolve_model
+
+    m, p = cfg.model, cfg.pipeline
+    config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)
+    return plan_stages(config, p.stages, p.split_points)
+
+
+def dry_run(cfg: RunConfig, plan) -> int:
+    """Print the launch plan and the stage split (no weights are loaded) as JSON."""
+    from .distributed import describe_plan
+
+    print(json.dumps(describe_plan(plan, cfg, stage_ranges(cfg))))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
+    """`adadecode bench`: on the stages in this process, or on N ranks like `generate` (rank 0 measures)."""
+    from .bench import run_bench
+    from .dist_env import read_dist_env
+    from .distributed import plan_launch, run_rank, spawn_local
+
+    plan = plan_launch(cfg, read_dist_env())
+    if plan.mode == "spawn":
+        stage_ranges(cfg)
+        return spawn_local(argv, cfg, plan)
+    if plan.mode == "rank":
+        return run_rank(cfg, plan, lambda engine: run_bench(args, cfg, engine))
+    return run_bench(args, cfg)
+
+
+def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> int:
+    """Generate every prompt with ``engine`` and print each result (text or JSON)."""
     d = cfg.decoding
-    engine = build_engine(cfg)
     for prompt in prompts:
         stream = None if args.json else _stdout_writer
         result = engine.generate(
@@ -194,6 +264,13 @@ def _stdout_writer(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # The DeepSpeed launcher (and torch.distributed.launch) put `--local_rank=N` first; the
+    # same value is in LOCAL_RANK, which launcher/dist_env.py reads.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
+    if argv[:1] == ["train-heads"]:  # its own flags, not the run config
+        from .train_heads import main as train_heads
+
+        return train_heads(argv[1:])
     try:
         args, cfg = parse(argv)
         if args.print_config:
@@ -201,10 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         setup_process(cfg)
         if args.command == "generate":
-            return cmd_generate(args, cfg)
-        from .bench import run_bench
-
-        return run_bench(args, cfg)
+            return cmd_generate(args, cfg, argv)
+        return cmd_bench(args, cfg, argv)
     except (ConfigError, ValueError, NotImplementedError, RuntimeError) as e:
         print(f"adadecode: error: {e}", file=sys.stderr)
         return 2

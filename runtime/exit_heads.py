@@ -1,0 +1,259 @@
+"""Exit heads: early next-token predictions from an intermediate layer.
+
+The head at layer ``l`` reads the hidden state entering layer ``l`` (the output
+of layers ``0..l-1``) and computes ``lm_head(final_norm(T_l h))`` with a learned
+``d x d`` matrix ``T_l`` (trained by ``adadecode train-heads``, identity at
+initialisation) and the base model's own frozen final norm and LM head. Its
+confidence is the top softmax probability; a Stage emits the token when the
+confidence exceeds the head's threshold.
+
+Why a restricted vocabulary: the tied LM head of the bundled model is about a
+fifth of its weights, so a full head evaluation costs about a fifth of a token.
+A head may instead keep only the ``K`` LM-head rows of the tokens that cover
+most of the model's own greedy outputs (``vocab_ids`` in the heads file), a
+contiguous copy of a few MB. Its softmax runs over those ``K`` tokens only, so
+its confidence over-estimates the full one; the thresholds are calibrated with
+the restricted head, since that is what runs. A wrong early token is only ever
+rolled back, so the approximation costs speed, never correctness.
+
+On disk (a directory): ``heads.safetensors`` holds ``T.<layer>`` ([D, D]) and,
+for a restricted head, ``vocab_ids`` ([K], int32); ``manifest.json`` records
+the base model's fingerprint, the default layers and thresholds, the training
+command and data, and the calibration table. Heads for another base model are
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hf_adapter import rms_norm
+
+FORMAT = "adadecode-exit-heads"
+FORMAT_VERSION = 1
+HEADS_FILE = "heads.safetensors"
+MANIFEST_FILE = "manifest.json"
+HEAD_TYPES = ("linear",)
+
+
+def head_logits(transform: torch.Tensor, hidden: torch.Tensor, norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight @ final_norm(transform @ h)`` for each row; differentiable (training uses it too).
+
+    # transform: [D, D]; hidden: [N, D] or [D]; weight: [K, D] -> [N, K] or [K]
+    """
+    return F.linear(rms_norm(F.linear(hidden, transform), norm), weight)
+
+
+class ExitHeads:
+    """Trained heads for one base model; ``layers`` are the active ones (see ``select``)."""
+
+    def __init__(
+        self,
+        transforms: Mapping[int, torch.Tensor],
+        norm: nn.Module,
+        weight: torch.Tensor,
+        vocab_ids: torch.Tensor | None,
+        thresholds: Mapping[int, float],
+        manifest: dict,
+        layers: Iterable[int] | None = None,
+    ):
+        """``weight``: the LM-head rows the heads score ([K, D]: restricted, or the full head when
+        ``vocab_ids`` is None); ``thresholds``: a threshold for every layer in ``transforms``."""
+        self.transforms = dict(transforms)
+        self.norm = norm
+        self.weight = weight
+        self.vocab_ids = vocab_ids
+        self._vocab_list = vocab_ids.tolist() if vocab_ids is not None else None
+        self.manifest = manifest
+        self.available_layers: tuple[int, ...] = tuple(sorted(self.transforms))
+        self.layers: tuple[int, ...] = tuple(sorted(self.transforms if layers is None else layers))
+        self.thresholds: dict[int, float] = {l: float(thresholds[l]) for l in self.layers}
+
+    @property
+    def default_layers(self) -> tuple[int, ...]:
+        return tuple(self.manifest["default_layers"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens a head can predict: K for a restricted head, the full vocabulary otherwise."""
+        return self.weight.shape[0]
+
+    @torch.inference_mode()
+    def predict(self, layer: int, hidden: torch.Tensor) -> tuple[int, float]:
+        """The head at ``layer`` on one position: (token id in the full vocabulary, confidence).
+
+        # hidden: [D]
+        """
+        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight)
+        top, index = logits.max(dim=0)
+        # top softmax probability = 1 / sum(exp(logits - max)): no [K] division, no second max
+        confidence = 1.0 / torch.exp(logits - top).sum().item()
+        index = index.item()
+        return (self._vocab_list[index] if self._vocab_list is not None else index), confidence
+
+    @torch.inference_mode()
+    def predict_batch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` on many positions, for calibration. # hidden: [N, D] -> ids [N], confidence [N]"""
+        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight)
+        probs = torch.softmax(logits, dim=-1)
+        confidence, index = probs.max(dim=-1)
+        ids = self.vocab_ids[index].long() if self.vocab_ids is not None else index
+        return ids, confidence
+
+    def select(self, layers: Iterable[int] | None = None, thresholds: float | Mapping[int, float] | None = None) -> ExitHeads:
+        """The heads at ``layers`` (None: the manifest's default layers) with ``thresholds``
+        (None: the manifest's defaults; a float: the same for all; a dict: per layer, the
+        others keep their defaults). Shares the tensors; ``self`` is unchanged."""
+        layers = self.default_layers if layers is None else tuple(sorted(set(int(l) for l in layers)))
+        missing = [l for l in layers if l not in self.transforms]
+        if missing:
+            raise ValueError(
+                f"no exit head at layer(s) {missing}; these heads exist at layers {list(self.available_layers)} "
+                f"(train others with `adadecode train-heads --layers ...`)"
+            )
+        chosen = {l: float(self.manifest["default_thresholds"][str(l)]) for l in layers}
+        if isinstance(thresholds, Mapping):
+            unknown = sorted(set(int(l) for l in thresholds) - set(layers))
+            if unknown:
+                raise ValueError(f"thresholds given for layer(s) {unknown}, which are not among the selected {list(layers)}")
+            chosen.update({int(l): float(t) for l, t in thresholds.items()})
+        elif thresholds is not None:
+            chosen = {l: float(thresholds) for l in layers}
+        for l, t in chosen.items():
+            if not (0.0 <= t < 1.0) or math.isnan(t):
+                raise ValueError(f"threshold {t} for the head at layer {l} is outside [0, 1)")
+        return ExitHeads(self.transforms, self.norm, self.weight, self.vocab_ids, chosen, self.manifest, layers)
+
+    def __repr__(self) -> str:
+        th = ", ".join(f"{l}: {self.thresholds[l]:g}" for l in self.layers)
+        return f"ExitHeads(layers={list(self.layers)}, thresholds={{{th}}}, vocab={self.vocab_size})"
+
+
+def bundled_heads_path(name: str = "smollm2-135m-instruct") -> Path:
+    """Directory of the heads shipped for bundled model ``name`` inside the installed package
+    (it may not exist: check before use)."""
+    return Path(__file__).resolve().parent / "assets" / "heads" / name
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the heads directory ``path``, checked for format only."""
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text())
+    except OSError as e:
+        raise ValueError(
+            f"exit heads {path}: cannot read {MANIFEST_FILE} ({e.strerror}); point at the directory "
+            f"`adadecode train-heads --out DIR` wrote"
+        ) from e
+    except ValueError as e:
+        raise ValueError(f"exit heads {file} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file} is not an exit-heads manifest of format {FORMAT} v{FORMAT_VERSION} (found "
+            f"{manifest.get('format')!r} v{manifest.get('format_version')!r}); retrain with `adadecode train-heads`"
+        )
+    return manifest
+
+
+def save_exit_heads(
+    path: str | Path,
+    transforms: Mapping[int, torch.Tensor],
+    vocab_ids: torch.Tensor | None,
+    manifest: dict,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write ``heads.safetensors`` (``T`` stored in ``dtype``) and ``manifest.json`` into ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"T.{l}": t.detach().to(dtype).contiguous() for l, t in transforms.items()}
+    if vocab_ids is not None:
+        tensors["vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    save_file(tensors, str(path / HEADS_FILE), metadata={"format": FORMAT})
+    (path / MANIFEST_FILE).write_text(_dumps(manifest) + "\n")
+    return path
+
+
+def _dumps(obj) -> str:
+    """Indented JSON with every innermost list or object on one line (a calibration row per line).
+    JSON strings never hold a raw newline, so only layout whitespace is removed."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"[\[{][^\[\]{}]*[\]}]", lambda m: re.sub(r"\n\s*", " ", m.group(0)), text)
+
+
+def load_exit_heads(
+    path: str | Path,
+    *,
+    fingerprint: str,
+    config,
+    norm: nn.Module,
+    lm_head_weight: torch.Tensor,
+) -> ExitHeads:
+    """Load the heads in ``path`` for the base model with ``fingerprint`` (from
+    ``resolve_model(...).fingerprint``), its HF ``config``, final ``norm`` and LM head weight.
+
+    Returns the manifest's default selection; ``.select()`` picks other trained layers or
+    thresholds. Raises ValueError, with the fix, for heads made for another model.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    base = manifest["base_model"]
+    if base["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"exit heads {path} were trained for another base model ({base.get('origin')}, fingerprint "
+            f"{base['fingerprint']}); the loaded model has fingerprint {fingerprint}. Train heads for this "
+            f"model with `adadecode train-heads --model SOURCE --out DIR` and set decoding.heads=DIR, "
+            f"or run without heads (decoding.heads=none)"
+        )
+    hidden, vocab, num_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    expected = {"hidden_size": hidden, "vocab_size": vocab, "num_layers": num_layers}
+    for key, value in expected.items():
+        if base.get(key) != value:
+            raise ValueError(
+                f"exit heads {path} were trained for a model with {key} {base.get(key)}, but the loaded "
+                f"model has {value}; retrain them with `adadecode train-heads` for this model"
+            )
+    if tuple(lm_head_weight.shape) != (vocab, hidden):
+        raise ValueError(f"LM head weight has shape {tuple(lm_head_weight.shape)}, expected ({vocab}, {hidden})")
+    if manifest.get("head_type", "linear") not in HEAD_TYPES:
+        raise ValueError(f"exit heads {path}: head type {manifest.get('head_type')!r} is unknown; known: {HEAD_TYPES}")
+
+    tensors = load_file(str(path / HEADS_FILE))
+    dtype = lm_head_weight.dtype
+    transforms = {}
+    for name, t in tensors.items():
+        if not name.startswith("T."):
+            continue
+        layer = int(name[2:])
+        if tuple(t.shape) != (hidden, hidden) or not 0 < layer < num_layers:
+            raise ValueError(f"exit heads {path}: tensor {name} of shape {tuple(t.shape)} does not fit a "
+                             f"{num_layers}-layer model of hidden size {hidden}")
+        transforms[layer] = t.to(dtype).contiguous()
+    vocab_ids = tensors.get("vocab_ids")
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.long()
+        if vocab_ids.numel() == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab:
+            raise ValueError(f"exit heads {path}: vocab_ids fall outside the model's vocabulary of {vocab}")
+        # a contiguous copy of K rows: the restricted head reads K*D floats, not V*D
+        weight = lm_head_weight.detach()[vocab_ids].contiguous()
+    else:
+        weight = lm_head_weight.detach()
+    thresholds = {int(l): float(t) for l, t in manifest["default_thresholds"].items()}
+    missing = [l for l in transforms if l not in thresholds]
+    if missing or set(manifest["default_layers"]) - set(transforms):
+        raise ValueError(f"exit heads {path}: the manifest's default layers/thresholds do not match the "
+                         f"heads in {HEADS_FILE} (layers {sorted(transforms)})")
+    heads = ExitHeads(transforms, norm, weight, vocab_ids, thresholds, manifest)
+    return heads.select()
