@@ -406,3 +406,9 @@ def test_check_world_size(stages, backend, world_size, fragments):
     for fragment in fragments:
         assert fragment in str(info.value)
 
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(["--config", str(path)])
+    assert cfg.model.source.startswith("bundled:")

@@ -122,6 +122,12 @@ class DistributedRunner:
                 out = self._next_output()
                 if out is not WAITING and out is not DONE:
                     last_progress = time.monotonic()
+                    if isinstance(out, Activations):
+                        # Predictions that came in during that compute go first: a rollback they
+                        # cause then reaches later stages before these (maybe stale) activations,
+                        # which are dropped on arrival instead of run.
+                        self._take_predictions(coord, 0.0)
+                        self._dispatch(coord, on_verified)
                     self._ship_rank0(coord, out)
                     continue
                 if self.t.control is None:
