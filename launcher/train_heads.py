@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-cost", type=float, default=1.1, metavar="C",
                    help="cost of a 2-row chunk through the layers relative to one row (deferred backfill), "
                         "for choosing the defaults")
-    p.add_argument("--rollback-cost", type=float, default=None, metavar="C",
-                   help="decode steps wasted by a rejected early token, for choosing the defaults "
-                        "(default: the next token's pass up to the head, see CostModel)")
+    p.add_argument("--rollback-cost", type=_rollback_cost, default=1.0, metavar="C|structural",
+                   help="decode steps wasted by a rejected early token, for choosing the defaults; structural: "
+                        "only the next token's pass up to the head (see CostModel)")
     p.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the stored T matrices (calibration uses the stored values)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 leaves torch's default")
@@ -341,15 +341,19 @@ class CostModel:
 
     - accepted: the two tokens cost ``2 l/L + merge_cost (L-l)/L`` instead of 2, a saving of
       ``(2 - merge_cost)(L-l)/L`` (``(L-l)/L`` when a 2-row chunk costs one row);
-    - rejected: the next token's pass is thrown away, ``l/L + (merge_cost - 1)(L-l)/L``, unless
-      ``rollback_cost`` fixes it (e.g. 1.0, a whole token, for a conservative choice);
+    - rejected: ``rollback_cost`` (default: a whole token). None is the structural cost, the next
+      token's pass thrown away, ``l/L + (merge_cost - 1)(L-l)/L``; it ignores tokens emitted early
+      behind the rejected one and the rollback's own overhead. On the bundled model's validation
+      prompts the defaults chosen with a whole token lose 0.01 step/token if the true cost is the
+      structural one, while those chosen with the structural cost lose 0.04 if it is a whole token;
+      hence the default.
     - every head evaluation costs ``eval_cost``.
     """
 
     num_layers: int
     eval_cost: float
     merge_cost: float = 1.1
-    rollback_cost: float | None = None
+    rollback_cost: float | None = 1.0
 
     def accept_saving(self, layer: int) -> float:
         return (2 - self.merge_cost) * (self.num_layers - layer) / self.num_layers
@@ -553,8 +557,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 " by coordinate ascent over each head's threshold (off or one of the sweep), maximising the "
                 "expected saving per token on one device with deferred backfill: a token exits at the first "
                 "head above its threshold; an accepted exit at layer l saves (2 - merge_cost)(L-l)/L of a "
-                "decode step (its last layers run merged with the next token's), a rejected one wastes the "
-                "next token's pass, l/L + (merge_cost - 1)(L-l)/L (or rollback_cost when given), and each "
+                "decode step (its last layers run merged with the next token's), a rejected one costs "
+                "rollback_cost (null: the next token's pass, l/L + (merge_cost - 1)(L-l)/L), and each "
                 f"head evaluation costs eval_cost (T_l plus K={k} LM-head rows over the weights of a decode "
                 "step, plus 0.2% for the call; matches in-situ timings on one CPU thread). Heads outside the "
                 "defaults carry the threshold best for them alone."
@@ -596,6 +600,15 @@ def _vocab_size(value: str) -> str:
     if value != "full" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer or `full`")
     return value
+
+
+def _rollback_cost(value: str) -> float | None:
+    if value == "structural":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or `structural`") from None
 
 
 def _parse_layers(spec: str, num_layers: int) -> list[int]:

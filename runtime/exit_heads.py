@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -181,6 +182,8 @@ def save_exit_heads(
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     save_file(tensors, str(path / HEADS_FILE), metadata={"format": FORMAT})
     (path / MANIFEST_FILE).write_text(_dumps(manifest) + "\n")
+    for f in (HEADS_FILE, MANIFEST_FILE):  # save_file makes owner-only files; heads are meant to be shared
+        os.chmod(path / f, 0o644)
     return path
 
 
