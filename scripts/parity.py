@@ -7,7 +7,7 @@ Every divergence is printed with its position, both tokens and the reference's
 logit gap between them there.
 
     python scripts/parity.py --num-prompts 18 --max-new-tokens 128 --stages 1 2 3
-    python scripts/parity.py --num-prompts 32 --max-new-tokens 256 --stages 1 --early-exit eager deferred
+    python scripts/parity.py --num-prompts 32 --max-new-tokens 256 --stages 1 --early-exit eager deferred --chat
 """
 
 import argparse
@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--early-exit", nargs="+", default=["off"], choices=["off", "eager", "deferred"])
     ap.add_argument("--heads", default="auto", help="exit heads directory (auto: the shipped ones)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="chat template for plain prompts too (longer answers)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,10 +51,12 @@ def main() -> int:
     eos = sorted(first.eos_token_ids)
     runs = [(p, mode) for p in args.stages for mode in args.early_exit]
     matches = {run: 0 for run in runs}
+    total = 0
     for i, prompt in enumerate(prompts):
-        ids = first.encode(prompt, chat=isinstance(prompt, list))
+        ids = first.encode(prompt, chat=args.chat or isinstance(prompt, list))
         ref, _ = hf_generate(hf, ids, args.max_new_tokens, eos)
         row = {"prompt": i, "prompt_tokens": len(ids), "generated": len(ref)}
+        total += len(ref)
         for p, mode in runs:
             ours = engines[p].generate(ids, max_new_tokens=args.max_new_tokens, early_exit=mode).tokens
             at = first_divergence(ours, ref)
@@ -70,7 +73,7 @@ def main() -> int:
     exact_ok = True
     for (p, mode), m in matches.items():
         print(f"parity stages={p} early_exit={mode}: {m}/{len(prompts)} prompts token-identical "
-              f"({args.max_new_tokens} new tokens)")
+              f"(up to {args.max_new_tokens} new tokens; {total} reference tokens in all)")
         exact_ok &= mode == "deferred" or m == len(prompts)
     return 0 if exact_ok else 1
 
