@@ -43,7 +43,9 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int):
+    def __init__(
+        self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int, max_inflight: int = 2
+    ):
         self.resolved = resolved
         self.config = config
         self.args = ModelArgs.from_hf_config(config)
@@ -52,8 +54,7 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.runner = LocalRunner(stages)
         self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
-        self.heads_path: Path | None = None
-        self.max_inflight = 2
+        self.max_inflight = max_inflight
         self._next_seq = 0
 
     @classmethod
@@ -80,13 +81,7 @@ class Engine:
         """
         from transformers import AutoTokenizer
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
-        resolved = resolve_model(source, cache_dir)
-        config = load_hf_config(resolved.path)
-        args = ModelArgs.from_hf_config(config)
-        _check_seq_len(config, args, max_seq_len)
-        ranges = plan_stages(config, stages, split_points)
+        resolved, config, ranges = _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         heads_path = resolve_heads(heads, resolved)
         built = [
@@ -96,10 +91,7 @@ class Engine:
             )
             for i in range(len(ranges))
         ]
-        engine = cls(resolved, config, tokenizer, built, max_seq_len)
-        engine.heads_path = heads_path
-        engine.max_inflight = max_inflight
-        return engine
+        return cls(resolved, config, tokenizer, built, max_seq_len, max_inflight)
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -211,14 +203,14 @@ def build_stage(
     """
     a, b = ranges[index]
     last = index == len(ranges) - 1
+    args = ModelArgs.from_hf_config(config)
     stage_heads = None
     if heads is not None:
         from .exit_heads import read_manifest
 
         manifest = read_manifest(heads)
         layers = list(exit_layers) or list(manifest["default_layers"])
-        num_layers = ModelArgs.from_hf_config(config).num_layers
-        mine = [l for l in layers if a < l <= b and l < num_layers]
+        mine = [l for l in layers if a < l <= b and l < args.num_layers]
     else:
         mine = []
     modules = load_stage_modules(
@@ -231,7 +223,7 @@ def build_stage(
             heads, fingerprint=resolved.fingerprint, config=config,
             norm=modules.norm, lm_head_weight=modules.lm_head.weight,
         ).select(layers=mine, thresholds=_thresholds_for(layers, thresholds, mine))
-    model = StageModel(modules, ModelArgs.from_hf_config(config), max_seq_len)
+    model = StageModel(modules, args, max_seq_len)
     return Stage(index, len(ranges), model, heads=stage_heads, policy=policy)
 
 
@@ -268,6 +260,17 @@ def _thresholds_for(layers: Sequence[int], thresholds: Sequence[float], mine: Se
         )
     per_layer = dict(zip(layers, thresholds))
     return {l: float(per_layer[l]) for l in mine}
+
+
+def _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir):
+    """What every loader does first: check the dtype, resolve the model, check the cache size
+    and plan the stages (a pure function, so every rank computes the same ranges)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
+    resolved = resolve_model(source, cache_dir)
+    config = load_hf_config(resolved.path)
+    _check_seq_len(config, ModelArgs.from_hf_config(config), max_seq_len)
+    return resolved, config, plan_stages(config, stages, split_points)
 
 
 def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:
@@ -361,12 +364,7 @@ def load_rank(
     and reads only its own stage's weights (and exit heads); the arguments are
     ``Engine.load``'s.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
-    resolved = resolve_model(source, cache_dir)
-    config = load_hf_config(resolved.path)
-    _check_seq_len(config, ModelArgs.from_hf_config(config), max_seq_len)
-    ranges = plan_stages(config, stages, split_points)
+    resolved, config, ranges = _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir)
     stage = build_stage(
         resolved, config, ranges, rank, dtype=dtype, max_seq_len=max_seq_len,
         heads=resolve_heads(heads, resolved), exit_layers=exit_layers, thresholds=thresholds,
@@ -386,6 +384,5 @@ class PipelineEngine(Engine):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len)
+        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len, max_inflight)
         self.runner = runner
-        self.max_inflight = max_inflight
