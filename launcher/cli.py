@@ -21,11 +21,11 @@ launcher each process is one rank (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 from launcher/dist_env.py), rank 0 prints:
 
     adadecode generate --stages 2 --prompt "..."                          # 2 local ranks, 1 thread each, pinned
-    torchrun --nproc-per-node 2 -m launcher.cli generate --stages 2 --prompt "..."
+    torchrun --nproc-per-node 2 -m adadecode.launcher.cli generate --stages 2 --prompt "..."
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank $NODE --rdzv-backend c10d \
-        --rdzv-endpoint $HEAD:29500 -m launcher.cli generate --stages 2 --prompt "..."
+        --rdzv-endpoint $HEAD:29500 -m adadecode.launcher.cli generate --stages 2 --prompt "..."
     sbatch --nodes 2 scripts/slurm/adadecode.sbatch --prompt "..."
-    deepspeed --num_gpus 2 --module launcher.cli generate --stages 2 --prompt "..."
+    deepspeed --num_gpus 2 --module adadecode.launcher.cli generate --stages 2 --prompt "..."
     adadecode generate --stages 3 --dry-run                               # the plan, nothing loaded
 
 Speed against transformers' `generate`, same process, same threads:
@@ -162,7 +162,7 @@ def setup_process(cfg: RunConfig) -> None:
 
 def build_engine(cfg: RunConfig):
     """An Engine from the model and pipeline sections."""
-    from runtime.engine import Engine
+    from adadecode.runtime.engine import Engine
 
     m, p, d = cfg.model, cfg.pipeline, cfg.decoding
     return Engine.load(
@@ -199,9 +199,9 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] =
 
 def stage_ranges(cfg: RunConfig) -> list[tuple[int, int]]:
     """The layer range of each stage; resolves (and, for a GGUF, converts once) the model, loads no weights."""
-    from runtime.engine import plan_stages
-    from runtime.hf_adapter import load_hf_config
-    from runtime.model_source import resolve_model
+    from adadecode.runtime.engine import plan_stages
+    from adadecode.runtime.hf_adapter import load_hf_config
+    from adadecode.runtime.model_source import resolve_model
 
     m, p = cfg.model, cfg.pipeline
     config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)

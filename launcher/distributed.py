@@ -96,7 +96,7 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
     """Run this command line as ``plan.world_size`` local ranks; the exit code of the job."""
     from .spawn import spawn_ranks
 
-    command = [sys.executable, "-m", "launcher.cli", *argv, f"--transport.backend={plan.backend}"]
+    command = [sys.executable, "-m", "adadecode.launcher.cli", *argv, f"--transport.backend={plan.backend}"]
 
     def report(ex) -> None:
         if ex.returncode != 0:
@@ -114,9 +114,9 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
     """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``."""
     import torch
 
-    from runtime.engine import PipelineEngine, load_rank
-    from runtime.runners.distributed import DistributedRunner
-    from runtime.transport import open_transport
+    from adadecode.runtime.engine import PipelineEngine, load_rank
+    from adadecode.runtime.runners.distributed import DistributedRunner
+    from adadecode.runtime.transport import open_transport
 
     env, m, p, d = plan.env, cfg.model, cfg.pipeline, cfg.decoding
     rank = env.rank

@@ -25,9 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass
@@ -76,7 +74,6 @@ def spawn_ranks(
         MASTER_PORT=str(free_port()),
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
-        PYTHONPATH=os.pathsep.join(p for p in (_REPO_ROOT, base.get("PYTHONPATH", "")) if p),
     )
     base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     procs: list[subprocess.Popen] = []

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import shlex
 import sys
@@ -258,7 +257,7 @@ def train(split: Split, layers: Sequence[int], norm, weight: torch.Tensor, *, ep
     """
     from tqdm.auto import tqdm
 
-    from runtime.exit_heads import head_logits
+    from adadecode.runtime.exit_heads import head_logits
 
     d = split.final.shape[1]
     transforms = {l: torch.nn.Parameter(torch.eye(d)) for l in layers}
@@ -444,9 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.exit_heads import ExitHeads, save_exit_heads
-    from runtime.hf_adapter import load_hf_config
-    from runtime.model_source import resolve_model
+    from adadecode.runtime.exit_heads import ExitHeads, save_exit_heads
+    from adadecode.runtime.hf_adapter import load_hf_config
+    from adadecode.runtime.model_source import resolve_model
 
     from .cli import read_prompts
 

@@ -7,7 +7,7 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
-    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+    raise AttributeError(f"module 'adadecode.runtime' has no attribute {name!r}")
 
 
 __all__ = ["Engine", "GenerationResult"]

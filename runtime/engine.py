@@ -1,6 +1,6 @@
 """The Python API: load a model once as pipeline stages, generate many times.
 
-    from runtime import Engine
+    from adadecode.runtime import Engine
     engine = Engine.load("bundled:smollm2-135m-instruct", stages=2)
     result = engine.generate("Write a haiku about the sea.", max_new_tokens=64, chat=True)
     print(result.text, result.tokens_per_s)
@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from .coordinator import Coordinator
 from .events import Verified

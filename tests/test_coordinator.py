@@ -11,8 +11,8 @@ import random
 import pytest
 import torch
 
-from runtime.coordinator import TRANSITIONS, Coordinator, SeqState
-from runtime.events import (
+from adadecode.runtime.coordinator import TRANSITIONS, Coordinator, SeqState
+from adadecode.runtime.events import (
     DONE,
     WAITING,
     Activations,
@@ -25,7 +25,7 @@ from runtime.events import (
     StepRequest,
     Verified,
 )
-from runtime.stopping import StopCriteria
+from adadecode.runtime.stopping import StopCriteria
 
 PROMPT = (11, 12, 13)
 P = len(PROMPT)  # the first generated token goes at position P

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import ConfigError, load_config
-from launcher.dist_env import DistEnv, DistEnvError, expand_nodelist, read_dist_env
-from launcher.distributed import plan_launch
+from adadecode.launcher.config import ConfigError, load_config
+from adadecode.launcher.dist_env import DistEnv, DistEnvError, expand_nodelist, read_dist_env
+from adadecode.launcher.distributed import plan_launch
 
 TORCHRUN = {
     "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",

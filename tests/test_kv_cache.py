@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from helpers import save_tiny_model
-from runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
-from runtime.kv_cache import CacheOverflowError, KVCache
-from runtime.model_runner import StageModel
+from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from adadecode.runtime.kv_cache import CacheOverflowError, KVCache
+from adadecode.runtime.model_runner import StageModel
 
 LAYERS, SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM = 3, 2, 2, 16, 4
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from runtime import model_source
-from runtime.model_source import (
+from adadecode.runtime import model_source
+from adadecode.runtime.model_source import (
     SUPPORTED_MODEL_TYPES,
     ModelSourceError,
     UnsupportedArchitectureError,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
-from launcher.bench import first_divergence, hf_generate, select_prompts
-from runtime.engine import Engine
+from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.runtime.engine import Engine
 
 NUM_PROMPTS = 6  # one per category: code, prose, chat, math, list, qa
 MAX_NEW_TOKENS = 40

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.partition import PartitionError, partition_layers
+from adadecode.runtime.partition import PartitionError, partition_layers
 
 
 def stage_costs(ranges, weights, first_extra=0.0, last_extra=0.0):
@@ -146,7 +146,7 @@ def test_errors_name_the_problem_and_the_fix(kwargs, fragments):
 
 
 def test_partition_module_imports_neither_torch_nor_transformers():
-    import runtime.partition as mod
+    import adadecode.runtime.partition as mod
 
     tree = ast.parse(Path(mod.__file__).read_text())
     imported = set()

@@ -34,7 +34,7 @@ FORBIDDEN = {
 }
 
 
-def imported_modules(source: str, package: str = "runtime") -> set[str]:
+def imported_modules(source: str, package: str = "adadecode.runtime") -> set[str]:
     """Every module an import statement names, with each ``from x import y`` also as ``x.y``."""
     found = set()
     for node in ast.walk(ast.parse(source)):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import hf_greedy, save_tiny_model
-from runtime.events import (
+from adadecode.runtime.events import (
     DONE,
     WAITING,
     Activations,
@@ -25,9 +25,9 @@ from runtime.events import (
     StepRequest,
     Verified,
 )
-from runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
-from runtime.model_runner import StageModel
-from runtime.stage import TRANSITIONS, Stage, StageState
+from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from adadecode.runtime.model_runner import StageModel
+from adadecode.runtime.stage import TRANSITIONS, Stage, StageState
 
 PROMPT = (5, 17, 3, 42, 8)
 P = len(PROMPT)

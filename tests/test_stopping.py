@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.stopping import StopCriteria, trim_at_stop_string
+from adadecode.runtime.stopping import StopCriteria, trim_at_stop_string
 
 EOS = 0
 PIECES = {0: "</s>", 1: "Hello", 2: ",", 3: " wor", 4: "ld", 5: "\n", 6: "\n\n", 7: "#", 8: "##", 9: " x"}
