@@ -160,23 +160,23 @@ def setup_process(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.pipeline.threads)
 
 
-def build_engine(cfg: RunConfig):
-    """An Engine from the model and pipeline sections."""
-    from adadecode.runtime.engine import Engine
+def load_spec(cfg: RunConfig):
+    """The runtime's ``LoadSpec`` from the model, pipeline and decoding sections."""
+    from adadecode.runtime.loading import LoadSpec
 
     m, p, d = cfg.model, cfg.pipeline, cfg.decoding
-    return Engine.load(
-        m.source,
-        stages=p.stages,
-        split_points=p.split_points,
-        dtype=m.dtype,
-        max_seq_len=m.max_seq_len,
-        cache_dir=m.cache_dir or None,
-        heads=d.heads,
-        exit_layers=d.exit_layers,
-        thresholds=d.thresholds,
-        max_inflight=d.max_inflight,
+    return LoadSpec(
+        m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
+        max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
+        exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
     )
+
+
+def build_engine(cfg: RunConfig):
+    """An Engine with every stage in this process."""
+    from adadecode.runtime.engine import Engine
+
+    return Engine.load(load_spec(cfg), max_inflight=cfg.decoding.max_inflight)
 
 
 def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
@@ -199,8 +199,8 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] =
 
 def stage_ranges(cfg: RunConfig) -> list[tuple[int, int]]:
     """The layer range of each stage; resolves (and, for a GGUF, converts once) the model, loads no weights."""
-    from adadecode.runtime.engine import plan_stages
     from adadecode.runtime.hf_adapter import load_hf_config
+    from adadecode.runtime.loading import plan_stages
     from adadecode.runtime.model_source import resolve_model
 
     m, p = cfg.model, cfg.pipeline

@@ -25,6 +25,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
+
+# runtime/device.py checks the same form; repeated here so that loading a config imports no torch
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 __all__ = [
     "ConfigError",
@@ -68,8 +72,11 @@ class ModelConfig:
     source: str = "bundled:smollm2-135m-instruct"
     """Model to load: `bundled:<name>`, a Hugging Face model directory, or a `.gguf` file."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of weights, activations and KV cache."""
+    device: str = "auto"
+    """Where each stage computes: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of weights, activations and KV cache; auto: bfloat16 on CUDA, float32 on the CPU."""
 
     max_seq_len: int = 2048
     """KV cache capacity in positions, prompt plus generated tokens."""
@@ -83,6 +90,11 @@ class ModelConfig:
             raise _invalid(
                 "model.source", self.source, "a non-empty model source",
                 "use e.g. `--model.source=bundled:smollm2-135m-instruct` or a path to a model directory or .gguf file",
+            )
+        if not DEVICE_PATTERN.match(self.device):
+            raise _invalid(
+                "model.device", self.device, "auto, cpu, cuda or cuda:N",
+                "use e.g. `--model.device=cuda:0`, or auto for one GPU per rank when CUDA is available",
             )
         if self.max_seq_len < 2:
             raise _invalid(
@@ -106,6 +118,9 @@ class PipelineConfig:
 
     pin_cpus: bool = True
     """Multi-rank runs: pin local rank i to its own cores (threads per rank each) when the node has enough."""
+
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (README, Results)."""
 
     def __post_init__(self) -> None:
         _check_types(self)

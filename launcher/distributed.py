@@ -11,7 +11,7 @@ environment (``launcher/dist_env.py``):
 - ``gloo``/``nccl`` with one stage: a one-rank job in this process.
 
 ``run_rank`` is one rank: pin its threads, load only its own stage
-(``runtime.engine.load_rank``), join the transport, then rank 0 runs the
+(``adadecode.runtime.loading.load_rank``), join the transport, then rank 0 runs the
 prompts through a ``PipelineEngine`` and prints, while every other rank serves
 its stage until rank 0 shuts the pipeline down.
 
@@ -114,9 +114,12 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
     """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``."""
     import torch
 
-    from adadecode.runtime.engine import PipelineEngine, load_rank
+    from adadecode.runtime.engine import PipelineEngine
+    from adadecode.runtime.loading import load_rank
     from adadecode.runtime.runners.distributed import DistributedRunner
     from adadecode.runtime.transport import open_transport
+
+    from .cli import load_spec
 
     env, m, p, d = plan.env, cfg.model, cfg.pipeline, cfg.decoding
     rank = env.rank
@@ -126,16 +129,16 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
         log.info("rank %d: %s", rank, f"pinned to cores {cores}" if cores else "not pinned (too few cores)")
     torch.set_num_threads(threads)
     try:
-        resolved, config, _, stage = load_rank(
-            m.source, rank=rank, stages=p.stages, split_points=p.split_points, dtype=m.dtype,
-            max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None,
-            heads=d.heads, exit_layers=d.exit_layers, thresholds=d.thresholds,
+        resolved, config, _, loaded = load_rank(
+            load_spec(cfg), rank=rank, backend=plan.backend, local_rank=env.local_rank,
+            local_world_size=env.local_world_size or env.local_rank + 1,  # unknown: at least this many
         )
+        stage = loaded.stage
         with open_transport(
             rank=rank, world_size=plan.world_size, local_rank=env.local_rank,
             master_addr=env.master_addr, master_port=env.master_port, backend=plan.backend,
             timeout_s=cfg.transport.timeout_s, hidden_size=config.hidden_size, dtype=stage.model.dtype,
-            control_addr=cfg.transport.control_addr,
+            stage_device=stage.model.device, control_addr=cfg.transport.control_addr,
         ) as transport:
             runner = DistributedRunner(stage, transport)
             if rank != 0:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 
 from .coordinator import Coordinator
+from .device import check_placement
 from .events import Verified
-from .hf_adapter import DTYPES, ModelArgs, load_hf_config, load_stage_modules
+from .hf_adapter import ModelArgs
 from .kv_cache import CacheOverflowError
-from .model_runner import StageModel
-from .model_source import ResolvedModel, resolve_model
-from .partition import partition_layers
+from .loading import LoadSpec, build_stage, prepare
+from .model_source import ResolvedModel
 from .runners.inprocess import LocalRunner
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
@@ -57,40 +57,29 @@ class Engine:
         self._next_seq = 0
 
     @classmethod
-    def load(
-        cls,
-        source: str = "bundled:smollm2-135m-instruct",
-        *,
-        stages: int = 1,
-        split_points: Sequence[int] = (),
-        dtype: str = "float32",
-        max_seq_len: int = 2048,
-        cache_dir: str | Path | None = None,
-        heads: str | Path | None = "auto",
-        exit_layers: Sequence[int] = (),
-        thresholds: Sequence[float] = (),
-        max_inflight: int = 2,
-    ) -> Engine:
-        """Resolve ``source``, split its layers into ``stages`` and load each stage's weights.
+    def load(cls, source: str | LoadSpec = "bundled:smollm2-135m-instruct", *, max_inflight: int = 2, **spec) -> Engine:
+        """Resolve the model, split its layers into stages and load every stage in this process.
 
-        ``heads``: a directory of exit heads, ``"auto"`` (the heads shipped for the bundled
-        model, none for others) or None. ``exit_layers`` / ``thresholds`` override the heads'
-        defaults (one threshold for all, or one per layer); ``max_inflight`` caps unverified
-        early tokens per sequence.
+        ``source`` is a ``LoadSpec`` or a model source; keyword arguments are ``LoadSpec`` fields:
+        ``stages``, ``split_points``, ``device`` (auto, cpu, cuda, cuda:N), ``dtype`` (auto:
+        bfloat16 on CUDA, float32 on the CPU), ``max_seq_len``, ``cache_dir``, ``heads`` (a
+        directory of exit heads, ``"auto"``: the heads shipped for the bundled model, or None),
+        ``exit_layers`` / ``thresholds`` (override the heads' defaults: one threshold for all, or
+        one per layer), ``compile`` (auto, on, off). ``max_inflight`` caps unverified early
+        tokens per sequence.
         """
         from transformers import AutoTokenizer
 
-        resolved, config, ranges = _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir)
+        spec.setdefault("max_chunk", max_inflight + 1)
+        spec = source.replace(**spec) if isinstance(source, LoadSpec) else LoadSpec(source, **spec)
+        device, dtype = check_placement(spec.device, spec.dtype, "inprocess")
+        resolved, config, ranges = prepare(spec)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        heads_path = resolve_heads(heads, resolved)
         built = [
-            build_stage(
-                resolved, config, ranges, i, dtype=dtype, max_seq_len=max_seq_len,
-                heads=heads_path, exit_layers=exit_layers, thresholds=thresholds,
-            )
+            build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype).stage
             for i in range(len(ranges))
         ]
-        return cls(resolved, config, tokenizer, built, max_seq_len, max_inflight)
+        return cls(resolved, config, tokenizer, built, spec.max_seq_len, max_inflight)
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -182,119 +171,6 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def build_stage(
-    resolved: ResolvedModel,
-    config,
-    ranges: Sequence[tuple[int, int]],
-    index: int,
-    *,
-    dtype: str = "float32",
-    max_seq_len: int = 2048,
-    heads: Path | None = None,
-    exit_layers: Sequence[int] = (),
-    thresholds: Sequence[float] = (),
-    policy: str = "off",
-) -> Stage:
-    """Load stage ``index`` of ``ranges`` and only its weights: what one rank of a pipeline holds.
-
-    A stage loads the final norm and LM head when it is the last, or when one of the exit
-    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5).
-    """
-    a, b = ranges[index]
-    last = index == len(ranges) - 1
-    args = ModelArgs.from_hf_config(config)
-    stage_heads = None
-    if heads is not None:
-        from .exit_heads import read_manifest
-
-        manifest = read_manifest(heads)
-        layers = list(exit_layers) or list(manifest["default_layers"])
-        mine = [l for l in layers if a < l <= b and l < args.num_layers]
-    else:
-        mine = []
-    modules = load_stage_modules(
-        resolved.path, config, a, b, embed=index == 0, head=last or bool(mine), dtype=DTYPES[dtype]
-    )
-    if mine:
-        from .exit_heads import load_exit_heads
-
-        stage_heads = load_exit_heads(
-            heads, fingerprint=resolved.fingerprint, config=config,
-            norm=modules.norm, lm_head_weight=modules.lm_head.weight,
-        ).select(layers=mine, thresholds=_thresholds_for(layers, thresholds, mine))
-    model = StageModel(modules, args, max_seq_len)
-    return Stage(index, len(ranges), model, heads=stage_heads, policy=policy)
-
-
-def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | None:
-    """The exit-heads directory ``heads`` names: ``auto`` is the shipped heads of the bundled model."""
-    if heads is None or str(heads) in ("", "none"):
-        return None
-    if str(heads) == "auto":
-        from .exit_heads import bundled_heads_path
-
-        if not resolved.origin.startswith("bundled:"):
-            return None
-        path = bundled_heads_path(resolved.origin.split(":", 1)[1])
-        return path if path.exists() else None
-    path = Path(heads).expanduser()
-    if not (path / "manifest.json").exists():
-        raise ValueError(
-            f"exit heads `{heads}`: no manifest.json there; point decoding.heads at the directory "
-            "`adadecode train-heads --out DIR` wrote, or use `auto` / `none`"
-        )
-    return path
-
-
-def _thresholds_for(layers: Sequence[int], thresholds: Sequence[float], mine: Sequence[int]):
-    """``thresholds`` as ExitHeads.select takes them: None, one for all, or per layer of ``mine``."""
-    if not thresholds:
-        return None
-    if len(thresholds) == 1:
-        return float(thresholds[0])
-    if len(thresholds) != len(layers):
-        raise ValueError(
-            f"decoding.thresholds has {len(thresholds)} values for {len(layers)} exit layers {list(layers)}; "
-            "give one threshold for all, or one per exit layer"
-        )
-    per_layer = dict(zip(layers, thresholds))
-    return {l: float(per_layer[l]) for l in mine}
-
-
-def _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir):
-    """What every loader does first: check the dtype, resolve the model, check the cache size
-    and plan the stages (a pure function, so every rank computes the same ranges)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype `{dtype}` is not supported; use one of {', '.join(DTYPES)}")
-    resolved = resolve_model(source, cache_dir)
-    config = load_hf_config(resolved.path)
-    _check_seq_len(config, ModelArgs.from_hf_config(config), max_seq_len)
-    return resolved, config, plan_stages(config, stages, split_points)
-
-
-def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:
-    """Layer ranges per stage; automatic splits balance the weights read per decoded token."""
-    args = ModelArgs.from_hf_config(config)
-    layer = args.layer_params(config.intermediate_size)
-    lm_head = args.vocab_size * args.hidden_size
-    # The embedding is one row gathered per token; the LM head is a full matrix read.
-    return partition_layers(args.num_layers, stages, split_points, last_extra=lm_head / layer)
-
-
-def _check_seq_len(config, args: ModelArgs, max_seq_len: int) -> None:
-    if max_seq_len > args.max_position_embeddings:
-        raise ValueError(
-            f"model.max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
-            f"({args.max_position_embeddings}); lower model.max_seq_len"
-        )
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and max_seq_len > window:
-        raise ValueError(
-            f"model.max_seq_len {max_seq_len} exceeds the model's sliding window ({window}), which "
-            f"adadecode does not implement; set model.max_seq_len <= {window}"
-        )
-
-
 def _eos_ids(path: Path, config, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     gen = Path(path) / "generation_config.json"
@@ -341,34 +217,7 @@ class _TextStreamer:
             self.sent = upto
 
 
-# --- one rank of a multi-process pipeline (runners/distributed.py) ----------------------
-
-
-def load_rank(
-    source: str,
-    *,
-    rank: int,
-    stages: int,
-    split_points: Sequence[int] = (),
-    dtype: str = "float32",
-    max_seq_len: int = 2048,
-    cache_dir: str | Path | None = None,
-    heads: str | Path | None = "auto",
-    exit_layers: Sequence[int] = (),
-    thresholds: Sequence[float] = (),
-) -> tuple[ResolvedModel, object, list[tuple[int, int]], Stage]:
-    """What rank ``rank`` of a ``stages``-rank pipeline loads: ``(resolved, config, ranges, its stage)``.
-
-    Every rank computes the same ``ranges`` (``plan_stages`` is a pure function)
-    and reads only its own stage's weights (and exit heads); the arguments are
-    ``Engine.load``'s.
-    """
-    resolved, config, ranges = _prepare(source, stages, split_points, dtype, max_seq_len, cache_dir)
-    stage = build_stage(
-        resolved, config, ranges, rank, dtype=dtype, max_seq_len=max_seq_len,
-        heads=resolve_heads(heads, resolved), exit_layers=exit_layers, thresholds=thresholds,
-    )
-    return resolved, config, ranges, stage
+# --- rank 0 of a multi-process pipeline (runners/distributed.py) ----------------------------
 
 
 class PipelineEngine(Engine):

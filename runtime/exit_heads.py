@@ -91,13 +91,18 @@ class ExitHeads:
     def predict(self, layer: int, hidden: torch.Tensor) -> tuple[int, float]:
         """The head at ``layer`` on one position: (token id in the full vocabulary, confidence).
 
+        One device-to-host transfer (``to_host``) carries both values.
+
         # hidden: [D]
         """
-        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight)
+        from .model_runner import to_host
+
+        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
         top, index = logits.max(dim=0)
         # top softmax probability = 1 / sum(exp(logits - max)): no [K] division, no second max
-        confidence = 1.0 / torch.exp(logits - top).sum().item()
-        index = index.item()
+        confidence = 1.0 / torch.exp(logits - top).sum()
+        confidence, index = to_host(torch.stack([confidence.double(), index.double()]))  # float64: exact ids
+        index = int(index)
         return (self._vocab_list[index] if self._vocab_list is not None else index), confidence
 
     @torch.inference_mode()
@@ -243,10 +248,10 @@ def load_exit_heads(
         if tuple(t.shape) != (hidden, hidden) or not 0 < layer < num_layers:
             raise ValueError(f"exit heads {path}: tensor {name} of shape {tuple(t.shape)} does not fit a "
                              f"{num_layers}-layer model of hidden size {hidden}")
-        transforms[layer] = t.to(dtype).contiguous()
+        transforms[layer] = t.to(device=lm_head_weight.device, dtype=dtype).contiguous()
     vocab_ids = tensors.get("vocab_ids")
     if vocab_ids is not None:
-        vocab_ids = vocab_ids.long()
+        vocab_ids = vocab_ids.long().to(lm_head_weight.device)
         if vocab_ids.numel() == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab:
             raise ValueError(f"exit heads {path}: vocab_ids fall outside the model's vocabulary of {vocab}")
         # a contiguous copy of K rows: the restricted head reads K*D floats, not V*D

@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import DTYPES  # noqa: F401  (re-exported: the dtype names the runtime accepts)
 from .model_source import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 
 try:  # transformers' own SDPA call, so kernel choice (GQA packing, masks) is exactly theirs
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"adadecode needs transformers >= 5 with sdpa_attention ({e})") from e
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,14 @@ def load_stage_modules(
     embed: bool,
     head: bool,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> StageModules:
-    """Build the modules of layers ``[start, end)`` and read only their tensors."""
+    """Build the modules of layers ``[start, end)`` on ``device`` and read only their tensors.
+
+    Each tensor goes from the file straight to ``device`` and is cast to ``dtype`` there, one
+    at a time: the host never holds a full-precision copy of the stage (on a GPU, not even a
+    copy in ``dtype``: safetensors reads into device memory).
+    """
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -135,9 +140,10 @@ def load_stage_modules(
     else:
         tied = False
 
+    device = torch.device(device)
     by_file: dict[str, list[tuple[str, nn.Module, str]]] = {}
     for prefix, module in wanted.items():
-        module.to_empty(device="cpu")
+        module.to_empty(device=device)
         for pname, _ in module.named_parameters():
             full = prefix + pname
             src = "model.embed_tokens.weight" if tied and full == "lm_head.weight" else full
@@ -146,7 +152,7 @@ def load_stage_modules(
             by_file.setdefault(weight_map[full], []).append((src, module, pname))
     shared: dict[str, torch.Tensor] = {}
     for fname, entries in by_file.items():
-        with safe_open(str(model_dir / fname), framework="pt") as f:
+        with safe_open(str(model_dir / fname), framework="pt", device=str(device)) as f:
             for src, module, pname in entries:
                 if src not in shared:
                     shared[src] = f.get_tensor(src).to(dtype)
@@ -154,7 +160,7 @@ def load_stage_modules(
     for module in wanted.values():
         module.eval().requires_grad_(False)
 
-    rotary = type(base.rotary_emb)(config=config)
+    rotary = type(base.rotary_emb)(config=config).to(device)  # inv_freq from the CPU, as transformers does
     layers = nn.ModuleList(base.layers[i] for i in range(start, end))
     for layer in layers:
         _fuse_projections(layer)
@@ -198,6 +204,11 @@ def _fuse_projections(layer: nn.Module) -> None:
     n = mlp.gate_proj.weight.shape[0]
     mlp.gate_proj.weight = nn.Parameter(layer.gate_up_weight[:n], requires_grad=False)
     mlp.up_proj.weight = nn.Parameter(layer.gate_up_weight[n:], requires_grad=False)
+    layer.gate_up_bias = None
+    if mlp.gate_proj.bias is not None:  # Llama's mlp_bias=True
+        layer.gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+        mlp.gate_proj.bias = nn.Parameter(layer.gate_up_bias[:n], requires_grad=False)
+        mlp.up_proj.bias = nn.Parameter(layer.gate_up_bias[n:], requires_grad=False)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -208,18 +219,21 @@ def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return norm.weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
-def rope_tables(rotary: nn.Module, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    rotary: nn.Module, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and a sign-folded sin for every position, from transformers' rotary module.
 
     transformers computes ``q * cos + rotate_half(q) * sin`` with
     ``rotate_half(q) = cat(-q2, q1)``. Since ``(-a) * b == a * (-b)`` exactly in
     IEEE arithmetic, ``swap_halves(q) * cat(-sin1, sin2)`` gives the same bits
     with two fewer ops, and one call covers q and k together. The rotary math is
-    elementwise per position, so table rows equal what it computes per call.
+    elementwise per position, so table rows equal what it computes per call, on the same
+    device (a GPU's sin/cos may differ from the CPU's in the last bit).
 
     # returns cos, sin_folded: [max_len, head_dim]
     """
-    cos, sin = rotary(torch.empty(1, dtype=dtype), torch.arange(max_len)[None])
+    cos, sin = rotary(torch.empty(1, dtype=dtype, device=device), torch.arange(max_len, device=device)[None])
     cos, sin = cos[0], sin[0]
     half = sin.shape[-1] // 2
     return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
@@ -232,7 +246,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> 
     return (x * cos) + (swapped * sin_folded)
 
 
-def causal_chunk_mask(input_pos: int, length: int) -> torch.Tensor | None:
+def causal_chunk_mask(input_pos: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """Boolean mask for a chunk at ``input_pos`` over the valid prefix; ``None`` when SDPA's own
     causal flag is exact (a single query, or a chunk starting at position 0).
 
@@ -240,8 +254,8 @@ def causal_chunk_mask(input_pos: int, length: int) -> torch.Tensor | None:
     """
     if length == 1 or input_pos == 0:
         return None
-    q = torch.arange(input_pos, input_pos + length)[:, None]
-    k = torch.arange(input_pos + length)[None, :]
+    q = torch.arange(input_pos, input_pos + length, device=device)[:, None]
+    k = torch.arange(input_pos + length, device=device)[None, :]
     return (k <= q)[None, None]
 
 
@@ -277,5 +291,5 @@ def decoder_layer_forward(
     hidden = hidden + F.linear(o.reshape(bsz, seqlen, -1), attn.o_proj.weight, attn.o_proj.bias)
 
     x = rms_norm(hidden, layer.post_attention_layernorm)
-    gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-    return hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
+    gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+    return hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)

@@ -46,7 +46,9 @@ class KVCache:
     ) -> None:
         """Allocate the buffers once; a second call with the same shape keeps them."""
         shape = (num_slots, kv_heads, max_len, head_dim)
-        if len(self.k) == num_layers and self.k and self.k[0].shape == shape and self.k[0].dtype == dtype:
+        device = torch.device(device)
+        k0 = self.k[0] if self.k else None
+        if len(self.k) == num_layers and k0 is not None and (k0.shape, k0.dtype, k0.device) == (shape, dtype, device):
             self.reset()
             return
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -68,12 +70,31 @@ class KVCache:
 
         # k, v: [1, kv_heads, S, head_dim] -> returns [1, kv_heads, input_pos + S, head_dim]
         """
-        length = self.lengths[layer][slot]
-        if input_pos != length:
-            raise RuntimeError(
-                f"KV cache write at position {input_pos} but layer {layer} slot {slot} holds {length} "
-                "positions; a chunk must start exactly at the valid length (DESIGN.md invariant 1)"
-            )
+        self.check_write(layer, layer + 1, slot, input_pos)
+        out = self.write(layer, slot, input_pos, k, v)
+        self.advance(layer, layer + 1, slot, input_pos + k.shape[2])
+        return out
+
+    # A chunk through layers [a, b) is checked once, written layer by layer, then advanced
+    # once: the writes are pure tensor work (nothing the compiled layer loop must guard on).
+
+    def check_write(self, a: int, b: int, slot: int, input_pos: int) -> None:
+        """Raise unless every layer in ``[a, b)`` of ``slot`` holds exactly ``input_pos`` positions."""
+        for layer in range(a, b):
+            length = self.lengths[layer][slot]
+            if input_pos != length:
+                raise RuntimeError(
+                    f"KV cache write at position {input_pos} but layer {layer} slot {slot} holds {length} "
+                    "positions; a chunk must start exactly at the valid length (DESIGN.md invariant 1)"
+                )
+
+    def write(
+        self, layer: int, slot: int, input_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys and values at ``input_pos ..`` and return the prefix up to the chunk's end.
+
+        # k, v: [1, kv_heads, S, head_dim] -> returns [1, kv_heads, input_pos + S, head_dim]
+        """
         end = input_pos + k.shape[2]
         if end > self.max_len:
             raise CacheOverflowError(
@@ -83,8 +104,12 @@ class KVCache:
         kbuf, vbuf = self.k[layer], self.v[layer]
         kbuf[slot : slot + 1, :, input_pos:end] = k
         vbuf[slot : slot + 1, :, input_pos:end] = v
-        self.lengths[layer][slot] = end
         return kbuf[slot : slot + 1, :, :end], vbuf[slot : slot + 1, :, :end]
+
+    def advance(self, a: int, b: int, slot: int, length: int) -> None:
+        """Record that layers ``[a, b)`` of ``slot`` now hold ``length`` positions."""
+        for layer in range(a, b):
+            self.lengths[layer][slot] = length
 
     def truncate(self, slot: int, length: int) -> None:
         """Roll every layer of ``slot`` back to at most ``length`` positions."""

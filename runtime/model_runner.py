@@ -1,17 +1,30 @@
 """Runs the layers of one stage on chunks of positions, with the stage's KV cache.
 
-A ``StageModel`` is pure compute: it embeds tokens (stage 0), runs any
-contiguous sub-range of its layers on a chunk starting at the cache's valid
-length, and applies the final norm and LM head (last stage, and exit heads
-later). It decides nothing: the Stage state machine tells it what to run.
+A ``StageModel`` is pure compute on one device: it embeds tokens (stage 0),
+runs any contiguous sub-range of its layers on a chunk starting at the cache's
+valid length, and applies the final norm and LM head (last stage, and exit
+heads). It decides nothing: the Stage state machine tells it what to run.
+
+Everything it touches lives on ``self.device``: weights, KV cache, RoPE tables,
+masks. A value reaches the host only through ``to_host`` (one transfer per
+call), and only where a decision needs it: the final layer's tokens of a
+finished item here, a head's (token, confidence) in exit_heads.py. Nothing in
+the layer loop reads a device value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .hf_adapter import StageModules, causal_chunk_mask, decoder_layer_forward, rope_tables
-from .kv_cache import KVCache
+from .kv_cache import CacheOverflowError, KVCache
+
+
+def to_host(t: torch.Tensor) -> list:
+    """The one device-to-host transfer of a decision (a blocking sync on a GPU)."""
+    return t.tolist()
 
 
 class StageModel:
@@ -19,15 +32,22 @@ class StageModel:
         self.modules = modules
         self.args = args
         self.start, self.end = modules.start, modules.end
-        dtype = next(modules.layers.parameters()).dtype if len(modules.layers) else torch.float32
-        self.dtype = dtype
+        param = next(p for m in (modules.layers, modules.embed, modules.lm_head) if m is not None for p in m.parameters())
+        self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache()
-        self.cache.setup(self.end - self.start, num_slots, args.num_kv_heads, max_seq_len, args.head_dim, dtype)
-        self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, dtype)  # [max_seq_len, head_dim]
+        self.cache.setup(
+            self.end - self.start, num_slots, args.num_kv_heads, max_seq_len, args.head_dim, self.dtype, self.device
+        )
+        self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, self.dtype, self.device)  # [max_seq_len, hd]
+        self.step = None  # a compiled layer loop (runtime/compiled_step.py) replaces run_layers' body
 
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_len
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
 
     def cache_length(self, layer: int, slot: int = 0) -> int:
         return self.cache.length(layer - self.start, slot)
@@ -39,9 +59,10 @@ class StageModel:
         self.cache.reset(slot)
 
     @torch.inference_mode()
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [S] -> [S, D]
-        return self.modules.embed(tokens)
+    def embed(self, tokens: Sequence[int]) -> torch.Tensor:
+        """# tokens: S ids (host) -> [S, D] on the device"""
+        ids = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.modules.embed(ids)
 
     @torch.inference_mode()
     def run_layers(self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int = 0) -> torch.Tensor:
@@ -52,20 +73,31 @@ class StageModel:
         seqlen = hidden.shape[0]
         end = input_pos + seqlen
         if end > self.cache.max_len:
-            from .kv_cache import CacheOverflowError
-
             raise CacheOverflowError(
                 f"sequence needs {end} positions but the KV cache holds {self.cache.max_len}; "
                 "raise model.max_seq_len or shorten the prompt / max_new_tokens"
             )
+        a, b = first - self.start, last - self.start
+        self.cache.check_write(a, b, slot, input_pos)
+        if self.step is not None and self.step.handles(seqlen):
+            out = self.step(hidden, input_pos, a, b, slot)
+        else:
+            out = self._layers(hidden, input_pos, a, b, slot)
+        self.cache.advance(a, b, slot, end)
+        return out
+
+    def _layers(self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int) -> torch.Tensor:
+        """Local layers ``[a, b)`` over the exact valid prefix of the cache (shapes as in plain decoding)."""
+        seqlen = hidden.shape[0]
+        end = input_pos + seqlen
         cos, sin = self.cos[input_pos:end][None, :, None], self.sin[input_pos:end][None, :, None]
-        mask = causal_chunk_mask(input_pos, seqlen)
+        mask = causal_chunk_mask(input_pos, seqlen, self.device)
         h = hidden[None]
         cache = self.cache
-        for li in range(first - self.start, last - self.start):
+        for li in range(a, b):
 
             def kv_update(k, v, li=li):
-                return cache.update(li, slot, input_pos, k, v)
+                return cache.write(li, slot, input_pos, k, v)
 
             h = decoder_layer_forward(self.modules.layers[li], h, cos, sin, kv_update, mask)
         return h[0]
@@ -74,3 +106,10 @@ class StageModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head. # hidden: [S, D] -> [S, V]"""
         return self.modules.lm_head(self.modules.norm(hidden))
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """The final layer's greedy token after each position, in one transfer. # hidden: [S, D]"""
+        if self.step is not None and self.step.handles(hidden.shape[0]):
+            return to_host(self.step.greedy(hidden))
+        return to_host(self.logits(hidden).argmax(dim=-1))

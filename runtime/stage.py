@@ -160,7 +160,7 @@ class Stage:
             if not self.is_first:
                 self.state = StageState.ERROR
                 raise ProtocolError(f"stage {self.index}: StepRequest sent to a stage other than 0 (sequence {event.seq})")
-            hidden = self.model.embed(torch.tensor(event.tokens, dtype=torch.long))
+            hidden = self.model.embed(event.tokens)
             last = event.pos + len(event.tokens) - 1
             self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last))
         else:  # Activations
@@ -196,7 +196,7 @@ class Stage:
     def _slot(self, seq: int) -> int:
         slot = self.slots.get(seq)
         if slot is None:
-            free = set(range(self.model.cache.num_slots)) - set(self.slots.values())
+            free = set(range(self.model.num_slots)) - set(self.slots.values())
             if not free:
                 raise ProtocolError(
                     f"stage {self.index}: no free cache slot for sequence {seq} "
@@ -268,7 +268,7 @@ class Stage:
             return
         # Greedy: only the positions that still need a next token get the LM head.
         first = max(w.predict_from - w.pos, 0)
-        tokens = self.model.logits(w.hidden[first:]).argmax(dim=-1).tolist()
+        tokens = self.model.greedy_tokens(w.hidden[first:])
         for i, token in enumerate(tokens):
             self._out.append(FinalPrediction(w.seq, w.epoch, w.pos + first + i + 1, token))
 

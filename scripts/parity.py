@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--early-exit", nargs="+", default=["off"], choices=["off", "eager", "deferred"])
     ap.add_argument("--heads", default="auto", help="exit heads directory (auto: the shipped ones)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="ours and the reference generate both load the weights in this dtype")
     ap.add_argument("--chat", action="store_true", help="chat template for plain prompts too (longer answers)")
     args = ap.parse_args()
     if args.threads:
@@ -45,9 +47,9 @@ def main() -> int:
 
     prompts = select_prompts(args.prompts, args.num_prompts)
     heads = args.heads if set(args.early_exit) - {"off"} else None
-    engines = {p: Engine.load(args.model, stages=p, heads=heads) for p in args.stages}
+    engines = {p: Engine.load(args.model, stages=p, heads=heads, device="cpu", dtype=args.dtype) for p in args.stages}
     first = engines[args.stages[0]]
-    hf = AutoModelForCausalLM.from_pretrained(str(first.resolved.path), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(first.resolved.path), dtype=getattr(torch, args.dtype)).eval()
     eos = sorted(first.eos_token_ids)
     runs = [(p, mode) for p in args.stages for mode in args.early_exit]
     matches = {run: 0 for run in runs}

@@ -23,7 +23,7 @@ import torch
 
 from adadecode.launcher.dist_env import read_dist_env
 from adadecode.runtime.coordinator import Coordinator
-from adadecode.runtime.engine import load_rank
+from adadecode.runtime.loading import LoadSpec, load_rank
 from adadecode.runtime.runners.distributed import DistributedRunner
 from adadecode.runtime.stopping import StopCriteria
 from adadecode.runtime.transport import open_transport
@@ -66,14 +66,18 @@ def main() -> int:
     p.add_argument("--heads", default=None, help="exit-heads directory")
     p.add_argument("--modes", default="off")
     p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
     a = p.parse_args()
     torch.set_num_threads(1)
 
     env = read_dist_env()
     split = [int(x) for x in a.split_points.split(",") if x]
-    _, config, _, stage = load_rank(
-        a.model, rank=env.rank, stages=env.world_size, split_points=split, max_seq_len=a.max_seq_len, heads=a.heads
+    spec = LoadSpec(
+        a.model, stages=env.world_size, split_points=split, max_seq_len=a.max_seq_len, heads=a.heads,
+        device="cpu", dtype=a.dtype,
     )
+    _, config, _, loaded = load_rank(spec, rank=env.rank)
+    stage = loaded.stage
     if a.fault:
         rank, kind, after = a.fault.split(":")
         if int(rank) == env.rank:

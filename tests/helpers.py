@@ -48,9 +48,11 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **over
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
     with torch.no_grad():  # larger weights than the init, so logits have real margins
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
+            elif name.endswith(".bias"):  # zero at init: make a bias that is dropped visible
+                p.normal_(0, 0.1)
     model.save_pretrained(str(path))
     return path
 

@@ -191,7 +191,7 @@ VALUE_ERRORS = [
     (["--transport.timeout_s=0"], "transport.timeout_s", "0.0", "--transport.timeout_s=60"),
     (["--transport.timeout_s=nan"], "transport.timeout_s", "nan", "> 0"),
     (["--transport.timeout_s=inf"], "transport.timeout_s", "inf", "finite"),
-    (["--model.dtype=fp16"], "model.dtype", "'fp16'", "one of 'float32', 'bfloat16', 'float16'"),
+    (["--model.dtype=fp16"], "model.dtype", "'fp16'", "one of 'auto', 'float32', 'bfloat16', 'float16'"),
     (["--model.dtype=float61"], "model.dtype", "'float61'", "did you mean 'float16'?"),
     (["--decoding.early_exit=defered"], "decoding.early_exit", "'defered'", "did you mean 'deferred'?"),
     (["--logging.level=info"], "logging.level", "'info'", "did you mean 'INFO'?"),
@@ -361,7 +361,7 @@ def test_dump_yaml_round_trips(tmp_path):
 def test_config_to_dict_is_plain_and_deep():
     cfg = RunConfig()
     d = config_to_dict(cfg)
-    assert d["pipeline"] == {"stages": 1, "split_points": [], "threads": 0, "pin_cpus": True}
+    assert d["pipeline"] == {"stages": 1, "split_points": [], "threads": 0, "pin_cpus": True, "compile": "auto"}
     d["pipeline"]["split_points"].append(1)
     assert cfg.pipeline.split_points == []
 
@@ -377,7 +377,7 @@ def test_every_field_has_a_docstring_and_appears_in_help():
             assert "\n" not in docs[dotted]
             assert f"--{dotted} " in help_text
             assert docs[dotted] in help_text
-    assert "--model.dtype {float32,bfloat16,float16}  (default: float32)" in help_text
+    assert "--model.dtype {auto,float32,bfloat16,float16}  (default: auto)" in help_text
     assert "--pipeline.split_points INT,INT,...  (default: [])" in help_text
     assert "--transport.timeout_s FLOAT  (default: 60.0)" in help_text
 

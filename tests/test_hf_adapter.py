@@ -34,21 +34,28 @@ class _HFCacheShim:
         return self.cache.update(layer_idx, 0, self.pos, k, v)
 
 
-@pytest.mark.parametrize("model_type", ARCHS)
-def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type):
-    path = save_tiny_model(tmp_path, model_type, seed=1)
+LAYER_CASES = [(arch, torch.float32, {}) for arch in ARCHS] + [
+    (arch, torch.bfloat16, {}) for arch in ARCHS  # the dtype GPU users get (this CPU has AVX512-BF16)
+] + [("llama", torch.float32, {"mlp_bias": True, "attention_bias": True})]
+
+
+@pytest.mark.parametrize("model_type,dtype,overrides", LAYER_CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type, dtype, overrides):
+    path = save_tiny_model(tmp_path, model_type, seed=1, **overrides)
     config = load_hf_config(path)
-    mods = load_stage_modules(path, config, 0, 2, embed=True, head=True)
+    mods = load_stage_modules(path, config, 0, 2, embed=True, head=True, dtype=dtype)
+    if overrides.get("mlp_bias"):  # the premise: the biases are there and not zero
+        assert mods.layers[0].mlp.down_proj.bias.abs().sum() > 0
     hd = mods.layers[0].self_attn.head_dim
     kv = config.num_key_value_heads
     ours, theirs = KVCache(), KVCache()
     for c in (ours, theirs):
-        c.setup(2, 1, kv, 32, hd)
-    cos_table, sin_table = rope_tables(mods.rotary, 32, torch.float32)
+        c.setup(2, 1, kv, 32, hd, dtype)
+    cos_table, sin_table = rope_tables(mods.rotary, 32, dtype)
     torch.manual_seed(0)
     # a prefill of 5, a chunk of 3 appended (explicit mask), then a single token
     for pos, length in [(0, 5), (5, 3), (8, 1)]:
-        hidden = torch.randn(1, length, config.hidden_size)
+        hidden = torch.randn(1, length, config.hidden_size, dtype=dtype)
         positions = torch.arange(pos, pos + length)[None]
         cos, sin = mods.rotary(hidden, positions)
         mask = causal_chunk_mask(pos, length)

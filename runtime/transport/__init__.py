@@ -72,16 +72,32 @@ def open_transport(
     timeout_s: float = 60.0,
     hidden_size: int,
     dtype: torch.dtype,
+    stage_device: torch.device = torch.device("cpu"),
     control_addr: str = "",
 ) -> Iterator[Transport]:
-    """Join the job and yield this rank's ``Transport``; tear everything down on exit."""
+    """Join the job and yield this rank's ``Transport``; tear everything down on exit.
+
+    ``stage_device``: where this rank's stage computes. NCCL links live on that GPU (hidden
+    states go device to device); gloo links live on the CPU, and with a GPU stage the data
+    plane stages hidden states through pinned host memory (said once, at start-up).
+    """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend {backend!r}: expected 'gloo' (CPU) or 'nccl' (GPU)")
+    stage_device = torch.device(stage_device)
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        if stage_device.type != "cuda":
+            raise ValueError(f"backend 'nccl' sends GPU tensors, but this rank's stage is on {stage_device}")
+        device = stage_device
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        if stage_device.type == "cuda":
+            torch.cuda.set_device(stage_device)
+            log.warning(
+                "rank %d: gloo with a stage on %s: hidden states are staged through pinned host memory "
+                "at every hop (use transport.backend=nccl with one GPU per rank to send device to device)",
+                rank, stage_device,
+            )
     timeout = datetime.timedelta(seconds=timeout_s)
     control = data = None
     try:
@@ -109,7 +125,7 @@ def open_transport(
             hidden_size, dtype, device, timeout_s,
             recv_group=links[rank - 1] if rank > 0 else None,
             send_group=links[rank] if rank < world_size - 1 else None,
-            stage_device=torch.device("cpu"),  # StageModel computes on the CPU for now
+            stage_device=stage_device,
         )
         yield Transport(rank, world_size, data, control, device, hosts)
     except BaseException as e:

@@ -24,6 +24,16 @@ send in order and releases its tensors. A send pending for ``timeout_s``, or
 one that failed, raises ``TransportError`` naming the peer on the rank's next
 ``poll()`` / ``reap()``.
 
+Devices. With NCCL the link lives on the stage's GPU: the header and the hidden
+states are sent from and received into device memory, the header is built in
+pinned host memory and copied up without blocking, and the only device-to-host
+read is the received header (in the receive thread, on its own stream: it needs
+``S`` to post the next receive). With gloo and a GPU stage (ranks sharing one
+GPU, or nodes without NCCL) the link lives on the CPU: the send thread copies
+the hidden states into pinned memory after the compute that made them (an event,
+not a device-wide sync) and only then sends; the receive thread copies received
+states up to the GPU on its own stream. Nothing blocks the compute thread.
+
 The links live in their own two-rank process groups whose timeout is long:
 an idle link is not an error (rank 0 may wait minutes between requests);
 liveness is the control plane's job (a gloo receive from a killed process
@@ -113,6 +123,7 @@ class DataPlane:
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.stage_device = stage_device
+        self._staging = device.type == "cpu" and stage_device.type == "cuda"  # gloo with a GPU stage
         self.timeout_s = timeout_s
         self.recv_group, self.send_group = recv_group, send_group
         self.stopped = prev_rank is None  # True once the upstream neighbour said goodbye
@@ -148,24 +159,43 @@ class DataPlane:
 
     def _receive_loop(self) -> None:
         try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
+            cuda_link = self.device.type == "cuda"
+            side = None
+            if cuda_link or self.stage_device.type == "cuda":
+                torch.cuda.set_device(self.device if cuda_link else self.stage_device)
+                side = torch.cuda.Stream()  # header reads and uploads never wait behind compute
+            host_header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, pin_memory=cuda_link)
             header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
             header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
             while True:
                 self._complete(header_work)
-                head = decode_header(header.cpu())
+                if cuda_link:
+                    with torch.cuda.stream(side):
+                        host_header.copy_(header, non_blocking=True)
+                    side.synchronize()
+                    head = decode_header(host_header)
+                else:
+                    head = decode_header(header)
                 if head["kind"] == KIND_STOP:
                     self._deliver(None)
                     return
                 if head["kind"] != KIND_ACTIVATIONS or head["S"] < 1:
                     raise TransportError(f"malformed data-plane header from rank {self.prev_rank}: {head}")
-                hidden = torch.empty(head["S"], self.hidden_size, dtype=self.dtype, device=self.device)
+                pinned = self.device.type == "cpu" and self.stage_device.type == "cuda"
+                hidden = torch.empty(
+                    head["S"], self.hidden_size, dtype=self.dtype, device=self.device, pin_memory=pinned
+                )
                 hidden_work = dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN)
                 header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
                 header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
                 self._complete(hidden_work)
-                hidden = hidden.to(self.stage_device)
+                if pinned:  # gloo into pinned host memory, then up to the stage's GPU
+                    with torch.cuda.stream(side):
+                        hidden = hidden.to(self.stage_device, non_blocking=True)
+                    side.synchronize()
+                    hidden.record_stream(torch.cuda.default_stream(self.stage_device))  # compute reads it there
+                else:
+                    hidden = hidden.to(self.stage_device)  # no-op when the link is on the stage's device
                 self._deliver(
                     Activations(
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
@@ -208,18 +238,38 @@ class DataPlane:
     # --- send -----------------------------------------------------------------------------
 
     def send(self, act: Activations) -> None:
-        """Start sending ``act`` to the next stage; returns at once."""
+        """Start sending ``act`` to the next stage; returns at once, without a device sync."""
         self.reap()
-        hidden = act.hidden.to(self.device).contiguous()
-        self._isend(encode_header(act).to(self.device), _TAG_HEADER)
-        self._isend(hidden, _TAG_HIDDEN)
+        hidden = act.hidden.contiguous()
         self.bytes_sent += hidden.numel() * hidden.element_size()
+        if self._staging:
+            # gloo and a GPU stage: the send thread copies to pinned memory once the compute
+            # that made the states is done (an event), then sends header and states in order.
+            staged = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            staged.copy_(hidden, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._sends.append(time.monotonic())
+            self._send_q.put(("staged", encode_header(act), staged, done))
+            return
+        self._isend(self._header(act), _TAG_HEADER)
+        self._isend(hidden.to(self.device), _TAG_HIDDEN)
+
+    def _header(self, act: Activations | None) -> torch.Tensor:
+        header = encode_header(act)
+        if self.device.type == "cuda":  # pinned, so the upload is asynchronous
+            return header.pin_memory().to(self.device, non_blocking=True)
+        return header
 
     def send_stop(self) -> None:
         """Tell the next stage that nothing follows (its posted header receive completes)."""
         if self.next_rank is not None and not self._stop_sent:
             self._stop_sent = True
-            self._isend(encode_header(None).to(self.device), _TAG_HEADER)
+            if self._staging:  # behind the staged sends, in order
+                self._sends.append(time.monotonic())
+                self._send_q.put(("staged", encode_header(None), None, None))
+            else:
+                self._isend(self._header(None), _TAG_HEADER)
 
     def _isend(self, tensor: torch.Tensor, tag: int) -> None:
         try:
@@ -227,7 +277,7 @@ class DataPlane:
         except RuntimeError as e:
             raise TransportError(f"sending to rank {self.next_rank} failed: {e}") from e
         self._sends.append(time.monotonic())
-        self._send_q.put((work, tensor))  # the tensor lives until the send completes
+        self._send_q.put(("work", work, tensor))  # the tensor lives until the send completes
 
     def _send_loop(self) -> None:
         if self.device.type == "cuda":
@@ -237,7 +287,15 @@ class DataPlane:
             if item is None:
                 return
             try:
-                self._complete(item[0])
+                if item[0] == "staged":
+                    _, header, staged, done = item
+                    if done is not None:
+                        done.synchronize()  # the copy to pinned memory, not the whole device
+                    for tensor, tag in ((header, _TAG_HEADER), (staged, _TAG_HIDDEN)):
+                        if tensor is not None:
+                            dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag).wait()
+                else:
+                    self._complete(item[1])
             except BaseException as e:
                 if not self._closing:
                     self._send_error = e

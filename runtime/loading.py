@@ -1,0 +1,215 @@
+"""What to load, and loading it: one ``LoadSpec`` for the whole pipeline, one stage per call.
+
+``LoadSpec`` is the single description of a pipeline's weights: the model, its
+split into stages, where and in which dtype each stage computes, the KV cache
+size and the exit heads. ``Engine.load`` builds every stage from it in one
+process; ``load_rank`` builds only rank ``i``'s stage from the same spec, so a
+rank never materialises another stage's weights (DESIGN.md invariant 5). Every
+rank computes the same plan: ``plan_stages`` is a pure function.
+
+    spec = LoadSpec("bundled:smollm2-135m-instruct", stages=2, dtype="bfloat16")
+    loaded = load_rank(spec, rank=1)          # (resolved, config, ranges, stage)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .device import check_placement, dtype_name
+from .hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from .model_runner import StageModel
+from .model_source import ResolvedModel, resolve_model
+from .partition import partition_layers
+from .stage import Stage
+
+log = logging.getLogger("adadecode.loading")
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides what a pipeline's stages hold (see ``Engine.load`` for the fields)."""
+
+    source: str = "bundled:smollm2-135m-instruct"
+    stages: int = 1
+    split_points: tuple[int, ...] = ()
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (runtime/device.py)
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    max_seq_len: int = 2048
+    cache_dir: str | None = None
+    heads: str | None = "auto"  # exit-heads directory, "auto" (the bundled model's), or None
+    exit_layers: tuple[int, ...] = ()
+    thresholds: tuple[float, ...] = ()
+    compile: str = "auto"  # the compiled layer loop: auto (on for CUDA), on, off (runtime/compiled_step.py)
+    max_chunk: int = 3  # the largest chunk compiled: max_inflight + 1 (a merged deferred backfill)
+    num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
+
+    def __post_init__(self) -> None:
+        for name in ("split_points", "exit_layers", "thresholds"):  # lists from a config become tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.heads is not None:
+            object.__setattr__(self, "heads", str(self.heads))
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile `{self.compile}` is unknown; use one of {', '.join(COMPILE_MODES)}")
+
+    def replace(self, **changes) -> LoadSpec:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LoadedStage:
+    """One stage as loaded, with what loading it cost (reported once at start-up)."""
+
+    stage: Stage
+    seconds: float
+    weight_bytes: int
+    peak_host_rss_mb: float
+
+
+def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
+    """What every loader does first: resolve the model, check the cache size and plan the stages."""
+    resolved = resolve_model(spec.source, spec.cache_dir)
+    config = load_hf_config(resolved.path)
+    _check_seq_len(config, ModelArgs.from_hf_config(config), spec.max_seq_len)
+    return resolved, config, plan_stages(config, spec.stages, spec.split_points)
+
+
+def plan_stages(config, stages: int, split_points: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Layer ranges per stage; automatic splits balance the weights read per decoded token."""
+    args = ModelArgs.from_hf_config(config)
+    layer = args.layer_params(config.intermediate_size)
+    lm_head = args.vocab_size * args.hidden_size
+    # The embedding is one row gathered per token; the LM head is a full matrix read.
+    return partition_layers(args.num_layers, stages, split_points, last_extra=lm_head / layer)
+
+
+def build_stage(
+    spec: LoadSpec,
+    resolved: ResolvedModel,
+    config,
+    ranges: Sequence[tuple[int, int]],
+    index: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    policy: str = "off",
+) -> LoadedStage:
+    """Load stage ``index`` of ``ranges`` onto ``device`` and only its weights: what one rank holds.
+
+    A stage loads the final norm and LM head when it is the last, or when one of the exit
+    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5).
+    """
+    t0 = time.perf_counter()
+    a, b = ranges[index]
+    last = index == len(ranges) - 1
+    args = ModelArgs.from_hf_config(config)
+    heads_path = resolve_heads(spec.heads, resolved)
+    mine: list[int] = []
+    if heads_path is not None:
+        from .exit_heads import read_manifest
+
+        layers = list(spec.exit_layers) or list(read_manifest(heads_path)["default_layers"])
+        mine = [l for l in layers if a < l <= b and l < args.num_layers]
+    modules = load_stage_modules(
+        resolved.path, config, a, b, embed=index == 0, head=last or bool(mine), dtype=dtype, device=device
+    )
+    stage_heads = None
+    if mine:
+        from .exit_heads import load_exit_heads
+
+        stage_heads = load_exit_heads(
+            heads_path, fingerprint=resolved.fingerprint, config=config,
+            norm=modules.norm, lm_head_weight=modules.lm_head.weight,
+        ).select(layers=mine, thresholds=_thresholds_for(layers, spec.thresholds, mine))
+    model = StageModel(modules, args, spec.max_seq_len, num_slots=spec.num_slots)
+    if spec.compile != "off":
+        from .compiled_step import maybe_compile
+
+        maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_chunk)
+    params = {  # by storage: a tied LM head is the embedding
+        p.data_ptr(): p.numel() * p.element_size()
+        for m in (modules.layers, modules.embed, modules.norm, modules.lm_head) if m is not None
+        for p in m.parameters()
+    }
+    weight_bytes = sum(params.values())
+    loaded = LoadedStage(
+        Stage(index, len(ranges), model, heads=stage_heads, policy=policy),
+        seconds=time.perf_counter() - t0,
+        weight_bytes=weight_bytes,
+        peak_host_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    log.info(
+        "stage %d: layers [%d, %d) on %s in %s, %.0f MB of weights, loaded in %.1f s; peak host RSS %.0f MB",
+        index, a, b, device, dtype_name(dtype), weight_bytes / 1e6, loaded.seconds, loaded.peak_host_rss_mb,
+    )
+    return loaded
+
+
+def load_rank(
+    spec: LoadSpec, *, rank: int, backend: str = "gloo", local_rank: int = 0, local_world_size: int = 1
+) -> tuple[ResolvedModel, object, list[tuple[int, int]], LoadedStage]:
+    """What rank ``rank`` of a ``spec.stages``-rank pipeline loads: ``(resolved, config, ranges, its stage)``."""
+    device, dtype = check_placement(
+        spec.device, spec.dtype, backend, local_rank=local_rank, local_world_size=local_world_size
+    )
+    resolved, config, ranges = prepare(spec)
+    loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
+    return resolved, config, ranges, loaded
+
+
+def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | None:
+    """The exit-heads directory ``heads`` names: ``auto`` is the shipped heads of the bundled model."""
+    if heads is None or str(heads) in ("", "none"):
+        return None
+    if str(heads) == "auto":
+        from .exit_heads import bundled_heads_path
+
+        if not resolved.origin.startswith("bundled:"):
+            return None
+        path = bundled_heads_path(resolved.origin.split(":", 1)[1])
+        return path if path.exists() else None
+    path = Path(heads).expanduser()
+    if not (path / "manifest.json").exists():
+        raise ValueError(
+            f"exit heads `{heads}`: no manifest.json there; point decoding.heads at the directory "
+            "`adadecode train-heads --out DIR` wrote, or use `auto` / `none`"
+        )
+    return path
+
+
+def _thresholds_for(layers: Sequence[int], thresholds: Sequence[float], mine: Sequence[int]):
+    """``thresholds`` as ExitHeads.select takes them: None, one for all, or per layer of ``mine``."""
+    if not thresholds:
+        return None
+    if len(thresholds) == 1:
+        return float(thresholds[0])
+    if len(thresholds) != len(layers):
+        raise ValueError(
+            f"decoding.thresholds has {len(thresholds)} values for {len(layers)} exit layers {list(layers)}; "
+            "give one threshold for all, or one per exit layer"
+        )
+    per_layer = dict(zip(layers, thresholds))
+    return {l: float(per_layer[l]) for l in mine}
+
+
+def _check_seq_len(config, args: ModelArgs, max_seq_len: int) -> None:
+    if max_seq_len > args.max_position_embeddings:
+        raise ValueError(
+            f"model.max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+            f"({args.max_position_embeddings}); lower model.max_seq_len"
+        )
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and max_seq_len > window:
+        raise ValueError(
+            f"model.max_seq_len {max_seq_len} exceeds the model's sliding window ({window}), which "
+            f"adadecode does not implement; set model.max_seq_len <= {window}"
+        )
