@@ -25,27 +25,9 @@ import json
 import time
 
 import torch
+from adadecode.runtime.prompts import select_prompts
 
-from .cli import build_engine
-from .config import RunConfig
-
-
-def select_prompts(path: str, n: int) -> list:
-    """``n`` prompts from a JSONL prompt file, taken round-robin across its categories."""
-    import json
-    from collections import defaultdict
-
-    by_cat = defaultdict(list)
-    for line in open(path, encoding="utf-8"):
-        if line.strip():
-            item = json.loads(line)
-            by_cat[item.get("category", "")].append(item.get("messages") or item["prompt"])
-    picked, queues = [], [list(v) for v in by_cat.values()]
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return picked
+from .config import RunConfig, load_spec
 
 
 def first_divergence(ours: list[int], ref: list[int]) -> int | None:
@@ -97,7 +79,10 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     hf_ks = [int(k) for k in args.hf_early_exit.split(",") if k]
     prompts = select_prompts(args.prompts, args.num_prompts)
-    engine = build_engine(cfg) if engine is None else engine
+    if engine is None:
+        from adadecode.runtime.engine import Engine
+
+        engine = Engine.load(load_spec(cfg), max_inflight=d.max_inflight)
     hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=engine.stages[0].model.dtype).eval()
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]

@@ -48,7 +48,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, RunConfig, config_help, dump_yaml, load_config
+from .config import (
+    ConfigError,
+    RunConfig,
+    config_help,
+    dump_yaml,
+    load_config,
+    load_spec,
+)
 
 # Short flags for the keys users change most; each maps onto a config key.
 SHORTCUTS = {
@@ -126,31 +133,6 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
     return args, load_config(overrides)
 
 
-def read_prompts(path: str) -> list[str | list[dict]]:
-    """Prompts from a JSONL file: each line has "prompt" (text) or "messages" (chat)."""
-    prompts = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read prompts file {path}: {e.strerror}") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
-            prompts.append(item["messages"])
-        else:
-            raise ValueError(f'{path}:{n}: each line needs "prompt" (a string) or "messages" (a list)')
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
-
-
 def setup_process(cfg: RunConfig) -> None:
     """Process-wide knobs: log level and torch threads."""
     import torch
@@ -158,18 +140,6 @@ def setup_process(cfg: RunConfig) -> None:
     logging.basicConfig(level=cfg.logging.level, format="%(levelname)s %(name)s: %(message)s")
     if cfg.pipeline.threads > 0:
         torch.set_num_threads(cfg.pipeline.threads)
-
-
-def load_spec(cfg: RunConfig):
-    """The runtime's ``LoadSpec`` from the model, pipeline and decoding sections."""
-    from adadecode.runtime.loading import LoadSpec
-
-    m, p, d = cfg.model, cfg.pipeline, cfg.decoding
-    return LoadSpec(
-        m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
-        max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
-        exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
-    )
 
 
 def build_engine(cfg: RunConfig):
@@ -180,6 +150,8 @@ def build_engine(cfg: RunConfig):
 
 
 def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
+    from adadecode.runtime.prompts import read_prompts
+
     from .dist_env import read_dist_env
     from .distributed import plan_launch, run_rank, spawn_local
 

@@ -51,6 +51,7 @@ __all__ = [
     "config_help",
     "field_docs",
     "check_world_size",
+    "load_spec",
 ]
 
 
@@ -684,3 +685,18 @@ def config_help() -> str:
             if f"{section}.{f.name}" in docs:
                 lines.append(f"      {docs[f'{section}.{f.name}']}")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------- to the runtime
+
+
+def load_spec(cfg: RunConfig):
+    """The runtime's ``LoadSpec`` from the model, pipeline and decoding sections."""
+    from adadecode.runtime.loading import LoadSpec
+
+    m, p, d = cfg.model, cfg.pipeline, cfg.decoding
+    return LoadSpec(
+        m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
+        max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
+        exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
+    )

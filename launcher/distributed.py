@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import ConfigError, RunConfig, check_world_size
+from .config import ConfigError, RunConfig, check_world_size, load_spec
 from .dist_env import DistEnv
 
 log = logging.getLogger("adadecode.launch")
@@ -113,13 +113,10 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
 def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int]) -> int:
     """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``."""
     import torch
-
     from adadecode.runtime.engine import PipelineEngine
     from adadecode.runtime.loading import load_rank
     from adadecode.runtime.runners.distributed import DistributedRunner
     from adadecode.runtime.transport import open_transport
-
-    from .cli import load_spec
 
     env, m, p, d = plan.env, cfg.model, cfg.pipeline, cfg.decoding
     rank = env.rank

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 
 
-
 @dataclass
 class RankExit:
     rank: int

@@ -255,9 +255,8 @@ def train(split: Split, layers: Sequence[int], norm, weight: torch.Tensor, *, ep
 
     Returns the matrices and the mean loss of every epoch per layer.
     """
-    from tqdm.auto import tqdm
-
     from adadecode.runtime.exit_heads import head_logits
+    from tqdm.auto import tqdm
 
     d = split.final.shape[1]
     transforms = {l: torch.nn.Parameter(torch.eye(d)) for l in layers}
@@ -441,13 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from adadecode.runtime.exit_heads import ExitHeads, save_exit_heads
     from adadecode.runtime.hf_adapter import load_hf_config
     from adadecode.runtime.model_source import resolve_model
-
-    from .cli import read_prompts
+    from adadecode.runtime.prompts import read_prompts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.perf_counter()
     if args.threads > 0:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .coordinator import Coordinator
 from .device import check_placement
 from .events import Verified

@@ -18,7 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .hf_adapter import StageModules, causal_chunk_mask, decoder_layer_forward, rope_tables
+from .hf_adapter import (
+    StageModules,
+    causal_chunk_mask,
+    decoder_layer_forward,
+    rope_tables,
+)
 from .kv_cache import CacheOverflowError, KVCache
 
 

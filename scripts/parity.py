@@ -15,10 +15,10 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
-
-from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.launcher.bench import first_divergence, hf_generate
 from adadecode.runtime.engine import Engine
+from adadecode.runtime.prompts import select_prompts
+from transformers import AutoModelForCausalLM
 
 
 def logit_gap(hf, ids: list[int], ref: list[int], ours: list[int], at: int) -> float:

@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-
 from adadecode.launcher.dist_env import read_dist_env
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.loading import LoadSpec, load_rank

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from helpers import bundled_model_dir, tiny_config
 from adadecode.launcher.cli import main
+from helpers import bundled_model_dir, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)

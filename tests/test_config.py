@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from adadecode.launcher.config import (
     ConfigError,
     DecodingConfig,

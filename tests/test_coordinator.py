@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-
 from adadecode.runtime.coordinator import TRANSITIONS, Coordinator, SeqState
 from adadecode.runtime.events import (
     DONE,

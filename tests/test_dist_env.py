@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
 from adadecode.launcher.config import ConfigError, load_config
-from adadecode.launcher.dist_env import DistEnv, DistEnvError, expand_nodelist, read_dist_env
+from adadecode.launcher.dist_env import (
+    DistEnv,
+    DistEnvError,
+    expand_nodelist,
+    read_dist_env,
+)
 from adadecode.launcher.distributed import plan_launch
 
 TORCHRUN = {

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-
-from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 from adadecode.launcher.spawn import spawn_ranks
 from adadecode.runtime.events import (
     Activations,
@@ -30,9 +28,20 @@ from adadecode.runtime.events import (
     Shutdown,
     StepRequest,
 )
-from adadecode.runtime.transport.control import ControlClient, ControlServer, decode_event, encode_event
+from adadecode.runtime.transport.control import (
+    ControlClient,
+    ControlServer,
+    decode_event,
+    encode_event,
+)
 from adadecode.runtime.transport.errors import TransportError
-from adadecode.runtime.transport.p2p import HEADER_FIELDS, KIND_ACTIVATIONS, decode_header, encode_header
+from adadecode.runtime.transport.p2p import (
+    HEADER_FIELDS,
+    KIND_ACTIVATIONS,
+    decode_header,
+    encode_header,
+)
+from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 
 pytestmark = pytest.mark.distributed
 
@@ -247,8 +256,8 @@ def test_a_failing_rank_reports_its_error_to_every_rank(tmp_path, tiny, capfd):
 def test_bundled_model_on_two_spawned_ranks_matches_one_process(tmp_path):
     """`adadecode generate --stages 2` (the default multi-stage run: two spawned gloo ranks)."""
     bundled_model_dir()
-    from adadecode.launcher.bench import select_prompts
     from adadecode.runtime.engine import Engine
+    from adadecode.runtime.prompts import select_prompts
 
     prompts = select_prompts(str(ROOT / "data/prompts/heldout.jsonl"), 3)
     file = tmp_path / "p.jsonl"

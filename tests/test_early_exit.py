@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import bundled_model_dir
-from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.launcher.bench import first_divergence, hf_generate
 from adadecode.runtime import coordinator as coordinator_module
 from adadecode.runtime.engine import Engine
 from adadecode.runtime.exit_heads import ExitHeads
+from adadecode.runtime.prompts import select_prompts
+from helpers import bundled_model_dir
 
 MAX_NEW_TOKENS = 20
 MODES = ("eager", "deferred")

@@ -8,8 +8,6 @@ import string
 
 import pytest
 import torch
-
-from helpers import bundled_model_dir, save_tiny_model
 from adadecode.runtime.exit_heads import (
     ExitHeads,
     bundled_heads_path,
@@ -20,6 +18,7 @@ from adadecode.runtime.exit_heads import (
 )
 from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
 from adadecode.runtime.model_source import fingerprint_dir
+from helpers import bundled_model_dir, save_tiny_model
 
 D, V = 64, 96  # tests/helpers.py TINY
 
@@ -238,10 +237,9 @@ def test_bundled_heads_load_against_the_bundled_model():
 def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
     """The batched, left-padded loop (rows leave at EOS) gives each prompt's own greedy tokens
     and the hidden states a single-prompt forward computes."""
-    from transformers import AutoModelForCausalLM
-
-    from helpers import hf_greedy
     from adadecode.launcher.train_heads import collect
+    from helpers import hf_greedy
+    from transformers import AutoModelForCausalLM
 
     path = save_tiny_model(tmp_path, seed=4)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

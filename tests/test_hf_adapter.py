@@ -9,8 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
-from helpers import save_tiny_model, tiny_config
 from adadecode.runtime.hf_adapter import (
     causal_chunk_mask,
     decoder_layer_forward,
@@ -20,6 +18,7 @@ from adadecode.runtime.hf_adapter import (
 )
 from adadecode.runtime.kv_cache import KVCache
 from adadecode.runtime.model_source import UnsupportedArchitectureError
+from helpers import save_tiny_model, tiny_config
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 

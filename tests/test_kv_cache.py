@@ -13,11 +13,10 @@ import random
 
 import pytest
 import torch
-
-from helpers import save_tiny_model
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.kv_cache import CacheOverflowError, KVCache
 from adadecode.runtime.model_runner import StageModel
+from helpers import save_tiny_model
 
 LAYERS, SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM = 3, 2, 2, 16, 4
 

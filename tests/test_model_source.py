@@ -13,8 +13,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
 from adadecode.runtime import model_source
 from adadecode.runtime.model_source import (
     SUPPORTED_MODEL_TYPES,
@@ -23,6 +21,7 @@ from adadecode.runtime.model_source import (
     fingerprint_dir,
     resolve_model,
 )
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 
 def tiny_llama_dir(path, seed=0, **save_kwargs):

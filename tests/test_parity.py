@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
-from adadecode.launcher.bench import first_divergence, hf_generate, select_prompts
+from adadecode.launcher.bench import first_divergence, hf_generate
 from adadecode.runtime.engine import Engine
+from adadecode.runtime.prompts import select_prompts
+from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 
 NUM_PROMPTS = 6  # one per category: code, prose, chat, math, list, qa
 MAX_NEW_TOKENS = 40

@@ -5,7 +5,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-
 from adadecode.runtime.partition import PartitionError, partition_layers
 
 

@@ -10,8 +10,6 @@ import functools
 
 import pytest
 import torch
-
-from helpers import hf_greedy, save_tiny_model
 from adadecode.runtime.events import (
     DONE,
     WAITING,
@@ -28,6 +26,7 @@ from adadecode.runtime.events import (
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.stage import TRANSITIONS, Stage, StageState
+from helpers import hf_greedy, save_tiny_model
 
 PROMPT = (5, 17, 3, 42, 8)
 P = len(PROMPT)

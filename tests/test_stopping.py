@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from adadecode.runtime.stopping import StopCriteria, trim_at_stop_string
 
 EOS = 0

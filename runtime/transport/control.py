@@ -50,7 +50,14 @@ from dataclasses import fields
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ..events import EarlyPrediction, FinalPrediction, Rollback, SequenceFinished, Shutdown, StepRequest
+from ..events import (
+    EarlyPrediction,
+    FinalPrediction,
+    Rollback,
+    SequenceFinished,
+    Shutdown,
+    StepRequest,
+)
 from .errors import JobAborted, TransportError
 
 log = logging.getLogger("adadecode.control")
