@@ -153,7 +153,7 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] =
     from adadecode.runtime.prompts import read_prompts
 
     from .dist_env import read_dist_env
-    from .distributed import plan_launch, run_rank, spawn_local
+    from .distributed import check_devices, plan_launch, run_rank, spawn_local
 
     plan = plan_launch(cfg, read_dist_env())
     if args.dry_run:
@@ -161,6 +161,7 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] =
     if args.prompt is None and args.prompts is None:
         raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    check_devices(cfg, plan)  # once, here, not in N processes
     if plan.mode == "spawn":  # N local ranks of this same command; rank 0 prints
         stage_ranges(cfg)  # a bad model or split fails here, once, not in N processes
         return spawn_local(argv, cfg, plan)
@@ -192,9 +193,10 @@ def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     """`adadecode bench`: on the stages in this process, or on N ranks like `generate` (rank 0 measures)."""
     from .bench import run_bench
     from .dist_env import read_dist_env
-    from .distributed import plan_launch, run_rank, spawn_local
+    from .distributed import check_devices, plan_launch, run_rank, spawn_local
 
     plan = plan_launch(cfg, read_dist_env())
+    check_devices(cfg, plan)
     if plan.mode == "spawn":
         stage_ranges(cfg)
         return spawn_local(argv, cfg, plan)

@@ -63,6 +63,27 @@ def plan_launch(cfg: RunConfig, env: DistEnv) -> LaunchPlan:
     return LaunchPlan("spawn", backend, stages, env)
 
 
+def check_devices(cfg: RunConfig, plan: LaunchPlan) -> list[str]:
+    """Each local rank's device and dtype (``cuda:0 bfloat16``), checked before anything loads or
+    spawns: an impossible device / dtype / backend combination raises ``PlacementError``."""
+    from adadecode.runtime.device import check_placement, dtype_name
+
+    m, env = cfg.model, plan.env
+    if plan.mode == "spawn":
+        local_ranks, local_world = range(plan.world_size), plan.world_size
+    elif plan.mode == "rank":
+        local_ranks, local_world = [env.local_rank], env.local_world_size or env.local_rank + 1
+    else:
+        local_ranks, local_world = [0], 1
+    placed = []
+    for lr in local_ranks:
+        device, dtype = check_placement(
+            m.device, m.dtype, plan.backend, local_rank=lr, local_world_size=local_world
+        )
+        placed.append(f"{device} {dtype_name(dtype)}")
+    return placed
+
+
 def describe_plan(plan: LaunchPlan, cfg: RunConfig, ranges: Sequence[tuple[int, int]]) -> dict:
     """What a run would do, for ``--dry-run``."""
     threads = cfg.pipeline.threads or (1 if plan.world_size > 1 or plan.mode != "inprocess" else 0)
@@ -72,6 +93,7 @@ def describe_plan(plan: LaunchPlan, cfg: RunConfig, ranges: Sequence[tuple[int, 
         "launcher": plan.env.launcher,
         "world_size": plan.world_size,
         "stages": [list(r) for r in ranges],
+        "devices": check_devices(cfg, plan),  # this node's ranks
         "threads_per_rank": threads or "torch default",
         "pin_cpus": cfg.pipeline.pin_cpus and plan.world_size > 1,
         "master": f"{plan.env.master_addr}:{plan.env.master_port}" if plan.mode == "rank" else None,
@@ -128,7 +150,7 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
     try:
         resolved, config, _, loaded = load_rank(
             load_spec(cfg), rank=rank, backend=plan.backend, local_rank=env.local_rank,
-            local_world_size=env.local_world_size or env.local_rank + 1,  # unknown: at least this many
+            local_world_size=env.local_world_size or env.local_rank + 1,
         )
         stage = loaded.stage
         with open_transport(

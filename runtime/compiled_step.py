@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Sequence
 
 import torch
@@ -60,9 +61,13 @@ def compile_options(device: torch.device) -> dict:
 class CompiledStep:
     """Runs local layers ``[a, b)`` of a ``StageModel`` through compiled segments."""
 
-    def __init__(self, model, boundaries: Sequence[int], max_chunk: int, backend: str = "inductor"):
+    def __init__(
+        self, model, boundaries: Sequence[int], max_chunk: int, backend: str = "inductor", autotune: bool = True
+    ):
         """``boundaries``: global layers where segments start or end (the stage's ends and head
-        layers); ``max_chunk``: the largest chunk compiled; ``backend``: torch.compile's."""
+        layers); ``max_chunk``: the largest chunk compiled; ``backend``: torch.compile's;
+        ``autotune``: on the CPU, let inductor pick its C++ GEMM template (what makes it pay,
+        and most of the compile time)."""
         self.model = model
         self.max_chunk = max_chunk
         self.static_kv = model.device.type == "cuda"  # CUDA graphs need every shape static
@@ -70,12 +75,16 @@ class CompiledStep:
         cuts = sorted({model.start, model.end, *(l for l in boundaries if model.start < l < model.end)})
         self.segments = [(x - model.start, y - model.start) for x, y in zip(cuts, cuts[1:])]
         kwargs = compile_options(model.device) if backend == "inductor" else {"backend": backend, "fullgraph": True}
-        self._fns = {seg: torch.compile(self._segment(*seg), **kwargs) for seg in self.segments}
-        self._config = CPU_INDUCTOR if backend == "inductor" and not self.static_kv else {}
+        self._fns = {seg: torch.compile(_own_code(self._segment(*seg)), **kwargs) for seg in self.segments}
+        self._config = {}
+        if backend == "inductor" and not self.static_kv:
+            self._config = CPU_INDUCTOR if autotune else {"freezing": True}
         self._head = None
         if model.modules.lm_head is not None:  # the LM head is a fifth of a small model's weights
-            head = lambda hidden: model.modules.lm_head(model.modules.norm(hidden)).argmax(dim=-1)  # noqa: E731
-            self._head = torch.compile(head, **kwargs)
+            def head(hidden: torch.Tensor) -> torch.Tensor:
+                return model.modules.lm_head(model.modules.norm(hidden)).argmax(dim=-1)
+
+            self._head = torch.compile(_own_code(head), **kwargs)
         self._seen: set[tuple[tuple[int, int], int]] = set()
         self.compile_s = 0.0
 
@@ -115,6 +124,7 @@ class CompiledStep:
         """The final norm, LM head and argmax, compiled. # hidden: [S, D] -> [S] token ids"""
         first = ("head", hidden.shape[0]) not in self._seen
         t0 = time.perf_counter()
+        hidden = hidden.clone() if hidden.storage_offset() else hidden  # a view's offset would be a guard
         with torch._inductor.config.patch(self._config):
             ids = self._head(hidden)
         if first:
@@ -148,6 +158,14 @@ class CompiledStep:
             return h[0]
 
         return forward
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object and
+    checks a call's guards against each of them in turn: every segment of every stage would
+    otherwise share one list (slow guards, and its recompile limit)."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(fn):x}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def maybe_compile(model, setting: str, boundaries: Sequence[int] = (), max_chunk: int = 3) -> bool:

@@ -108,7 +108,8 @@ class ExitHeads:
     @torch.inference_mode()
     def predict_batch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict`` on many positions, for calibration. # hidden: [N, D] -> ids [N], confidence [N]"""
-        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight)
+        # the softmax in float32, as in predict: bfloat16 heads would otherwise calibrate on rounded confidences
+        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
         probs = torch.softmax(logits, dim=-1)
         confidence, index = probs.max(dim=-1)
         ids = self.vocab_ids[index].long() if self.vocab_ids is not None else index

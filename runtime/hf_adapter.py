@@ -115,9 +115,8 @@ def load_stage_modules(
 ) -> StageModules:
     """Build the modules of layers ``[start, end)`` on ``device`` and read only their tensors.
 
-    Each tensor goes from the file straight to ``device`` and is cast to ``dtype`` there, one
-    at a time: the host never holds a full-precision copy of the stage (on a GPU, not even a
-    copy in ``dtype``: safetensors reads into device memory).
+    Each tensor goes from the file (memory-mapped) to ``device`` in ``dtype``, one at a time:
+    the host holds at most one tensor beyond the file's pages, never a copy of the stage.
     """
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -143,7 +142,6 @@ def load_stage_modules(
     device = torch.device(device)
     by_file: dict[str, list[tuple[str, nn.Module, str]]] = {}
     for prefix, module in wanted.items():
-        module.to_empty(device=device)
         for pname, _ in module.named_parameters():
             full = prefix + pname
             src = "model.embed_tokens.weight" if tied and full == "lm_head.weight" else full
@@ -152,10 +150,10 @@ def load_stage_modules(
             by_file.setdefault(weight_map[full], []).append((src, module, pname))
     shared: dict[str, torch.Tensor] = {}
     for fname, entries in by_file.items():
-        with safe_open(str(model_dir / fname), framework="pt", device=str(device)) as f:
+        with safe_open(str(model_dir / fname), framework="pt") as f:
             for src, module, pname in entries:
-                if src not in shared:
-                    shared[src] = f.get_tensor(src).to(dtype)
+                if src not in shared:  # one tensor at a time from the mmap, cast on its way
+                    shared[src] = f.get_tensor(src).to(device=device, dtype=dtype)
                 _set_param(module, pname, shared[src])
     for module in wanted.values():
         module.eval().requires_grad_(False)

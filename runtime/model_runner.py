@@ -66,7 +66,7 @@ class StageModel:
     @torch.inference_mode()
     def embed(self, tokens: Sequence[int]) -> torch.Tensor:
         """# tokens: S ids (host) -> [S, D] on the device"""
-        ids = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         return self.modules.embed(ids)
 
     @torch.inference_mode()

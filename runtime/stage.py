@@ -290,5 +290,6 @@ class Stage:
                 f"(epoch {parked.epoch}) at layer {w.layer} cannot join position {w.pos} (epoch {w.epoch})"
             )
         self.stats.merged += 1
-        hidden = torch.cat([parked.hidden, w.hidden])
+        with torch.inference_mode():  # like every tensor the model makes (a compiled step guards on it)
+            hidden = torch.cat([parked.hidden, w.hidden])
         return replace(w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from))

@@ -1,10 +1,7 @@
-"""Exit heads: the head's math, the restricted vocabulary, save/load and refusals, and
-`adadecode train-heads` end to end on a tiny random model."""
+"""Exit heads: the head's math, the restricted vocabulary, save/load and refusals, and the
+shipped heads. Training them (`adadecode train-heads`) is tests/test_head_training.py."""
 
 from __future__ import annotations
-
-import json
-import string
 
 import pytest
 import torch
@@ -139,84 +136,6 @@ def test_heads_for_another_model_are_refused(tiny, tmp_path):
         read_manifest(tmp_path / "nowhere")
 
 
-def _save_char_tokenizer(path):
-    """A character-level tokenizer for the tiny model (96 ids), with a chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in string.printable[: V - 3]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="</s>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    tok.save_pretrained(str(path))
-
-
-def test_train_heads_end_to_end_on_a_tiny_model(tmp_path):
-    from adadecode.launcher.cli import main
-
-    model = save_tiny_model(tmp_path / "model", seed=3)
-    _save_char_tokenizer(model)
-    lines = [{"prompt": p} for p in ("def f(x):", "the cat sat", "1 + 2 =", "hello world", "abc", "SELECT")]
-    lines.append({"messages": [{"role": "user", "content": "hi"}]})
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    (tmp_path / "held.jsonl").write_text(json.dumps({"prompt": "zebra"}) + "\n" + json.dumps({"prompt": "x = 4"}) + "\n")
-    out = tmp_path / "heads"
-    argv = ["train-heads", "--model", str(model), "--out", str(out), "--layers", "2,4",
-            "--prompts", str(tmp_path / "train.jsonl"), "--heldout", str(tmp_path / "held.jsonl"),
-            "--val-every", "3", "--max-new-tokens", "12", "--epochs", "4", "--lr", "3e-3", "--batch-size", "16",
-            "--vocab-coverage", "0.9", "--no-progress", "--seed", "1"]
-    assert main(argv) == 0
-
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["base_model"]["fingerprint"] == fingerprint_dir(model)
-    assert manifest["layers"] == [2, 4] and set(manifest["default_thresholds"]) == {"2", "4"}
-    assert manifest["training"]["command"].startswith("adadecode train-heads --model")
-    data = manifest["training"]["data"]
-    assert (data["train"]["prompts"], data["validation"]["prompts"], data["heldout"]["prompts"]) == (5, 2, 2)
-    assert data["train"]["tokens"] > 5
-    table = manifest["calibration"]
-    assert table["split"] == "heldout" and table["tokens"] == data["heldout"]["tokens"]
-    for layer in ("2", "4"):
-        head = table["heads"][layer]
-        assert 0.0 <= head["top1_agreement"] <= 1.0
-        assert [r["threshold"] for r in head["sweep"]] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
-        rates = [r["exit_rate"] for r in head["sweep"]]
-        assert rates == sorted(rates, reverse=True)
-        losses = manifest["training"]["loss_per_epoch"][layer]
-        assert len(losses) == 4 and losses[-1] < losses[0]
-    vocab = manifest["vocabulary"]
-    assert vocab["restricted"] and vocab["size"] < V and vocab["coverage"]["train"] >= 0.9
-
-    config = load_hf_config(model)
-    m = load_stage_modules(model, config, 6, 6, embed=False, head=True)
-    heads = load_exit_heads(out, fingerprint=fingerprint_dir(model), config=config, norm=m.norm,
-                            lm_head_weight=m.lm_head.weight)
-    assert heads.available_layers == (2, 4) and heads.layers == tuple(manifest["default_layers"])
-    token, conf = heads.select([2, 4]).predict(2, torch.randn(D))
-    assert token in heads.vocab_ids.tolist() and 0.0 < conf <= 1.0
-
-    # same seed, same heads
-    assert main([*argv[:4], str(tmp_path / "again"), *argv[5:]]) == 0
-    from safetensors.torch import load_file
-
-    assert all(torch.equal(a, b) for a, b in zip(load_file(str(out / "heads.safetensors")).values(),
-                                                  load_file(str(tmp_path / "again" / "heads.safetensors")).values()))
-
-
-def test_train_heads_rejects_bad_layers(tmp_path, capsys):
-    from adadecode.launcher.train_heads import main
-
-    model = save_tiny_model(tmp_path / "model")
-    _save_char_tokenizer(model)
-    assert main(["--model", str(model), "--out", str(tmp_path / "o"), "--layers", "0,6"]) == 2
-    assert "1..5" in capsys.readouterr().err
-
-
 def test_bundled_heads_load_against_the_bundled_model():
     from adadecode.runtime.model_source import resolve_model
 
@@ -232,29 +151,3 @@ def test_bundled_heads_load_against_the_bundled_model():
     assert (heads_dir / "heads.safetensors").stat().st_size < 16 * 2**20
     token, conf = heads.predict(heads.layers[0], torch.randn(config.hidden_size))
     assert 0 <= token < config.vocab_size and 0.0 < conf <= 1.0
-
-
-def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
-    """The batched, left-padded loop (rows leave at EOS) gives each prompt's own greedy tokens
-    and the hidden states a single-prompt forward computes."""
-    from adadecode.launcher.train_heads import collect
-    from helpers import hf_greedy
-    from transformers import AutoModelForCausalLM
-
-    path = save_tiny_model(tmp_path, seed=4)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [3, 4, 3, 4]]
-    eos = hf_greedy(path, prompts[0], 10)[2]  # the first prompt's answer ends after 3 tokens
-    items = collect(model, prompts, [1, 3], max_new_tokens=10, batch_size=3, eos=[eos], pad=0, progress=False)
-    lengths = [len(item["tokens"]) for item in items]
-    assert lengths[0] == 3 and max(lengths) == 10, lengths
-    for prompt, item in zip(prompts, items):
-        ref = hf_greedy(path, prompt, 10, eos=eos)
-        assert item["tokens"].tolist() == ref
-        full = torch.tensor([prompt + ref[:-1]])
-        with torch.inference_mode():
-            out = model(full, output_hidden_states=True)
-        n, p = len(ref), len(prompt)
-        for layer in (1, 3):
-            assert torch.allclose(item["hidden"][layer], out.hidden_states[layer][0, p - 1 : p - 1 + n], atol=1e-4)
-        assert torch.allclose(item["final"], out.hidden_states[-1][0, p - 1 : p - 1 + n], atol=1e-4)

@@ -1,0 +1,31 @@
+"""Exit heads for a base model, by self-distillation (base model frozen).
+
+``train_heads(out, model=..., ...)`` runs the whole pipeline and writes ``heads.safetensors``
++ ``manifest.json`` (the format of runtime/exit_heads.py). Its steps, one module each:
+
+1. collect.py      the base model answers every prompt greedily, keeping the hidden states
+                   that produced each new token;
+2. vocab.py        the restricted vocabulary the heads score (the K most frequent outputs);
+3. train.py        each ``T_l`` (d x d, identity at start) fitted on KL(final || head) over the
+                   generated tokens: the final layer's distribution is the teacher,
+                   ``lm_head(final_norm(T_l h_l))`` the student (Adam, warmup + cosine);
+4. calibrate.py    each head's confidence and agreement with the final layer on prompts it
+                   never trained on, and the exit-rate / precision table per threshold;
+5. cost_model.py   the default layers and thresholds, chosen by expected saving per token.
+
+pipeline.py wires them together and writes the manifest. ``adadecode train-heads``
+(launcher/train_heads.py) is the command-line face of ``train_heads``.
+
+Data: the training prompts minus every ``val_every``-th one (the validation prompts, never
+trained on, on which the defaults are chosen); the held-out prompts are only ever evaluated
+(the calibration table), never fitted on (data/prompts/README.md).
+
+Devices: the base model runs on ``device`` in ``dtype`` (auto: cuda:0 and bfloat16 when CUDA
+exists, else the CPU in float32). Its hidden states stay there; the heads train there in
+float32 (the states and the teacher cast to float32). The host sees per-token values once,
+for the calibration table.
+"""
+
+from .pipeline import train_heads
+
+__all__ = ["train_heads"]

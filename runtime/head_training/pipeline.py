@@ -1,0 +1,262 @@
+"""``train_heads``: the pipeline of this package, step by step, and the manifest that records it."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..device import check_placement, dtype_name
+from .calibrate import calibration_table, head_outcomes
+from .collect import collect, encode, eos_ids, make_split
+from .cost_model import CostModel, choose_defaults, expected_saving
+from .cost_model import eval_cost as estimated_eval_cost
+from .train import train
+from .vocab import DEFAULT_VOCAB_SIZE, choose_vocabulary, coverage, soft_counts
+
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def train_heads(
+    out: str | Path,
+    *,
+    model: str = "bundled:smollm2-135m-instruct",
+    layers: str | Sequence[int] = "auto",
+    prompts: str = "data/prompts/train.jsonl",
+    heldout: str = "data/prompts/heldout.jsonl",
+    val_every: int = 10,
+    max_new_tokens: int = 256,
+    gen_batch_size: int = 48,
+    epochs: int = 4,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    warmup: float = 0.05,
+    vocab_size: int | str | None = None,
+    vocab_coverage: float | None = None,
+    eval_cost: float | None = None,
+    merge_cost: float = 1.1,
+    rollback_cost: float | None = 1.0,
+    save_dtype: str = "float16",
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    argv: Sequence[str] | None = None,
+) -> dict:
+    """Train exit heads for ``model`` and write ``heads.safetensors`` + ``manifest.json`` to ``out``.
+
+    ``model``: bundled:<name>, a Hugging Face directory or a .gguf file. ``layers``: the candidate
+    head layers, or "auto" (every L/10 layers from 0.13 L to L-2). ``prompts`` minus every
+    ``val_every``-th prompt trains; those validation prompts choose the defaults; ``heldout`` is
+    only evaluated. ``vocab_size`` (an int or "full") or ``vocab_coverage`` sets the restricted
+    vocabulary (default ``DEFAULT_VOCAB_SIZE``); ``eval_cost`` (None: estimated), ``merge_cost``
+    and ``rollback_cost`` (None: structural) are the ``CostModel``'s. ``device`` (auto, cpu, cuda,
+    cuda:N) and ``dtype`` (auto, float32, bfloat16, float16) place the base model; the heads train
+    in float32 there and are stored in ``save_dtype``. ``threads`` > 0 sets torch's threads.
+    ``argv``: the command-line arguments, recorded in the manifest (None: not a command).
+
+    Returns the manifest. Raises ValueError (``PlacementError`` for ``device``/``dtype``) with
+    the fix for bad arguments, before the model loads where it can.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..exit_heads import ExitHeads, save_exit_heads
+    from ..hf_adapter import load_hf_config
+    from ..model_source import resolve_model
+    from ..prompts import read_prompts
+
+    t_start = time.perf_counter()
+    if vocab_size is not None and vocab_coverage is not None:
+        raise ValueError("give vocab_size or vocab_coverage, not both")
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype {save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
+    dev, dt = check_placement(device, dtype, "inprocess")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+    def log(msg: str) -> None:
+        print(f"[train-heads {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    # --- the prompts (read before the model loads): train / validation (every val_every-th) / held-out ---
+    train_prompts = read_prompts(prompts)
+    held_prompts = read_prompts(heldout)
+    every = val_every
+    if every < 2 or len(train_prompts) < every:
+        raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts of "
+                         f"{prompts}, so that both training and validation prompts remain (the defaults are "
+                         "chosen on the validation prompts; the held-out ones are for evaluation only)")
+    is_val = [(i + 1) % every == 0 for i in range(len(train_prompts))]
+    groups = {
+        "train": [p for p, v in zip(train_prompts, is_val) if not v],
+        "validation": [p for p, v in zip(train_prompts, is_val) if v],
+        "heldout": held_prompts,
+    }
+
+    # --- the base model, frozen, on its device ---
+    resolved = resolve_model(model)
+    config = load_hf_config(resolved.path)
+    num_layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    layers = parse_layers(layers, num_layers)
+    if not resolved.has_tokenizer:
+        raise ValueError(f"{resolved.path} has no tokenizer files; train-heads needs one to encode the prompts")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
+    base.requires_grad_(False)
+    norm, lm_head = base.model.norm, base.lm_head.weight
+    ids = {name: [encode(tokenizer, p) for p in ps] for name, ps in groups.items()}
+    eos = eos_ids(base, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    log(f"{resolved.origin}: {num_layers} layers, hidden {d}, vocab {vocab}; {dev}, {dtype_name(dt)}; "
+        f"candidate heads at {layers}; prompts: {', '.join(f'{k} {len(v)}' for k, v in ids.items())}")
+
+    # --- 1. the greedy pass, keeping the hidden states ---
+    everything = [x for name in groups for x in ids[name]]
+    items = collect(base, everything, layers, max_new_tokens=max_new_tokens,
+                    batch_size=gen_batch_size, eos=eos, pad=pad, progress=progress)
+    splits, at = {}, 0
+    files = {"train": prompts, "validation": prompts, "heldout": heldout}
+    for name in groups:
+        splits[name] = make_split(name, files[name], items[at : at + len(ids[name])], layers)
+        at += len(ids[name])
+    del items
+    t_collect = time.perf_counter() - t_start
+    log("generated tokens: " + ", ".join(f"{k} {s.tokens}" for k, s in splits.items()))
+
+    # --- 2. the restricted vocabulary ---
+    size = str(vocab_size) if vocab_size else (None if vocab_coverage else str(DEFAULT_VOCAB_SIZE))
+    vocab_ids = choose_vocabulary(splits["train"].targets, vocab, size=size, coverage=vocab_coverage,
+                                  soft=lambda: soft_counts(splits["train"].final, lm_head))
+    weight = lm_head if vocab_ids is None else lm_head[vocab_ids].contiguous()  # [K, D], the model's dtype
+    k = weight.shape[0]
+    covered = {name: round(coverage(s.targets, vocab_ids), 4) for name, s in splits.items()}
+    log(f"vocabulary: {k} tokens; coverage of the greedy outputs {covered}")
+
+    # --- 3. the heads, in float32 on the device ---
+    transforms, history = train(
+        splits["train"], layers, norm, weight, epochs=epochs, lr=lr, batch_size=batch_size,
+        warmup=warmup, seed=seed, progress=progress,
+    )
+    history = {l: h.tolist() for l, h in history.items()}  # [epochs] mean KL per layer
+    t_train = time.perf_counter() - t_start - t_collect
+    log("KL per epoch: " + "; ".join(f"{l}: {h[0]:.3f} -> {h[-1]:.3f}" for l, h in history.items()))
+
+    # --- 4. calibration of what will run: the matrices as stored (rounded to save_dtype) and cast
+    # to the base model's dtype, as the runtime casts them, with the restricted head ---
+    save_dt = getattr(torch, save_dtype)
+    stored = {l: t.to(save_dt).to(dt) for l, t in transforms.items()}
+    heads = ExitHeads(stored, norm, weight, vocab_ids, {l: 0.0 for l in layers},
+                      {"default_layers": [], "default_thresholds": {}})
+    outcomes = {name: head_outcomes(heads, splits[name]) for name in ("validation", "heldout")}  # on the host
+
+    # --- 5. the defaults, by the cost model ---
+    choice_split = "validation"
+    per_token = sum(p.numel() for p in base.model.layers.parameters()) + lm_head.numel()  # weights read per step
+    cost = CostModel(
+        num_layers=num_layers,
+        eval_cost=eval_cost if eval_cost is not None else estimated_eval_cost(k, d, per_token),
+        merge_cost=merge_cost,
+        rollback_cost=rollback_cost,
+    )
+    default, per_head = choose_defaults(outcomes[choice_split], cost)
+    estimate = {name: expected_saving(o, default, cost) for name, o in outcomes.items()}
+    log(f"defaults: {default} ({cost}); expected: {estimate}")
+
+    manifest = {
+        "base_model": {
+            "fingerprint": resolved.fingerprint,
+            "origin": resolved.origin,
+            "model_type": config.model_type,
+            "num_layers": num_layers,
+            "hidden_size": d,
+            "vocab_size": vocab,
+        },
+        "head_type": "linear",
+        "layers": layers,
+        "default_layers": sorted(default),
+        "default_thresholds": {str(l): t for l, t in per_head.items()},
+        "vocabulary": {
+            "restricted": vocab_ids is not None,
+            "size": k,
+            "coverage_target": vocab_coverage,
+            "coverage": covered,
+        },
+        "choice": {
+            "note": (
+                f"Defaults chosen on the validation prompts (every {every}-th train prompt, never trained on)"
+                " by coordinate ascent over each head's threshold (off or one of the sweep), maximising the "
+                "expected saving per token on one device with deferred backfill: a token exits at the first "
+                "head above its threshold; an accepted exit at layer l saves (2 - merge_cost)(L-l)/L of a "
+                "decode step (its last layers run merged with the next token's), a rejected one costs "
+                "rollback_cost (null: the next token's pass, l/L + (merge_cost - 1)(L-l)/L), and each "
+                f"head evaluation costs eval_cost (T_l plus K={k} LM-head rows over the weights of a decode "
+                "step, plus 0.2% for the call; matches in-situ timings on one CPU thread). Heads outside the "
+                "defaults carry the threshold best for them alone."
+            ),
+            "split": choice_split,
+            "cost_model": {"eval_cost": round(cost.eval_cost, 5), "merge_cost": cost.merge_cost,
+                           "rollback_cost": cost.rollback_cost},
+            "expected": estimate,
+            "alone": {str(l): expected_saving(outcomes[choice_split], {l: t}, cost) for l, t in per_head.items()},
+        },
+        "calibration": calibration_table(outcomes["heldout"], splits["heldout"]),
+        "validation_calibration": calibration_table(outcomes["validation"], splits["validation"]),
+        "training": {
+            "command": shlex.join(["adadecode", "train-heads", *argv]) if argv is not None else None,
+            "argv": list(argv) if argv is not None else None,
+            "data": {
+                name: {"file": s.file, "sha256": _sha256(s.file), "prompts": s.prompts, "tokens": s.tokens}
+                for name, s in splits.items()
+            },
+            "hyperparameters": {
+                "epochs": epochs, "lr": lr, "batch_size": batch_size, "warmup": warmup,
+                "schedule": "linear warmup, cosine to 0", "optimizer": "Adam",
+                "loss": "KL(final || head) over the head's vocabulary",
+                "max_new_tokens": max_new_tokens, "val_every": every, "seed": seed,
+                "save_dtype": save_dtype, "init": "identity",
+            },
+            "loss_per_epoch": {str(l): [round(x, 5) for x in h] for l, h in history.items()},
+            "threads": torch.get_num_threads(),
+            "device": str(dev),  # the base model's greedy pass and the heads' training
+            "dtype": dtype_name(dt),  # the base model's; the heads always train in float32
+            "seconds": {"collect": round(t_collect, 1), "train": round(t_train, 1),
+                        "total": round(time.perf_counter() - t_start, 1)},
+            "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+        },
+    }
+    host_ids = vocab_ids.cpu() if vocab_ids is not None else None
+    save_exit_heads(out, {l: t.cpu() for l, t in transforms.items()}, host_ids, manifest, dtype=save_dt)
+    log(f"wrote {out}: heads at {layers}, defaults {default}")
+    return manifest
+
+
+def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Head layers from ``spec``: "auto", "8,12,16" or a list; each must lie in 1..L-1."""
+    if spec == "auto":
+        layers = list(range(max(1, round(0.13 * num_layers)), num_layers - 1, max(1, round(num_layers / 10))))
+    else:
+        try:
+            layers = sorted({int(x) for x in (spec.split(",") if isinstance(spec, str) else spec) if str(x).strip()})
+        except ValueError as e:
+            raise ValueError(f"--layers {spec!r}: expected comma-separated integers such as 8,12,16, or auto") from e
+    bad = [l for l in layers if not 0 < l < num_layers]
+    if bad or not layers:
+        raise ValueError(f"--layers {spec!r}: head layers must lie in 1..{num_layers - 1} for this "
+                         f"{num_layers}-layer model (a head at l reads the input of layer l)")
+    return layers
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

@@ -1,0 +1,223 @@
+"""Training exit heads (runtime/head_training/, `adadecode train-heads`) on a tiny random model:
+the greedy pass, the whole pipeline end to end, the base model's device and dtype, and the
+refusals of bad arguments."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+from adadecode.runtime.exit_heads import load_exit_heads
+from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
+from adadecode.runtime.model_source import fingerprint_dir
+from helpers import save_tiny_model
+
+D, V = 64, 96  # tests/helpers.py TINY
+
+
+def _save_char_tokenizer(path):
+    """A character-level tokenizer for the tiny model (96 ids), with a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable[: V - 3]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model with a tokenizer, 7 train and 2 held-out prompts, and the flags that use them."""
+    root = tmp_path_factory.mktemp("train_heads")
+    model = save_tiny_model(root / "model", seed=3)
+    _save_char_tokenizer(model)
+    lines = [{"prompt": p} for p in ("def f(x):", "the cat sat", "1 + 2 =", "hello world", "abc", "SELECT")]
+    lines.append({"messages": [{"role": "user", "content": "hi"}]})
+    (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "held.jsonl").write_text(json.dumps({"prompt": "zebra"}) + "\n" + json.dumps({"prompt": "x = 4"}) + "\n")
+    flags = ["--model", str(model), "--layers", "2,4", "--prompts", str(root / "train.jsonl"),
+             "--heldout", str(root / "held.jsonl"), "--val-every", "3", "--max-new-tokens", "12", "--epochs", "4",
+             "--lr", "3e-3", "--batch-size", "16", "--vocab-coverage", "0.9", "--no-progress", "--seed", "1"]
+    return model, flags
+
+
+def _load(model, out):
+    config = load_hf_config(model)
+    m = load_stage_modules(model, config, 6, 6, embed=False, head=True)
+    return load_exit_heads(out, fingerprint=fingerprint_dir(model), config=config, norm=m.norm,
+                           lm_head_weight=m.lm_head.weight)
+
+
+def test_train_heads_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+    from adadecode.launcher.cli import main
+
+    model, flags = tiny_run
+    out = tmp_path / "heads"
+    argv = ["train-heads", *flags, "--out", str(out)]
+    assert main(argv) == 0
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"]["fingerprint"] == fingerprint_dir(model)
+    assert manifest["layers"] == [2, 4] and set(manifest["default_thresholds"]) == {"2", "4"}
+    assert manifest["training"]["command"].startswith("adadecode train-heads --model")
+    assert (manifest["training"]["device"], manifest["training"]["dtype"]) == ("cpu", "float32")  # auto here
+    data = manifest["training"]["data"]
+    assert (data["train"]["prompts"], data["validation"]["prompts"], data["heldout"]["prompts"]) == (5, 2, 2)
+    assert data["train"]["tokens"] > 5
+    table = manifest["calibration"]
+    assert table["split"] == "heldout" and table["tokens"] == data["heldout"]["tokens"]
+    for layer in ("2", "4"):
+        head = table["heads"][layer]
+        assert 0.0 <= head["top1_agreement"] <= 1.0
+        assert [r["threshold"] for r in head["sweep"]] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
+        rates = [r["exit_rate"] for r in head["sweep"]]
+        assert rates == sorted(rates, reverse=True)
+        losses = manifest["training"]["loss_per_epoch"][layer]
+        assert len(losses) == 4 and losses[-1] < losses[0]
+    vocab = manifest["vocabulary"]
+    assert vocab["restricted"] and vocab["size"] < V and vocab["coverage"]["train"] >= 0.9
+
+    heads = _load(model, out)
+    assert heads.available_layers == (2, 4) and heads.layers == tuple(manifest["default_layers"])
+    token, conf = heads.select([2, 4]).predict(2, torch.randn(D))
+    assert token in heads.vocab_ids.tolist() and 0.0 < conf <= 1.0
+
+    # same seed, same heads
+    assert main([*argv[:-1], str(tmp_path / "again")]) == 0
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(out / "heads.safetensors")).values(),
+                                                  load_file(str(tmp_path / "again" / "heads.safetensors")).values()))
+
+
+def test_train_heads_with_an_explicit_device_and_dtype(tiny_run, tmp_path):
+    """The base model in bfloat16 on the CPU (the GPU path's dtype); the heads still train in float32."""
+    from adadecode.launcher.train_heads import main
+
+    model, flags = tiny_run
+    out = tmp_path / "bf16"
+    assert main([*flags, "--out", str(out), "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert (training["device"], training["dtype"]) == ("cpu", "bfloat16")
+    assert "--device cpu --dtype bfloat16" in training["command"]
+    for losses in training["loss_per_epoch"].values():
+        assert losses[-1] < losses[0]
+    heads = _load(model, out).select([2, 4])
+    for layer in (2, 4):
+        token, conf = heads.predict(layer, torch.randn(D))
+        assert token in heads.vocab_ids.tolist() and 0.0 < conf <= 1.0
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_train_heads_on_cuda_by_default_when_there_is_a_gpu(tiny_run, tmp_path):
+    """auto: cuda:0 and bfloat16; the heads load (on the CPU here) like any others."""
+    from adadecode.launcher.train_heads import main
+
+    model, flags = tiny_run
+    out = tmp_path / "cuda"
+    assert main([*flags, "--out", str(out)]) == 0
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    assert (training["device"], training["dtype"]) == ("cuda:0", "bfloat16")
+    token, conf = _load(model, out).select([2, 4]).predict(4, torch.randn(D))
+    assert 0 <= token < V and 0.0 < conf <= 1.0
+
+
+@needs_cuda
+def test_training_on_cuda_never_waits_for_the_device_per_step():
+    import warnings
+
+    from adadecode.runtime.head_training.collect import Split
+    from adadecode.runtime.head_training.train import train
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    cuda, bf16, epochs = torch.device("cuda", 0), torch.bfloat16, 2
+    n = 20 * 32  # 20 steps of 32 tokens per epoch
+    torch.manual_seed(0)
+    split = Split("train", "-", 1, {l: torch.randn(n, D, device=cuda, dtype=bf16) for l in (2, 4)},
+                  torch.randn(n, D, device=cuda, dtype=bf16), torch.zeros(n, dtype=torch.long, device=cuda))
+    norm = LlamaRMSNorm(D).to(cuda, bf16)
+    weight = torch.randn(V, D, device=cuda, dtype=bf16)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            transforms, history = train(split, [2, 4], norm, weight, epochs=epochs, lr=1e-3, batch_size=32,
+                                        warmup=0.05, seed=0, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= epochs, [str(w.message) for w in syncs]  # at most the batch order's copy, per epoch
+    assert all(t.device == cuda and t.dtype == torch.float32 for t in transforms.values())
+    assert all(h.shape == (epochs,) and h.device == cuda for h in history.values())
+
+
+def test_train_heads_refuses_a_device_it_cannot_use(tiny_run, tmp_path, capsys):
+    from adadecode.launcher.train_heads import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model, _ = tiny_run
+    assert main(["--model", str(model), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device `cuda` needs a CUDA GPU" in err and "use --device cpu" in err and "model.device" not in err
+    assert main(["--model", str(model), "--out", str(tmp_path / "o"), "--device", "gpu"]) == 2
+    assert "--device `gpu` is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_heads_rejects_an_unknown_dtype(tiny_run, tmp_path, capsys):
+    from adadecode.launcher.train_heads import main
+
+    model, _ = tiny_run
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(model), "--out", str(tmp_path / "o"), "--dtype", "float8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'float8'" in err and "bfloat16" in err
+
+
+def test_train_heads_rejects_bad_layers(tiny_run, tmp_path, capsys):
+    from adadecode.launcher.train_heads import main
+
+    _, flags = tiny_run
+    assert main([*flags, "--out", str(tmp_path / "o"), "--layers", "0,6"]) == 2
+    assert "1..5" in capsys.readouterr().err
+
+
+def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
+    """The batched, left-padded loop (rows leave at EOS) gives each prompt's own greedy tokens
+    and the hidden states a single-prompt forward computes."""
+    from adadecode.runtime.head_training.collect import collect
+    from helpers import hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [3, 4, 3, 4]]
+    eos = hf_greedy(path, prompts[0], 10)[2]  # the first prompt's answer ends after 3 tokens
+    items = collect(model, prompts, [1, 3], max_new_tokens=10, batch_size=3, eos=[eos], pad=0, progress=False)
+    lengths = [len(item["tokens"]) for item in items]
+    assert lengths[0] == 3 and max(lengths) == 10, lengths
+    for prompt, item in zip(prompts, items):
+        ref = hf_greedy(path, prompt, 10, eos=eos)
+        assert item["tokens"].tolist() == ref
+        full = torch.tensor([prompt + ref[:-1]])
+        with torch.inference_mode():
+            out = model(full, output_hidden_states=True)
+        n, p = len(ref), len(prompt)
+        for layer in (1, 3):
+            assert torch.allclose(item["hidden"][layer], out.hidden_states[layer][0, p - 1 : p - 1 + n], atol=1e-4)
+        assert torch.allclose(item["final"], out.hidden_states[-1][0, p - 1 : p - 1 + n], atol=1e-4)
