@@ -1,5 +1,7 @@
 """Output parity on the real bundled model: the runtime's tokens equal transformers' greedy
-`generate` with 1, 2 and 3 stages (scripts/parity.py runs the full 18 x 128 version)."""
+`generate` with 1, 2 and 3 stages, in float32 and in bfloat16 (the dtype GPU users get; this
+CPU computes it natively), with early exit off and `eager` (scripts/parity.py runs the full
+versions: 18 x 128 in float32, 16 x 128 in bfloat16)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_m
 
 NUM_PROMPTS = 6  # one per category: code, prose, chat, math, list, qa
 MAX_NEW_TOKENS = 40
+BF16_PROMPTS = 3  # code, prose, chat: bf16 runs at about the speed of fp32 here
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,36 @@ def test_every_architecture_matches_generate_on_any_split(tmp_path, model_type):
     ref = hf_greedy(path, prompt, 24)
     for ranges in ([(0, 6)], [(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)]):
         assert InProcessPipeline(path, ranges).generate(prompt, 24) == ref, (model_type, ranges)
+
+
+@pytest.fixture(scope="module")
+def bf16_cases():
+    """transformers' greedy generate with the weights loaded in bfloat16, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path = bundled_model_dir()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    engine = Engine.load("bundled:smollm2-135m-instruct", device="cpu", dtype="bfloat16", heads=None)
+    eos = sorted(engine.eos_token_ids)
+    cases = []
+    for prompt in select_prompts("data/prompts/heldout.jsonl", BF16_PROMPTS):
+        ids = engine.encode(prompt, chat=isinstance(prompt, list))
+        cases.append((ids, hf_generate(hf, ids, MAX_NEW_TOKENS, eos)[0]))
+    return cases
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_bf16_off_and_eager_equal_transformers_generate_in_bf16(bf16_cases, stages):
+    engine = Engine.load(
+        "bundled:smollm2-135m-instruct", stages=stages, device="cpu", dtype="bfloat16", compile="off",
+        exit_layers=[19, 22, 25, 28], thresholds=[0.5],
+    )
+    assert engine.stages[0].model.dtype is torch.bfloat16
+    early = 0
+    for ids, ref in bf16_cases:
+        for mode in ("off", "eager"):
+            res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
+            at = first_divergence(res.tokens, ref)
+            assert at is None, f"bf16, {stages} stages, {mode}: diverges at {at}: {res.tokens[at:at + 3]} vs {ref[at:at + 3]}"
+            early += res.stats["early_emitted"]
+    assert early > 0  # the premise: early tokens were emitted (and some rolled back)
