@@ -40,7 +40,7 @@ def first_divergence(ours: list[int], ref: list[int]) -> int | None:
 
 def hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int], **kwargs) -> tuple[list[int], float]:
     """transformers' greedy ``generate``: (new token ids, wall seconds)."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -52,7 +52,8 @@ def hf_generate(model, ids: list[int], max_new_tokens: int, eos: list[int], **kw
             pad_token_id=eos[0],
             **kwargs,
         )
-    return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+    new = out[0, len(ids) :].tolist()  # on a GPU this waits for the last token
+    return new, time.perf_counter() - t0
 
 
 class _Tally:
@@ -83,7 +84,8 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         from adadecode.runtime.engine import Engine
 
         engine = Engine.load(load_spec(cfg), max_inflight=d.max_inflight)
-    hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=engine.stages[0].model.dtype).eval()
+    stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
+    hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=stage0.dtype).to(stage0.device).eval()
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]
 

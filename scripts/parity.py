@@ -8,6 +8,7 @@ logit gap between them there.
 
     python scripts/parity.py --num-prompts 18 --max-new-tokens 128 --stages 1 2 3
     python scripts/parity.py --num-prompts 32 --max-new-tokens 256 --stages 1 --early-exit eager deferred --chat
+    python scripts/parity.py --dtype bfloat16 --num-prompts 16 --max-new-tokens 128 --stages 1 2 3 --early-exit off eager
 """
 
 import argparse
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM
 def logit_gap(hf, ids: list[int], ref: list[int], ours: list[int], at: int) -> float:
     """The reference's logit of its own token minus ours, at the first divergence."""
     with torch.inference_mode():
-        logits = hf(torch.tensor([ids + ref[:at]])).logits[0, -1]
+        logits = hf(torch.tensor([ids + ref[:at]], device=hf.device)).logits[0, -1].float()
     return float(logits[ref[at]] - logits[ours[at]]) if at < min(len(ref), len(ours)) else float("nan")
 
 
@@ -40,6 +41,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="ours and the reference generate both load the weights in this dtype")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: ours and the reference both run there")
+    ap.add_argument("--compile", default="off", choices=["off", "on"],
+                    help="compiled stages round differently from generate: report, do not expect, parity")
+    ap.add_argument("--json-out", default="", help="also write the summary as JSON to this file")
     ap.add_argument("--chat", action="store_true", help="chat template for plain prompts too (longer answers)")
     args = ap.parse_args()
     if args.threads:
@@ -47,12 +52,17 @@ def main() -> int:
 
     prompts = select_prompts(args.prompts, args.num_prompts)
     heads = args.heads if set(args.early_exit) - {"off"} else None
-    engines = {p: Engine.load(args.model, stages=p, heads=heads, device="cpu", dtype=args.dtype) for p in args.stages}
+    engines = {
+        p: Engine.load(args.model, stages=p, heads=heads, device=args.device, dtype=args.dtype, compile=args.compile)
+        for p in args.stages
+    }
     first = engines[args.stages[0]]
-    hf = AutoModelForCausalLM.from_pretrained(str(first.resolved.path), dtype=getattr(torch, args.dtype)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(first.resolved.path), dtype=getattr(torch, args.dtype))
+    hf = hf.to(first.stages[0].model.device).eval()
     eos = sorted(first.eos_token_ids)
     runs = [(p, mode) for p in args.stages for mode in args.early_exit]
     matches = {run: 0 for run in runs}
+    agreed = {run: 0 for run in runs}  # reference tokens before the first divergence
     total = 0
     for i, prompt in enumerate(prompts):
         ids = first.encode(prompt, chat=args.chat or isinstance(prompt, list))
@@ -63,6 +73,7 @@ def main() -> int:
             ours = engines[p].generate(ids, max_new_tokens=args.max_new_tokens, early_exit=mode).tokens
             at = first_divergence(ours, ref)
             key = f"stages={p},{mode}"
+            agreed[p, mode] += len(ref) if at is None else at
             if at is None:
                 row[key] = "identical"
                 matches[p, mode] += 1
@@ -73,10 +84,18 @@ def main() -> int:
                 }
         print(json.dumps(row), flush=True)
     exact_ok = True
+    summary = []
     for (p, mode), m in matches.items():
-        print(f"parity stages={p} early_exit={mode}: {m}/{len(prompts)} prompts token-identical "
-              f"(up to {args.max_new_tokens} new tokens; {total} reference tokens in all)")
-        exact_ok &= mode == "deferred" or m == len(prompts)
+        print(f"parity {args.dtype} on {args.device}, compile {args.compile}, stages={p} early_exit={mode}: "
+              f"{m}/{len(prompts)} prompts token-identical, {agreed[p, mode]}/{total} reference tokens before "
+              f"the first divergence (up to {args.max_new_tokens} new tokens)")
+        summary.append({"dtype": args.dtype, "device": args.device, "compile": args.compile, "stages": p,
+                        "early_exit": mode, "identical_prompts": m, "prompts": len(prompts),
+                        "tokens_before_divergence": agreed[p, mode], "reference_tokens": total})
+        exact_ok &= mode == "deferred" or args.compile == "on" or m == len(prompts)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f)
     return 0 if exact_ok else 1
 
 
