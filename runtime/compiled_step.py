@@ -27,13 +27,15 @@ How.
   packed GEMMs round differently. Parity against transformers ``generate`` is
   a property of the eager path; compiled runs report their match rate.
 
-Compile time is paid on a segment's first use of each chunk size and reported
-once; inductor caches its work on disk (``TORCHINDUCTOR_CACHE_DIR``).
+Compile time is paid on a segment's first use of each chunk size (``compile_s``,
+reported with the first generation's stats); inductor caches its work on disk, in
+``$TORCHINDUCTOR_CACHE_DIR`` (default: ``inductor/`` in adadecode's cache directory).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 from collections.abc import Sequence
@@ -178,5 +180,10 @@ def maybe_compile(model, setting: str, boundaries: Sequence[int] = (), max_chunk
     """
     if setting == "off" or (setting == "auto" and model.device.type != "cuda"):
         return False
+    # Inductor keeps compiled kernels and autotuning results on disk; keep them with our other
+    # caches rather than in /tmp, so that a restart (or another rank) reuses them.
+    from .model_source import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     model.step = CompiledStep(model, boundaries, max_chunk)
     return True

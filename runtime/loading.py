@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ class LoadedStage:
     stage: Stage
     seconds: float
     weight_bytes: int
-    peak_host_rss_mb: float
+    peak_host_mb: float  # host memory (RSS) the load added at its peak, file pages included; -1: unknown
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
@@ -109,6 +108,7 @@ def build_stage(
     heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5).
     """
     t0 = time.perf_counter()
+    rss0 = _reset_peak_rss()
     a, b = ranges[index]
     last = index == len(ranges) - 1
     args = ModelArgs.from_hf_config(config)
@@ -145,13 +145,32 @@ def build_stage(
         Stage(index, len(ranges), model, heads=stage_heads, policy=policy),
         seconds=time.perf_counter() - t0,
         weight_bytes=weight_bytes,
-        peak_host_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_host_mb=(_peak_rss() - rss0) / 1e6 if rss0 >= 0 else -1.0,
     )
     log.info(
-        "stage %d: layers [%d, %d) on %s in %s, %.0f MB of weights, loaded in %.1f s; peak host RSS %.0f MB",
-        index, a, b, device, dtype_name(dtype), weight_bytes / 1e6, loaded.seconds, loaded.peak_host_rss_mb,
+        "stage %d: layers [%d, %d) on %s in %s, %.0f MB of weights, loaded in %.1f s; host memory peak +%.0f MB",
+        index, a, b, device, dtype_name(dtype), weight_bytes / 1e6, loaded.seconds, loaded.peak_host_mb,
     )
     return loaded
+
+
+def _reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux); return that RSS in bytes, -1 if unknown."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return -1
+
+
+def _peak_rss() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
 
 
 def load_rank(

@@ -79,10 +79,15 @@ def _accepted() -> str:
             f"and safetensors weights")
 
 
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$ADADECODE_CACHE``, else ``~/.cache/adadecode``."""
+    return Path(cache_dir or os.environ.get("ADADECODE_CACHE") or "~/.cache/adadecode").expanduser()
+
+
 def resolve_model(source: str, cache_dir: str | Path | None = None) -> ResolvedModel:
     """Resolve `source` to a local HF directory; GGUF sources are converted once into `cache_dir`
     (default `$ADADECODE_CACHE` or `~/.cache/adadecode`). Raises ModelSourceError with the fix."""
-    cache_root = Path(cache_dir or os.environ.get("ADADECODE_CACHE") or "~/.cache/adadecode").expanduser()
+    cache_root = default_cache_dir(cache_dir)
     if source.startswith("bundled:"):
         path, origin = _gguf_to_dir(_bundled_gguf(source[len("bundled:"):]), cache_root), source
     else:
