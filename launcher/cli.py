@@ -38,6 +38,12 @@ Exit heads for a model (self-distillation; see launcher/train_heads.py):
 
 Every config key is a flag `--section.key=value` (see `adadecode generate --help`);
 precedence is CLI > `--config FILE` > defaults.
+
+Exit status (launcher/errors.py): 0 done; 2 a user error, one line `adadecode: error: ...`
+(bad config or input, a request that does not fit the cache, a rank that died, hung or
+failed — named, with its cause); 3 an internal error (a bug: a protocol violation, a torch
+error), printed with its traceback; 130 interrupted. With `--stages N` each rank reports its
+own error, and the job exits with status 3 if any rank had an internal error.
 """
 
 from __future__ import annotations
@@ -49,13 +55,13 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
-    ConfigError,
     RunConfig,
     config_help,
     dump_yaml,
     load_config,
     load_spec,
 )
+from .errors import EXIT_INTERRUPTED, report_error
 
 # Short flags for the keys users change most; each maps onto a config key.
 SHORTCUTS = {
@@ -254,11 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args, cfg, argv)
         return cmd_bench(args, cfg, argv)
-    except (ConfigError, ValueError, NotImplementedError, RuntimeError) as e:
-        print(f"adadecode: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - user errors in one line, bugs with a traceback (launcher/errors.py)
+        return report_error(e)
 
 
 if __name__ == "__main__":

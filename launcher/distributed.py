@@ -32,8 +32,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import ConfigError, RunConfig, check_world_size, load_spec
+from .config import RunConfig, check_world_size, load_spec
 from .dist_env import DistEnv
+from .errors import EXIT_INTERNAL_ERROR, report_error
 
 log = logging.getLogger("adadecode.launch")
 
@@ -129,6 +130,8 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
     failed = [ex for ex in exits if ex.returncode != 0]
     if not failed:
         return 0
+    if any(ex.returncode == EXIT_INTERNAL_ERROR for ex in failed):  # a bug anywhere is the job's cause
+        return EXIT_INTERNAL_ERROR
     return failed[0].returncode if failed[0].returncode > 0 else 1
 
 
@@ -167,12 +170,5 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
             code = generate_all(engine)
             runner.close()
             return code
-    except KeyboardInterrupt:
-        print(f"adadecode: rank {rank}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except (ConfigError, ValueError) as e:
-        print(f"adadecode: error: rank {rank}: {e}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as e:
-        print(f"adadecode: error: rank {rank}: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - every rank names itself and the cause
+        return report_error(e, f"rank {rank}: ")

@@ -15,12 +15,17 @@ answers with commands.
   back on every stage, and the final token is started instead. With no early
   token at ``p``, the final token is committed and started.
 - An ``EarlyPrediction`` for the next free position starts that token at once,
-  up to ``max_inflight`` unverified tokens.
+  up to ``max_inflight`` unverified tokens (none for a sequence whose
+  early-exit mode is ``off``). Every ``StepRequest`` carries the sequence's
+  mode, so the stages apply it without being told anything else.
 - Positions only move forward, except on ``Rollback``. Nothing is shown
   (``Verified``) or counted before it is verified, and stop conditions are
   checked on verified tokens only.
 - Predictions of an older epoch are stale and dropped; predictions for a
   finished sequence are dropped too (in-flight work may still drain).
+- Every sequence ends with one ``SequenceFinished``, whatever ends it: the stop
+  criteria, or ``cancel()`` when the runner or the caller fails, so that every
+  stage frees its slot.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 
 from .events import (
     DONE,
+    EARLY_EXIT_MODES,
     WAITING,
     EarlyPrediction,
     FinalPrediction,
@@ -40,7 +46,7 @@ from .events import (
     StepRequest,
     Verified,
 )
-from .stopping import StopCriteria
+from .stopping import StopChecker, StopCriteria
 
 
 class SeqState(enum.Enum):
@@ -79,6 +85,12 @@ class Sequence:
     inflight: list[int] = field(default_factory=list)  # early tokens at len(tokens) + i
     finish_reason: str | None = None
     stats: SeqStats = field(default_factory=SeqStats)
+    early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
+    max_inflight: int = 0
+    stop_checker: StopChecker = field(init=False, repr=False)  # decodes each verified token once
+
+    def __post_init__(self):
+        self.stop_checker = self.criteria.checker()
 
     @property
     def generated(self) -> list[int]:
@@ -92,14 +104,36 @@ class Coordinator:
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque = deque()
 
-    def add_sequence(self, seq: int, prompt: list[int], criteria: StopCriteria) -> None:
-        """Register ``seq`` and queue its prompt for stage 0."""
+    def add_sequence(self, seq: int, prompt: list[int], criteria: StopCriteria, early_exit: str | None = None) -> None:
+        """Register ``seq`` and queue its prompt for stage 0.
+
+        ``early_exit`` (off, eager, deferred) is the sequence's mode: ``off`` takes no early
+        token; None leaves the stages' default policy and this Coordinator's ``max_inflight``.
+        """
         if seq in self.sequences:
             raise ProtocolError(f"sequence {seq} already exists")
         if not prompt:
             raise ValueError(f"sequence {seq}: the prompt is empty; give at least one token")
-        self.sequences[seq] = Sequence(seq, len(prompt), list(prompt), criteria)
-        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt)))
+        if early_exit is not None and early_exit not in EARLY_EXIT_MODES:
+            raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+        max_inflight = 0 if early_exit == "off" else self.max_inflight
+        self.sequences[seq] = Sequence(
+            seq, len(prompt), list(prompt), criteria, early_exit=early_exit, max_inflight=max_inflight
+        )
+        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), early_exit))
+
+    def cancel(self, seq: int, reason: str = "cancelled") -> None:
+        """End ``seq`` now (``cancelled``, ``failed``): drop its queued commands and queue its
+        ``SequenceFinished``, so that every stage frees its slot. A finished sequence is left alone."""
+        s = self.sequences[seq]
+        if s.state is SeqState.FINISHED:
+            return
+        if s.state is not SeqState.ERROR:  # ERROR stays: it tells what went wrong
+            s.state = SeqState.FINISHED
+        s.finish_reason = reason
+        s.inflight.clear()
+        self._actions = deque(a for a in self._actions if getattr(a, "seq", None) != seq)
+        self._actions.append(SequenceFinished(seq, reason))
 
     def receive(self, event) -> None:
         """Record a prediction from a stage."""
@@ -160,26 +194,26 @@ class Coordinator:
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
                 if not self._maybe_finish(s):
-                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
                 return
             self._maybe_finish(s)
             return
         if not self._maybe_finish(s):
-            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
 
     def _on_early(self, s: Sequence, ev: EarlyPrediction) -> None:
         pos = len(s.tokens) + len(s.inflight)
-        if ev.pos != pos or len(s.inflight) >= self.max_inflight:
+        if ev.pos != pos or len(s.inflight) >= s.max_inflight:
             return  # not the next free position, or too much unverified work: ignore
-        if len(s.generated) + len(s.inflight) >= s.criteria.max_new_tokens:
+        if len(s.tokens) - s.prompt_len + len(s.inflight) >= s.criteria.max_new_tokens:
             return  # past the length limit: the token could never be output
         s.inflight.append(ev.token)
         s.stats.early_emitted += 1
         s.stats.early_by_layer[ev.layer] = s.stats.early_by_layer.get(ev.layer, 0) + 1
-        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,)))
+        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
 
     def _maybe_finish(self, s: Sequence) -> bool:
-        reason = s.criteria.check(s.generated)
+        reason = s.stop_checker.push(s.tokens[-1:])
         if reason is None:
             return False
         s.state = SeqState.FINISHED

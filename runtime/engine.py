@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .coordinator import Coordinator
+from .detokenize import TextStream
 from .device import check_placement
-from .events import Verified
+from .events import EARLY_EXIT_MODES
 from .hf_adapter import ModelArgs
 from .kv_cache import CacheOverflowError
 from .loading import LoadSpec, build_stage, prepare
@@ -26,8 +27,6 @@ from .model_source import ResolvedModel
 from .runners.inprocess import LocalRunner
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
-
-EARLY_EXIT_MODES = ("off", "eager", "deferred")
 
 
 @dataclass
@@ -104,7 +103,12 @@ class Engine:
         early_exit: str = "off",
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        """Greedy-decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text."""
+        """Greedy-decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text.
+
+        ``early_exit`` travels with the sequence to every stage (no stage setting changes).
+        Whatever ends the call — an error, an interrupt, ``on_text`` raising — the sequence's
+        cache slot is freed on every stage before the error goes on.
+        """
         if early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
         if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
@@ -112,8 +116,6 @@ class Engine:
                 f"early_exit `{early_exit}` needs exit heads and {self.resolved.origin} has none loaded; "
                 "train them with `adadecode train-heads` and set decoding.heads, or use early_exit `off`"
             )
-        for stage in self.stages:
-            stage.policy = early_exit
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = list(prompt)
         else:
@@ -131,16 +133,16 @@ class Engine:
             decode=self._decode if stop else None,
         )
         seq = self._next_seq
-        self._next_seq += 1
-        coord = Coordinator(max_inflight=0 if early_exit == "off" else self.max_inflight)
-        coord.add_sequence(seq, ids, criteria)
+        coord = Coordinator(max_inflight=self.max_inflight)
+        coord.add_sequence(seq, ids, criteria, early_exit=early_exit)
+        self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
-        streamer = _TextStreamer(self._decode, stop, on_text)
+        stream = TextStream(self._decode, stop, on_text)
         busy0 = list(self.runner.busy_s)
         t0 = time.perf_counter()
-        self.runner.run(coord, on_verified=streamer.push)
+        self.runner.run(coord, on_verified=lambda event: stream.push(event.tokens))
         elapsed = time.perf_counter() - t0
-        streamer.flush()
+        stream.flush()
 
         s = coord.sequences[seq]
         tokens = s.generated
@@ -184,36 +186,6 @@ def _eos_ids(path: Path, config, tokenizer) -> frozenset[int]:
         elif isinstance(c, (list, tuple)):
             ids.update(int(x) for x in c)
     return frozenset(ids)
-
-
-class _TextStreamer:
-    """Turns verified token ids into text deltas, holding back what may still be a stop string."""
-
-    def __init__(self, decode, stop: Sequence[str], on_text):
-        self.decode, self.stop, self.on_text = decode, tuple(stop), on_text
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def push(self, event: Verified) -> None:
-        self.ids.extend(event.tokens)
-        if self.on_text is not None:
-            self._emit(final=False)
-
-    def flush(self) -> None:
-        if self.on_text is not None:
-            self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        text = self.decode(self.ids)
-        if self.stop:
-            text = trim_at_stop_string(text, self.stop)
-        hold = 0 if final else max((len(s) for s in self.stop), default=0)
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
-            hold = max(hold, 1)
-        upto = max(self.sent, len(text) - hold)
-        if upto > self.sent:
-            self.on_text(text[self.sent : upto])
-            self.sent = upto
 
 
 # --- rank 0 of a multi-process pipeline (runners/distributed.py) ----------------------------

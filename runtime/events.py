@@ -6,6 +6,11 @@ rollback, and work of an older epoch is dropped wherever it is seen.
 
 Positions are absolute token positions in the sequence (prompt included). A
 prediction's ``pos`` is the position the predicted token will occupy.
+
+A sequence's early-exit mode travels with its work: every ``StepRequest`` and
+``Activations`` carries ``early_exit`` (one of ``EARLY_EXIT_MODES``), so each
+stage runs each sequence under that sequence's own backfill policy and no
+stage setting has to be changed, or relayed, between generations.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ class Sentinel(enum.Enum):
 WAITING = Sentinel.WAITING
 DONE = Sentinel.DONE
 
+# off: no exit head is evaluated; eager / deferred: the backfill policy (runtime/stage.py).
+EARLY_EXIT_MODES = ("off", "eager", "deferred")
+
 
 class ProtocolError(RuntimeError):
     """An event that is illegal in the receiving machine's current state."""
@@ -36,12 +44,16 @@ class ProtocolError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepRequest:
-    """Run ``tokens`` at positions ``pos, pos+1, ...`` through the pipeline (sent to stage 0)."""
+    """Run ``tokens`` at positions ``pos, pos+1, ...`` through the pipeline (sent to stage 0).
+
+    ``early_exit``: the sequence's mode (``EARLY_EXIT_MODES``); None: the stage's own default.
+    """
 
     seq: int
     epoch: int
     pos: int
     tokens: tuple[int, ...]
+    early_exit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,10 +67,15 @@ class Rollback:
 
 @dataclass(frozen=True)
 class SequenceFinished:
-    """``seq`` is complete: stages free its cache slot; runners report the result."""
+    """``seq`` is complete: stages free its cache slot; runners report the result.
+
+    Sent for every sequence however it ends, so no slot stays taken: ``eos``, ``stop`` and
+    ``length`` by the stop criteria, ``cancelled`` (an interrupt) or ``failed`` (an error
+    in the runner or the caller's callback) by ``Coordinator.cancel``.
+    """
 
     seq: int
-    reason: str  # "eos", "stop", "length"
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +94,8 @@ class Activations:
     ``predict_from``: the first position whose next token the final layer must
     predict (the prompt's last position, or the chunk's first decoded one).
     ``emitted``: the last position's next token was already emitted early, so no
-    exit head is evaluated on it again.
+    exit head is evaluated on it again. ``early_exit``: the sequence's mode, as
+    on ``StepRequest``.
     """
 
     seq: int
@@ -87,6 +105,7 @@ class Activations:
     hidden: torch.Tensor = field(repr=False)
     predict_from: int = -1  # -1: only the last position
     emitted: bool = False
+    early_exit: str | None = None
 
 
 # --- stages -> coordinator ------------------------------------------------------

@@ -11,7 +11,9 @@ Early exit. The head at layer ``l`` reads the hidden state entering layer
 ``l``; a stage evaluates the heads in ``(start, end]`` on the last position of
 an item whose next token has not been emitted yet. When a head is confident,
 the stage emits an ``EarlyPrediction`` at once and stops the item there; its
-remaining layers (the *backfill*) then run under the policy:
+remaining layers (the *backfill*) then run under the policy the item carries
+(``early_exit``, the sequence's mode; the stage's ``policy`` when it carries
+none), so sequences of different modes can share a stage:
 
 - ``eager``: next, before any other item, one chunk as it was: bit-identical
   to early exit off.
@@ -32,6 +34,11 @@ Rules:
   (DESIGN.md, Transport).
 - Positions only move forward within an epoch: at every layer an item starts
   exactly at the cache's valid length (DESIGN.md invariant 1).
+- ``SequenceFinished`` frees the sequence's slot, in any state but SHUTDOWN
+  (cleanup after a failure must still free it); its outputs not handed out
+  yet are dropped, and later items are stale. ``finished`` remembers every finished id in bounded memory: ids
+  are never reused, and handed out in increasing order they collapse into a
+  watermark (``FinishedSeqs``).
 
 It does not know the prompt, the tokenizer, the stop conditions or how many
 early tokens the Coordinator will take.
@@ -47,6 +54,7 @@ import torch
 
 from .events import (
     DONE,
+    EARLY_EXIT_MODES,
     WAITING,
     Activations,
     EarlyPrediction,
@@ -57,9 +65,10 @@ from .events import (
     Shutdown,
     StepRequest,
 )
+from .finished import FinishedSeqs
 from .model_runner import StageModel
 
-BACKFILL_POLICIES = ("off", "eager", "deferred")
+BACKFILL_POLICIES = EARLY_EXIT_MODES
 
 
 class StageState(enum.Enum):
@@ -77,7 +86,7 @@ TRANSITIONS: dict[StageState, dict[type, StageState]] = {
         Shutdown: StageState.SHUTDOWN,
     },
     StageState.SHUTDOWN: {},
-    StageState.ERROR: {},
+    StageState.ERROR: {SequenceFinished: StageState.ERROR},  # freeing a slot is always safe
 }
 
 
@@ -90,6 +99,7 @@ class _Work:
     hidden: torch.Tensor  # [S, D]
     predict_from: int  # first position whose next token the final layer predicts
     emitted: bool = False  # the last position's next token went out early
+    policy: str = "off"  # the sequence's early-exit mode
 
     @property
     def end_pos(self) -> int:
@@ -109,7 +119,8 @@ class StageStats:
 
 class Stage:
     def __init__(self, index: int, num_stages: int, model: StageModel, heads=None, policy: str = "off"):
-        """``heads``: an ``ExitHeads`` (runtime/exit_heads.py) or None; ``policy``: off, eager or deferred."""
+        """``heads``: an ``ExitHeads`` (runtime/exit_heads.py) or None; ``policy``: off, eager or
+        deferred, for items that carry no ``early_exit`` of their own."""
         if policy not in BACKFILL_POLICIES:
             raise ValueError(f"backfill policy `{policy}` is unknown; use one of {', '.join(BACKFILL_POLICIES)}")
         self.index = index
@@ -123,7 +134,7 @@ class Stage:
         self.state = StageState.RUNNING
         self.epochs: dict[int, int] = {}
         self.slots: dict[int, int] = {}
-        self.finished: set[int] = set()
+        self.finished = FinishedSeqs()
         self.stats = StageStats()
         self._work: deque[_Work] = deque()
         self._parked: dict[int, dict[int, _Work]] = {}  # seq -> {layer: deferred backfill}
@@ -131,11 +142,19 @@ class Stage:
 
     @property
     def head_layers(self) -> tuple[int, ...]:
-        """Head layers this stage evaluates under the current policy."""
-        if self.heads is None or self.policy == "off":
+        """Head layers this stage evaluates under its default policy."""
+        return self._head_layers(self.policy)
+
+    def _head_layers(self, policy: str) -> tuple[int, ...]:
+        if self.heads is None or policy == "off":
             return ()
         num_layers = self.model.args.num_layers
         return tuple(l for l in self.heads.layers if self.start < l <= self.end and l < num_layers)
+
+    def is_stale(self, event) -> bool:
+        """Whether ``event`` (an item, or an output of this stage) is of a finished sequence or an
+        older epoch than this stage has seen: work every stage drops, so a runner need not send it."""
+        return event.seq in self.finished or event.epoch < self.epochs.get(event.seq, 0)
 
     # --- input ---------------------------------------------------------------------
 
@@ -160,9 +179,10 @@ class Stage:
             if not self.is_first:
                 self.state = StageState.ERROR
                 raise ProtocolError(f"stage {self.index}: StepRequest sent to a stage other than 0 (sequence {event.seq})")
+            policy = self._policy_of(event)
             hidden = self.model.embed(event.tokens)
             last = event.pos + len(event.tokens) - 1
-            self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last))
+            self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy))
         else:  # Activations
             if event.layer != self.start:
                 self.state = StageState.ERROR
@@ -172,12 +192,24 @@ class Stage:
                 )
             last = event.pos + event.hidden.shape[0] - 1
             predict_from = last if event.predict_from < 0 else event.predict_from
+            policy = self._policy_of(event)
             self._enqueue(
-                _Work(event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted)
+                _Work(event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy)
             )
 
+    def _policy_of(self, event) -> str:
+        if event.early_exit is None:
+            return self.policy
+        if event.early_exit not in BACKFILL_POLICIES:
+            self.state = StageState.ERROR
+            raise ProtocolError(
+                f"stage {self.index}: {type(event).__name__} carries early_exit `{event.early_exit}`, not one of "
+                f"{', '.join(BACKFILL_POLICIES)} (sequence {event.seq})"
+            )
+        return event.early_exit
+
     def _enqueue(self, work: _Work) -> None:
-        if work.seq in self.finished or work.epoch < self.epochs.get(work.seq, 0):
+        if self.is_stale(work):
             self.stats.dropped_stale += 1
             return
         self._advance_epoch(work.seq, work.epoch, work.pos)
@@ -212,6 +244,7 @@ class Stage:
         self.epochs.pop(seq, None)
         self._parked.pop(seq, None)
         self._work = deque(w for w in self._work if w.seq != seq)
+        self._out = deque(o for o in self._out if o.seq != seq)  # nothing of it follows the release
 
     # --- output ----------------------------------------------------------------------
 
@@ -238,13 +271,13 @@ class Stage:
 
     def _run(self, w: _Work) -> None:
         slot = self._slot(w.seq)
-        heads = self.head_layers
+        heads = self._head_layers(w.policy)
         while True:
             parked = self._parked.get(w.seq, {}).pop(w.layer, None)
             if parked is not None:  # a deferred backfill joins this token: one chunk from here on
                 w = self._merge(parked, w)
             if w.layer in heads and not w.emitted and self._try_exit(w) and w.layer < self.end:
-                if self.policy == "eager":  # the backfill runs next, before anything else
+                if w.policy == "eager":  # the backfill runs next, before anything else
                     self._work.appendleft(w)
                 else:
                     self._parked.setdefault(w.seq, {})[w.layer] = w
@@ -264,7 +297,9 @@ class Stage:
             self.stats.items += 1
             self.stats.positions += w.hidden.shape[0]
         if not self.is_last:
-            self._out.append(Activations(w.seq, w.epoch, w.pos, self.end, w.hidden, w.predict_from, w.emitted))
+            self._out.append(
+                Activations(w.seq, w.epoch, w.pos, self.end, w.hidden, w.predict_from, w.emitted, w.policy)
+            )
             return
         # Greedy: only the positions that still need a next token get the LM head.
         first = max(w.predict_from - w.pos, 0)

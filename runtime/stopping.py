@@ -1,13 +1,18 @@
 """When a sequence stops: EOS, a stop string, or ``max_new_tokens``.
 
 Checked by the Coordinator on verified tokens only, so an early (unverified)
-token can never end a generation (DESIGN.md invariant 3).
+token can never end a generation (DESIGN.md invariant 3). ``StopCriteria`` is
+what the caller asks for; ``StopChecker`` follows one sequence as its verified
+tokens come in, decoding each token once (runtime/detokenize.py), not the
+whole output each time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from .detokenize import IncrementalDetokenizer, first_stop_string
 
 
 @dataclass(frozen=True)
@@ -23,27 +28,46 @@ class StopCriteria:
         if self.stop_strings and self.decode is None:
             raise ValueError("stop strings need a decode function (the tokenizer's)")
 
+    def checker(self) -> StopChecker:
+        """A checker for one sequence, fed its verified tokens as they come."""
+        return StopChecker(self)
+
     def check(self, generated: Sequence[int]) -> str | None:
-        """The reason to stop after the last of ``generated``, or ``None`` to go on."""
-        if generated and generated[-1] in self.eos_token_ids:
+        """The reason to stop after all of ``generated`` (one decode of it), or ``None`` to go on."""
+        return self.checker().push(generated)
+
+
+class StopChecker:
+    """The stop conditions of one sequence, fed its verified tokens in order."""
+
+    def __init__(self, criteria: StopCriteria):
+        self.criteria = criteria
+        self.count = 0
+        self.detok = IncrementalDetokenizer(criteria.decode) if criteria.stop_strings else None
+        # Text already checked that a stop string completed by new text may still begin in.
+        self.keep = max((len(s) for s in criteria.stop_strings), default=1) - 1
+        self.tail = ""
+
+    def push(self, tokens: Sequence[int]) -> str | None:
+        """The reason to stop after these newly verified ``tokens``, or ``None`` to go on."""
+        c = self.criteria
+        self.count += len(tokens)
+        if tokens and tokens[-1] in c.eos_token_ids:
             return "eos"
-        if self.stop_strings and self._hits_stop_string(generated):
-            return "stop"
-        if len(generated) >= self.max_new_tokens:
+        if self.detok is not None and tokens:
+            # A token may decode to nothing (a skipped special token) or to part of a character
+            # (byte-level BPE): check the final text so far plus what is not final yet.
+            text = self.tail + self.detok.push(tokens)
+            hit = first_stop_string(text + self.detok.pending, c.stop_strings) >= 0
+            self.tail = text[max(0, len(text) - self.keep) :]
+            if hit:
+                return "stop"
+        if self.count >= c.max_new_tokens:
             return "length"
         return None
 
-    def _hits_stop_string(self, generated: Sequence[int]) -> bool:
-        # Only a stop string that ends inside the newest token can be new. A token may decode to
-        # nothing (a skipped special token) or to part of a character (byte-level BPE), so no
-        # fixed token tail is safe: compare the whole text with the text before the newest token.
-        text = self.decode(generated)
-        before = len(self.decode(generated[:-1]))
-        longest = max(len(s) for s in self.stop_strings)
-        window = text[max(0, min(before, len(text)) - longest) :]
-        return any(s in window for s in self.stop_strings)
 
 def trim_at_stop_string(text: str, stop_strings: Sequence[str]) -> str:
     """Cut ``text`` before the first stop string it contains (stop strings are not output)."""
-    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    cut = first_stop_string(text, stop_strings)
     return text if cut < 0 else text[:cut]

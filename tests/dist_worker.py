@@ -1,13 +1,20 @@
 """One rank of a test pipeline on a model directory, for tests/test_distributed.py.
 
 Started by ``launcher.spawn.spawn_ranks`` (so RANK / WORLD_SIZE / ... are set).
-Rank 0 greedy-decodes token-id prompts with a fresh Coordinator each, once per
-early-exit mode of ``--modes`` (set on every stage the way ``Engine.generate``
-does: on rank 0's stage views, relayed by the runner), and writes
-``{"tokens": {mode: [[...], ...]}, "stats": {...}, "busy_s": [...]}`` to
-``--out``. ``--fault RANK:KIND:N``
-makes rank RANK misbehave once its stage has handed out N events: ``kill``
-(SIGKILL itself), ``hang`` (SIGSTOP itself) or ``raise`` (an exception).
+Rank 0 greedy-decodes token-id prompts, each once per early-exit mode of
+``--modes``, back to back on one pipeline: for every prompt, every mode in turn,
+each run with a fresh Coordinator and the mode carried by the sequence itself.
+It writes ``{"tokens": {mode: [[...], ...]}, "stats": {mode: {...}}, "busy_s":
+[...], "failures": [...], "runner": {...}}`` to ``--out``; every rank writes
+what its stage still holds at the end to ``--out`` + ``.rank<r>``.
+
+``--fail-runs I:N:KIND,...`` makes run I (counting from 0) fail at its N-th
+verified token, from inside ``on_verified`` (``raise``: a RuntimeError, as a
+caller's callback might; ``interrupt``: KeyboardInterrupt, as Ctrl-C on rank 0);
+the run is then repeated, and must give the reference tokens on the slots the
+failure freed. ``--fault RANK:KIND:N[:SECONDS]`` makes rank RANK misbehave once
+its stage has handed out N events: ``kill`` (SIGKILL itself), ``hang`` (SIGSTOP
+itself), ``raise`` (an exception) or ``slow`` (that one step takes SECONDS).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 
 import torch
 from adadecode.launcher.dist_env import read_dist_env
+from adadecode.launcher.errors import report_error
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.loading import LoadSpec, load_rank
 from adadecode.runtime.runners.distributed import DistributedRunner
@@ -28,7 +36,7 @@ from adadecode.runtime.stopping import StopCriteria
 from adadecode.runtime.transport import open_transport
 
 
-def inject_fault(stage, kind: str, after: int) -> None:
+def inject_fault(stage, kind: str, after: int, seconds: float) -> None:
     real = stage.next_action
     count = 0
 
@@ -44,11 +52,35 @@ def inject_fault(stage, kind: str, after: int) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
                 elif kind == "hang":
                     os.kill(os.getpid(), signal.SIGSTOP)
+                elif kind == "slow":
+                    time.sleep(seconds)  # one stage step longer than transport.timeout_s
                 else:
                     raise RuntimeError("injected failure")
         return out
 
     stage.next_action = next_action
+
+
+def failing_callback(after: int, kind: str):
+    seen = 0
+
+    def on_verified(event) -> None:
+        nonlocal seen
+        seen += len(event.tokens)
+        if seen >= after:
+            if kind == "interrupt":
+                raise KeyboardInterrupt
+            raise RuntimeError(f"callback failed at verified token {seen}")
+
+    return on_verified
+
+
+def held(stage, runner) -> dict:
+    """What a stage (and its runner) still hold once every run is over."""
+    return {
+        "slots": sorted(stage.slots), "finished_held": len(stage.finished), "finished_floor": stage.finished.floor,
+        "epochs": len(stage.epochs), "unsent": runner.unsent, "dropped_stale": stage.stats.dropped_stale,
+    }
 
 
 def main() -> int:
@@ -62,6 +94,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--out", default="")
     p.add_argument("--fault", default="")
+    p.add_argument("--fail-runs", default="")
     p.add_argument("--heads", default=None, help="exit-heads directory")
     p.add_argument("--modes", default="off")
     p.add_argument("--max-inflight", type=int, default=2)
@@ -78,9 +111,10 @@ def main() -> int:
     _, config, _, loaded = load_rank(spec, rank=env.rank)
     stage = loaded.stage
     if a.fault:
-        rank, kind, after = a.fault.split(":")
+        rank, kind, after, *seconds = a.fault.split(":")
         if int(rank) == env.rank:
-            inject_fault(stage, kind, int(after))
+            inject_fault(stage, kind, int(after), float(seconds[0]) if seconds else 0.0)
+    fail = {int(i): (int(n), kind) for i, n, kind in (f.split(":") for f in a.fail_runs.split(",") if f)}
     try:
         with open_transport(
             rank=env.rank, world_size=env.world_size, master_addr=env.master_addr, master_port=env.master_port,
@@ -89,32 +123,46 @@ def main() -> int:
             runner = DistributedRunner(stage, t)
             if env.rank != 0:
                 runner.serve()
+                if a.out:
+                    with open(f"{a.out}.rank{env.rank}", "w") as f:
+                        json.dump(held(stage, runner), f)
                 return 0
             eos = frozenset() if a.eos < 0 else frozenset([a.eos])
-            tokens, stats, seq = {}, {}, 0
-            for mode in a.modes.split(","):
-                for s in runner.stages:
-                    s.policy = mode
-                tokens[mode], stats[mode] = [], {"early_emitted": 0, "accepted": 0, "rollbacks": 0, "elapsed_s": 0.0}
-                for prompt in json.loads(a.prompts):
-                    coord = Coordinator(max_inflight=0 if mode == "off" else a.max_inflight)
-                    coord.add_sequence(seq, prompt, StopCriteria(a.max_new_tokens, eos))
-                    t0 = time.perf_counter()
-                    runner.run(coord)
-                    stats[mode]["elapsed_s"] += time.perf_counter() - t0
-                    done = coord.sequences[seq]
-                    tokens[mode].append(done.generated)
-                    for k in ("early_emitted", "accepted", "rollbacks"):
-                        stats[mode][k] += getattr(done.stats, k)
-                    seq += 1
+            modes, prompts = a.modes.split(","), json.loads(a.prompts)
+            tokens = {m: [None] * len(prompts) for m in modes}
+            stats = {m: {"early_emitted": 0, "accepted": 0, "rollbacks": 0, "elapsed_s": 0.0} for m in modes}
+            failures, seq, run = [], 0, 0
+            for i, prompt in enumerate(prompts):
+                for mode in modes:  # back to back, a different mode each run
+                    while tokens[mode][i] is None:
+                        coord = Coordinator(max_inflight=a.max_inflight)
+                        coord.add_sequence(seq, prompt, StopCriteria(a.max_new_tokens, eos), early_exit=mode)
+                        seq += 1
+                        t0 = time.perf_counter()
+                        try:
+                            runner.run(coord, failing_callback(*fail[run]) if run in fail else None)
+                        except (KeyboardInterrupt, RuntimeError) as e:
+                            if run not in fail:
+                                raise
+                            failures.append([run, type(e).__name__])
+                            continue  # the same prompt and mode again, on the freed slots
+                        finally:
+                            run += 1
+                        stats[mode]["elapsed_s"] += time.perf_counter() - t0
+                        done = coord.sequences[seq - 1]
+                        tokens[mode][i] = done.generated
+                        for k in ("early_emitted", "accepted", "rollbacks"):
+                            stats[mode][k] += getattr(done.stats, k)
             runner.close()
             if a.out:
                 with open(a.out, "w") as f:
-                    json.dump({"tokens": tokens, "stats": stats, "busy_s": runner.busy_s}, f)
+                    json.dump({"tokens": tokens, "stats": stats, "busy_s": runner.busy_s, "failures": failures,
+                               "runner": {"unreleased": len(runner._unreleased), "broken": runner._broken}}, f)
+                with open(f"{a.out}.rank0", "w") as f:
+                    json.dump(held(stage, runner), f)
             return 0
-    except Exception as e:
-        print(f"adadecode: error: rank {env.rank}: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (KeyboardInterrupt, Exception) as e:
+        return report_error(e, f"rank {env.rank}: ")
 
 
 if __name__ == "__main__":

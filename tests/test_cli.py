@@ -74,3 +74,78 @@ def test_unknown_architecture_is_refused_by_name(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert main(["generate", "--prompt", "x", "--model", str(tmp_path)]) == 2
     assert "gpt2" in capsys.readouterr().err
+
+
+# --- exit statuses: user errors in one line, bugs with their traceback --------------------------
+
+
+def _raiser(exc):
+    def cmd(*args, **kwargs):
+        raise exc
+
+    return cmd
+
+
+@pytest.mark.parametrize(
+    "exc, status, line",
+    [
+        (ValueError("bad value `x`; use y"), 2, "adadecode: error: bad value `x`; use y"),
+        ("cache", 2, "adadecode: error: the prompt needs 99 positions"),
+        ("transport", 2, "adadecode: error: rank 1 (pid 7 on n1) closed its control connection"),
+        ("protocol", 3, "adadecode: internal error: ProtocolError: stage 1: no free cache slot"),
+        (RuntimeError("CUDA error: device-side assert triggered"), 3, "adadecode: internal error: RuntimeError: CUDA"),
+        (KeyError("model.layers.3.mlp.up_proj.bias"), 3, "adadecode: internal error: KeyError: "),
+    ],
+    ids=["value", "cache", "transport", "protocol", "torch", "other"],
+)
+def test_user_errors_are_one_line_and_bugs_show_a_traceback(monkeypatch, capsys, exc, status, line):
+    from adadecode.runtime.events import ProtocolError
+    from adadecode.runtime.kv_cache import CacheOverflowError
+    from adadecode.runtime.transport.errors import TransportError
+
+    exc = {
+        "cache": CacheOverflowError("the prompt needs 99 positions but the KV cache holds 32"),
+        "transport": TransportError("rank 1 (pid 7 on n1) closed its control connection: the process died"),
+        "protocol": ProtocolError("stage 1: no free cache slot for sequence 3"),
+    }.get(exc, exc)
+    monkeypatch.setattr("adadecode.launcher.cli.cmd_generate", _raiser(exc))
+    assert main(["generate", "--prompt", "x"]) == status
+    err = capsys.readouterr().err
+    assert line in err, err
+    if status == 2:
+        assert err.count("\n") == 1 and "Traceback" not in err
+    else:
+        assert err.startswith("Traceback (most recent call last)") and "a bug" in err and "status 3" in err
+
+
+def test_an_interrupt_exits_130(monkeypatch, capsys):
+    monkeypatch.setattr("adadecode.launcher.cli.cmd_generate", _raiser(KeyboardInterrupt()))
+    assert main(["generate", "--prompt", "x"]) == 130
+
+
+def test_a_rank_names_itself_in_every_report(capsys):
+    from adadecode.launcher.errors import report_error
+    from adadecode.runtime.transport.errors import JobAborted
+
+    assert report_error(JobAborted("stopped by rank 0: TransportError: rank 1 died"), "rank 2: ") == 2
+    assert report_error(RuntimeError("injected"), "rank 1: ") == 3
+    assert report_error(KeyboardInterrupt(), "rank 0: ") == 130
+    err = capsys.readouterr().err
+    assert "adadecode: error: rank 2: stopped by rank 0: TransportError: rank 1 died\n" in err
+    assert "adadecode: internal error: rank 1: RuntimeError: injected" in err
+    assert "adadecode: rank 0: interrupted" in err
+
+
+@pytest.mark.parametrize("codes, status", [([0, 0], 0), ([2, 3], 3), ([2, 2], 2), ([0, -9], 1), ([130, 2], 130)])
+def test_a_spawned_job_exits_3_when_any_rank_hit_a_bug(monkeypatch, codes, status):
+    from adadecode.launcher.cli import parse
+    from adadecode.launcher.dist_env import read_dist_env
+    from adadecode.launcher.distributed import plan_launch, spawn_local
+    from adadecode.launcher.spawn import RankExit
+
+    monkeypatch.setattr(
+        "adadecode.launcher.spawn.spawn_ranks",
+        lambda *a, **k: [RankExit(r, 100 + r, c) for r, c in enumerate(codes)],
+    )
+    _, cfg = parse(["generate", "--stages", "2", "--prompt", "x"])
+    assert spawn_local(["generate"], cfg, plan_launch(cfg, read_dist_env())) == status

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from adadecode.runtime.coordinator import TRANSITIONS, Coordinator, SeqState
+from adadecode.runtime.coordinator import Coordinator, SeqState
 from adadecode.runtime.events import (
     DONE,
     WAITING,
@@ -32,11 +32,10 @@ EOS = 2
 
 
 def drain(coord: Coordinator) -> list:
-    """Every command ``next_action`` has now; never ``None``."""
+    """Every command ``next_action`` hands out before its sentinel (``WAITING`` or ``DONE``)."""
     out = []
     while True:
         action = coord.next_action()
-        assert action is not None
         if action is WAITING or action is DONE:
             return out
         out.append(action)
@@ -64,21 +63,27 @@ def early(pos: int, token: int, epoch: int = 0, seq: int = 0, layer: int = 2) ->
     return EarlyPrediction(seq, epoch, pos, token, layer, 0.9)
 
 
-# --- the transition table -----------------------------------------------------------------
+# --- every (state, event type) ---------------------------------------------------------------
 
-EXPECTED_TRANSITIONS = {
-    SeqState.PREFILL: {FinalPrediction: SeqState.DECODING, EarlyPrediction: SeqState.PREFILL},
-    SeqState.DECODING: {FinalPrediction: SeqState.DECODING, EarlyPrediction: SeqState.DECODING},
-    SeqState.FINISHED: {FinalPrediction: SeqState.FINISHED, EarlyPrediction: SeqState.FINISHED},
-    SeqState.ERROR: {},
+# The event types each state accepts; every other pair is illegal. What they do is ``legal_outcome``.
+LEGAL = {
+    SeqState.PREFILL: {FinalPrediction, EarlyPrediction},
+    SeqState.DECODING: {FinalPrediction, EarlyPrediction},
+    SeqState.FINISHED: {FinalPrediction, EarlyPrediction},
+    SeqState.ERROR: set(),
 }
 
 EVENT_TYPES = [FinalPrediction, EarlyPrediction, StepRequest, Rollback, SequenceFinished, Verified, Activations]
 
 
-def test_transition_table_is_the_documented_one():
-    assert TRANSITIONS == EXPECTED_TRANSITIONS
-    assert set(TRANSITIONS) == set(SeqState)
+def legal_outcome(state: SeqState, event) -> tuple[SeqState, list]:
+    """The state a legal prediction (token 5, at the next position) leads to, and the commands it gives."""
+    if state is SeqState.FINISHED:
+        return SeqState.FINISHED, []  # in-flight work draining after the end: dropped
+    started = StepRequest(0, 0, event.pos, (5,))
+    if isinstance(event, FinalPrediction):
+        return SeqState.DECODING, [Verified(0, event.pos, (5,)), started]
+    return state, [started]  # an early token is started, not shown, and changes no state
 
 
 def coord_in(state: SeqState) -> Coordinator:
@@ -113,10 +118,11 @@ def event_of(event_type: type, coord: Coordinator):
 def test_every_transition(state, event_type):
     coord = coord_in(state)
     event = event_of(event_type, coord)
-    if event_type in EXPECTED_TRANSITIONS[state]:
+    if event_type in LEGAL[state]:
+        next_state, commands = legal_outcome(state, event)
         coord.receive(event)
-        assert coord.sequences[0].state is EXPECTED_TRANSITIONS[state][event_type]
-        assert coord.next_action() is not None
+        assert coord.sequences[0].state is next_state
+        assert drain(coord) == commands
     else:
         with pytest.raises(ProtocolError) as exc:
             coord.receive(event)
@@ -596,3 +602,70 @@ def test_output_is_greedy_whatever_the_early_heads_guess(seed):
     assert shown == expected == s.generated
     assert s.stats.accepted + s.stats.rollbacks <= s.stats.early_emitted
     assert s.epoch == s.stats.rollbacks
+
+
+# --- the sequence's early-exit mode, and its end in every case -------------------------------------
+
+
+def test_every_step_request_carries_the_sequences_mode():
+    coord = Coordinator(max_inflight=2)
+    coord.add_sequence(0, list(PROMPT), StopCriteria(8), early_exit="deferred")
+    coord.add_sequence(1, [7], StopCriteria(8), early_exit="off")
+    assert drain(coord) == [StepRequest(0, 0, 0, PROMPT, "deferred"), StepRequest(1, 0, 0, (7,), "off")]
+    coord.receive(final(P, 5))
+    coord.receive(early(P + 1, 6))
+    coord.receive(final(P + 1, 9))  # rejects 6: rollback, and the corrected token goes out in the mode
+    assert drain(coord) == [
+        Verified(0, P, (5,)), StepRequest(0, 0, P, (5,), "deferred"), StepRequest(0, 0, P + 1, (6,), "deferred"),
+        Verified(0, P + 1, (9,)), Rollback(0, 1, P + 1), StepRequest(0, 1, P + 1, (9,), "deferred"),
+    ]
+    # `off` takes no early token, whatever the Coordinator's max_inflight
+    coord.receive(final(1, 3, seq=1))
+    coord.receive(early(2, 4, seq=1))
+    assert drain(coord) == [Verified(1, 1, (3,)), StepRequest(1, 0, 1, (3,), "off")]
+    assert coord.sequences[1].stats.early_emitted == 0
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="early_exit `fast` is unknown"):
+        Coordinator().add_sequence(0, [1], StopCriteria(4), early_exit="fast")
+
+
+def test_cancel_ends_a_sequence_with_one_sequence_finished():
+    coord = make(max_inflight=2)
+    coord.receive(final(P, 5))
+    coord.receive(early(P + 1, 6))  # queued commands of the sequence, not handed out yet
+    coord.cancel(0, "failed")
+    assert drain(coord) == [SequenceFinished(0, "failed")]
+    s = coord.sequences[0]
+    assert (s.state, s.finish_reason, s.inflight) == (SeqState.FINISHED, "failed", [])
+    coord.cancel(0, "cancelled")  # already finished: nothing more
+    coord.receive(final(P + 1, 6))  # work still draining is dropped as for any finished sequence
+    assert drain(coord) == [] and coord.next_action() is DONE
+
+
+def test_cancel_after_a_protocol_error_still_frees_the_slot():
+    coord = make()
+    with pytest.raises(ProtocolError):
+        coord.receive(final(P + 3, 5))
+    coord.cancel(0, "failed")
+    assert drain(coord) == [SequenceFinished(0, "failed")]
+    assert coord.sequences[0].state is SeqState.ERROR  # what went wrong stays visible
+
+
+def test_stop_strings_decode_each_verified_token_once():
+    """Stop strings are checked incrementally: the decoding work per token does not grow
+    with the output (it was the whole output, twice, per token: quadratic)."""
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    n = 400
+    coord = make(max_new_tokens=n, eos=(), stop=("zzz",), decode=decode)
+    for i in range(n):
+        coord.receive(final(P + i, i % 25))
+        drain(coord)
+    assert coord.sequences[0].finish_reason == "length"
+    assert max(decoded) <= 4 and sum(decoded) <= 4 * n

@@ -1,9 +1,11 @@
 """The multi-process pipeline: wire formats, the control plane's job key and liveness, and real
 gloo jobs of 2 and 3 ranks (spawned with launcher/spawn.py, each with a deadline) that must give
-the reference runner's tokens, with and without early exit, and must exit cleanly, naming the
-rank and the cause, when a rank dies, hangs or fails.
+the reference runner's tokens, with and without early exit and with runs of different modes
+back to back; that must free every slot on every rank when a run fails, and survive a stage step
+longer than the timeout; and that must exit cleanly, naming the rank and the cause, when a rank
+dies, hangs or fails (status 2; the failing rank's own bug: a traceback and status 3).
 
-Every job here starts processes that import torch; the module takes about 1.5 minutes on 2 cores.
+Every job here starts processes that import torch; the module takes about 2 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -55,18 +57,22 @@ MAX_NEW_TOKENS = 24
 
 
 def test_header_carries_every_activations_field():
-    act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True)
+    act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True, early_exit="deferred")
     head = decode_header(encode_header(act))
     assert list(head) == list(HEADER_FIELDS)
     assert head == {"seq": 7, "epoch": 3, "pos": 41, "layer": 12, "S": 5, "predict_from": 43, "emitted": 1,
-                    "kind": KIND_ACTIVATIONS}
-    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (8,)
+                    "early_exit": 2, "kind": KIND_ACTIVATIONS}
+    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (9,)
+    assert decode_header(encode_header(Activations(7, 3, 41, 12, torch.zeros(1, 4))))["early_exit"] == -1
+    with pytest.raises(TransportError, match="early_exit 3"):
+        decode_header(torch.tensor([7, 3, 41, 12, 5, 43, 1, 3, KIND_ACTIVATIONS]))
 
 
 @pytest.mark.parametrize(
     "event",
     [
         StepRequest(1, 2, 30, (5, 6)),
+        StepRequest(1, 2, 30, (5, 6), "eager"),
         Rollback(1, 3, 29),
         SequenceFinished(1, "eos"),
         Shutdown(),
@@ -80,7 +86,7 @@ def test_control_events_round_trip(event):
 
 def _pair(timeout_s: float = 5.0, key: bytes = b"k" * 32):
     server = ControlServer(2, key, "127.0.0.1", timeout_s)
-    client = ControlClient(1, server.endpoint, key, timeout_s)
+    client = ControlClient(1, server.endpoint, key, timeout_s, server.pulse_endpoint)
     server.wait_for_peers()
     return server, client
 
@@ -129,11 +135,31 @@ def test_control_plane_detects_a_peer_that_vanishes():
         server.close()
 
 
+def test_a_peer_busy_for_longer_than_the_timeout_is_alive_and_says_so():
+    """Heartbeats come from a thread of their own: a rank whose loop computes (here: never calls
+    recv) for twice the timeout is alive, and its heartbeats say how long its step has run."""
+    server, client = _pair(timeout_s=0.5)
+    try:
+        client.busy_since = time.monotonic()
+        assert _recv_until(server, 1, 1.0) == []  # 2 x timeout_s: no TransportError
+        assert server.busy_for(1) > 0.5
+        assert client.recv(0.0) == []  # and rank 0, whose loop was as quiet, is alive for the client
+        client.busy_since = None
+        time.sleep(0.2)
+        assert server.busy_for(1) == 0.0
+    finally:
+        client.close()
+        server.close()
+
+
 def test_control_plane_detects_a_silent_peer():
     server, client = _pair(timeout_s=0.5)
     try:
+        client.pulse.stop()  # what a stopped or wedged process looks like: no heartbeat any more
         with pytest.raises(TransportError, match=r"rank 1 .* has sent nothing for .*hangs"):
-            _recv_until(server, 1, 3.0)  # the client never calls recv(), so never heartbeats
+            _recv_until(server, 1, 3.0)
+        with pytest.raises(TransportError, match="has sent nothing for"):  # and so on, at once
+            server.recv(0.0)
     finally:
         client.close()
         server.close()
@@ -185,8 +211,22 @@ def run_job(tmp_path: Path, world: int, *args: str, grace_s: float = 30.0, deadl
     return exits, elapsed, json.loads(out.read_text()) if out.exists() else None
 
 
+def assert_nothing_held(tmp_path: Path, world: int, sequences: int) -> None:
+    """After the job, no rank's stage holds a slot, an epoch or a finished id one by one
+    (every rank writes what it holds at its end)."""
+    files = sorted(tmp_path.glob("job-*.json.rank*"))
+    assert len(files) == world, files
+    for r, h in enumerate(json.loads(f.read_text()) for f in files):
+        assert h["slots"] == [] and h["epochs"] == 0, (r, h)
+        # every finished id is remembered, in a watermark: gapless ids leave nothing in the set
+        assert h["finished_held"] == 0 and h["finished_floor"] == sequences, (r, h)
+
+
 @pytest.mark.parametrize("world, split", [(2, "3"), (3, "2,4")])
 def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split):
+    """Every prompt in every mode, the modes back to back (off, eager, deferred, off, ...) on the
+    same slots: each sequence carries its own mode, and each run starts once every rank has
+    confirmed freeing the previous one's slot."""
     path, heads, eos, refs = tiny
     exits, _, out = run_job(
         tmp_path, world, "--model", str(path), "--split-points", split, "--prompts", json.dumps(PROMPTS),
@@ -200,6 +240,44 @@ def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, t
     for mode in ("eager", "deferred"):  # the premise: early tokens flowed and many were rolled back
         assert out["stats"][mode]["rollbacks"] >= 5 and out["stats"][mode]["accepted"] >= 1, out["stats"]
     assert len(out["busy_s"]) == world and all(b > 0 for b in out["busy_s"])
+    assert out["runner"] == {"unreleased": 0, "broken": None}
+    assert_nothing_held(tmp_path, world, 3 * len(PROMPTS))
+
+
+def test_a_failed_run_frees_its_slots_on_every_rank(tmp_path, tiny):
+    """Runs that fail inside ``run()`` — the caller's callback raising, an interrupt on rank 0 —
+    in the middle of a sequence whose early tokens are in flight: every rank frees the slot
+    (one slot per stage here, so a leak would fail the next run), and the same prompt and mode
+    run again right after give the reference tokens."""
+    path, heads, eos, refs = tiny
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", str(path), "--split-points", "3", "--prompts", json.dumps(PROMPTS[:2]),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--heads", str(heads),
+        "--modes", "eager,deferred,off", "--fail-runs", "0:3:raise,2:2:interrupt,4:2:raise",
+    )
+    assert [ex.returncode for ex in exits] == [0, 0], [ex.describe() for ex in exits]
+    assert out["failures"] == [[0, "RuntimeError"], [2, "KeyboardInterrupt"], [4, "RuntimeError"]]
+    for mode in ("eager", "deferred", "off"):
+        assert out["tokens"][mode] == refs[:2], mode
+    assert out["runner"] == {"unreleased": 0, "broken": None}
+    assert_nothing_held(tmp_path, 2, 2 * 3 + 3)
+
+
+def test_a_stage_step_longer_than_the_timeout_is_not_a_hang(tmp_path, tiny):
+    """Rank 1 spends 1.5 x transport.timeout_s in one stage step (a long prefill on a slow
+    machine): its pulse thread keeps it alive and tells rank 0 it is computing, so nobody
+    declares a hang (after 0.8 x timeout_s of silence) or a stall (after timeout_s without
+    progress), and the tokens are the reference's."""
+    path, _, eos, refs = tiny
+    timeout = 4.0
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", str(path), "--prompts", json.dumps(PROMPTS[:1]),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--timeout", str(timeout),
+        "--fault", f"1:slow:3:{1.5 * timeout}",
+    )
+    assert [ex.returncode for ex in exits] == [0, 0], [ex.describe() for ex in exits]
+    assert out["tokens"]["off"] == refs[:1]
+    assert out["stats"]["off"]["elapsed_s"] > 1.5 * timeout
 
 
 def test_a_killed_rank_stops_every_other_rank_with_its_name(tmp_path, tiny, capfd):
@@ -213,8 +291,9 @@ def test_a_killed_rank_stops_every_other_rank_with_its_name(tmp_path, tiny, capf
     err = capfd.readouterr().err
     assert out is None
     assert exits[1].returncode == -signal.SIGKILL
-    # The others exited by themselves (1), not by the supervisor's SIGTERM after the grace period.
-    assert exits[0].returncode == 1 and exits[2].returncode == 1, [ex.describe() for ex in exits]
+    # The others exited by themselves (2: a user-facing error naming the rank), not by the
+    # supervisor's SIGTERM after the grace period.
+    assert exits[0].returncode == 2 and exits[2].returncode == 2, [ex.describe() for ex in exits]
     dead = f"rank 1 (pid {exits[1].pid} on "
     assert f"adadecode: error: rank 0: {dead}" in err and "closed its control connection" in err, err
     # Rank 2 hears it from rank 0, or first from its own data-plane link to rank 1.
@@ -232,7 +311,7 @@ def test_a_hung_rank_is_found_by_its_silence(tmp_path, tiny, capfd):
         grace_s=1.0,
     )
     err = capfd.readouterr().err
-    assert out is None and exits[0].returncode == 1, [ex.describe() for ex in exits]
+    assert out is None and exits[0].returncode == 2, [ex.describe() for ex in exits]
     assert f"adadecode: error: rank 0: rank 1 (pid {exits[1].pid} on " in err and "has sent nothing for" in err, err
     assert exits[1].returncode in (-signal.SIGTERM, -signal.SIGKILL)  # the stopped rank is reaped too
 
@@ -244,8 +323,10 @@ def test_a_failing_rank_reports_its_error_to_every_rank(tmp_path, tiny, capfd):
         "--max-new-tokens", str(MAX_NEW_TOKENS), "--fault", "1:raise:5", grace_s=20.0,
     )
     err = capfd.readouterr().err
-    assert out is None and [ex.returncode for ex in exits] == [1, 1], [ex.describe() for ex in exits]
-    assert "adadecode: error: rank 1: injected failure" in err, err
+    # Rank 1's own error is a bug (a RuntimeError inside its stage): traceback and status 3;
+    # rank 0 names rank 1 and its cause in one line, status 2.
+    assert out is None and [ex.returncode for ex in exits] == [2, 3], [ex.describe() for ex in exits]
+    assert "Traceback (most recent call last)" in err and "adadecode: internal error: rank 1: RuntimeError: injected failure" in err, err
     assert f"adadecode: error: rank 0: rank 1 (pid {exits[1].pid} on " in err, err
     assert "failed: RuntimeError: injected failure" in err, err
 

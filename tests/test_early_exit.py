@@ -1,6 +1,12 @@
 """Early exit on the real bundled model: eager and deferred backfill, forced rollbacks, and
 stops (EOS emitted early on every stage, max_new_tokens, stop strings) all give exactly the
-tokens of plain greedy decoding. scripts/parity.py runs the large version (32 x 256)."""
+tokens of plain greedy decoding. scripts/parity.py runs the large version (32 x 256).
+
+Eager backfill equal to greedy is a rule (DESIGN.md invariant 4). Deferred backfill equal to
+greedy is not: a merged chunk changes the floating-point reduction order, and here it happens
+to give the same tokens because the model runs in fp32 on this CPU. The tests still assert it,
+as that CPU fp32 property, and assert its premise with it: that merged chunks really ran
+(``merged_chunks``), or the deferred runs would only repeat the eager ones."""
 
 from __future__ import annotations
 
@@ -29,6 +35,11 @@ def untrained_heads(engine: Engine, layers, threshold: float = 0.0) -> ExitHeads
     manifest = {"default_layers": list(layers), "default_thresholds": {str(l): threshold for l in layers}}
     return ExitHeads({l: eye for l in layers}, last.norm, last.lm_head.weight[:4096].contiguous(), vocab,
                      {l: threshold for l in layers}, manifest)
+
+
+def merged_chunks(engine: Engine) -> int:
+    """Deferred backfills that ran as one chunk with a later token, so far, over all stages."""
+    return sum(stage.stats.merged for stage in engine.stages)
 
 
 def with_heads(engine: Engine, heads: ExitHeads) -> Engine:
@@ -77,24 +88,30 @@ def test_forced_rollbacks_still_match_plain_greedy(engines, cases, stages, mode)
     engine = with_heads(engines[stages], staggered_heads(engines[stages]))
     rollbacks = accepted = 0
     exit_stages = set()
+    merged = merged_chunks(engine)
     for ids, ref in cases:
         res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
         at = first_divergence(res.tokens, ref)
+        # for deferred: the CPU fp32 property (module docstring), not a rule
         assert at is None, f"{stages} stages, {mode}: diverges at {at}: {res.tokens[at:at + 3]} vs {ref[at:at + 3]}"
         rollbacks += res.stats["rollbacks"]
         accepted += res.stats["accepted"]
         exit_stages |= {i for i, (a, b) in enumerate(engine.layer_ranges) for l in res.stats["early_by_layer"] if a < l <= b}
     assert rollbacks >= 5  # the premise: verification really had to undo work
     assert exit_stages == set(range(stages))  # and early tokens came from every stage
+    assert (merged_chunks(engine) > merged) == (mode == "deferred")  # and deferred really merged
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_eager_and_deferred_match_off_with_a_confident_threshold(engines, cases, mode):
+    """For deferred, the equality is the CPU fp32 property (module docstring), not a rule."""
     engine = with_heads(engines[1], untrained_heads(engines[1], [20, 26], threshold=0.6))
+    merged = merged_chunks(engine)
     for ids, ref in cases:
         res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
         assert res.tokens == ref
         assert res.stats["early_emitted"] > 0
+    assert (merged_chunks(engine) > merged) == (mode == "deferred")
 
 
 class RecordingCoordinator(coordinator_module.Coordinator):
@@ -112,13 +129,15 @@ class RecordingCoordinator(coordinator_module.Coordinator):
 def test_eos_emitted_early_on_each_stage_stops_only_once_verified(engines, cases, monkeypatch, stage):
     """Heads on one stage of three. Declare a token the EOS that a head there predicted early:
     wrongly (it must be rolled back, never end the sequence) and, where the head was right,
-    correctly (generation ends exactly there, once verified)."""
+    correctly (generation ends exactly there, once verified). For deferred with heads on stage
+    0, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = engines[3]
     a, b = engine.layer_ranges[stage]
     layers = sorted({(a + b) // 2, b} - {30})
     with_heads(engine, untrained_heads(engine, layers))
     monkeypatch.setattr("adadecode.runtime.engine.Coordinator", RecordingCoordinator)
     eos = engine.eos_token_ids
+    merged = 0
     try:
         right = wrong = 0
         for ids, ref in cases:
@@ -133,31 +152,45 @@ def test_eos_emitted_early_on_each_stage_stops_only_once_verified(engines, cases
                     continue
                 engine.eos_token_ids = frozenset({ev.token})
                 for mode in MODES:
+                    before = merged_chunks(engine)
                     res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
+                    if mode == "deferred":
+                        merged += merged_chunks(engine) - before
                     assert res.tokens == expected, (stage, mode, ev)
                     assert res.finish_reason == ("eos" if ev.token == ref[j] else "length")
                 engine.eos_token_ids = eos
                 right, wrong = right + (ev.token == ref[j]), wrong + (ev.token != ref[j])
         assert wrong == 1 and right == 1, f"stage {stage}: found {right} right and {wrong} wrong early EOS cases"
+        if stage == 0:
+            assert merged > 0
+        # With heads on a later stage only, the LocalRunner runs that stage's parked backfill idle
+        # (the next token reaches it a tick later), so nothing merges and those deferred runs
+        # compute the chunks eager does: their equality is the eager rule, not the fp32 property.
     finally:
         engine.eos_token_ids = eos
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
 def test_max_new_tokens_with_early_tokens_in_flight(engines, cases, n):
+    """For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = with_heads(engines[2], untrained_heads(engines[2], [10, 19, 25], threshold=0.2))
     ids, ref = cases[0]
     for mode in MODES:
+        merged = merged_chunks(engine)
         res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
         assert res.tokens == ref[:n] and res.finish_reason in ("length", "eos")
+        assert (merged_chunks(engine) > merged) == (mode == "deferred")
 
 
 def test_stop_string_with_early_exit(engines):
+    """For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = with_heads(engines[1], untrained_heads(engines[1], [16, 24], threshold=0.3))
     plain = engine.generate("List three colours:\n1.", max_new_tokens=30, stop=["2."])
     for mode in MODES:
+        merged = merged_chunks(engine)
         res = engine.generate("List three colours:\n1.", max_new_tokens=30, stop=["2."], early_exit=mode)
         assert (res.tokens, res.text, res.finish_reason) == (plain.tokens, plain.text, "stop")
+        assert (merged_chunks(engine) > merged) == (mode == "deferred")
 
 
 def test_early_exit_without_heads_is_refused(engines):

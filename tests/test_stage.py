@@ -25,7 +25,7 @@ from adadecode.runtime.events import (
 )
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
-from adadecode.runtime.stage import TRANSITIONS, Stage, StageState
+from adadecode.runtime.stage import FinishedSeqs, Stage, StageState
 from helpers import hf_greedy, save_tiny_model
 
 PROMPT = (5, 17, 3, 42, 8)
@@ -61,7 +61,6 @@ def drain(stage: Stage) -> list:
     out = []
     while True:
         action = stage.next_action()
-        assert action is not None
         if action is WAITING or action is DONE:
             return out
         out.append(action)
@@ -84,28 +83,25 @@ def same_all(xs, ys) -> bool:
     return len(xs) == len(ys) and all(same(x, y) for x, y in zip(xs, ys))
 
 
-# --- the transition table -----------------------------------------------------------------
+# --- every (state, event type) ---------------------------------------------------------------
 
-EXPECTED_TRANSITIONS = {
+# What a legal event does on a single stage after the prompt: the state it leads to and what
+# next_action() hands out then (a position: the FinalPrediction for it). Every other pair is illegal.
+LEGAL = {
     StageState.RUNNING: {
-        StepRequest: StageState.RUNNING,
-        Activations: StageState.RUNNING,
-        Rollback: StageState.RUNNING,
-        SequenceFinished: StageState.RUNNING,
-        Shutdown: StageState.SHUTDOWN,
+        StepRequest: (StageState.RUNNING, P + 1),
+        Activations: (StageState.RUNNING, P + 1),
+        Rollback: (StageState.RUNNING, WAITING),
+        SequenceFinished: (StageState.RUNNING, WAITING),
+        Shutdown: (StageState.SHUTDOWN, DONE),
     },
     StageState.SHUTDOWN: {},
-    StageState.ERROR: {},
+    StageState.ERROR: {SequenceFinished: (StageState.ERROR, WAITING)},  # cleanup after a failure frees the slot
 }
 
 EVENT_TYPES = [
     StepRequest, Activations, Rollback, SequenceFinished, Shutdown, FinalPrediction, EarlyPrediction, Verified
 ]
-
-
-def test_transition_table_is_the_documented_one():
-    assert TRANSITIONS == EXPECTED_TRANSITIONS
-    assert set(TRANSITIONS) == set(StageState)
 
 
 def stage_in(model_dir, state: StageState) -> Stage:
@@ -139,10 +135,15 @@ def event_of(event_type: type):
 def test_every_transition(model_dir, state, event_type):
     stage = stage_in(model_dir, state)
     event = event_of(event_type)
-    if event_type in EXPECTED_TRANSITIONS[state]:
+    if event_type in LEGAL[state]:
+        next_state, then = LEGAL[state][event_type]
         stage.receive(event)
-        assert stage.state is EXPECTED_TRANSITIONS[state][event_type]
-        assert stage.next_action() is not None
+        assert stage.state is next_state
+        out = stage.next_action()
+        if isinstance(then, int):
+            assert isinstance(out, FinalPrediction) and (out.seq, out.epoch, out.pos) == (0, 0, then)
+        else:
+            assert out is then
     else:
         with pytest.raises(ProtocolError) as exc:
             stage.receive(event)
@@ -464,3 +465,120 @@ def test_shutdown(model_dir):
     assert stage.state is StageState.ERROR
     with pytest.raises(ProtocolError):
         stage.receive(Shutdown())
+
+
+def test_sequence_finished_frees_the_slot_even_in_error(model_dir):
+    """Cleanup after a failure must free the slot of a stage that raised (runners/routing.py)."""
+    (stage,) = stages(model_dir, [(0, 6)])
+    stage.receive(StepRequest(0, 0, 0, PROMPT))
+    drain(stage)
+    with pytest.raises(ProtocolError):
+        stage.receive(Verified(0, P, (1,)))
+    stage.receive(SequenceFinished(0, "failed"))
+    assert stage.state is StageState.ERROR and stage.slots == {} and 0 in stage.finished
+
+
+# --- finished sequences in bounded memory ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "order, floor, held",
+    [
+        ([0, 1, 2, 3], 4, 0),  # in order: a watermark, nothing held one by one
+        ([1, 3, 0], 2, 1),  # out of order: 3 waits above the floor until 2 finishes
+        ([2, 1, 0, 4], 3, 1),
+        ([5, 6], 0, 2),  # ids not from 0: exact, just held one by one
+    ],
+)
+def test_finished_ids_collapse_into_a_watermark(order, floor, held):
+    finished = FinishedSeqs()
+    for seq in order:
+        finished.add(seq)
+        finished.add(seq)  # idempotent
+    assert (finished.floor, len(finished)) == (floor, held)
+    assert {seq for seq in range(10) if seq in finished} == set(order)
+
+
+def test_a_stage_remembers_every_finished_sequence_in_bounded_memory(model_dir):
+    """40 sequences through two slots, finished out of order in pairs: the stage holds at most one
+    finished id one by one, and an item of any of them arriving late is still dropped."""
+    stage = make_stage(model_dir, 0, [(0, 6)], num_slots=2)
+    for seq in range(0, 40, 2):
+        for s in (seq, seq + 1):
+            stage.receive(StepRequest(s, 0, 0, PROMPT[:2], "off"))
+        drain(stage)
+        stage.receive(SequenceFinished(seq + 1, "eos"))
+        assert len(stage.finished) == 1  # seq + 1 waits for seq
+        stage.receive(SequenceFinished(seq, "length"))
+        assert len(stage.finished) == 0 and stage.slots == {} and stage.epochs == {}
+    assert stage.finished.floor == 40
+    for late in (StepRequest(3, 0, 2, (7,)), Activations(30, 2, 9, 0, torch.zeros(1, D)), Rollback(7, 4, 1)):
+        stage.receive(late)
+    assert stage.stats.dropped_stale == 2 and stage.next_action() is WAITING and stage.epochs == {}
+    assert stage.is_stale(FinalPrediction(39, 0, 3, 5)) and not stage.is_stale(FinalPrediction(40, 0, 3, 5))
+
+
+def test_is_stale_names_older_epochs_and_finished_sequences(model_dir):
+    s0, _ = stages(model_dir)
+    s0.receive(StepRequest(0, 0, 0, PROMPT))
+    s0.receive(StepRequest(0, 0, P, (7,)))
+    prompt_acts = s0.next_action()
+    assert not s0.is_stale(prompt_acts)
+    s0.receive(Rollback(0, 1, P))  # what a runner learns between a step and its send
+    assert s0.is_stale(prompt_acts) and not s0.is_stale(Activations(0, 1, P, 3, torch.zeros(1, D)))
+    s0.receive(SequenceFinished(0, "eos"))
+    assert s0.is_stale(Activations(0, 1, P, 3, torch.zeros(1, D)))
+
+
+# --- the early-exit mode travels with the sequence ---------------------------------------------
+
+
+def always_confident_heads(model_dir, layers):
+    """Exit heads (T = identity) that are always confident: every evaluation exits."""
+    from adadecode.runtime.exit_heads import ExitHeads
+
+    last, _ = _modules(model_dir, 0, 6, True, True)
+    eye = torch.eye(D)
+    return ExitHeads({l: eye for l in layers}, last.norm, last.lm_head.weight, None, {l: -1.0 for l in layers}, {})
+
+
+@pytest.mark.parametrize("default", ["off", "eager", "deferred"])
+def test_each_item_runs_under_its_own_sequences_mode(model_dir, default):
+    """Two sequences on one stage whose own default is ``default``: the one carrying ``eager``
+    exits at the head and backfills at once; the one carrying ``off`` never evaluates a head;
+    the activations they hand on carry their mode."""
+    s0 = make_stage(model_dir, 0, TWO, num_slots=2)
+    s0.heads, s0.policy = always_confident_heads(model_dir, [2]), default
+    s0.receive(StepRequest(0, 0, 0, PROMPT, "eager"))
+    s0.receive(StepRequest(1, 0, 0, PROMPT, "off"))
+    out = drain(s0)
+    assert [type(o).__name__ for o in out] == ["EarlyPrediction", "Activations", "Activations"]
+    assert (out[0].seq, out[0].layer, out[1].seq, out[2].seq) == (0, 2, 0, 1)
+    assert [(o.early_exit, o.emitted) for o in out[1:]] == [("eager", True), ("off", False)]
+    assert s0.stats.head_evals == 1
+    # an item without a mode falls back to the stage's default
+    s0.receive(StepRequest(1, 0, P, (7,)))
+    exits = [] if default == "off" else ["EarlyPrediction"]  # then the backfill, at once or when idle
+    assert [type(o).__name__ for o in drain(s0)] == [*exits, "Activations"]
+
+
+def test_an_unknown_mode_is_a_protocol_error(model_dir):
+    s0, s1 = stages(model_dir)
+    with pytest.raises(ProtocolError, match="early_exit `fast`.*sequence 4"):
+        s0.receive(StepRequest(4, 0, 0, PROMPT, "fast"))
+    assert s0.state is StageState.ERROR
+    with pytest.raises(ProtocolError, match="early_exit `fast`"):
+        s1.receive(Activations(4, 0, 0, 3, torch.zeros(1, D), early_exit="fast"))
+
+
+def test_sequence_finished_drops_outputs_not_handed_out_yet(model_dir):
+    """A runner that learns of the end between two next_action() calls must get nothing more of
+    the sequence: after its release a rank sends nothing of it (runners/distributed.py)."""
+    s0, s1 = stages(model_dir)
+    s0.receive(StepRequest(0, 0, 0, PROMPT))
+    acts = s0.next_action()
+    s1.receive(Activations(0, 0, 0, 3, acts.hidden, predict_from=0))  # P final predictions at once
+    first = s1.next_action()
+    assert isinstance(first, FinalPrediction) and first.pos == 1  # P - 1 more are ready
+    s1.receive(SequenceFinished(0, "length"))
+    assert s1.next_action() is WAITING

@@ -1,8 +1,13 @@
-"""Stop conditions: EOS, stop strings (across token boundaries), max_new_tokens."""
+"""Stop conditions: EOS, stop strings (across token boundaries), max_new_tokens; and the
+incremental detokenisation behind stop strings and streaming (runtime/detokenize.py), which
+must give the text a whole decode gives while decoding each token about once."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from adadecode.runtime.detokenize import IncrementalDetokenizer, TextStream
 from adadecode.runtime.stopping import StopCriteria, trim_at_stop_string
 
 EOS = 0
@@ -19,11 +24,17 @@ def crit(max_new_tokens=100, eos=(EOS,), stop=(), decode_fn=decode) -> StopCrite
 
 
 def first_stop(criteria: StopCriteria, tokens: list[int]) -> tuple[int, str] | None:
-    """Feed ``tokens`` one at a time, as the Coordinator does; (how many, reason) at the first stop."""
+    """Feed ``tokens`` one at a time to one checker, as the Coordinator does; (how many, reason) at
+    the first stop. The one-shot ``check`` of each prefix must agree."""
+    checker, first = criteria.checker(), None
     for n in range(1, len(tokens) + 1):
-        reason = criteria.check(tokens[:n])
+        reason = checker.push(tokens[n - 1 : n])
+        if first is None and criteria.check(tokens[:n]) is not None:
+            first = n, criteria.check(tokens[:n])
         if reason is not None:
+            assert (n, reason) == first
             return n, reason
+    assert first is None
     return None
 
 
@@ -169,3 +180,145 @@ def test_stop_string_with_the_bundled_tokenizer():
     c = StopCriteria(100, frozenset(), ("✅",), decode_fn)
     n, reason = first_stop(c, ids)
     assert reason == "stop" and "✅" in decode_fn(ids[:n]) and "✅" not in decode_fn(ids[: n - 1])
+
+
+# --- incremental detokenisation ----------------------------------------------------------------
+
+# A byte-level tokenizer (GPT-2, Llama 3, Qwen, SmolLM): ids 0..255 are bytes, 256 a special
+# token that decodes to nothing, 257.. two-byte pieces.
+PAIRS = {257: b"\xc3\xa9", 258: b"\xe2\x82", 259: b" w", 260: b"\xac!"}
+
+
+def byte_decode(ids) -> str:
+    raw = b"".join(PAIRS[i] if i in PAIRS else b"" if i == 256 else bytes([i]) for i in ids)
+    return raw.decode("utf-8", errors="replace")
+
+
+def sentencepiece_decode(ids) -> str:
+    """SentencePiece-like: pieces carry their leading space, which a decode drops at its start."""
+    words = {0: " Hello", 1: " world", 2: ",", 3: " a", 4: "b", 5: ""}
+    return "".join(words[i] for i in ids).removeprefix(" ")
+
+
+def pieces(detok: IncrementalDetokenizer, ids, step: int = 1) -> list[str]:
+    out = [detok.push(ids[i : i + step]) for i in range(0, len(ids), step)]
+    return [*out, detok.flush()]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_text_is_the_whole_decode(seed, step):
+    rng = random.Random(seed)
+    text = "héllo wörld, €5 ✅ ok 日本 " * 3
+    ids = list(text.encode())
+    for _ in range(10):  # special tokens and multi-byte pieces sprinkled in
+        ids.insert(rng.randrange(len(ids)), rng.choice([256, 257, 259]))
+    ids += [258, 260]  # "€!" from two pieces: a character split across tokens
+    out = pieces(IncrementalDetokenizer(byte_decode), ids, step)
+    assert "".join(out) == byte_decode(ids)
+    assert not any(p.endswith("\ufffd") for p in out[:-1])  # incomplete characters are held back
+
+
+def test_incremental_text_keeps_sentencepiece_spaces():
+    ids = [0, 1, 2, 5, 3, 4, 0]
+    assert "".join(pieces(IncrementalDetokenizer(sentencepiece_decode), ids)) == sentencepiece_decode(ids)
+
+
+def test_pending_shows_text_held_back_for_an_incomplete_character():
+    detok = IncrementalDetokenizer(byte_decode)
+    assert detok.push(list(b"END")) == "END"
+    assert detok.push([0xE2]) == "" and detok.pending == "\ufffd"  # first byte of "€"
+    assert detok.push([0x82, 0xAC]) == "€" and detok.pending == ""
+    assert detok.push([0xE2]) == "" and detok.flush() == "\ufffd"  # the end of the output: as decoded
+
+
+def test_incremental_decoding_work_does_not_grow_with_the_output():
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return byte_decode(ids)
+
+    n = 2000
+    detok = IncrementalDetokenizer(decode)
+    for i in range(n):
+        detok.push([97 + i % 26])
+    assert max(decoded) <= 2 and sum(decoded) <= 3 * n
+
+
+def test_stop_string_right_before_an_incomplete_character_stops_at_once():
+    c = StopCriteria(100, frozenset(), ("END",), byte_decode)
+    assert first_stop(c, [*b"xEND", 0xE2, 0x82, 0xAC]) == (4, "stop")
+    tokens = [*b"xEN", 258, *b"D"]
+    assert first_stop(StopCriteria(100, frozenset(), ("ND",), byte_decode), tokens) is None  # "N\ufffdD"
+
+
+def test_incremental_stop_strings_with_the_bundled_tokenizer():
+    from helpers import bundled_model_dir
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+
+    def decode_fn(x):
+        return tokenizer.decode(list(x), skip_special_tokens=True)
+
+    text = "Hello, world! ✅ Größe: 日本語 — done.\n\nNext: `code` here"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids[5:5] = [tokenizer.eos_token_id]  # a special token in the middle: decodes to nothing
+    for step in (1, 3):
+        assert "".join(pieces(IncrementalDetokenizer(decode_fn), ids, step)) == decode_fn(ids)
+    for stop in ("\n\n", "日本", "✅", "done."):
+        n, reason = first_stop(StopCriteria(200, frozenset(), (stop,), decode_fn), ids)
+        assert reason == "stop" and stop in decode_fn(ids[:n]) and stop not in decode_fn(ids[: n - 1])
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def stream(ids, stop=(), step=1, decode=byte_decode) -> list[str]:
+    chunks = []
+    s = TextStream(decode, stop, chunks.append)
+    for i in range(0, len(ids), step):
+        s.push(ids[i : i + step])
+    s.flush()
+    return chunks
+
+
+@pytest.mark.parametrize(
+    "text, stop",
+    [
+        ("Hello world, €5", ()),
+        ("Hello world. END and more", ("END",)),
+        ("abcabd", ("abd", "bca")),  # the first to start wins: "bca" at 1
+        ("a€b", ("€",)),  # a stop string of a multi-byte character
+        ("no stop here", ("zzz",)),
+        ("x\n\ny\n\n", ("\n\n",)),
+    ],
+)
+@pytest.mark.parametrize("step", [1, 3])
+def test_streamed_text_is_the_trimmed_text(text, stop, step):
+    ids = list(text.encode())
+    chunks = stream(ids, stop, step)
+    assert "".join(chunks) == trim_at_stop_string(byte_decode(ids), stop)
+    assert all(chunks)  # no empty chunks
+
+
+def test_streaming_holds_back_only_what_may_start_a_stop_string():
+    chunks = []
+    s = TextStream(byte_decode, ("STOP",), chunks.append)
+    s.push(list(b"abcdefS"))
+    assert "".join(chunks) == "abcd"  # the last len("STOP") - 1 characters may begin a stop string
+    s.push(list(b"T"))
+    s.push(list(b"x"))  # "STx": not a stop string after all
+    s.push(list(b"STOP and more"))
+    s.flush()
+    assert "".join(chunks) == "abcdefSTx"
+
+
+def test_nothing_is_decoded_without_a_listener():
+    calls = []
+    s = TextStream(lambda ids: calls.append(ids) or "", (), None)
+    s.push([1, 2])
+    s.flush()
+    assert calls == []
+

@@ -6,28 +6,38 @@ output at a time:
 
 1. take in everything that has arrived — control messages first, then the
    data plane's completed receives — and hand it to ``stage.receive`` (on
-   rank 0: predictions to ``coord.receive``, then the coordinator's commands to
-   stage 0 and, for ``Rollback`` / ``SequenceFinished``, out to every rank);
-2. call ``stage.next_action()`` once (timed: ``busy_s``);
-3. ship what it returned at once: ``Activations`` to the next rank over p2p,
-   ``FinalPrediction`` / ``EarlyPrediction`` from any stage to the coordinator.
+   rank 0: predictions to ``coord.receive``, then the coordinator's commands
+   through the ``ActionRouter`` every runner shares: to stage 0 and, for
+   ``Rollback`` / ``SequenceFinished``, out to every rank);
+2. call ``stage.next_action()`` once (timed: ``busy_s``; the pulse thread
+   reports how long the step has run, so a long one is not taken for a hang);
+3. take in what arrived during that step, then ship the output: ``Activations``
+   to the next rank over p2p — unless the step's own rollback or end made them
+   stale (``stage.is_stale``): those are dropped here, not sent to be dropped —
+   and ``FinalPrediction`` / ``EarlyPrediction`` from any stage to the coordinator.
 
 Draining before every ``next_action()`` matters: a stage runs deferred work
 only when it has nothing fresh, so it must see fresh work as soon as it exists.
 ``(seq, epoch)`` on every event makes the order in which the two planes
-deliver irrelevant (DESIGN.md, Transport).
+deliver irrelevant (DESIGN.md, Transport). A sequence's early-exit mode rides
+on its items, so nothing is relayed between generations.
 
 When its stage has nothing to do a rank sleeps in ``zmq.poll`` on the control
 socket and the data plane's wake-up pipe together (p2p.py's receive thread
 writes to it), so neither plane's input waits for the other's timeout.
 
-Predictions for a sequence that an earlier ``run()`` finished are stale work
-still draining from the pipeline and are dropped here; anything else goes to
-the Coordinator, which owns the rules.
+Slots are released explicitly. Every rank answers a ``SequenceFinished`` with
+``released`` once its stage has freed the slot, and ``run()`` returns only when
+every rank has released every sequence of the run — also when the run failed
+(an exception or an interrupt: the router ends every sequence first). Control
+messages from one rank arrive in order, so after its ``released`` no
+prediction of that sequence can follow: nothing of an earlier run is left
+to filter out of the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,32 +49,28 @@ from ..events import (
     Activations,
     EarlyPrediction,
     FinalPrediction,
-    Rollback,
+    ProtocolError,
     SequenceFinished,
     Shutdown,
-    StepRequest,
     Verified,
 )
 from ..stage import Stage
 from ..transport import Transport, TransportError
 from ..transport.control import decode_event, encode_event
+from .routing import ActionRouter
 
 _PREDICTIONS = (FinalPrediction, EarlyPrediction)
+log = logging.getLogger("adadecode.runner")
 
 
 @dataclass
 class RemoteStage:
-    """Rank 0's view of the stage on another rank: its layers, its exit heads, the policy to relay.
-
-    ``Engine.generate`` sets ``policy`` on every stage it holds; for a remote
-    stage the runner carries the new value over before the run starts.
-    """
+    """Rank 0's view of the stage on another rank: its layers and its exit heads."""
 
     index: int
     start: int
     end: int
     heads: tuple[int, ...] | None  # head layers loaded there, None without heads
-    policy: str = "off"
 
 
 class DistributedRunner:
@@ -75,154 +81,192 @@ class DistributedRunner:
         self.t = transport
         self.rank, self.world_size = transport.rank, transport.world_size
         self.timeout_s = transport.data.timeout_s
-        # Seconds inside stage.next_action(), per stage. Rank 0 holds every stage's
-        # (the others' refreshed at the end of each run); other ranks hold their own.
+        # Seconds inside stage.next_action(), per stage. Rank 0 holds every stage's (the
+        # others' from their `released` answers); other ranks hold their own.
         self.busy_s = [0.0] * self.world_size
-        self._retired: set[int] = set()  # sequences of earlier runs: their predictions are stale
+        self.unsent = 0  # activations made stale by their own step's rollback, dropped before sending
+        self.router = ActionRouter(stage.receive, self._to_every_stage)
+        # seq -> ranks that have not confirmed freeing its slot (rank 0's own stage frees at once)
+        self._unreleased: dict[int, set[int]] = {}
+        self._broken: str | None = None  # why the ranks' slots are in doubt: no further run
+        self._warned_at: dict[int, float] = {}
         self._shutdown = False
-        self._round = 0
         # Rank 0: every stage, remote ones as RemoteStage (what Engine needs of a stage).
         self.stages: list = [stage]
-        self._relayed: dict[int, str] = {}
         if self.rank == 0 and self.world_size > 1:
-            info = self._collect("stage", range(1, self.world_size))
+            info = self._collect_stage_info()
             for r in range(1, self.world_size):
                 heads = info[r]["heads"]
                 self.stages.append(RemoteStage(r, info[r]["start"], info[r]["end"], tuple(heads) if heads else None))
-                self._relayed[r] = info[r]["policy"]
-                self.stages[r].policy = info[r]["policy"]
         elif self.rank > 0:
             heads = list(stage.heads.layers) if stage.heads is not None else None
-            info = {"start": stage.start, "end": stage.end, "heads": heads, "policy": stage.policy}
-            self.t.control.send("stage", info)
+            self.t.control.send("stage", {"start": stage.start, "end": stage.end, "heads": heads})
 
     def _next_output(self):
+        control = self.t.control
+        if control is not None:
+            control.busy_since = time.monotonic()
         t0 = time.perf_counter()
-        out = self.stage.next_action()
-        self.busy_s[self.rank] += time.perf_counter() - t0
-        return out
+        try:
+            return self.stage.next_action()
+        finally:
+            self.busy_s[self.rank] += time.perf_counter() - t0
+            if control is not None:
+                control.busy_since = None
 
     # --- rank 0 -------------------------------------------------------------------------
 
     def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None) -> None:
-        """Drive ``coord`` and every rank's stage until each sequence of ``coord`` has finished."""
+        """Drive ``coord`` and every rank's stage until each sequence of ``coord`` has finished.
+
+        Returns once every rank has freed the slot of every sequence of ``coord``. On any
+        failure the sequences are ended and their slots freed everywhere before the error
+        goes on; should that fail too (a rank is gone), later runs are refused.
+        """
         if self.rank != 0:
             raise RuntimeError(f"run() drives the coordinator, which lives on rank 0, not rank {self.rank}")
         if self._shutdown:
             raise RuntimeError("the pipeline was shut down; start a new job")
-        self._relay_policies()
-        seqs = set(coord.sequences)
-        last_progress = time.monotonic()
+        if self._broken is not None:
+            raise TransportError(f"the pipeline cannot run again: {self._broken}; start a new job")
+        others = set(range(1, self.world_size))
+        self._unreleased = {seq: set(others) for seq in coord.sequences}
         try:
-            while True:
-                if self._take_predictions(coord, 0.0):
-                    last_progress = time.monotonic()
-                if self._dispatch(coord, on_verified) is DONE:
-                    break
-                out = self._next_output()
-                if out is not WAITING and out is not DONE:
-                    last_progress = time.monotonic()
-                    if isinstance(out, Activations):
-                        # Predictions that came in during that compute go first: a rollback they
-                        # cause then reaches later stages before these (maybe stale) activations,
-                        # which are dropped on arrival instead of run.
-                        self._take_predictions(coord, 0.0)
-                        self._dispatch(coord, on_verified)
-                    self._ship_rank0(coord, out)
-                    continue
-                if self.t.control is None:
-                    raise RuntimeError(
-                        "pipeline stalled: the coordinator is waiting but stage 0 has no work "
-                        "(a dropped item or a protocol bug)"
-                    )
-                if self._take_predictions(coord, self.t.control.heartbeat_s):
-                    last_progress = time.monotonic()
-                elif time.monotonic() - last_progress > self.timeout_s:
-                    raise TransportError(
-                        f"pipeline stalled: no stage produced anything for {self.timeout_s:g} s while the "
-                        "coordinator waits, yet every rank is alive (a dropped item or a protocol bug)"
-                    )
-        finally:
-            self._retired |= seqs
-        self._sync_busy()
+            self._drive(coord, on_verified)
+        except BaseException as exc:
+            self._abandon(coord, exc)
+            raise
+        try:
+            self._await_releases()
+        except BaseException as e:
+            self._broken = f"the cache slots of the last run may still be taken ({type(e).__name__}: {e})"
+            raise
 
-    def _take_predictions(self, coord: Coordinator, timeout_s: float) -> bool:
+    def _drive(self, coord: Coordinator, on_verified) -> None:
+        last_progress = time.monotonic()
+        while True:
+            if self._take_control(coord, 0.0):
+                last_progress = time.monotonic()
+            if self.router.pump(coord, on_verified) is DONE:
+                return
+            out = self._next_output()
+            if out is not WAITING and out is not DONE:
+                last_progress = time.monotonic()
+                if isinstance(out, Activations):
+                    # Predictions that came in during that compute go first: a rollback they
+                    # cause may make these activations stale, and then they are not sent.
+                    self._take_control(coord, 0.0)
+                    self.router.pump(coord, on_verified)
+                self._ship_rank0(coord, out)
+                continue
+            if self.t.control is None:
+                raise ProtocolError(
+                    "pipeline stalled: the coordinator is waiting but stage 0 has no work "
+                    "(a dropped item or a protocol bug)"
+                )
+            if self._take_control(coord, self.t.control.heartbeat_s) or self._computing():
+                last_progress = time.monotonic()  # a rank inside a long step is progress, not a stall
+            elif time.monotonic() - last_progress > self.timeout_s:
+                raise ProtocolError(
+                    f"pipeline stalled: no stage produced anything for {self.timeout_s:g} s while the "
+                    "coordinator waits, no rank is computing, yet every rank is alive (a dropped item or a protocol bug)"
+                )
+
+    def _computing(self) -> bool:
+        """Whether another rank is inside a stage step (its pulse says so); a very long one is logged."""
+        now, computing = time.monotonic(), False
+        for r in range(1, self.world_size):
+            seconds = self.t.control.busy_for(r)
+            computing |= seconds > 0
+            if seconds > self.timeout_s and now - self._warned_at.get(r, float("-inf")) > self.timeout_s:
+                log.warning("rank %d has been inside one stage step for %.0f s; still waiting", r, seconds)
+                self._warned_at[r] = now
+        return computing
+
+    def _take_control(self, coord: Coordinator | None, timeout_s: float) -> bool:
+        """Hand arrived predictions to ``coord`` and note releases; True if a prediction came.
+
+        Without ``coord`` (waiting for releases after the run), predictions of the run's
+        sequences are work still draining and are dropped.
+        """
         if self.t.control is None:
             return False
         got = False
         for sender, kind, body in self.t.control.recv(timeout_s):
+            if kind == "released":
+                seq, busy = body
+                self.busy_s[sender] = float(busy)
+                self._unreleased.get(seq, set()).discard(sender)  # a second answer is harmless
+                continue
             if kind != "ev":
-                continue  # a late `synced`
+                raise TransportError(f"rank {sender} sent an unexpected `{kind}` control message")
             event = decode_event(body)
             if not isinstance(event, _PREDICTIONS):
                 raise TransportError(f"rank {sender} sent {type(event).__name__}, which only rank 0 sends")
-            if event.seq not in self._retired:
+            if coord is not None:
                 coord.receive(event)
                 got = True
+            elif event.seq not in self._unreleased:
+                raise ProtocolError(f"rank {sender} sent {event} for sequence {event.seq}, which is not running")
         return got
 
-    def _dispatch(self, coord: Coordinator, on_verified):
-        """Carry out the coordinator's commands; return its sentinel."""
-        action = coord.next_action()
-        while action is not WAITING and action is not DONE:
-            if isinstance(action, StepRequest):
-                self.stage.receive(action)
-            elif isinstance(action, (Rollback, SequenceFinished)):
-                self.stage.receive(action)
-                if self.t.control is not None:
-                    self.t.control.broadcast("ev", encode_event(action))
-            elif isinstance(action, Verified):
-                if on_verified is not None:
-                    on_verified(action)
-            else:
-                raise TypeError(f"coordinator produced an unexpected {type(action).__name__}")
-            action = coord.next_action()
-        return action
+    def _to_every_stage(self, event) -> None:
+        self.stage.receive(event)
+        if self.t.control is not None:
+            self.t.control.broadcast("ev", encode_event(event))
 
     def _ship_rank0(self, coord: Coordinator, out) -> None:
-        if isinstance(out, Activations) and self.world_size > 1:
-            self.t.data.send(out)
+        if isinstance(out, Activations):
+            if self.world_size == 1:
+                raise ProtocolError("stage 0 of a one-stage pipeline produced activations")
+            if self.stage.is_stale(out):
+                self.unsent += 1
+            else:
+                self.t.data.send(out)
         elif isinstance(out, _PREDICTIONS):
             coord.receive(out)
         else:
             raise TypeError(f"stage 0 produced an unexpected {type(out).__name__}")
 
-    def _relay_policies(self) -> None:
-        """Carry each remote stage's ``policy`` (set by ``Engine.generate``) to its rank."""
-        changed = {s.index: s.policy for s in self.stages[1:] if s.policy != self._relayed.get(s.index)}
-        if not changed:
-            return
-        self._round += 1
-        for r, policy in changed.items():
-            self.t.control.send(r, "policy", [self._round, policy])
-        self._collect("policy_ok", changed)
-        self._relayed.update(changed)
+    def _await_releases(self) -> None:
+        """Wait until every rank has freed the slot of every sequence of the run."""
+        deadline = time.monotonic() + self.timeout_s
+        while any(self._unreleased.values()):
+            if time.monotonic() > deadline:
+                waiting = {seq: sorted(ranks) for seq, ranks in self._unreleased.items() if ranks}
+                raise TransportError(
+                    f"ranks did not confirm freeing the cache slots of sequences {waiting} "
+                    f"(sequence: ranks) within {self.timeout_s:g} s (transport.timeout_s)"
+                )
+            self._take_control(None, 0.05)
+        self._unreleased = {}
 
-    def _sync_busy(self) -> None:
-        """Collect every rank's busy seconds (one round trip at the end of a run)."""
+    def _abandon(self, coord: Coordinator, exc: BaseException) -> None:
+        """After ``exc``: end every sequence and free its slot on every rank (best effort)."""
+        self.router.release(coord, exc)
         if self.t.control is None:
             return
-        self._round += 1
-        self.t.control.broadcast("sync", self._round)
-        for r, busy in self._collect("synced", range(1, self.world_size)).items():
-            self.busy_s[r] = float(busy)
+        if isinstance(exc, TransportError):  # a rank is gone or broke the protocol: no answer will come
+            self._broken = f"a rank was lost ({exc})"
+            return
+        try:
+            self._await_releases()
+        except BaseException as e:  # noqa: BLE001 - the original error is the one to report
+            self._broken = f"the cache slots of a failed run may still be taken ({type(e).__name__}: {e})"
+            exc.add_note(f"freeing the cache slots of the failed run failed too: {type(e).__name__}: {e}")
 
-    def _collect(self, kind: str, ranks) -> dict[int, object]:
-        """Rank 0: wait for one ``kind`` reply from each of ``ranks`` (``[round, value]`` for rounds)."""
-        waiting, got = set(ranks), {}
+    def _collect_stage_info(self) -> dict[int, dict]:
+        """Rank 0: each rank's layers and heads (its first message)."""
+        waiting, got = set(range(1, self.world_size)), {}
         deadline = time.monotonic() + self.timeout_s
         while waiting:
-            for sender, k, body in self.t.control.recv(0.05):
-                if k != kind:
-                    continue  # stale predictions of finished sequences
+            for sender, kind, body in self.t.control.recv(0.05):
                 if kind != "stage":
-                    round_, body = body
-                    if round_ != self._round:
-                        continue
+                    raise TransportError(f"rank {sender} sent `{kind}` before describing its stage")
                 got[sender] = body
                 waiting.discard(sender)
             if waiting and time.monotonic() > deadline:
-                raise TransportError(f"ranks {sorted(waiting)} did not answer `{kind}` within {self.timeout_s:g} s")
+                raise TransportError(f"ranks {sorted(waiting)} did not describe their stage within {self.timeout_s:g} s")
         return got
 
     def close(self) -> None:
@@ -240,7 +284,7 @@ class DistributedRunner:
         self.t.data.send_stop()
         deadline = time.monotonic() + self.timeout_s
         while len(control.said_bye) < self.world_size - 1:
-            control.recv(0.05)
+            control.recv(0.05)  # late `released` answers of a failed run are moot now
             if time.monotonic() > deadline:
                 missing = sorted(set(range(1, self.world_size)) - control.said_bye)
                 raise TransportError(f"ranks {missing} did not confirm the shutdown within {self.timeout_s:g} s")
@@ -259,8 +303,13 @@ class DistributedRunner:
                 break
             if out is WAITING:
                 self._wait_for_input()
-            else:
-                self._ship(out)
+                continue
+            if isinstance(out, Activations):
+                self._take_input()  # a Rollback or SequenceFinished that came during the step goes first
+                if self.stage.is_stale(out):
+                    self.unsent += 1
+                    continue
+            self._ship(out)
         self.t.data.send_stop()
         self.t.data.flush(self.timeout_s)
         self.t.control.send("bye")
@@ -270,18 +319,15 @@ class DistributedRunner:
         control, got = self.t.control, False
         for kind, body in control.recv(0.0):
             got = True
-            if kind == "sync":
-                control.send("synced", [body, self.busy_s[self.rank]])
-            elif kind == "policy":
-                self.stage.policy = body[1]
-                control.send("policy_ok", [body[0], body[1]])
-            elif kind == "ev":
-                event = decode_event(body)
-                if not self._shutdown:  # a stopped stage takes nothing more
-                    self._shutdown = isinstance(event, Shutdown)
-                    self.stage.receive(event)
-            else:
+            if kind != "ev":
                 raise TransportError(f"rank {self.rank}: unexpected control message `{kind}` from rank 0")
+            event = decode_event(body)
+            if self._shutdown:
+                continue  # a stopped stage takes nothing more
+            self._shutdown = isinstance(event, Shutdown)
+            self.stage.receive(event)
+            if isinstance(event, SequenceFinished):  # the slot is free now: say so
+                control.send("released", [event.seq, self.busy_s[self.rank]])
         for act in self.t.data.poll():
             got = True
             if not self._shutdown:

@@ -9,7 +9,11 @@ as a fast control plane would deliver them: that is what lets an early token
 start on stage 0 while the stage that exited still holds deferred work.
 
 It is the reference runner: every other runner must produce the same tokens.
-It only moves events; decisions belong to the state machines.
+It only moves events; decisions belong to the state machines, and which
+command goes where to the ``ActionRouter`` it shares with every runner. If
+anything raises inside ``run`` (the model, a state machine, the caller's
+``on_verified``, an interrupt), every sequence is ended and its slot freed on
+every stage before the error goes on.
 """
 
 from __future__ import annotations
@@ -24,24 +28,36 @@ from ..events import (
     Activations,
     EarlyPrediction,
     FinalPrediction,
-    Rollback,
-    SequenceFinished,
-    StepRequest,
+    ProtocolError,
     Verified,
 )
 from ..stage import Stage
+from .routing import ActionRouter
 
 
 class LocalRunner:
     def __init__(self, stages: list[Stage]):
         self.stages = stages
         self.busy_s = [0.0] * len(stages)
+        self.router = ActionRouter(stages[0].receive, self._to_every_stage)
+
+    def _to_every_stage(self, event) -> None:
+        for stage in self.stages:
+            stage.receive(event)
 
     def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None) -> None:
-        """Drive ``coord`` and the stages until every sequence has finished."""
+        """Drive ``coord`` and the stages until every sequence has finished; on any failure, free
+        every sequence's slot on every stage and re-raise."""
+        try:
+            self._run(coord, on_verified)
+        except BaseException as exc:
+            self.router.release(coord, exc)
+            raise
+
+    def _run(self, coord: Coordinator, on_verified) -> None:
         stages = self.stages
         while True:
-            if self._pump(coord, on_verified) is DONE:
+            if self.router.pump(coord, on_verified) is DONE:
                 return
             sent: list[tuple[int, Activations]] = []
             progressed = False
@@ -54,32 +70,15 @@ class LocalRunner:
                         sent.append((i, out))
                     elif isinstance(out, (FinalPrediction, EarlyPrediction)):
                         coord.receive(out)
-                        self._pump(coord, on_verified)
+                        self.router.pump(coord, on_verified)
                     else:
                         raise TypeError(f"stage {i} produced an unexpected {type(out).__name__}")
                     out = stage.next_action()
                 self.busy_s[i] += time.perf_counter() - t0
-            if not progressed and self._pump(coord, on_verified) is WAITING:
-                raise RuntimeError(
+            if not progressed and self.router.pump(coord, on_verified) is WAITING:
+                raise ProtocolError(
                     "pipeline stalled: the coordinator is waiting but no stage has work "
                     "(a dropped item or a protocol bug)"
                 )
             for i, event in sent:
                 stages[i + 1].receive(event)
-
-    def _pump(self, coord: Coordinator, on_verified):
-        """Deliver the coordinator's commands; return the sentinel it ends with."""
-        action = coord.next_action()
-        while action is not WAITING and action is not DONE:
-            if isinstance(action, StepRequest):
-                self.stages[0].receive(action)
-            elif isinstance(action, (Rollback, SequenceFinished)):
-                for stage in self.stages:
-                    stage.receive(action)
-            elif isinstance(action, Verified):
-                if on_verified is not None:
-                    on_verified(action)
-            else:
-                raise TypeError(f"coordinator produced an unexpected {type(action).__name__}")
-            action = coord.next_action()
-        return action

@@ -110,12 +110,12 @@ def open_transport(
             if rank == 0:
                 host = control_addr or ("127.0.0.1" if len(set(hosts)) == 1 else route_address(master_addr))
                 control = ControlServer(world_size, secrets.token_bytes(32), host, timeout_s)
-                shared = [control.key, control.endpoint]
+                shared = [control.key, control.endpoint, control.pulse_endpoint]
             else:
-                shared = [None, None]
+                shared = [None, None, None]
             dist.broadcast_object_list(shared, src=0)
             if rank != 0:
-                control = ControlClient(rank, shared[1], shared[0], timeout_s)
+                control = ControlClient(rank, shared[1], shared[0], timeout_s, pulse_endpoint=shared[2])
             else:
                 control.wait_for_peers()
         links = make_links(world_size, backend)

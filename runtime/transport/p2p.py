@@ -3,9 +3,10 @@
 Each message is two tensors, sent with separate ``isend`` calls (never
 coalesced, so a later item is not held behind an earlier one):
 
-- a fixed header, int64 [8]: ``seq, epoch, pos, layer, S, predict_from,
-  emitted, kind`` — every field of ``Activations`` except the tensor, plus the
-  chunk length ``S`` and the message kind (``KIND_ACTIVATIONS``, or
+- a fixed header, int64 [9]: ``seq, epoch, pos, layer, S, predict_from,
+  emitted, early_exit, kind`` — every field of ``Activations`` except the
+  tensor (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for None),
+  plus the chunk length ``S`` and the message kind (``KIND_ACTIVATIONS``, or
   ``KIND_STOP``: the upstream neighbour's orderly goodbye);
 - the hidden states, [S, D] in the model dtype (absent for ``KIND_STOP``).
 
@@ -53,10 +54,10 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from ..events import Activations
+from ..events import EARLY_EXIT_MODES, Activations
 from .errors import TransportError
 
-HEADER_FIELDS = ("seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "kind")
+HEADER_FIELDS = ("seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit", "kind")
 KIND_ACTIVATIONS = 1
 KIND_STOP = 2
 _TAG_HEADER = 1
@@ -64,7 +65,7 @@ _TAG_HIDDEN = 2
 LINK_TIMEOUT = datetime.timedelta(days=365)  # see the module docstring: idle is not dead
 
 # The header must carry every field of Activations: fail loudly the day one is added.
-_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted"}
+_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit"}
 _HAS = {f.name for f in fields(Activations)}
 if _HAS != _CARRIED:
     raise ImportError(
@@ -74,12 +75,13 @@ if _HAS != _CARRIED:
 
 
 def encode_header(act: Activations | None) -> torch.Tensor:
-    """The int64 [8] header of ``act``, or of a stop message for ``None``."""
+    """The int64 [9] header of ``act``, or of a stop message for ``None``."""
     if act is None:
-        return torch.tensor([0, 0, 0, 0, 0, 0, 0, KIND_STOP], dtype=torch.int64)
+        return torch.tensor([0, 0, 0, 0, 0, 0, 0, -1, KIND_STOP], dtype=torch.int64)
     s = act.hidden.shape[0]
+    mode = -1 if act.early_exit is None else EARLY_EXIT_MODES.index(act.early_exit)
     return torch.tensor(
-        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), KIND_ACTIVATIONS],
+        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), mode, KIND_ACTIVATIONS],
         dtype=torch.int64,
     )
 
@@ -88,7 +90,10 @@ def decode_header(header: torch.Tensor) -> dict[str, int]:
     values = header.tolist()
     if len(values) != len(HEADER_FIELDS):
         raise TransportError(f"data-plane header has {len(values)} fields, expected {len(HEADER_FIELDS)}")
-    return dict(zip(HEADER_FIELDS, values))
+    head = dict(zip(HEADER_FIELDS, values))
+    if not -1 <= head["early_exit"] < len(EARLY_EXIT_MODES):
+        raise TransportError(f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
+    return head
 
 
 def _link_error(what: str, peer: int | None, exc: BaseException) -> TransportError:
@@ -200,6 +205,7 @@ class DataPlane:
                     Activations(
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
                         predict_from=head["predict_from"], emitted=bool(head["emitted"]),
+                        early_exit=None if head["early_exit"] < 0 else EARLY_EXIT_MODES[head["early_exit"]],
                     )
                 )
         except BaseException as e:  # handed to the rank's loop, which raises it
