@@ -229,11 +229,19 @@ class TransportConfig:
     timeout_s: float = 60.0
     """Every wait on another rank gives up after this many seconds; a rank silent for 80% of it is declared hung."""
 
+    step_timeout_s: float = 600.0
+    """One stage step (a prefill, a decode chunk) longer than this is declared a hang; raise it for huge prompts."""
+
     control_addr: str = ""
     """Address rank 0 binds the control plane to; empty: loopback on one host, else its address towards MASTER_ADDR."""
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if not (math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0):
+            raise _invalid(
+                "transport.step_timeout_s", self.step_timeout_s, "a finite number of seconds > 0",
+                "set e.g. `--transport.step_timeout_s=600`",
+            )
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise _invalid(
                 "transport.timeout_s", self.timeout_s, "a finite number of seconds > 0",

@@ -162,7 +162,7 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
             timeout_s=cfg.transport.timeout_s, hidden_size=config.hidden_size, dtype=stage.model.dtype,
             stage_device=stage.model.device, control_addr=cfg.transport.control_addr,
         ) as transport:
-            runner = DistributedRunner(stage, transport)
+            runner = DistributedRunner(stage, transport, step_timeout_s=cfg.transport.step_timeout_s)
             if rank != 0:
                 runner.serve()
                 return 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import DTYPES  # noqa: F401  (re-exported: the dtype names the runtime accepts)
-from .model_source import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+from .model_source import SUPPORTED_MODEL_TYPES, ModelSourceError, UnsupportedArchitectureError
 
 try:  # transformers' own SDPA call, so kernel choice (GQA packing, masks) is exactly theirs
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
@@ -146,7 +146,10 @@ def load_stage_modules(
             full = prefix + pname
             src = "model.embed_tokens.weight" if tied and full == "lm_head.weight" else full
             if full not in weight_map:
-                raise KeyError(f"tensor `{full}` is missing from the weights in {model_dir}")
+                raise ModelSourceError(
+                    f"tensor `{full}` is missing from the weights in {model_dir}; the checkpoint does not "
+                    f"match its config.json ({config.model_type}, {config.num_hidden_layers} layers)"
+                )
             by_file.setdefault(weight_map[full], []).append((src, module, pname))
     shared: dict[str, torch.Tensor] = {}
     for fname, entries in by_file.items():

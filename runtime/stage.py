@@ -161,12 +161,7 @@ class Stage:
     def receive(self, event) -> None:
         """Record an event; compute happens in ``next_action()``."""
         if type(event) not in TRANSITIONS[self.state]:
-            state = self.state
-            self.state = StageState.ERROR
-            raise ProtocolError(
-                f"stage {self.index}: {type(event).__name__} is illegal in state {state.name} "
-                f"(sequence {getattr(event, 'seq', '-')})"
-            )
+            raise self._error(f"{type(event).__name__} is illegal (sequence {getattr(event, 'seq', '-')})")
         if isinstance(event, Shutdown):
             self.state = StageState.SHUTDOWN
             self._work.clear()
@@ -177,17 +172,15 @@ class Stage:
             self._advance_epoch(event.seq, event.epoch, event.keep_len)
         elif isinstance(event, StepRequest):
             if not self.is_first:
-                self.state = StageState.ERROR
-                raise ProtocolError(f"stage {self.index}: StepRequest sent to a stage other than 0 (sequence {event.seq})")
+                raise self._error(f"StepRequest sent to a stage other than 0 (sequence {event.seq})")
             policy = self._policy_of(event)
             hidden = self.model.embed(event.tokens)
             last = event.pos + len(event.tokens) - 1
             self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy))
         else:  # Activations
             if event.layer != self.start:
-                self.state = StageState.ERROR
-                raise ProtocolError(
-                    f"stage {self.index} starts at layer {self.start} but got activations for layer "
+                raise self._error(
+                    f"the stage starts at layer {self.start} but got activations for layer "
                     f"{event.layer} (sequence {event.seq})"
                 )
             last = event.pos + event.hidden.shape[0] - 1
@@ -197,13 +190,17 @@ class Stage:
                 _Work(event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy)
             )
 
+    def _error(self, what: str) -> ProtocolError:
+        """Enter ERROR and return the error to raise: the stage, the state it was in, what happened."""
+        state, self.state = self.state, StageState.ERROR
+        return ProtocolError(f"stage {self.index} in state {state.name}: {what}")
+
     def _policy_of(self, event) -> str:
         if event.early_exit is None:
             return self.policy
         if event.early_exit not in BACKFILL_POLICIES:
-            self.state = StageState.ERROR
-            raise ProtocolError(
-                f"stage {self.index}: {type(event).__name__} carries early_exit `{event.early_exit}`, not one of "
+            raise self._error(
+                f"{type(event).__name__} carries early_exit `{event.early_exit}`, not one of "
                 f"{', '.join(BACKFILL_POLICIES)} (sequence {event.seq})"
             )
         return event.early_exit
@@ -230,8 +227,8 @@ class Stage:
         if slot is None:
             free = set(range(self.model.num_slots)) - set(self.slots.values())
             if not free:
-                raise ProtocolError(
-                    f"stage {self.index}: no free cache slot for sequence {seq} "
+                raise self._error(
+                    f"no free cache slot for sequence {seq} "
                     f"({len(self.slots)} sequences in flight)"
                 )
             slot = self.slots[seq] = min(free)
@@ -253,6 +250,8 @@ class Stage:
 
         Fresh items run first; parked (deferred) backfills only when there is none.
         """
+        if self.state is StageState.ERROR:
+            raise ProtocolError(f"stage {self.index} is in state ERROR after an earlier error; it runs nothing more")
         while not self._out:
             if self._work:
                 self._run(self._work.popleft())
@@ -286,9 +285,8 @@ class Stage:
                 break
             length = self.model.cache_length(w.layer, slot)
             if w.pos != length:
-                self.state = StageState.ERROR
-                raise ProtocolError(
-                    f"stage {self.index}: sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
+                raise self._error(
+                    f"sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
                     f"but layer {w.layer} holds {length} positions"
                 )
             stop = min(l for l in (self.end, *heads, *self._parked.get(w.seq, ())) if l > w.layer)
@@ -319,9 +317,8 @@ class Stage:
 
     def _merge(self, parked: _Work, w: _Work) -> _Work:
         if parked.epoch != w.epoch or parked.end_pos != w.pos:
-            self.state = StageState.ERROR
-            raise ProtocolError(
-                f"stage {self.index}: sequence {w.seq} parked positions {parked.pos}..{parked.end_pos - 1} "
+            raise self._error(
+                f"sequence {w.seq} parked positions {parked.pos}..{parked.end_pos - 1} "
                 f"(epoch {parked.epoch}) at layer {w.layer} cannot join position {w.pos} (epoch {w.epoch})"
             )
         self.stats.merged += 1

@@ -327,3 +327,17 @@ def test_rank0_frees_every_ranks_slot_when_a_run_fails(model_dir, exc):
     coord.add_sequence(1, PROMPT, StopCriteria(1))
     runner.run(coord)
     assert coord.sequences[1].generated == [7] and runner.busy_s[1] == 0.7
+
+
+def test_a_step_past_the_step_timeout_is_a_hang(model_dir):
+    """Heartbeats have their own thread, so a long step is computing, not a hang: up to
+    ``step_timeout_s``; past it (a wedged kernel or collective) the run stops and says why."""
+    script = ScriptedRank1({})  # rank 1 never answers: it is inside one very long step
+    script.busy_for = lambda rank: 12.0
+    script.describe = lambda rank: f"rank {rank} (pid 42 on b)"
+    runner = rank0(model_dir, script)
+    runner.timeout_s, runner.step_timeout_s = 0.2, 10.0
+    coord = Coordinator()
+    coord.add_sequence(0, PROMPT, StopCriteria(1))
+    with pytest.raises(TransportError, match=r"rank 1 \(pid 42 on b\) has been inside one stage step for 12 s"):
+        runner.run(coord)

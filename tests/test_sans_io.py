@@ -18,6 +18,8 @@ SANS_IO = [
     "runtime/events.py",
     "runtime/kv_cache.py",
     "runtime/stopping.py",
+    "runtime/finished.py",
+    "runtime/detokenize.py",
 ]
 FORBIDDEN = {
     "torch.distributed",

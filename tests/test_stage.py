@@ -96,7 +96,7 @@ LEGAL = {
         Shutdown: (StageState.SHUTDOWN, DONE),
     },
     StageState.SHUTDOWN: {},
-    StageState.ERROR: {SequenceFinished: (StageState.ERROR, WAITING)},  # cleanup after a failure frees the slot
+    StageState.ERROR: {SequenceFinished: (StageState.ERROR, ProtocolError)},  # frees the slot; runs nothing more
 }
 
 EVENT_TYPES = [
@@ -139,6 +139,10 @@ def test_every_transition(model_dir, state, event_type):
         next_state, then = LEGAL[state][event_type]
         stage.receive(event)
         assert stage.state is next_state
+        if then is ProtocolError:
+            with pytest.raises(ProtocolError, match="in state ERROR"):
+                stage.next_action()
+            return
         out = stage.next_action()
         if isinstance(then, int):
             assert isinstance(out, FinalPrediction) and (out.seq, out.epoch, out.pos) == (0, 0, then)

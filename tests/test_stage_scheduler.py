@@ -496,12 +496,6 @@ def test_illegal_moves_raise_and_leave_the_stage_in_error(make, event, at_receiv
         stage.receive(Rollback(0, 9, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="runtime bug: Stage._slot raises ProtocolError for a sequence with no free cache slot but does "
-    "not set StageState.ERROR; the stage stays RUNNING and the item, already popped, is silently lost",
-)
 def test_a_sequence_without_a_free_cache_slot_leaves_the_stage_in_error():
     stage = _running()  # one slot, held by sequence 0
     stage.receive(StepRequest(1, 0, 0, PROMPT))

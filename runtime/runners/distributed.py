@@ -74,13 +74,16 @@ class RemoteStage:
 
 
 class DistributedRunner:
-    def __init__(self, stage: Stage, transport: Transport):
+    def __init__(self, stage: Stage, transport: Transport, step_timeout_s: float = 600.0):
+        """``step_timeout_s``: one stage step longer than this is a hang (a wedged kernel or
+        collective); shorter ones are computing, however long, since heartbeats have a thread."""
         if stage.index != transport.rank:
             raise ValueError(f"rank {transport.rank} was given stage {stage.index}; rank i runs stage i")
         self.stage = stage
         self.t = transport
         self.rank, self.world_size = transport.rank, transport.world_size
         self.timeout_s = transport.data.timeout_s
+        self.step_timeout_s = step_timeout_s
         # Seconds inside stage.next_action(), per stage. Rank 0 holds every stage's (the
         # others' from their `released` answers); other ranks hold their own.
         self.busy_s = [0.0] * self.world_size
@@ -173,11 +176,18 @@ class DistributedRunner:
                 )
 
     def _computing(self) -> bool:
-        """Whether another rank is inside a stage step (its pulse says so); a very long one is logged."""
+        """Whether another rank is inside a stage step (its pulse says so); a long one is logged,
+        one past ``step_timeout_s`` is a hang."""
         now, computing = time.monotonic(), False
         for r in range(1, self.world_size):
             seconds = self.t.control.busy_for(r)
             computing |= seconds > 0
+            if seconds > self.step_timeout_s:
+                raise TransportError(
+                    f"{self.t.control.describe(r)} has been inside one stage step for {seconds:.0f} s, past "
+                    f"transport.step_timeout_s = {self.step_timeout_s:g} s: it hangs (raise the limit for "
+                    "very long prompts on slow hardware)"
+                )
             if seconds > self.timeout_s and now - self._warned_at.get(r, float("-inf")) > self.timeout_s:
                 log.warning("rank %d has been inside one stage step for %.0f s; still waiting", r, seconds)
                 self._warned_at[r] = now
