@@ -230,8 +230,10 @@ def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> i
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
+            compiled = result.stats.get("compile_s", 0.0)  # only in the calls that compiled: reported once
+            note = f", {compiled:.0f} s of it compiling" if compiled >= 0.5 else ""
             print(
-                f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}]",
+                f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}{note}]",
                 file=sys.stderr,
             )
     return 0

@@ -139,6 +139,7 @@ class Engine:
 
         stream = TextStream(self._decode, stop, on_text)
         busy0 = list(self.runner.busy_s)
+        compiled0 = self.compile_s
         t0 = time.perf_counter()
         self.runner.run(coord, on_verified=lambda event: stream.push(event.tokens))
         elapsed = time.perf_counter() - t0
@@ -165,8 +166,14 @@ class Engine:
                 "rollbacks": s.stats.rollbacks,
                 "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
                 "early_exit": early_exit,
+                "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
             },
         )
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds this process's stages have spent compiling (runtime/compiled_step.py)."""
+        return sum(s.model.step.compile_s for s in self.stages if getattr(s, "model", None) and s.model.step)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -56,11 +56,13 @@ def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **over
     return path
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+def hf_greedy(
+    model_dir: Path, prompt: list[int], max_new_tokens: int, eos: int | None = None, dtype: torch.dtype = torch.float32
+) -> list[int]:
     """Reference: transformers' own greedy ``generate``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(
@@ -78,7 +80,9 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, eos: int 
 class InProcessPipeline:
     """Stages over a model directory plus a fresh Coordinator per generation."""
 
-    def __init__(self, model_dir: Path, ranges: list[tuple[int, int]], max_seq_len: int = 128):
+    def __init__(
+        self, model_dir: Path, ranges: list[tuple[int, int]], max_seq_len: int = 128, dtype: torch.dtype = torch.float32
+    ):
         config = load_hf_config(model_dir)
         args = ModelArgs.from_hf_config(config)
         self.stages = [
@@ -86,7 +90,7 @@ class InProcessPipeline:
                 i,
                 len(ranges),
                 StageModel(
-                    load_stage_modules(model_dir, config, a, b, embed=i == 0, head=i == len(ranges) - 1),
+                    load_stage_modules(model_dir, config, a, b, embed=i == 0, head=i == len(ranges) - 1, dtype=dtype),
                     args,
                     max_seq_len,
                 ),

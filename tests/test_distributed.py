@@ -244,6 +244,23 @@ def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, t
     assert_nothing_held(tmp_path, world, 3 * len(PROMPTS))
 
 
+@pytest.mark.parametrize("world, split", [(2, "3"), (3, "2,4")])
+def test_bf16_ranks_give_transformers_bf16_tokens(tmp_path, tiny, world, split):
+    """The device path with an explicit model.device=cpu and model.dtype=bfloat16 through 2 and 3
+    ranks (bf16 hidden states on the wire): the tokens of transformers' generate in bf16, early
+    exit off and eager."""
+    path, heads, _, _ = tiny
+    refs = [hf_greedy(path, p, MAX_NEW_TOKENS, dtype=torch.bfloat16) for p in PROMPTS]
+    assert refs[0] != hf_greedy(path, PROMPTS[0], MAX_NEW_TOKENS)  # the premise: bf16 decodes differently here
+    exits, _, out = run_job(
+        tmp_path, world, "--model", str(path), "--split-points", split, "--prompts", json.dumps(PROMPTS),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--heads", str(heads), "--modes", "off,eager", "--dtype", "bfloat16",
+    )
+    assert [ex.returncode for ex in exits] == [0] * world, [ex.describe() for ex in exits]
+    assert out["tokens"]["off"] == refs and out["tokens"]["eager"] == refs
+    assert out["stats"]["eager"]["early_emitted"] > 0
+
+
 def test_a_failed_run_frees_its_slots_on_every_rank(tmp_path, tiny):
     """Runs that fail inside ``run()`` — the caller's callback raising, an interrupt on rank 0 —
     in the middle of a sequence whose early tokens are in flight: every rank frees the slot
