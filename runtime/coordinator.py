@@ -71,7 +71,9 @@ class SeqStats:
     early_emitted: int = 0
     accepted: int = 0
     rollbacks: int = 0
-    early_by_layer: dict[int, int] = field(default_factory=dict)
+    early_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens started
+    accepted_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens verified
+    rejected_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> the wrong token a rollback undid
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Sequence:
     state: SeqState = SeqState.PREFILL
     epoch: int = 0
     inflight: list[int] = field(default_factory=list)  # early tokens at len(tokens) + i
+    inflight_layers: list[int] = field(default_factory=list)  # the head layer of each early token
     finish_reason: str | None = None
     stats: SeqStats = field(default_factory=SeqStats)
     early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
@@ -132,8 +135,17 @@ class Coordinator:
             s.state = SeqState.FINISHED
         s.finish_reason = reason
         s.inflight.clear()
+        s.inflight_layers.clear()
         self._actions = deque(a for a in self._actions if getattr(a, "seq", None) != seq)
         self._actions.append(SequenceFinished(seq, reason))
+
+    def remove(self, seq: int) -> None:
+        """Forget finished ``seq`` (a long-lived Coordinator, serving). Only once every stage has
+        freed its slot: a prediction for a forgotten sequence is a ProtocolError."""
+        s = self.sequences[seq]
+        if s.state is not SeqState.FINISHED:
+            raise ProtocolError(f"sequence {seq} is {s.state.name}, not finished: it cannot be removed")
+        del self.sequences[seq]
 
     def receive(self, event) -> None:
         """Record a prediction from a stage."""
@@ -185,11 +197,14 @@ class Coordinator:
         s.tokens.append(ev.token)
         self._actions.append(Verified(s.seq, pos, (ev.token,)))
         if s.inflight:
-            if s.inflight[0] == ev.token:
-                s.inflight.pop(0)
+            layer = s.inflight_layers.pop(0)
+            if s.inflight.pop(0) == ev.token:
                 s.stats.accepted += 1
+                _count(s.stats.accepted_by_layer, layer)
             else:
+                _count(s.stats.rejected_by_layer, layer)
                 s.inflight.clear()
+                s.inflight_layers.clear()
                 s.epoch += 1
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
@@ -208,8 +223,9 @@ class Coordinator:
         if len(s.tokens) - s.prompt_len + len(s.inflight) >= s.criteria.max_new_tokens:
             return  # past the length limit: the token could never be output
         s.inflight.append(ev.token)
+        s.inflight_layers.append(ev.layer)
         s.stats.early_emitted += 1
-        s.stats.early_by_layer[ev.layer] = s.stats.early_by_layer.get(ev.layer, 0) + 1
+        _count(s.stats.early_by_layer, ev.layer)
         self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
 
     def _maybe_finish(self, s: Sequence) -> bool:
@@ -219,5 +235,10 @@ class Coordinator:
         s.state = SeqState.FINISHED
         s.finish_reason = reason
         s.inflight.clear()
+        s.inflight_layers.clear()
         self._actions.append(SequenceFinished(s.seq, reason))
         return True
+
+
+def _count(counter: dict[int, int], key: int) -> None:
+    counter[key] = counter.get(key, 0) + 1

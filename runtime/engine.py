@@ -170,6 +170,17 @@ class Engine:
             },
         )
 
+    def new_sequence_id(self) -> int:
+        """A sequence id no stage has seen: ids are used once, handed out in increasing order."""
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    @property
+    def num_slots(self) -> int:
+        """Sequences each stage can hold at once (KV cache slots; ``LoadSpec.num_slots``)."""
+        return min(s.model.num_slots for s in self.stages if getattr(s, "model", None) is not None)
+
     @property
     def compile_s(self) -> float:
         """Seconds this process's stages have spent compiling (runtime/compiled_step.py)."""

@@ -116,3 +116,43 @@ def bundled_model_dir() -> Path:
     from adadecode.runtime.model_source import resolve_model
 
     return resolve_model("bundled:smollm2-135m-instruct").path
+
+
+class FakeTokenizer:
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x41 + i % 58) for i in ids)
+
+
+def build_stages(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64) -> list[Stage]:
+    """Stages with untrained exit heads (T = identity) at every inner layer: early tokens flow,
+    and most are rolled back."""
+    config = load_hf_config(model_dir)
+    args = ModelArgs.from_hf_config(config)
+    modules = [
+        load_stage_modules(model_dir, config, a, b, embed=i == 0, head=i == len(ranges) - 1)
+        for i, (a, b) in enumerate(ranges)
+    ]
+    from adadecode.runtime.exit_heads import ExitHeads
+
+    layers = [1, 2, 3, 4, 5]
+    eye = torch.eye(args.hidden_size)
+    heads = ExitHeads({l: eye for l in layers}, modules[-1].norm, modules[-1].lm_head.weight, None,
+                      {l: 0.2 for l in layers}, {})
+    return [
+        Stage(i, len(ranges), StageModel(m, args, max_seq_len, num_slots), heads=heads)
+        for i, m in enumerate(modules)
+    ]
+
+
+def make_engine(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64):
+    """An ``Engine`` over ``build_stages`` with a fake tokenizer (one letter per token id)."""
+    from types import SimpleNamespace
+
+    from adadecode.runtime.engine import Engine
+
+    resolved = SimpleNamespace(path=model_dir, origin="tiny")
+    stages = build_stages(model_dir, ranges, num_slots, max_seq_len)
+    return Engine(resolved, load_hf_config(model_dir), FakeTokenizer(), stages, max_seq_len)

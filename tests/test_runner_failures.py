@@ -8,7 +8,6 @@ In process, on a tiny random model; the same on two ranks is in tests/test_distr
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,15 +24,11 @@ from adadecode.runtime.events import (
     StepRequest,
     Verified,
 )
-from adadecode.runtime.exit_heads import ExitHeads
-from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
-from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.runners.routing import ActionRouter
-from adadecode.runtime.stage import Stage
 from adadecode.runtime.stopping import StopCriteria
 from adadecode.runtime.transport.errors import TransportError
-from helpers import save_tiny_model
+from helpers import build_stages, make_engine, save_tiny_model
 
 PROMPT = [5, 17, 3, 42, 8, 11]
 MAX_NEW = 16
@@ -43,38 +38,6 @@ THREE = [(0, 2), (2, 4), (4, 6)]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
-
-
-class FakeTokenizer:
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(0x41 + i % 58) for i in ids)
-
-
-def build_stages(model_dir, ranges, num_slots: int = 1) -> list[Stage]:
-    """Stages with untrained exit heads (T = identity) at every inner layer: early tokens flow,
-    and most are rolled back."""
-    config = load_hf_config(model_dir)
-    args = ModelArgs.from_hf_config(config)
-    modules = [
-        load_stage_modules(model_dir, config, a, b, embed=i == 0, head=i == len(ranges) - 1)
-        for i, (a, b) in enumerate(ranges)
-    ]
-    layers = [1, 2, 3, 4, 5]
-    eye = torch.eye(args.hidden_size)
-    heads = ExitHeads({l: eye for l in layers}, modules[-1].norm, modules[-1].lm_head.weight, None,
-                      {l: 0.2 for l in layers}, {})
-    return [
-        Stage(i, len(ranges), StageModel(m, args, 64, num_slots), heads=heads)
-        for i, m in enumerate(modules)
-    ]
-
-
-def make_engine(model_dir, ranges) -> Engine:
-    resolved = SimpleNamespace(path=model_dir, origin="tiny")
-    return Engine(resolved, load_hf_config(model_dir), FakeTokenizer(), build_stages(model_dir, ranges), 64)
 
 
 @pytest.fixture(scope="module")

@@ -119,8 +119,9 @@ class DistributedRunner:
 
     # --- rank 0 -------------------------------------------------------------------------
 
-    def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None) -> None:
-        """Drive ``coord`` and every rank's stage until each sequence of ``coord`` has finished.
+    def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None, feed=None) -> None:
+        """Drive ``coord`` and every rank's stage until each sequence of ``coord`` has finished
+        (with a ``feed``, runtime/serving.py: until the feed says stop, taking in new sequences).
 
         Returns once every rank has freed the slot of every sequence of ``coord``. On any
         failure the sequences are ended and their slots freed everywhere before the error
@@ -132,10 +133,9 @@ class DistributedRunner:
             raise RuntimeError("the pipeline was shut down; start a new job")
         if self._broken is not None:
             raise TransportError(f"the pipeline cannot run again: {self._broken}; start a new job")
-        others = set(range(1, self.world_size))
-        self._unreleased = {seq: set(others) for seq in coord.sequences}
+        self._unreleased = {}  # filled as SequenceFinished goes out to the ranks
         try:
-            self._drive(coord, on_verified)
+            self._drive(coord, on_verified, feed)
         except BaseException as exc:
             self._abandon(coord, exc)
             raise
@@ -145,13 +145,27 @@ class DistributedRunner:
             self._broken = f"the cache slots of the last run may still be taken ({type(e).__name__}: {e})"
             raise
 
-    def _drive(self, coord: Coordinator, on_verified) -> None:
+    def released(self, seq: int) -> bool:
+        """Whether every rank has confirmed freeing ``seq``'s slot (its ``released`` answer)."""
+        return not self._unreleased.get(seq)
+
+    def _drive(self, coord: Coordinator, on_verified, feed) -> None:
         last_progress = time.monotonic()
         while True:
             if self._take_control(coord, 0.0):
                 last_progress = time.monotonic()
+            if feed is not None:
+                feed.admit(coord)
             if self.router.pump(coord, on_verified) is DONE:
-                return
+                if feed is None:
+                    return
+                # idle: wait for work, but come back soon while releases are still due
+                pending = any(self._unreleased.values())
+                wait_s = 0.01 if pending else (self.t.control.heartbeat_s if self.t.control else 0.1)
+                if not feed.wait(wait_s):
+                    return
+                last_progress = time.monotonic()
+                continue
             out = self._next_output()
             if out is not WAITING and out is not DONE:
                 last_progress = time.monotonic()
@@ -223,6 +237,8 @@ class DistributedRunner:
     def _to_every_stage(self, event) -> None:
         self.stage.receive(event)
         if self.t.control is not None:
+            if isinstance(event, SequenceFinished):  # each rank must confirm freeing the slot
+                self._unreleased[event.seq] = set(range(1, self.world_size))
             self.t.control.broadcast("ev", encode_event(event))
 
     def _ship_rank0(self, coord: Coordinator, out) -> None:

@@ -9,6 +9,9 @@ as a fast control plane would deliver them: that is what lets an early token
 start on stage 0 while the stage that exited still holds deferred work.
 
 It is the reference runner: every other runner must produce the same tokens.
+With a ``feed`` (runtime/serving.py) it does not return when every sequence has
+finished: it takes in new sequences and cancellations between ticks and waits
+for more when idle.
 It only moves events; decisions belong to the state machines, and which
 command goes where to the ``ActionRouter`` it shares with every runner. If
 anything raises inside ``run`` (the model, a state machine, the caller's
@@ -45,20 +48,28 @@ class LocalRunner:
         for stage in self.stages:
             stage.receive(event)
 
-    def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None) -> None:
-        """Drive ``coord`` and the stages until every sequence has finished; on any failure, free
-        every sequence's slot on every stage and re-raise."""
+    def run(self, coord: Coordinator, on_verified: Callable[[Verified], None] | None = None, feed=None) -> None:
+        """Drive ``coord`` and the stages until every sequence has finished (with a ``feed``: until
+        the feed says stop); on any failure, free every sequence's slot on every stage and re-raise."""
         try:
-            self._run(coord, on_verified)
+            self._run(coord, on_verified, feed)
         except BaseException as exc:
             self.router.release(coord, exc)
             raise
 
-    def _run(self, coord: Coordinator, on_verified) -> None:
+    def released(self, seq: int) -> bool:
+        """Whether every stage has freed ``seq``'s slot: at once, in process."""
+        return True
+
+    def _run(self, coord: Coordinator, on_verified, feed) -> None:
         stages = self.stages
         while True:
+            if feed is not None:
+                feed.admit(coord)
             if self.router.pump(coord, on_verified) is DONE:
-                return
+                if feed is None or not feed.wait():
+                    return
+                continue
             sent: list[tuple[int, Activations]] = []
             progressed = False
             for i, stage in enumerate(stages):

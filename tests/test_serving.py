@@ -1,0 +1,198 @@
+"""The serving loop (runtime/serving.py) in process, on a tiny random model: many requests in
+flight through one pipeline give each prompt's tokens decoded alone; slots, queue and
+cancellation behave; a failure ends the requests in flight and serving goes on.
+
+The HTTP server on top of it is tested in tests/test_server.py; two ranks in
+tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from adadecode.runtime.serving import Finished, QueueFull, Request, RequestTooLong, ServingLoop, TextDelta
+from helpers import make_engine, save_tiny_model
+
+PROMPTS = [[5, 17, 3, 42, 8, 11], [1, 2, 3], [60, 61, 62, 63, 64, 65, 66], [9], [30, 31, 32, 33], [7, 7, 7, 7, 7]]
+MAX_NEW = 12
+THREE = [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def alone(model_dir):
+    """Each prompt decoded alone, in every mode (the same tokens: early exit changes nothing)."""
+    engine = make_engine(model_dir, [(0, 6)])
+    return [engine.generate(p, max_new_tokens=MAX_NEW).tokens for p in PROMPTS]
+
+
+class Collector:
+    """Events per request id, and a barrier for 'every request has finished'."""
+
+    def __init__(self, expected: int):
+        self.events: dict[int, list] = {}
+        self.done = threading.Semaphore(0)
+        self.expected = expected
+
+    def __call__(self, event) -> None:
+        self.events.setdefault(event.id, []).append(event)
+        if isinstance(event, Finished):
+            self.done.release()
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        for _ in range(self.expected):
+            assert self.done.acquire(timeout=timeout_s), "a request never finished"
+
+    def finished(self, rid: int) -> Finished:
+        (end,) = [e for e in self.events[rid] if isinstance(e, Finished)]
+        return end
+
+
+def serve(model_dir, ranges, slots: int, **kw) -> ServingLoop:
+    engine = make_engine(model_dir, ranges, num_slots=slots)
+    return ServingLoop(engine, max_num_seqs=slots, **kw).start()
+
+
+def assert_all_free(loop: ServingLoop) -> None:
+    m = loop.metrics()
+    assert m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0
+    for stage in loop.engine.stages:
+        assert stage.slots == {} and not stage._work and not stage._parked, stage.index
+
+
+@pytest.mark.parametrize("ranges", [[(0, 6)], THREE], ids=["1-stage", "3-stages"])
+@pytest.mark.parametrize("mode", ["off", "eager", "deferred"])
+def test_many_requests_in_flight_give_each_prompts_tokens_alone(model_dir, alone, ranges, mode):
+    loop = serve(model_dir, ranges, slots=4)
+    try:
+        got = Collector(3 * len(PROMPTS))
+        ids = [loop.submit(Request(tuple(p), MAX_NEW, early_exit=mode), got) for p in PROMPTS * 3]
+        got.wait()
+        for rid, prompt_index in zip(ids, list(range(len(PROMPTS))) * 3):
+            end = got.finished(rid)
+            assert end.reason in ("length", "eos") and end.completion_tokens == len(alone[prompt_index])
+            deltas = [e for e in got.events[rid] if isinstance(e, TextDelta)]
+            tokens = [t for d in deltas for t in d.tokens]
+            text = "".join(d.text for d in deltas) + end.text
+            assert text == loop.engine._decode(alone[prompt_index])
+            assert tokens == alone[prompt_index][: len(tokens)]
+        assert_all_free(loop)
+        m = loop.metrics()
+        assert m["generation_tokens_total"] == 3 * sum(map(len, alone))
+        assert m["requests_finished"].get("length", 0) + m["requests_finished"].get("eos", 0) == 3 * len(PROMPTS)
+        if mode != "off":
+            assert sum(m["early_emitted"].values()) > 0
+            assert sum(m["early_accepted"].values()) + sum(m["early_rejected"].values()) <= sum(m["early_emitted"].values())
+    finally:
+        loop.stop()
+
+
+def test_never_more_sequences_than_slots(model_dir):
+    loop = serve(model_dir, THREE, slots=2)
+    seen = []
+    real = loop.admit
+
+    def admit(coord):
+        real(coord)
+        seen.append(max(len(s.slots) for s in loop.engine.stages))
+
+    loop.admit = admit
+    try:
+        got = Collector(len(PROMPTS))
+        for p in PROMPTS:
+            loop.submit(Request(tuple(p), MAX_NEW), got)
+        got.wait()
+        assert max(seen) <= 2
+    finally:
+        loop.stop()
+
+
+def test_bad_requests_are_refused_with_the_numbers(model_dir):
+    loop = serve(model_dir, [(0, 6)], slots=1, max_queue=2)
+    try:
+        with pytest.raises(RequestTooLong, match=r"prompt \(6 tokens\) plus max_tokens \(60\) needs 66 positions.*holds 64"):
+            loop.submit(Request(tuple(PROMPTS[0]), 60), print)
+        with pytest.raises(ValueError, match="early_exit `sometimes` is unknown"):
+            loop.submit(Request((1,), 4, early_exit="sometimes"), print)
+        with pytest.raises(ValueError, match="prompt is empty"):
+            loop.submit(Request((), 4), print)
+        # one running (it takes a while), two queued, the fourth is refused
+        got = Collector(3)
+        gate = threading.Event()
+        real = loop.engine.stages[0].model.run_layers
+        loop.engine.stages[0].model.run_layers = lambda *a, **k: (gate.wait(10), real(*a, **k))[1]
+        loop.submit(Request(tuple(PROMPTS[1]), 4), got)
+        deadline = time.monotonic() + 10
+        while loop.metrics()["num_requests_running"] < 1:  # admitted, and held inside the model
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(2):
+            loop.submit(Request(tuple(PROMPTS[1]), 4), got)
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            loop.submit(Request(tuple(PROMPTS[1]), 4), got)
+        gate.set()
+        got.wait()
+        assert_all_free(loop)
+    finally:
+        loop.stop()
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_go_on(model_dir, alone):
+    loop = serve(model_dir, THREE, slots=2)
+    try:
+        got = Collector(3)
+        first = threading.Event()
+
+        def on_event(event):
+            got(event)
+            if isinstance(event, TextDelta) and event.id == victim:
+                first.set()
+
+        victim = loop.submit(Request(tuple(PROMPTS[0]), 40 - len(PROMPTS[0])), on_event)
+        queued = loop.submit(Request(tuple(PROMPTS[1]), MAX_NEW), on_event)
+        queued_too = loop.submit(Request(tuple(PROMPTS[2]), MAX_NEW), on_event)
+        assert first.wait(30)
+        loop.cancel(victim)
+        got.wait()
+        assert got.finished(victim).reason == "cancelled"
+        assert got.finished(queued).completion_tokens == len(alone[1])
+        assert got.finished(queued_too).completion_tokens == len(alone[2])
+        assert_all_free(loop)
+    finally:
+        loop.stop()
+
+
+def test_a_failure_ends_the_requests_in_flight_and_serving_goes_on(model_dir, alone):
+    loop = serve(model_dir, [(0, 6)], slots=2)
+    try:
+        model = loop.engine.stages[0].model
+        real = model.run_layers
+        calls = []
+
+        def run_layers(*a, **k):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("the model failed")
+            return real(*a, **k)
+
+        model.run_layers = run_layers
+        got = Collector(2)
+        ids = [loop.submit(Request(tuple(p), MAX_NEW), got) for p in PROMPTS[:2]]
+        got.wait()
+        for rid in ids:
+            end = got.finished(rid)
+            assert end.reason == "failed" and "RuntimeError: the model failed" in end.error
+        assert loop.healthy
+        got = Collector(1)
+        rid = loop.submit(Request(tuple(PROMPTS[3]), MAX_NEW), got)
+        got.wait()
+        assert got.finished(rid).completion_tokens == len(alone[3])
+        assert_all_free(loop)
+    finally:
+        loop.stop()
