@@ -20,9 +20,7 @@ module reads them, in this order, and nowhere else in the project does:
 
 from __future__ import annotations
 
-import itertools
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -170,67 +168,22 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
 
 # ------------------------------------------------------------------- nodelists
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
-
 
 def expand_nodelist(nodelist: str, name: str = "nodelist") -> list[str]:
-    """Host names of a Slurm nodelist: ``"node[01-03,07],gpu5"`` -> node01 node02 node03 node07 gpu5.
+    """Host names of a Slurm nodelist: ``"node[01-03,07],gpu5"`` -> node01 node02 node03 node07 gpu5
+    (python-hostlist, the parser Slurm sites use; its errors get the variable's name and a fix)."""
+    import hostlist
 
-    Several bracket groups in one name (``rack[1-2]-n[1-2]``) expand as a product,
-    in Slurm's order. Zero padding follows the range's first number.
-    """
     text = nodelist.strip()
     if not text:
         raise DistEnvError(f"{name} is empty; expected host names such as `node[01-04,07]`")
-    hosts: list[str] = []
-    for item in _split_top_level(text, name):
-        hosts.extend(_expand_host(item, nodelist, name))
+    try:
+        hosts = hostlist.expand_hostlist(text)
+    except hostlist.BadHostlist as e:
+        raise DistEnvError(
+            f"{name}={text!r} is not a Slurm nodelist ({e}); expected host names such as `node[01-04,07]`, "
+            "or export MASTER_ADDR"
+        ) from None
+    if not hosts:
+        raise DistEnvError(f"{name}={text!r} names no host; expected host names such as `node[01-04,07]`")
     return hosts
-
-
-def _split_top_level(text: str, name: str) -> list[str]:
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-            if depth > 1:
-                raise DistEnvError(f"{name}={text!r}: nested brackets at character {i}")
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise DistEnvError(f"{name}={text!r}: `]` without `[` at character {i}")
-        elif ch == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    if depth:
-        raise DistEnvError(f"{name}={text!r}: a `[` is never closed")
-    items.append(text[start:])
-    for item in items:
-        if not item.strip():
-            raise DistEnvError(f"{name}={text!r}: an empty host name between commas")
-    return [item.strip() for item in items]
-
-
-def _expand_host(pattern: str, whole: str, name: str) -> list[str]:
-    # Split "rack[1-2]-n[01-02]" into literal parts and the choices of each bracket group.
-    parts: list[list[str]] = []
-    for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", pattern):
-        if literal:
-            parts.append([literal])
-        if group:
-            parts.append(_expand_group(group, whole, name))
-    return ["".join(p) for p in itertools.product(*parts)]
-
-
-def _expand_group(group: str, whole: str, name: str) -> list[str]:
-    out: list[str] = []
-    for spec in group.split(","):
-        m = _RANGE.match(spec.strip())
-        if not m:
-            raise DistEnvError(f"{name}={whole!r}: `[{group}]` holds `{spec}`, which is not a number or a range a-b")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
-            raise DistEnvError(f"{name}={whole!r}: the range `{spec}` runs backwards")
-        width = len(lo)
-        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-    return out

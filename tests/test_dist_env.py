@@ -98,12 +98,12 @@ def test_expand_nodelist(nodelist, hosts):
     "nodelist, fragment",
     [
         ("", "empty"),
-        ("node[01-04", "never closed"),
-        ("node01]", "without `[`"),
-        ("node[a-b]", "not a number or a range"),
-        ("node[4-1]", "runs backwards"),
-        ("a,,b", "empty host name"),
-        ("n[1[2]]", "nested"),
+        ("node[01-04", "is not a Slurm nodelist (unbalanced brackets)"),
+        ("node01]", "is not a Slurm nodelist (unbalanced brackets)"),
+        ("node[a-b]", "is not a Slurm nodelist (bad range)"),
+        ("node[4-1]", "is not a Slurm nodelist (start > stop)"),
+        ("n[1[2]]", "is not a Slurm nodelist (nested brackets)"),
+        (",", "names no host"),
     ],
 )
 def test_bad_nodelists_are_named(nodelist, fragment):
@@ -130,7 +130,7 @@ def test_bad_nodelists_are_named(nodelist, fragment):
         ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, ["SLURM_LOCALID is not set"]),
         ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_NODELIST"}, ["neither MASTER_ADDR nor SLURM_JOB_NODELIST"]),
         ({k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"}, ["neither MASTER_PORT nor SLURM_JOB_ID"]),
-        ({**SLURM, "SLURM_JOB_NODELIST": "n[1-"}, ["SLURM_JOB_NODELIST", "never closed"]),
+        ({**SLURM, "SLURM_JOB_NODELIST": "n[1-"}, ["SLURM_JOB_NODELIST", "unbalanced brackets"]),
     ],
 )
 def test_inconsistent_environments_get_a_clear_error(environ, fragments):
