@@ -15,19 +15,29 @@ call, prefill included. Each runtime mode's tokens are compared with ``hf``'s,
 so a speedup never hides a parity break; early-exit modes also report the exit
 rate per head, the acceptance rate and the rollbacks.
 
+With ``--temperature`` > 0 the contenders sample (runtime/sampling.py) and the
+reference is plain sampling of this runtime, ``off`` (always timed; transformers
+is not run: its sampler draws other tokens). Each other early-exit mode runs
+under each of ``--sampling-modes``: ``seeded`` rows must give ``off``'s tokens
+(``deferred`` up to rounding), ``speculative`` rows are the same distribution,
+not the same samples, so their identical count is information, not a check.
+
     taskset -c 0,1 adadecode bench --pipeline.threads=2 --num-prompts 8
     taskset -c 0 adadecode bench --pipeline.threads=1 --modes off,deferred,eager --hf-early-exit 8,15,22
+    taskset -c 0 adadecode bench --pipeline.threads=1 --modes off,eager,deferred --temperature 0.8 --top-p 0.95 \
+        --sampling-modes seeded,speculative
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import torch
 from adadecode.runtime.prompts import select_prompts
 
-from .config import RunConfig, load_spec
+from .config import RunConfig, load_spec, sampling_params
 
 
 def first_divergence(ours: list[int], ref: list[int]) -> int | None:
@@ -79,29 +89,41 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
     d = cfg.decoding
     modes = [m for m in args.modes.split(",") if m]
     hf_ks = [int(k) for k in args.hf_early_exit.split(",") if k]
+    sampling = sampling_params(cfg.sampling)
+    runs = contenders(modes, sampling, getattr(args, "sampling_modes", ""))
+    if sampling is not None and hf_ks:
+        raise ValueError("--hf-early-exit compares greedy decoding; drop it, or --temperature")
     prompts = select_prompts(args.prompts, args.num_prompts)
     if engine is None:
         from adadecode.runtime.engine import Engine
 
         engine = Engine.load(load_spec(cfg), max_inflight=d.max_inflight)
-    stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
-    hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=stage0.dtype).to(stage0.device).eval()
+    hf = None
+    if sampling is None:
+        stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
+        hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=stage0.dtype)
+        hf = hf.to(stage0.device).eval()
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]
 
     for ids in encoded[: args.warmup]:
-        hf_generate(hf, ids, 8, eos)
-        for mode in modes:
-            engine.generate(ids, max_new_tokens=8, early_exit=mode)
+        if hf is not None:
+            hf_generate(hf, ids, 8, eos)
+        for _, mode, params in runs:
+            engine.generate(ids, max_new_tokens=8, early_exit=mode, sampling=params)
 
-    tally = {name: _Tally() for name in ["hf", *modes, *(f"hf-ee-{k}" for k in hf_ks)]}
+    names = [name for name, _, _ in runs]
+    tally = {name: _Tally() for name in (["hf"] if hf is not None else []) + names + [f"hf-ee-{k}" for k in hf_ks]}
     for n, ids in enumerate(encoded):
-        ref, t_hf = hf_generate(hf, ids, d.max_new_tokens, eos)
-        t = tally["hf"]
-        t.tokens, t.seconds, t.matches = t.tokens + len(ref), t.seconds + t_hf, t.matches + 1
-        for mode in modes:
-            res = engine.generate(ids, max_new_tokens=d.max_new_tokens, early_exit=mode)
-            t, st = tally[mode], res.stats
+        ref = None
+        if hf is not None:
+            ref, t_hf = hf_generate(hf, ids, d.max_new_tokens, eos)
+            t = tally["hf"]
+            t.tokens, t.seconds, t.matches = t.tokens + len(ref), t.seconds + t_hf, t.matches + 1
+        for name, mode, params in runs:
+            res = engine.generate(ids, max_new_tokens=d.max_new_tokens, early_exit=mode, sampling=params)
+            ref = res.tokens if ref is None else ref  # sampling: off, run first, is the reference
+            t, st = tally[name], res.stats
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
             t.early, t.accepted, t.rollbacks = t.early + st["early_emitted"], t.accepted + st["accepted"], t.rollbacks + st["rollbacks"]
@@ -111,27 +133,26 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
             t.busy = [a + b for a, b in zip(t.busy, busy)] if t.busy else busy
             at = first_divergence(res.tokens, ref)
             t.matches += at is None
-            if at is not None:
-                t.divergences.append({"prompt": n, "position": at, "ours": res.tokens[at : at + 1], "hf": ref[at : at + 1]})
+            if at is not None and (params is None or params.mode == "seeded"):  # speculative: not a parity check
+                t.divergences.append({"prompt": n, "position": at, "ours": res.tokens[at : at + 1], "reference": ref[at : at + 1]})
         for k in hf_ks:
             out, secs = hf_generate(hf, ids, d.max_new_tokens, eos, assistant_early_exit=k)
             t = tally[f"hf-ee-{k}"]
             t.tokens, t.seconds, t.matches = t.tokens + len(out), t.seconds + secs, t.matches + (out == ref)
 
-    base = tally["hf"].tokens_per_s
+    base = tally["hf"].tokens_per_s if hf is not None else None
     off = tally["off"].tokens_per_s if "off" in tally else None
     rows = {}
     for name, t in tally.items():
-        row = {
-            "tokens_per_s": round(t.tokens_per_s, 2),
-            "vs_hf_generate": round(t.tokens_per_s / base, 3),
-            "token_identical_prompts": f"{t.matches}/{len(encoded)}",
-        }
+        row = {"tokens_per_s": round(t.tokens_per_s, 2)}
+        if base:
+            row["vs_hf_generate"] = round(t.tokens_per_s / base, 3)
+        row["token_identical_prompts"] = f"{t.matches}/{len(encoded)}"
         if off and name not in ("hf", "off") and not name.startswith("hf-"):
             row["vs_off"] = round(t.tokens_per_s / off, 3)
-        if name in modes:
+        if name in names:
             row["stage_busy_fraction"] = [round(b / t.seconds, 3) for b in t.busy]
-        if name in modes and name != "off":
+        if name in names and name != "off":
             row["exit_rate_per_head"] = {l: round(c / t.tokens, 3) for l, c in sorted(t.by_layer.items())}
             row["acceptance_rate"] = round(t.accepted / t.early, 3) if t.early else None
             row["rollbacks"] = t.rollbacks
@@ -144,6 +165,8 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         "max_new_tokens": d.max_new_tokens,
         "threads": torch.get_num_threads(),
         "stages": engine.layer_ranges,
+        "sampling": None if sampling is None else dataclasses.asdict(sampling),
+        "reference": "hf" if hf is not None else "off (plain sampling of this runtime)",
         "results": rows,
     }
     if args.json:
@@ -154,5 +177,26 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
                 print(f"{k:>16}: {v}")
         for name, row in rows.items():
             print(f"{name:>16}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    exact = [m for m in modes if m != "deferred"]
-    return 0 if all(tally[m].matches == len(encoded) for m in exact) else 1
+    exact = [name for name, mode, params in runs if mode != "deferred" and (params is None or params.mode == "seeded")]
+    return 0 if all(tally[name].matches == len(encoded) for name in exact) else 1
+
+
+def contenders(modes: list[str], sampling, sampling_modes: str) -> list[tuple[str, str, object]]:
+    """``(name, early_exit, SamplingParams or None)`` per timed run. Sampling: ``off`` first
+    (the reference), then each other mode under each sampling mode."""
+    from adadecode.runtime.sampling import SAMPLING_MODES
+
+    if sampling is None:
+        if sampling_modes:
+            raise ValueError("--sampling-modes needs --temperature > 0 (temperature 0 is greedy)")
+        return [(m, m, None) for m in modes]
+    chosen = [m for m in sampling_modes.split(",") if m] or [sampling.mode]
+    for m in chosen:
+        if m not in SAMPLING_MODES:
+            raise ValueError(f"--sampling-modes: `{m}` is not one of {', '.join(SAMPLING_MODES)}")
+    runs = [("off", "off", sampling)]
+    for mode in (m for m in modes if m != "off"):
+        for m in chosen:
+            name = f"{mode}:{m}" if len(chosen) > 1 else mode
+            runs.append((name, mode, dataclasses.replace(sampling, mode=m)))
+    return runs

@@ -15,22 +15,37 @@ stages simulated in one process, any config key overridden from the CLI:
     adadecode generate --model ~/models/Qwen2.5-0.5B-Instruct --stages 3 --prompt "..." \\
         --model.max_seq_len=4096 --pipeline.threads=2
 
-One rank per stage (docs/distributed.md): `--stages N` alone spawns N local gloo
+One rank per stage (README, "Pipeline across processes"): `--stages N` alone spawns N local gloo
 ranks and supervises them; under torchrun, Slurm's srun or the DeepSpeed
 launcher each process is one rank (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 from launcher/dist_env.py), rank 0 prints:
 
     adadecode generate --stages 2 --prompt "..."                          # 2 local ranks, 1 thread each, pinned
-    torchrun --nproc-per-node 2 -m adadecode.launcher.cli generate --stages 2 --prompt "..."
+    torchrun --nproc-per-node 2 --no-python adadecode generate --stages 2 --prompt "..."
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank $NODE --rdzv-backend c10d \
-        --rdzv-endpoint $HEAD:29500 -m adadecode.launcher.cli generate --stages 2 --prompt "..."
+        --rdzv-endpoint $HEAD:29500 --no-python adadecode generate --stages 2 --prompt "..."
     sbatch --nodes 2 scripts/slurm/adadecode.sbatch --prompt "..."
     deepspeed --num_gpus 2 --module adadecode.launcher.cli generate --stages 2 --prompt "..."
     adadecode generate --stages 3 --dry-run                               # the plan, nothing loaded
 
+Sampling, seeded (the same tokens with or without early exit, at any stage count) or
+speculative (heads' draws kept with probability min(1, p/q)):
+
+    adadecode generate --prompt "..." --temperature 0.8 --top-p 0.95 --seed 1 --early-exit deferred
+    adadecode generate --prompt "..." --temperature 0.8 --sampling speculative --early-exit eager
+
 Speed against transformers' `generate`, same process, same threads:
 
     adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
+
+An OpenAI-compatible server (launcher/server.py; README, Serving): in process, on N
+spawned local ranks, or under torchrun / Slurm (rank 0 serves, the others run their stages):
+
+    adadecode serve --port 8000                                           # one process
+    adadecode serve --stages 2 --port 8000 --serve.max_num_seqs=8         # 2 local ranks
+    torchrun --nproc-per-node 2 --no-python adadecode serve --stages 2 --host 0.0.0.0
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"prompt": "The capital of France is", "max_tokens": 16}'
 
 Exit heads for a model (self-distillation; see launcher/train_heads.py):
 
@@ -60,6 +75,7 @@ from .config import (
     dump_yaml,
     load_config,
     load_spec,
+    sampling_params,
 )
 from .errors import EXIT_INTERRUPTED, report_error
 
@@ -69,6 +85,12 @@ SHORTCUTS = {
     "max_new_tokens": "decoding.max_new_tokens",
     "stages": "pipeline.stages",
     "early_exit": "decoding.early_exit",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "min_p": "sampling.min_p",
+    "seed": "sampling.seed",
+    "sampling": "sampling.mode",
 }
 
 
@@ -79,6 +101,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
     p.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="decoding.early_exit")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (decoding.chat)")
+    # Sampling: values are checked by the config (launcher/config.py), so a bad one is a one-line error.
+    p.add_argument("--temperature", metavar="T", help="sampling.temperature (0: greedy)")
+    p.add_argument("--top-p", metavar="P", help="sampling.top_p, in (0, 1]")
+    p.add_argument("--top-k", metavar="K", help="sampling.top_k (0: off)")
+    p.add_argument("--min-p", metavar="P", help="sampling.min_p, in [0, 1]")
+    p.add_argument("--seed", metavar="N", help="sampling.seed")
+    p.add_argument("--sampling", metavar="{seeded,speculative}", help="sampling.mode")
     p.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
 
 
@@ -93,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate text greedily",
+        help="generate text (greedy, or sampled with --temperature)",
         epilog="Config keys (--section.key=value):\n" + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
     _add_config_flags(gen)
 
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)",
+        epilog="Config keys (--section.key=value):\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    srv.add_argument("--host", metavar="ADDR", help="address to listen on (serve.host; default 127.0.0.1)")
+    srv.add_argument("--port", type=int, metavar="N", help="TCP port, 0 for any free one (serve.port; default 8000)")
+    srv.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
+    srv.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
+    srv.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
+    srv.add_argument("--max-new-tokens", type=int, metavar="N", help="max_tokens of a request that sends none")
+    srv.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
+    srv.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="a request's default early exit")
+    srv.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
+    srv.set_defaults(chat=False, **dict.fromkeys(SHORTCUTS))  # generate's flags, absent here
+
     # Parsed by launcher/train_heads.py (main() hands it the arguments); listed here for --help.
     sub.add_parser("train-heads", add_help=False, help="train exit heads for a model (train-heads --help)")
 
@@ -113,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-prompts", type=int, default=8, metavar="N")
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed generations first")
     bench.add_argument("--modes", default="off", metavar="M,M", help="early-exit modes to time: off,eager,deferred")
+    bench.add_argument("--sampling-modes", default="", metavar="M,M",
+                       help="with --temperature: sampling modes to time each early-exit mode under "
+                            "(seeded,speculative; default: sampling.mode)")
     bench.add_argument("--hf-early-exit", default="", metavar="K,K",
                        help="also time transformers generate(assistant_early_exit=K) for each K")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -128,6 +177,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"--{key}={value}")
+    for name in ("host", "port"):  # `serve` only
+        if getattr(args, name, None) is not None:
+            overrides.append(f"--serve.{name}={getattr(args, name)}")
     if args.stages is not None:
         overrides.append("--pipeline.split_points=[]")  # an explicit split belongs to its own stage count
     if args.chat:
@@ -211,6 +263,34 @@ def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     return run_bench(args, cfg)
 
 
+def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
+    """`adadecode serve`: rank 0 (or the one process) serves HTTP; other ranks run their stages."""
+    from .dist_env import read_dist_env
+    from .distributed import check_devices, plan_launch, run_rank, spawn_local
+    from .serve import (
+        check_cache_memory,
+        check_serve_config,
+        http_frontend,
+        load_engine,
+        serve_requests,
+    )
+
+    check_serve_config(cfg)
+    plan = plan_launch(cfg, read_dist_env())
+    if args.dry_run:
+        return dry_run(cfg, plan)
+    check_devices(cfg, plan)
+    check_cache_memory(cfg, plan, stage_ranges(cfg))  # before anything loads or spawns
+    if plan.mode == "spawn":
+        return spawn_local(argv, cfg, plan)
+    if plan.mode == "rank" and plan.env.rank != 0:
+        return run_rank(cfg, plan, lambda engine: 0, serving=True)  # serves its stage until rank 0 stops
+    with http_frontend(cfg) as frontend:  # listening: /health answers 503 while the model loads
+        if plan.mode == "rank":
+            return run_rank(cfg, plan, lambda engine: serve_requests(frontend, engine, cfg), serving=True)
+        return serve_requests(frontend, load_engine(cfg), cfg)
+
+
 def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> int:
     """Generate every prompt with ``engine`` and print each result (text or JSON)."""
     d = cfg.decoding
@@ -223,6 +303,7 @@ def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> i
             stop=d.stop,
             early_exit=d.early_exit,
             on_text=stream,
+            sampling=sampling_params(cfg.sampling),
         )
         if args.json:
             record = {"prompt": prompt, **result.__dict__}
@@ -261,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_process(cfg)
         if args.command == "generate":
             return cmd_generate(args, cfg, argv)
+        if args.command == "serve":
+            return cmd_serve(args, cfg, argv)
         return cmd_bench(args, cfg, argv)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -42,8 +42,10 @@ __all__ = [
     "ModelConfig",
     "PipelineConfig",
     "DecodingConfig",
+    "SamplingConfig",
     "TransportConfig",
     "LoggingConfig",
+    "ServeConfig",
     "RunConfig",
     "load_config",
     "config_to_dict",
@@ -52,6 +54,7 @@ __all__ = [
     "field_docs",
     "check_world_size",
     "load_spec",
+    "sampling_params",
 ]
 
 
@@ -220,6 +223,47 @@ class DecodingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Sampling (runtime/sampling.py); temperature 0 is greedy decoding, the parity reference.
+
+    The ranges repeat ``SamplingParams``' checks, so that loading a config imports no
+    torch; tests/test_sampling.py checks that both refuse the same values.
+    """
+
+    temperature: float = 0.0
+    """Softmax temperature; 0: greedy decoding (the other sampling keys are then unused)."""
+
+    top_p: float = 1.0
+    """Keep the most likely tokens until their probability reaches top_p, in (0, 1]; 1: off."""
+
+    top_k: int = 0
+    """Keep the top_k most likely tokens; 0: off."""
+
+    min_p: float = 0.0
+    """Keep tokens at least min_p times as likely as the most likely one, in [0, 1]; 0: off."""
+
+    seed: int = 0
+    """Seed of the per-position noise: the token at position p depends on (seed, p) only, in [0, 2**63 - 1]."""
+
+    mode: Literal["seeded", "speculative"] = "seeded"
+    """seeded: output independent of early exit and stages; speculative: heads' draws kept with min(1, p/q)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        checks = [
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
+             "a finite number >= 0 (0: greedy decoding)", "--temperature 0.8"),
+            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1: off)", "--top-p 0.95"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0: off)", "--top-k 50"),
+            ("min_p", 0 <= self.min_p <= 1, "a number in [0, 1] (0: off)", "--min-p 0.05"),
+            ("seed", 0 <= self.seed <= 2**63 - 1, "an integer in [0, 2**63 - 1]", "--seed 1"),
+        ]
+        for key, ok, expected, example in checks:
+            if not ok:
+                raise _invalid(f"sampling.{key}", getattr(self, key), expected, f"set e.g. `{example}`")
+
+
+@dataclass
 class TransportConfig:
     """How stages talk to each other."""
 
@@ -261,6 +305,49 @@ class LoggingConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`adadecode serve`: the OpenAI-compatible HTTP server on rank 0 (launcher/server.py)."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server listens on; 127.0.0.1 keeps it on this machine, 0.0.0.0 opens it to the network."""
+
+    port: int = 8000
+    """TCP port of the HTTP server; 0 picks a free one (printed at start-up)."""
+
+    max_num_seqs: int = 8
+    """Sequences decoded at once: KV cache slots on every stage, checked against free memory at start-up."""
+
+    max_queue: int = 64
+    """Requests waiting for a slot beyond max_num_seqs; past it a request gets HTTP 429."""
+
+    served_model_name: str = ""
+    """Model name clients send and /v1/models lists; empty: model.source."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.host.strip() == "":
+            raise _invalid(
+                "serve.host", self.host, "an address to listen on",
+                "use `--serve.host=127.0.0.1` (this machine only) or `--serve.host=0.0.0.0` (every interface)",
+            )
+        if not 0 <= self.port <= 65535:
+            raise _invalid(
+                "serve.port", self.port, "a TCP port in 0..65535 (0: any free port)",
+                "set e.g. `--serve.port=8000`",
+            )
+        if self.max_num_seqs < 1:
+            raise _invalid(
+                "serve.max_num_seqs", self.max_num_seqs, "an integer >= 1 (cache slots per stage)",
+                "set e.g. `--serve.max_num_seqs=8`",
+            )
+        if self.max_queue < 1:
+            raise _invalid(
+                "serve.max_queue", self.max_queue, "an integer >= 1 (requests waiting for a slot)",
+                "set e.g. `--serve.max_queue=64`",
+            )
+
+
+@dataclass
 class RunConfig:
     """The whole run; hand each component only its own section."""
 
@@ -273,11 +360,17 @@ class RunConfig:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     """Generation length, early exit and stop conditions."""
 
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Greedy decoding, or sampling with a stated guarantee (seeded or speculative)."""
+
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Communication backend between stages."""
 
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """The HTTP server of `adadecode serve`; decoding.max_new_tokens / early_exit / stop are each request's defaults."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -698,8 +791,12 @@ def config_help() -> str:
 # ------------------------------------------------------------------- to the runtime
 
 
-def load_spec(cfg: RunConfig):
-    """The runtime's ``LoadSpec`` from the model, pipeline and decoding sections."""
+def load_spec(cfg: RunConfig, *, serving: bool = False):
+    """The runtime's ``LoadSpec`` from the model, pipeline and decoding sections.
+
+    ``serving`` (`adadecode serve`): every stage gets ``serve.max_num_seqs`` KV cache slots;
+    otherwise one (a CLI generation decodes one sequence at a time).
+    """
     from adadecode.runtime.loading import LoadSpec
 
     m, p, d = cfg.model, cfg.pipeline, cfg.decoding
@@ -707,4 +804,14 @@ def load_spec(cfg: RunConfig):
         m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
         max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
+        num_slots=cfg.serve.max_num_seqs if serving else 1,
     )
+
+
+def sampling_params(sampling: SamplingConfig):
+    """The runtime's ``SamplingParams`` from the sampling section (None: greedy)."""
+    from adadecode.runtime.sampling import SamplingParams
+
+    if sampling.temperature == 0:
+        return None
+    return SamplingParams(**dataclasses.asdict(sampling))

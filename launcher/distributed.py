@@ -135,8 +135,11 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
     return failed[0].returncode if failed[0].returncode > 0 else 1
 
 
-def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int]) -> int:
-    """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``."""
+def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int], *, serving: bool = False) -> int:
+    """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``.
+
+    ``serving`` (`adadecode serve`): every rank's stage gets ``serve.max_num_seqs`` cache slots.
+    """
     import torch
     from adadecode.runtime.engine import PipelineEngine
     from adadecode.runtime.loading import load_rank
@@ -152,7 +155,7 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
     torch.set_num_threads(threads)
     try:
         resolved, config, _, loaded = load_rank(
-            load_spec(cfg), rank=rank, backend=plan.backend, local_rank=env.local_rank,
+            load_spec(cfg, serving=serving), rank=rank, backend=plan.backend, local_rank=env.local_rank,
             local_world_size=env.local_world_size or env.local_rank + 1,
         )
         stage = loaded.stage

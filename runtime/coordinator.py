@@ -17,7 +17,13 @@ answers with commands.
 - An ``EarlyPrediction`` for the next free position starts that token at once,
   up to ``max_inflight`` unverified tokens (none for a sequence whose
   early-exit mode is ``off``). Every ``StepRequest`` carries the sequence's
-  mode, so the stages apply it without being told anything else.
+  mode and sampling parameters, so the stages apply them without being told
+  anything else.
+- Verification is an exact match in every decoding mode. Greedy and seeded
+  sampling: the final layer's token is the truth. Speculative sampling: the
+  last stage has already applied the ``min(1, p/q)`` test to the head's draw
+  (runtime/sampling.py), and its token equals the early one exactly when the
+  draw was kept. So acceptance needs no number but the token here.
 - Positions only move forward, except on ``Rollback``. Nothing is shown
   (``Verified``) or counted before it is verified, and stop conditions are
   checked on verified tokens only.
@@ -46,6 +52,7 @@ from .events import (
     StepRequest,
     Verified,
 )
+from .sampling import SamplingParams
 from .stopping import StopChecker, StopCriteria
 
 
@@ -89,6 +96,7 @@ class Sequence:
     finish_reason: str | None = None
     stats: SeqStats = field(default_factory=SeqStats)
     early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
+    sampling: SamplingParams | None = None  # carried by every StepRequest; None: greedy
     max_inflight: int = 0
     stop_checker: StopChecker = field(init=False, repr=False)  # decodes each verified token once
 
@@ -107,11 +115,20 @@ class Coordinator:
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque = deque()
 
-    def add_sequence(self, seq: int, prompt: list[int], criteria: StopCriteria, early_exit: str | None = None) -> None:
+    def add_sequence(
+        self,
+        seq: int,
+        prompt: list[int],
+        criteria: StopCriteria,
+        early_exit: str | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> None:
         """Register ``seq`` and queue its prompt for stage 0.
 
         ``early_exit`` (off, eager, deferred) is the sequence's mode: ``off`` takes no early
         token; None leaves the stages' default policy and this Coordinator's ``max_inflight``.
+        ``sampling`` (a ``SamplingParams``; None or temperature 0: greedy) travels with every
+        ``StepRequest`` of the sequence.
         """
         if seq in self.sequences:
             raise ProtocolError(f"sequence {seq} already exists")
@@ -119,11 +136,16 @@ class Coordinator:
             raise ValueError(f"sequence {seq}: the prompt is empty; give at least one token")
         if early_exit is not None and early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams or None, not {type(sampling).__name__}")
+        if sampling is not None and sampling.greedy:
+            sampling = None  # temperature 0 is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
         self.sequences[seq] = Sequence(
-            seq, len(prompt), list(prompt), criteria, early_exit=early_exit, max_inflight=max_inflight
+            seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
+            max_inflight=max_inflight,
         )
-        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), early_exit))
+        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), early_exit, sampling))
 
     def cancel(self, seq: int, reason: str = "cancelled") -> None:
         """End ``seq`` now (``cancelled``, ``failed``): drop its queued commands and queue its
@@ -209,12 +231,12 @@ class Coordinator:
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
                 if not self._maybe_finish(s):
-                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
+                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
                 return
             self._maybe_finish(s)
             return
         if not self._maybe_finish(s):
-            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
+            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
 
     def _on_early(self, s: Sequence, ev: EarlyPrediction) -> None:
         pos = len(s.tokens) + len(s.inflight)
@@ -226,7 +248,7 @@ class Coordinator:
         s.inflight_layers.append(ev.layer)
         s.stats.early_emitted += 1
         _count(s.stats.early_by_layer, ev.layer)
-        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit))
+        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
 
     def _maybe_finish(self, s: Sequence) -> bool:
         reason = s.stop_checker.push(s.tokens[-1:])

@@ -11,6 +11,7 @@ takes plain arguments, so the launcher maps each config section onto them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .kv_cache import CacheOverflowError
 from .loading import LoadSpec, build_stage, prepare
 from .model_source import ResolvedModel
 from .runners.inprocess import LocalRunner
+from .sampling import SamplingParams
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
 
@@ -102,13 +104,30 @@ class Engine:
         stop: Sequence[str] = (),
         early_exit: str = "off",
         on_text: Callable[[str], None] | None = None,
+        sampling: SamplingParams | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        sampling_mode: str | None = None,
     ) -> GenerationResult:
-        """Greedy-decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text.
+        """Decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text.
 
-        ``early_exit`` travels with the sequence to every stage (no stage setting changes).
-        Whatever ends the call — an error, an interrupt, ``on_text`` raising — the sequence's
-        cache slot is freed on every stage before the error goes on.
+        Greedy by default. To sample, pass ``sampling=SamplingParams(...)`` or its fields as
+        keywords (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, and
+        ``sampling_mode``: seeded or speculative; runtime/sampling.py); temperature 0 is greedy.
+        ``early_exit`` and the sampling parameters travel with the sequence to every stage (no
+        stage setting changes). Whatever ends the call — an error, an interrupt, ``on_text``
+        raising — the sequence's cache slot is freed on every stage before the error goes on.
         """
+        fields = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed,
+                  "mode": sampling_mode}
+        given = {k: v for k, v in fields.items() if v is not None}
+        if sampling is not None and given:
+            raise ValueError(f"give sampling=SamplingParams(...) or its fields ({', '.join(given)}), not both")
+        if sampling is None and given:
+            sampling = SamplingParams(**given)
         if early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
         if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
@@ -134,7 +153,7 @@ class Engine:
         )
         seq = self._next_seq
         coord = Coordinator(max_inflight=self.max_inflight)
-        coord.add_sequence(seq, ids, criteria, early_exit=early_exit)
+        coord.add_sequence(seq, ids, criteria, early_exit=early_exit, sampling=sampling)
         self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
         stream = TextStream(self._decode, stop, on_text)
@@ -166,6 +185,7 @@ class Engine:
                 "rollbacks": s.stats.rollbacks,
                 "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
                 "early_exit": early_exit,
+                "sampling": None if sampling is None or sampling.greedy else dataclasses.asdict(sampling),
                 "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
             },
         )

@@ -10,7 +10,11 @@ prediction's ``pos`` is the position the predicted token will occupy.
 A sequence's early-exit mode travels with its work: every ``StepRequest`` and
 ``Activations`` carries ``early_exit`` (one of ``EARLY_EXIT_MODES``), so each
 stage runs each sequence under that sequence's own backfill policy and no
-stage setting has to be changed, or relayed, between generations.
+stage setting has to be changed, or relayed, between generations. Its sampling
+parameters travel the same way (``sampling``, a ``SamplingParams``; None: greedy),
+and in speculative mode an exit head's draw and distribution ride with the item's
+activations to the last stage (``proposals``), which decides acceptance
+(runtime/sampling.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
+from .sampling import Proposal, SamplingParams
 
 
 class Sentinel(enum.Enum):
@@ -47,6 +53,7 @@ class StepRequest:
     """Run ``tokens`` at positions ``pos, pos+1, ...`` through the pipeline (sent to stage 0).
 
     ``early_exit``: the sequence's mode (``EARLY_EXIT_MODES``); None: the stage's own default.
+    ``sampling``: the sequence's sampling parameters; None: greedy.
     """
 
     seq: int
@@ -54,6 +61,7 @@ class StepRequest:
     pos: int
     tokens: tuple[int, ...]
     early_exit: str | None = None
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,10 @@ class Activations:
     ``predict_from``: the first position whose next token the final layer must
     predict (the prompt's last position, or the chunk's first decoded one).
     ``emitted``: the last position's next token was already emitted early, so no
-    exit head is evaluated on it again. ``early_exit``: the sequence's mode, as
-    on ``StepRequest``.
+    exit head is evaluated on it again. ``early_exit`` and ``sampling``: the
+    sequence's, as on ``StepRequest``. ``proposals``: speculative sampling only, the
+    exit heads' draws (and their q) for positions of this item that the last stage
+    will predict.
     """
 
     seq: int
@@ -106,6 +116,8 @@ class Activations:
     predict_from: int = -1  # -1: only the last position
     emitted: bool = False
     early_exit: str | None = None
+    sampling: SamplingParams | None = None
+    proposals: tuple[Proposal, ...] = ()
 
 
 # --- stages -> coordinator ------------------------------------------------------
@@ -113,7 +125,8 @@ class Activations:
 
 @dataclass(frozen=True)
 class FinalPrediction:
-    """The final layer's greedy token for position ``pos`` (computed from position ``pos - 1``)."""
+    """The final layer's token for position ``pos`` (computed from position ``pos - 1``): greedy,
+    or sampled under the sequence's ``SamplingParams``."""
 
     seq: int
     epoch: int

@@ -16,6 +16,13 @@ its confidence over-estimates the full one; the thresholds are calibrated with
 the restricted head, since that is what runs. A wrong early token is only ever
 rolled back, so the approximation costs speed, never correctness.
 
+Sampling (runtime/sampling.py). A sampled sequence's head processes its logits
+as the final layer does (temperature, top-k, top-p, min-p) and draws with the
+same seeded noise, each of its ``K`` tokens taking the noise entry of its
+full-vocabulary id. Its distribution ``q`` is over its ``K`` tokens: every
+token outside them has ``q = 0``, which speculative acceptance accounts for
+(they are reached through the residual ``max(0, p - q)``).
+
 On disk (a directory): ``heads.safetensors`` holds ``T.<layer>`` ([D, D]) and,
 for a restricted head, ``vocab_ids`` ([K], int32); ``manifest.json`` records
 the base model's fingerprint, the default layers and thresholds, the training
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sampling
 from .hf_adapter import rms_norm
 
 FORMAT = "adadecode-exit-heads"
@@ -73,6 +81,7 @@ class ExitHeads:
         self.weight = weight
         self.vocab_ids = vocab_ids
         self._vocab_list = vocab_ids.tolist() if vocab_ids is not None else None
+        self._vocab_cpu = vocab_ids.cpu() if vocab_ids is not None else None  # ids for the host-side noise
         self.manifest = manifest
         self.available_layers: tuple[int, ...] = tuple(sorted(self.transforms))
         self.layers: tuple[int, ...] = tuple(sorted(self.transforms if layers is None else layers))
@@ -104,6 +113,17 @@ class ExitHeads:
         confidence, index = to_host(torch.stack([confidence.double(), index.double()]))  # float64: exact ids
         index = int(index)
         return (self._vocab_list[index] if self._vocab_list is not None else index), confidence
+
+    @torch.inference_mode()
+    def propose(self, layer: int, hidden: torch.Tensor, params, pos: int):
+        """The head at ``layer`` sampling the token at position ``pos`` under ``params`` (a
+        ``SamplingParams``): (token id in the full vocabulary, confidence: the top probability of
+        the head's processed distribution q, and in speculative mode the ``Proposal``, else None).
+
+        # hidden: [D]
+        """
+        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+        return sampling.propose(logits, self._vocab_cpu, params, pos)
 
     @torch.inference_mode()
     def predict_batch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

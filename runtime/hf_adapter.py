@@ -272,6 +272,18 @@ def decoder_layer_forward(
 
     # hidden: [1, S, D]; cos, sin_folded: [1, S, 1, head_dim] (see ``rope_tables``)
     """
+    return decoder_layer_forward_ragged(layer, hidden, cos, sin_folded, [(hidden.shape[1], kv_update, mask)])
+
+
+def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, sin_folded, parts) -> torch.Tensor:
+    """One decoder layer over the chunks of several sequences at once: ``parts`` is
+    ``(rows, kv_update, mask)`` per sequence, in row order. The projections and the MLP run
+    once over all rows; attention runs per sequence, each over its own cache. With one part
+    this is op for op the layer's own forward (and, in fp32 on the CPU, each row's result is
+    the same bits whatever rows it is batched with: a matmul row is the same dot product).
+
+    # hidden: [1, N, D] (N = sum of rows); cos, sin_folded: [1, N, 1, head_dim], each row its position's
+    """
     attn, mlp = layer.self_attn, layer.mlp
     bsz, seqlen, _ = hidden.shape
     hd = attn.head_dim
@@ -287,9 +299,16 @@ def decoder_layer_forward(
     else:
         qk = apply_rope(qkv[..., : n_q + n_kv].view(bsz, seqlen, -1, hd), cos, sin_folded)
         q, k = qk[:, :, : n_q // hd], qk[:, :, n_q // hd :]
-    k, v = kv_update(k.transpose(1, 2), v)
-    o, _ = _sdpa(attn, q.transpose(1, 2), k, v, mask, dropout=0.0, scaling=attn.scaling)
-    hidden = hidden + F.linear(o.reshape(bsz, seqlen, -1), attn.o_proj.weight, attn.o_proj.bias)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    outs, row = [], 0
+    for rows, kv_update, mask in parts:
+        at = slice(row, row + rows)
+        k_all, v_all = kv_update(k[:, :, at], v[:, :, at])
+        o, _ = _sdpa(attn, q[:, :, at], k_all, v_all, mask, dropout=0.0, scaling=attn.scaling)
+        outs.append(o.reshape(bsz, rows, -1))
+        row += rows
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    hidden = hidden + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
 
     x = rms_norm(hidden, layer.post_attention_layernorm)
     gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)

@@ -14,6 +14,7 @@ the layer loop reads a device value.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -22,9 +23,11 @@ from .hf_adapter import (
     StageModules,
     causal_chunk_mask,
     decoder_layer_forward,
+    decoder_layer_forward_ragged,
     rope_tables,
 )
 from .kv_cache import CacheOverflowError, KVCache
+from . import sampling
 
 
 def to_host(t: torch.Tensor) -> list:
@@ -91,6 +94,62 @@ class StageModel:
         self.cache.advance(a, b, slot, end)
         return out
 
+    @torch.inference_mode()
+    def run_layers_batch(
+        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, exact: bool = True
+    ) -> list[torch.Tensor]:
+        """``run_layers`` for the chunks of several sequences at once, ``(hidden, input_pos, slot)``
+        each, attention per sequence over its own slot.
+
+        ``exact``: layer by layer, each chunk through the layer's own forward, as if alone:
+        the same bits as one sequence at a time (a matmul's rows depend on how many rows it
+        has: kernels differ by row count, on CPUs as on GPUs), with the layer's weights read
+        from memory once and then from cache. Otherwise the projections and the MLP run once
+        over all rows: fewer passes, but each sequence's result may differ in the last bits
+        from its result alone (README, Serving).
+
+        # each hidden: [S_i, D] -> [S_i, D]
+        """
+        if len(chunks) == 1:
+            hidden, input_pos, slot = chunks[0]
+            return [self.run_layers(hidden, input_pos, first, last, slot)]
+        a, b = first - self.start, last - self.start
+        for hidden, input_pos, slot in chunks:
+            if input_pos + hidden.shape[0] > self.cache.max_len:
+                raise CacheOverflowError(
+                    f"sequence needs {input_pos + hidden.shape[0]} positions but the KV cache holds "
+                    f"{self.cache.max_len}; raise model.max_seq_len or shorten the prompt / max_new_tokens"
+                )
+            self.cache.check_write(a, b, slot, input_pos)
+        rows = [h.shape[0] for h, _, _ in chunks]
+        cos = torch.cat([self.cos[p : p + n] for (_, p, _), n in zip(chunks, rows)])[None, :, None]
+        sin = torch.cat([self.sin[p : p + n] for (_, p, _), n in zip(chunks, rows)])[None, :, None]
+        masks = [causal_chunk_mask(p, n, self.device) for (_, p, _), n in zip(chunks, rows)]
+        cache = self.cache
+        if exact:
+            hs = [hidden[None] for hidden, _, _ in chunks]
+            at = [0, *itertools.accumulate(rows)]
+            for li in range(a, b):
+                layer = self.modules.layers[li]
+                for i, ((_, pos, slot), mask) in enumerate(zip(chunks, masks)):
+                    cos_i, sin_i = cos[:, at[i] : at[i + 1]], sin[:, at[i] : at[i + 1]]
+                    hs[i] = decoder_layer_forward(
+                        layer, hs[i], cos_i, sin_i, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask
+                    )
+            for (hidden, input_pos, slot), n in zip(chunks, rows):
+                self.cache.advance(a, b, slot, input_pos + n)
+            return [h[0] for h in hs]
+        h = torch.cat([hidden for hidden, _, _ in chunks])[None]
+        for li in range(a, b):
+            parts = [
+                (n, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask)
+                for (_, pos, slot), n, mask in zip(chunks, rows, masks)
+            ]
+            h = decoder_layer_forward_ragged(self.modules.layers[li], h, cos, sin, parts)
+        for (hidden, input_pos, slot), n in zip(chunks, rows):
+            self.cache.advance(a, b, slot, input_pos + n)
+        return list(h[0].split(rows))
+
     def _layers(self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int) -> torch.Tensor:
         """Local layers ``[a, b)`` over the exact valid prefix of the cache (shapes as in plain decoding)."""
         seqlen = hidden.shape[0]
@@ -118,3 +177,9 @@ class StageModel:
         if self.step is not None and self.step.handles(hidden.shape[0]):
             return to_host(self.step.greedy(hidden))
         return to_host(self.logits(hidden).argmax(dim=-1))
+
+    @torch.inference_mode()
+    def sampled_tokens(self, hidden: torch.Tensor, params, positions, proposals) -> list[int]:
+        """The final layer's sampled token after each position (``positions``: the positions the
+        tokens will occupy), row by row with ``sampling.sample_rows``. # hidden: [S, D]"""
+        return sampling.sample_rows(self.logits(hidden), params, positions, proposals)

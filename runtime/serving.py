@@ -13,8 +13,9 @@ make from any thread:
 - ``submit(request, on_event)`` queues a request (``QueueFull`` past
   ``max_queue``; ``RequestTooLong`` when prompt plus ``max_new_tokens`` cannot
   fit the cache) and returns its id. ``on_event`` is then called, on the loop's
-  thread, with a ``TextDelta`` per verified token that adds text (stop strings
-  held back until they cannot match) and one ``Finished`` at the end, whatever
+  thread, with a ``TextDelta`` per verified token (its text may be empty: stop
+  strings are held back until they cannot match, and a token may end inside a
+  character) and one ``Finished`` at the end, whatever
   the end: eos, stop, length, cancelled, or failed (with the error's message).
   It must return quickly (hand the event to another thread).
 - ``cancel(id)``: a client went away. The sequence ends, its slot is freed on
@@ -214,17 +215,24 @@ class ServingLoop:
             except BaseException as exc:  # noqa: BLE001 - reported to every request, then decided
                 message = f"{type(exc).__name__}: {exc}"
                 log.error("serving loop failed: %s", message, exc_info=not _is_transport_error(exc))
-                self._fail_all(message)
-                if _is_transport_error(exc) or getattr(self.engine.runner, "_broken", None):
+                fatal = _is_transport_error(exc) or getattr(self.engine.runner, "_broken", None)
+                if fatal:  # first, so that the queued requests fail too and new ones are refused
                     with self._lock:
                         self.error = message
                         self._running = False
                         self._lock.notify_all()
+                self._fail_all(message)
+                if fatal:
                     return
         self._fail_all("the server is shutting down", reason="cancelled")
 
     def admit(self, coord: Coordinator) -> None:
         """Between ticks: cancellations, freed slots, then new sequences up to the slot budget."""
+        # Slots freed everywhere since the last call (SequenceFinished went out in the pump
+        # between the calls, so ``released`` is meaningful now): forget those sequences.
+        for seq in [q for q in self._finishing if self.engine.runner.released(q)]:
+            self._finishing.discard(seq)
+            coord.remove(seq)
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
             dropped = [q for q in self._queue if q[0] in cancelled]
@@ -242,9 +250,6 @@ class ServingLoop:
             if seq is not None and seq in self._active:
                 coord.cancel(seq, "cancelled")
                 self._report_finish(coord, seq)
-        for seq in [q for q in self._finishing if self.engine.runner.released(q)]:
-            self._finishing.discard(seq)
-            coord.remove(seq)
         e = self.engine
         for rid, request, on_event in admitted:
             criteria = StopCriteria(
@@ -274,12 +279,14 @@ class ServingLoop:
         a.stream.push(event.tokens)
         text = "".join(a.pending)
         a.pending.clear()
-        if self._coord.sequences[event.seq].state is SeqState.FINISHED:
-            self._report_finish(self._coord, event.seq, text)
-        elif text:
+        s = self._coord.sequences[event.seq]
+        if s.state is SeqState.FINISHED and event.pos + len(event.tokens) >= len(s.tokens):  # its last token
             a.on_event(TextDelta(a.rid, text, tuple(event.tokens)))
+            self._report_finish(self._coord, event.seq)
+        else:
+            a.on_event(TextDelta(a.rid, text, tuple(event.tokens)))  # text may be empty: tokens still count
 
-    def _report_finish(self, coord: Coordinator, seq: int, text: str = "") -> None:
+    def _report_finish(self, coord: Coordinator, seq: int) -> None:
         """``seq`` has finished (its SequenceFinished is queued): report it with the text still held."""
         a = self._active.pop(seq)
         self._seq_of.pop(a.rid, None)
@@ -291,9 +298,10 @@ class ServingLoop:
             _add(self.counters.early_accepted, layer, n)
         for layer, n in s.stats.rejected_by_layer.items():
             _add(self.counters.early_rejected, layer, n)
+        text = ""
         if s.finish_reason != "cancelled":
             a.stream.flush()
-            text += "".join(a.pending)
+            text = "".join(a.pending)
         _add(self.counters.requests_finished, s.finish_reason, 1)
         a.on_event(Finished(a.rid, s.finish_reason, len(a.request.prompt), a.completion_tokens, text))
 

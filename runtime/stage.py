@@ -3,8 +3,10 @@
 Theory of operation. A Stage takes work items — a ``StepRequest`` (stage 0:
 tokens to embed) or ``Activations`` from the previous stage — and runs each
 through its layers, handing out ``Activations`` for the next stage or, on the
-last stage, the final layer's greedy ``FinalPrediction`` for every position of
-the chunk that needs one. It does no I/O: a runner or transport feeds
+last stage, the final layer's ``FinalPrediction`` for every position of the
+chunk that needs one: greedy, or sampled under the sequence's ``sampling``
+(runtime/sampling.py; in speculative mode the last stage also accepts or
+resamples an exit head's draw, which rides with the item as a ``Proposal``). It does no I/O: a runner or transport feeds
 ``receive()`` and ships what ``next_action()`` returns, one event at a time.
 
 Early exit. The head at layer ``l`` reads the hidden state entering layer
@@ -67,6 +69,7 @@ from .events import (
 )
 from .finished import FinishedSeqs
 from .model_runner import StageModel
+from .sampling import Proposal, SamplingParams
 
 BACKFILL_POLICIES = EARLY_EXIT_MODES
 
@@ -100,6 +103,8 @@ class _Work:
     predict_from: int  # first position whose next token the final layer predicts
     emitted: bool = False  # the last position's next token went out early
     policy: str = "off"  # the sequence's early-exit mode
+    sampling: SamplingParams | None = None  # the sequence's; None: greedy
+    proposals: dict[int, Proposal] = field(default_factory=dict)  # speculative: position -> head's draw
 
     @property
     def end_pos(self) -> int:
@@ -114,13 +119,26 @@ class StageStats:
     head_evals: int = 0
     early_exits: dict[int, int] = field(default_factory=dict)  # head layer -> exits
     merged: int = 0  # deferred backfills run together with a later token
+    batched: int = 0  # calls that ran items of several sequences at once
     idle_backfills: int = 0  # deferred backfills run because the stage had nothing else
 
 
 class Stage:
-    def __init__(self, index: int, num_stages: int, model: StageModel, heads=None, policy: str = "off"):
+    def __init__(
+        self,
+        index: int,
+        num_stages: int,
+        model: StageModel,
+        heads=None,
+        policy: str = "off",
+        max_batch: int | None = None,
+        exact_batches: bool = True,
+    ):
         """``heads``: an ``ExitHeads`` (runtime/exit_heads.py) or None; ``policy``: off, eager or
-        deferred, for items that carry no ``early_exit`` of their own."""
+        deferred, for items that carry no ``early_exit`` of their own; ``max_batch``: items of
+        different sequences run as one call (default: as many as the model has cache slots);
+        ``exact_batches``: each sequence in a call gets the bits it would get alone (see
+        ``StageModel.run_layers_batch``), else one matmul for all rows (faster)."""
         if policy not in BACKFILL_POLICIES:
             raise ValueError(f"backfill policy `{policy}` is unknown; use one of {', '.join(BACKFILL_POLICIES)}")
         self.index = index
@@ -131,6 +149,8 @@ class Stage:
         self.is_last = index == num_stages - 1
         self.heads = heads
         self.policy = policy
+        self.max_batch = model.num_slots if max_batch is None else max_batch
+        self.exact_batches = exact_batches
         self.state = StageState.RUNNING
         self.epochs: dict[int, int] = {}
         self.slots: dict[int, int] = {}
@@ -176,7 +196,9 @@ class Stage:
             policy = self._policy_of(event)
             hidden = self.model.embed(event.tokens)
             last = event.pos + len(event.tokens) - 1
-            self._enqueue(_Work(event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy))
+            self._enqueue(
+                _Work(event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy, sampling=event.sampling)
+            )
         else:  # Activations
             if event.layer != self.start:
                 raise self._error(
@@ -187,7 +209,10 @@ class Stage:
             predict_from = last if event.predict_from < 0 else event.predict_from
             policy = self._policy_of(event)
             self._enqueue(
-                _Work(event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy)
+                _Work(
+                    event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy,
+                    event.sampling, {p.pos: p for p in event.proposals},
+                )
             )
 
     def _error(self, what: str) -> ProtocolError:
@@ -254,9 +279,9 @@ class Stage:
             raise ProtocolError(f"stage {self.index} is in state ERROR after an earlier error; it runs nothing more")
         while not self._out:
             if self._work:
-                self._run(self._work.popleft())
+                self._run(self._take_batch())
             elif any(self._parked.values()):
-                self._run(self._pop_lowest_parked())
+                self._run([self._pop_lowest_parked()])
                 self.stats.idle_backfills += 1
             else:
                 break
@@ -264,53 +289,134 @@ class Stage:
             return self._out.popleft()
         return DONE if self.state is StageState.SHUTDOWN else WAITING
 
+    def _take_batch(self) -> list[_Work]:
+        """The next queued item, and up to ``max_batch - 1`` queued items of other sequences at
+        the same layer: they run as one call (each row attends to its own slot)."""
+        first = self._work.popleft()
+        batch = [first]
+        if self.max_batch > 1 and self._work:
+            seqs, rest = {first.seq}, deque()
+            for w in self._work:
+                if len(batch) < self.max_batch and w.layer == first.layer and w.seq not in seqs:
+                    batch.append(w)
+                    seqs.add(w.seq)
+                else:
+                    rest.append(w)
+            self._work = rest
+        return batch
+
     def _pop_lowest_parked(self) -> _Work:
         parked = self._parked[min(seq for seq, items in self._parked.items() if items)]
         return parked.pop(min(parked))
 
-    def _run(self, w: _Work) -> None:
-        slot = self._slot(w.seq)
-        heads = self._head_layers(w.policy)
-        while True:
-            parked = self._parked.get(w.seq, {}).pop(w.layer, None)
-            if parked is not None:  # a deferred backfill joins this token: one chunk from here on
-                w = self._merge(parked, w)
-            if w.layer in heads and not w.emitted and self._try_exit(w) and w.layer < self.end:
-                if w.policy == "eager":  # the backfill runs next, before anything else
-                    self._work.appendleft(w)
-                else:
-                    self._parked.setdefault(w.seq, {})[w.layer] = w
+    def _run(self, batch: list[_Work]) -> None:
+        """Advance ``batch`` (items of distinct sequences, all at one layer) segment by segment,
+        a segment ending at the stage's end, a head layer or a parked item. At each boundary an
+        item may merge with its parked backfill, exit early, or leave the stage. Returns as soon
+        as a boundary produced an output, putting the rest back at the front of the queue, so an
+        early token goes out without waiting for the others' layers."""
+        while batch:
+            going, leaving, eager = [], [], []
+            for w in batch:
+                parked = self._parked.get(w.seq, {}).pop(w.layer, None)
+                if parked is not None:  # a deferred backfill joins this token: one chunk from here on
+                    w = self._merge(parked, w)
+                if w.layer in self._head_layers(w.policy) and not w.emitted and self._try_exit(w) and w.layer < self.end:
+                    if w.policy == "eager":  # the backfill runs next, before anything else
+                        eager.append(w)
+                    else:
+                        self._parked.setdefault(w.seq, {})[w.layer] = w
+                    continue
+                if w.layer == self.end:
+                    leaving.append(w)
+                    continue
+                length = self.model.cache_length(w.layer, self._slot(w.seq))
+                if w.pos != length:
+                    raise self._error(
+                        f"sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
+                        f"but layer {w.layer} holds {length} positions"
+                    )
+                going.append(w)
+            self._leave(leaving)
+            if self._out:  # hand it out now; the rest of the batch, eager backfills first, runs next
+                self._work.extendleft(reversed(going))
+                self._work.extendleft(reversed(eager))
                 return
-            if w.layer == self.end:
-                break
-            length = self.model.cache_length(w.layer, slot)
-            if w.pos != length:
-                raise self._error(
-                    f"sequence {w.seq} epoch {w.epoch} sent position {w.pos} "
-                    f"but layer {w.layer} holds {length} positions"
-                )
-            stop = min(l for l in (self.end, *heads, *self._parked.get(w.seq, ())) if l > w.layer)
-            w.hidden = self.model.run_layers(w.hidden, w.pos, w.layer, stop, slot)
-            w.layer = stop
-            self.stats.items += 1
-            self.stats.positions += w.hidden.shape[0]
+            batch = going
+            if not batch:
+                return
+            layer = batch[0].layer
+            stop = min(self._stop(w) for w in batch)
+            chunks = [(w.hidden, w.pos, self._slot(w.seq)) for w in batch]
+            if len(batch) == 1:
+                hiddens = [self.model.run_layers(*chunks[0][:2], layer, stop, chunks[0][2])]
+            else:
+                hiddens = self.model.run_layers_batch(chunks, layer, stop, exact=self.exact_batches)
+                self.stats.batched += 1
+            for w, hidden in zip(batch, hiddens):
+                w.hidden, w.layer = hidden, stop
+                self.stats.items += 1
+                self.stats.positions += hidden.shape[0]
+
+    def _stop(self, w: _Work) -> int:
+        """Where ``w`` must stop next: the stage's end, a head layer, or a parked backfill of its sequence."""
+        heads = self._head_layers(w.policy)
+        return min(l for l in (self.end, *heads, *self._parked.get(w.seq, ())) if l > w.layer)
+
+    def _leave(self, items: list[_Work]) -> None:
+        """Items past the stage's last layer: activations for the next stage or, on the last,
+        the final layer's tokens (one LM-head call and one transfer for all of them)."""
+        if not items:
+            return
         if not self.is_last:
-            self._out.append(
-                Activations(w.seq, w.epoch, w.pos, self.end, w.hidden, w.predict_from, w.emitted, w.policy)
-            )
+            for w in items:
+                self._out.append(
+                    Activations(
+                        w.seq, w.epoch, w.pos, self.end, w.hidden, w.predict_from, w.emitted, w.policy,
+                        w.sampling, tuple(w.proposals.values()),
+                    )
+                )
+            return
+        for w in (w for w in items if w.sampling is not None):
+            self._sample(w)
+        items = [w for w in items if w.sampling is None]
+        if not items:
             return
         # Greedy: only the positions that still need a next token get the LM head.
+        firsts = [max(w.predict_from - w.pos, 0) for w in items]
+        rows = [w.hidden[f:] for w, f in zip(items, firsts)]
+        if len(rows) == 1 or self.exact_batches:  # each as alone: the LM head's rows are a matmul's too
+            tokens = [t for r in rows for t in self.model.greedy_tokens(r)]
+        else:
+            with torch.inference_mode():  # like every tensor the model makes
+                tokens = self.model.greedy_tokens(torch.cat(rows))
+        at = 0
+        for w, f, r in zip(items, firsts, rows):
+            for i, token in enumerate(tokens[at : at + r.shape[0]]):
+                self._out.append(FinalPrediction(w.seq, w.epoch, w.pos + f + i + 1, token))
+            at += r.shape[0]
+
+    def _sample(self, w: _Work) -> None:
+        """The final layer's sampled tokens of ``w``, each position with its own noise and, in
+        speculative mode, the head's proposal for it (runtime/sampling.py)."""
         first = max(w.predict_from - w.pos, 0)
-        tokens = self.model.greedy_tokens(w.hidden[first:])
-        for i, token in enumerate(tokens):
-            self._out.append(FinalPrediction(w.seq, w.epoch, w.pos + first + i + 1, token))
+        positions = range(w.pos + first + 1, w.end_pos + 1)
+        tokens = self.model.sampled_tokens(w.hidden[first:], w.sampling, positions, w.proposals)
+        for pos, token in zip(positions, tokens):
+            self._out.append(FinalPrediction(w.seq, w.epoch, pos, token))
 
     def _try_exit(self, w: _Work) -> bool:
-        token, prob = self.heads.predict(w.layer, w.hidden[-1])
+        if w.sampling is None:
+            token, prob = self.heads.predict(w.layer, w.hidden[-1])
+            proposal = None
+        else:  # the draw for position end_pos, with that position's noise
+            token, prob, proposal = self.heads.propose(w.layer, w.hidden[-1], w.sampling, w.end_pos)
         self.stats.head_evals += 1
         if prob <= self.heads.thresholds[w.layer]:
             return False
         w.emitted = True
+        if proposal is not None:  # rides with the item to the last stage, which accepts or resamples
+            w.proposals[w.end_pos] = proposal
         self.stats.early_exits[w.layer] = self.stats.early_exits.get(w.layer, 0) + 1
         self._out.append(EarlyPrediction(w.seq, w.epoch, w.end_pos, token, w.layer, prob))
         return True
@@ -324,4 +430,7 @@ class Stage:
         self.stats.merged += 1
         with torch.inference_mode():  # like every tensor the model makes (a compiled step guards on it)
             hidden = torch.cat([parked.hidden, w.hidden])
-        return replace(w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from))
+        return replace(
+            w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from),
+            proposals={**parked.proposals, **w.proposals},
+        )

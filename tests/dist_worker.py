@@ -4,6 +4,9 @@ Started by ``launcher.spawn.spawn_ranks`` (so RANK / WORLD_SIZE / ... are set).
 Rank 0 greedy-decodes token-id prompts, each once per early-exit mode of
 ``--modes``, back to back on one pipeline: for every prompt, every mode in turn,
 each run with a fresh Coordinator and the mode carried by the sequence itself.
+With ``--sampling`` (a JSON list of ``SamplingParams`` fields) it samples instead,
+every prompt under every entry in turn (``tokens[mode]`` then lists prompt by
+prompt, each prompt's entries in order).
 It writes ``{"tokens": {mode: [[...], ...]}, "stats": {mode: {...}}, "busy_s":
 [...], "failures": [...], "runner": {...}}`` to ``--out``; every rank writes
 what its stage still holds at the end to ``--out`` + ``.rank<r>``.
@@ -32,6 +35,7 @@ from adadecode.launcher.errors import report_error
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.loading import LoadSpec, load_rank
 from adadecode.runtime.runners.distributed import DistributedRunner
+from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.stopping import StopCriteria
 from adadecode.runtime.transport import open_transport
 
@@ -99,6 +103,7 @@ def main() -> int:
     p.add_argument("--modes", default="off")
     p.add_argument("--max-inflight", type=int, default=2)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--sampling", default="", help="JSON list of SamplingParams fields (dicts); empty: greedy")
     a = p.parse_args()
     torch.set_num_threads(1)
 
@@ -128,15 +133,19 @@ def main() -> int:
                         json.dump(held(stage, runner), f)
                 return 0
             eos = frozenset() if a.eos < 0 else frozenset([a.eos])
-            modes, prompts = a.modes.split(","), json.loads(a.prompts)
+            modes = a.modes.split(",")
+            samplings = [SamplingParams(**f) for f in json.loads(a.sampling)] if a.sampling else [None]
+            prompts = [(p, sp) for p in json.loads(a.prompts) for sp in samplings]
             tokens = {m: [None] * len(prompts) for m in modes}
             stats = {m: {"early_emitted": 0, "accepted": 0, "rollbacks": 0, "elapsed_s": 0.0} for m in modes}
             failures, seq, run = [], 0, 0
-            for i, prompt in enumerate(prompts):
+            for i, (prompt, sampling) in enumerate(prompts):
                 for mode in modes:  # back to back, a different mode each run
                     while tokens[mode][i] is None:
                         coord = Coordinator(max_inflight=a.max_inflight)
-                        coord.add_sequence(seq, prompt, StopCriteria(a.max_new_tokens, eos), early_exit=mode)
+                        coord.add_sequence(
+                            seq, prompt, StopCriteria(a.max_new_tokens, eos), early_exit=mode, sampling=sampling
+                        )
                         seq += 1
                         t0 = time.perf_counter()
                         try:

@@ -51,6 +51,7 @@ class FakeStageModel:
         self._entries = [[[] for _ in range(start, end)] for _ in range(num_slots)]
         self._prefix = [[[] for _ in range(start, end)] for _ in range(num_slots)]
         self.calls: list[tuple[int, int, int, int, int]] = []  # (slot, pos, first, last, rows)
+        self.batches: list[tuple[list[tuple[int, int, int]], int, int]] = []  # run_layers_batch calls
         self.lm_head_rows: list[int] = []  # rows of each greedy_tokens call
         self.truncations: list[tuple[int, int]] = []  # (slot, length)
 
@@ -101,6 +102,16 @@ class FakeStageModel:
                 out.append(mix(layer, v, prefix[-1]))
             values = out
         return torch.tensor([[input_pos + i, v] for i, v in enumerate(values)], dtype=torch.int64)
+
+    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True) -> list[torch.Tensor]:
+        """Several sequences' chunks as one call: recorded once, in ``batches``, as
+        ``[(slot, pos, rows), ...], first, last``; each computed as ``run_layers`` would."""
+        self.batches.append(([(slot, pos, h.shape[0]) for h, pos, slot in chunks], first, last))
+        out = []
+        for hidden, pos, slot in chunks:
+            out.append(self.run_layers(hidden, pos, first, last, slot))
+            self.calls.pop()  # one batched call, not several single ones
+        return out
 
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         self.lm_head_rows.append(hidden.shape[0])

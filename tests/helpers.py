@@ -156,3 +156,37 @@ def make_engine(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64):
     resolved = SimpleNamespace(path=model_dir, origin="tiny")
     stages = build_stages(model_dir, ranges, num_slots, max_seq_len)
     return Engine(resolved, load_hf_config(model_dir), FakeTokenizer(), stages, max_seq_len)
+
+
+# --- the HTTP server (tests/test_server.py) ----------------------------------------------------
+
+
+def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
+    """A tiny random model that speaks text: the bundled SmolLM2's tokenizer and chat template
+    next to random weights of its vocabulary size (49152), so the server's text endpoints run
+    on a model that loads in a second. Skipped without the bundled model."""
+    import shutil
+
+    source = bundled_model_dir()
+    save_tiny_model(path, seed=seed, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+def save_identity_heads(model_dir: Path, out: Path, thresholds: dict[int, float]) -> Path:
+    """Exit heads at initialisation (T = identity) at ``thresholds``' layers: mostly wrong, so
+    early tokens flow and verification rolls most of them back."""
+    from adadecode.runtime.exit_heads import save_exit_heads
+    from adadecode.runtime.model_source import resolve_model
+
+    config = load_hf_config(model_dir)
+    base = {
+        "fingerprint": resolve_model(str(model_dir)).fingerprint, "origin": str(model_dir),
+        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "num_layers": config.num_hidden_layers,
+    }
+    manifest = {"base_model": base, "default_layers": sorted(thresholds),
+                "default_thresholds": {str(l): t for l, t in thresholds.items()}}
+    eye = torch.eye(config.hidden_size)
+    return save_exit_heads(out, {l: eye.clone() for l in thresholds}, None, manifest, dtype=torch.float32)

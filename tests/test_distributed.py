@@ -10,6 +10,7 @@ Every job here starts processes that import torch; the module takes about 2 minu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -37,11 +38,14 @@ from adadecode.runtime.transport.control import (
     encode_event,
 )
 from adadecode.runtime.transport.errors import TransportError
+from adadecode.runtime.sampling import Proposal, SamplingParams
 from adadecode.runtime.transport.p2p import (
     HEADER_FIELDS,
     KIND_ACTIVATIONS,
     decode_header,
+    decode_proposals,
     encode_header,
+    encode_proposals,
 )
 from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 
@@ -59,13 +63,29 @@ MAX_NEW_TOKENS = 24
 def test_header_carries_every_activations_field():
     act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True, early_exit="deferred")
     head = decode_header(encode_header(act))
-    assert list(head) == list(HEADER_FIELDS)
     assert head == {"seq": 7, "epoch": 3, "pos": 41, "layer": 12, "S": 5, "predict_from": 43, "emitted": 1,
-                    "early_exit": 2, "kind": KIND_ACTIVATIONS}
-    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (9,)
+                    "early_exit": 2, "sampling": None, "proposals": 0, "kind": KIND_ACTIVATIONS}
+    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (len(HEADER_FIELDS),) == (16,)
     assert decode_header(encode_header(Activations(7, 3, 41, 12, torch.zeros(1, 4))))["early_exit"] == -1
+    bad = encode_header(act).clone()
+    bad[HEADER_FIELDS.index("early_exit")] = 3
     with pytest.raises(TransportError, match="early_exit 3"):
-        decode_header(torch.tensor([7, 3, 41, 12, 5, 43, 1, 3, KIND_ACTIVATIONS]))
+        decode_header(bad)
+
+
+def test_header_carries_sampling_parameters_and_proposals_follow():
+    """Every SamplingParams field, floats bit for bit; proposals as their own float64 tensor."""
+    params = SamplingParams(0.1 + 0.7, 0.95, 40, 1 / 3, 2**63 - 1, "speculative")
+    proposals = (Proposal(42, 17, (17, 3, 9), (0.5, 0.25, 0.125)), Proposal(43, 1, (1,), (1.0,)))
+    act = Activations(7, 3, 41, 12, torch.zeros(2, 4), sampling=params, proposals=proposals)
+    flat = encode_proposals(proposals)
+    head = decode_header(encode_header(act, flat.numel()))
+    assert head["sampling"] == params and head["proposals"] == flat.numel() == 2 * 3 + 3 * 2 + 1 * 2
+    assert decode_proposals(flat) == proposals
+    with pytest.raises(TransportError, match="sampling parameters"):
+        bad = encode_header(act).clone()
+        bad[HEADER_FIELDS.index("top_k")] = -1
+        decode_header(bad)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +93,7 @@ def test_header_carries_every_activations_field():
     [
         StepRequest(1, 2, 30, (5, 6)),
         StepRequest(1, 2, 30, (5, 6), "eager"),
+        StepRequest(1, 2, 30, (5, 6), "eager", SamplingParams(0.8, 0.95, 5, 0.05, 12345, "speculative")),
         Rollback(1, 3, 29),
         SequenceFinished(1, "eos"),
         Shutdown(),
@@ -242,6 +263,92 @@ def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, t
     assert len(out["busy_s"]) == world and all(b > 0 for b in out["busy_s"])
     assert out["runner"] == {"unreleased": 0, "broken": None}
     assert_nothing_held(tmp_path, world, 3 * len(PROMPTS))
+
+
+def in_process_tokens(path: Path, heads, prompts, samplings, modes, max_new_tokens: int, eos=frozenset(),
+                      max_seq_len: int = 256) -> dict[str, list[list[int]]]:
+    """What tests/dist_worker.py gives, from one in-process stage over the same model and heads."""
+    from adadecode.runtime.coordinator import Coordinator
+    from adadecode.runtime.loading import LoadSpec, build_stage, prepare
+    from adadecode.runtime.runners.inprocess import LocalRunner
+    from adadecode.runtime.stopping import StopCriteria
+
+    spec = LoadSpec(str(path), heads=heads and str(heads), device="cpu", dtype="float32", max_seq_len=max_seq_len)
+    resolved, config, ranges = prepare(spec)
+    runner = LocalRunner([build_stage(spec, resolved, config, ranges, 0, device=torch.device("cpu"),
+                                      dtype=torch.float32).stage])
+    out, seq = {m: [] for m in modes}, 0
+    for prompt in prompts:
+        for sampling in samplings:
+            for mode in modes:
+                coord = Coordinator(max_inflight=2)
+                coord.add_sequence(seq, prompt, StopCriteria(max_new_tokens, eos), early_exit=mode, sampling=sampling)
+                runner.run(coord)
+                out[mode].append(coord.sequences[seq].generated)
+                seq += 1
+    return out
+
+
+SAMPLINGS = [SamplingParams(0.8, top_p=0.95, seed=0), SamplingParams(0.8, top_p=0.95, seed=1),
+             SamplingParams(1.0, seed=2, mode="speculative")]
+
+
+def test_ranks_sample_as_one_process_does(tmp_path, tiny):
+    """Sampling on 2 ranks, its parameters on the data plane's header and, in speculative mode, the
+    heads' proposals (a stage-0 head's q) behind the hidden states: every mode gives the tokens of
+    one in-process stage, and seeded sampling gives plain seeded sampling's in every mode."""
+    path, heads, eos, _ = tiny
+    modes = ("off", "eager", "deferred")
+    fields = [dataclasses.asdict(sp) for sp in SAMPLINGS]
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", str(path), "--split-points", "3", "--prompts", json.dumps(PROMPTS),
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--heads", str(heads),
+        "--modes", ",".join(modes), "--sampling", json.dumps(fields),
+    )
+    assert [ex.returncode for ex in exits] == [0, 0], [ex.describe() for ex in exits]
+    refs = in_process_tokens(path, heads, PROMPTS, SAMPLINGS, modes, MAX_NEW_TOKENS, frozenset([eos]))
+    for mode in modes:  # for deferred, the CPU fp32 property (tests/test_early_exit.py), not a rule
+        assert out["tokens"][mode] == refs[mode], mode
+    seeded = [i for i in range(len(out["tokens"]["off"])) if SAMPLINGS[i % len(SAMPLINGS)].mode == "seeded"]
+    for mode in modes:
+        assert [out["tokens"][mode][i] for i in seeded] == [refs["off"][i] for i in seeded], mode
+    spec = [i for i in range(len(out["tokens"]["off"])) if i not in seeded]
+    assert any(out["tokens"]["eager"][i] != out["tokens"]["off"][i] for i in spec)  # proposals were drawn
+    for mode in ("eager", "deferred"):
+        assert out["stats"][mode]["rollbacks"] >= 5 and out["stats"][mode]["accepted"] >= 1, out["stats"]
+
+
+def test_bundled_model_samples_alike_on_two_ranks(tmp_path):
+    """Seeded sampling (temperature 0.8, top_p 0.95, two seeds) on 2 gloo ranks of the bundled
+    model with its shipped heads: off, eager and deferred give the tokens of plain seeded
+    sampling in one process (deferred: the CPU fp32 property, tests/test_sampling_parity.py)."""
+    bundled_model_dir()
+    from adadecode.runtime.engine import Engine
+    from adadecode.runtime.prompts import select_prompts
+
+    engine = Engine.load("bundled:smollm2-135m-instruct", stages=1, heads=None)
+    prompts = [engine.encode(p, chat=isinstance(p, list))
+               for p in select_prompts(str(ROOT / "data/prompts/heldout.jsonl"), 2)]
+    samplings = SAMPLINGS[:2]
+    modes = ("off", "eager", "deferred")
+    exits, _, out = run_job(
+        tmp_path, 2, "--model", "bundled:smollm2-135m-instruct", "--heads", "auto", "--prompts", json.dumps(prompts),
+        "--max-new-tokens", "32", "--max-seq-len", "512", "--modes", ",".join(modes),
+        "--sampling", json.dumps([dataclasses.asdict(sp) for sp in samplings]), deadline_s=300,
+    )
+    assert [ex.returncode for ex in exits] == [0, 0], [ex.describe() for ex in exits]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eos = engine.eos_token_ids
+    engine.eos_token_ids = frozenset()  # the worker stops at max_new_tokens only
+    try:
+        refs = [engine.generate(ids, max_new_tokens=32, sampling=sp).tokens for ids in prompts for sp in samplings]
+    finally:
+        engine.eos_token_ids = eos
+        torch.set_num_threads(threads)
+    for mode in modes:
+        assert out["tokens"][mode] == refs, mode
+    assert out["stats"]["eager"]["early_emitted"] > 20 and out["stats"]["deferred"]["early_emitted"] > 20
 
 
 @pytest.mark.parametrize("world, split", [(2, "3"), (3, "2,4")])

@@ -20,6 +20,7 @@ SANS_IO = [
     "runtime/stopping.py",
     "runtime/finished.py",
     "runtime/detokenize.py",
+    "runtime/sampling.py",
 ]
 FORBIDDEN = {
     "torch.distributed",

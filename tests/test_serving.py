@@ -172,16 +172,18 @@ def test_a_failure_ends_the_requests_in_flight_and_serving_goes_on(model_dir, al
     loop = serve(model_dir, [(0, 6)], slots=2)
     try:
         model = loop.engine.stages[0].model
-        real = model.run_layers
         calls = []
 
-        def run_layers(*a, **k):
-            calls.append(1)
-            if len(calls) == 5:
-                raise RuntimeError("the model failed")
-            return real(*a, **k)
+        def failing(real):
+            def call(*a, **k):
+                calls.append(1)
+                if len(calls) == 5:
+                    raise RuntimeError("the model failed")
+                return real(*a, **k)
 
-        model.run_layers = run_layers
+            return call
+
+        model.run_layers, model.run_layers_batch = failing(model.run_layers), failing(model.run_layers_batch)
         got = Collector(2)
         ids = [loop.submit(Request(tuple(p), MAX_NEW), got) for p in PROMPTS[:2]]
         got.wait()

@@ -33,11 +33,13 @@ TOKEN = 9  # what a confident head predicts
 TOKENS = PROMPT + (7, 8, 7, 8)  # what stage 0 is given at each position
 
 
-def make_stage(start=0, end=L, head_layers=(), exits=None, policy="deferred", num_slots=1) -> Stage:
-    """A stage of ``[start, end)``: stage 0 when it starts at 0, the last when it ends at L."""
+def make_stage(start=0, end=L, head_layers=(), exits=None, policy="deferred", num_slots=1, max_batch=1) -> Stage:
+    """A stage of ``[start, end)``: stage 0 when it starts at 0, the last when it ends at L.
+    One item per call unless ``max_batch`` says otherwise (the batching rules are tested last)."""
     index = 0 if start == 0 else 1
     heads = scripted_heads(head_layers, {} if exits is None else exits)
-    return Stage(index, index + (1 if end == L else 2), FakeStageModel(start, end, L, num_slots), heads, policy)
+    model = FakeStageModel(start, end, L, num_slots)
+    return Stage(index, index + (1 if end == L else 2), model, heads, policy, max_batch=max_batch)
 
 
 def item(stage: Stage, pos: int, n: int = 1, seq: int = 0, epoch: int = 0, emitted=False, predict_from=-1):
@@ -503,3 +505,61 @@ def test_a_sequence_without_a_free_cache_slot_leaves_the_stage_in_error():
         stage.next_action()
     assert stage.model.calls == []
     assert stage.state is StageState.ERROR
+
+
+# --- batching: items of several sequences in one call ---------------------------------------------
+
+
+def batched_stage(start=0, end=L, head_layers=(), exits=None, policy="eager", max_batch=4) -> Stage:
+    stage = make_stage(start, end, head_layers, exits, policy, num_slots=4, max_batch=max_batch)
+    for seq in range(3):
+        prefill(stage, seq=seq)
+    stage.model.batches.clear()
+    return stage
+
+
+@pytest.mark.parametrize("start, end", [(0, L), (0, 3), (3, L)], ids=["only", "first", "last"])
+def test_fresh_items_of_different_sequences_at_one_layer_run_as_one_call(start, end):
+    stage = batched_stage(start, end)
+    for seq in range(3):
+        stage.receive(item(stage, P, seq=seq))
+    out = drain(stage)
+    assert stage.model.batches == [([(0, P, 1), (1, P, 1), (2, P, 1)], start, end)]
+    assert stage.model.calls == []  # no single calls besides
+    assert out == [o for seq in range(3) for o in out_of(stage, P, seq=seq)]
+    if stage.is_last:
+        assert stage.model.lm_head_rows == [1, 1, 1]  # exact batches: each sequence's LM head as alone
+    assert stage.stats.batched == 1 and all(lengths(stage, slot) == [P + 1] * (end - start) for slot in range(3))
+
+
+def test_max_batch_caps_a_call_and_one_sequence_never_batches_with_itself():
+    stage = batched_stage(max_batch=2)
+    stage.receive(item(stage, P, seq=0))
+    stage.receive(item(stage, P + 1, seq=0))  # its next token: after the first, never beside it
+    stage.receive(item(stage, P, seq=1))
+    stage.receive(item(stage, P, seq=2))
+    drain(stage)
+    assert stage.model.batches == [([(0, P, 1), (1, P, 1)], 0, L), ([(0, P + 1, 1), (2, P, 1)], 0, L)]
+
+
+def test_an_exit_inside_a_batch_goes_out_at_once_and_its_eager_backfill_leads_the_rest():
+    exits = {(2, P): TOKEN}  # confident for every sequence at layer 2, position P
+    stage = batched_stage(head_layers=(2,), exits=exits, policy="eager")
+    for seq in range(2):
+        stage.receive(item(stage, P, seq=seq))
+    assert pull(stage) == ("early", 0, 0, P + 1, TOKEN, 2)  # at the boundary, before any layer above
+    assert stage.model.batches == [([(0, P, 1), (1, P, 1)], 0, 2)]
+    out = drain(stage)
+    assert out[0] == ("early", 1, 0, P + 1, TOKEN, 2)
+    # the two backfills, at the same layer, run on as one call
+    assert stage.model.batches[1:] == [([(0, P, 1), (1, P, 1)], 2, L)]
+    assert out[1:] == out_of(stage, P, seq=0, emitted=True) + out_of(stage, P, seq=1, emitted=True)
+
+
+def test_fused_batches_share_one_lm_head_call():
+    stage = batched_stage(start=3, end=L)
+    stage.exact_batches = False
+    for seq in range(3):
+        stage.receive(item(stage, P, seq=seq))
+    drain(stage)
+    assert stage.model.lm_head_rows == [3]  # one LM head call, one transfer, for all three

@@ -40,7 +40,8 @@ error at once.
 
 Wire format: frames ``[tag, payload]`` (rank 0 prepends the peer identity),
 payload = JSON ``[sender_rank, kind, body]``; kinds: ``hello``, ``ev`` (an
-event, ``[class name, *fields]``), ``stage`` (a rank's layers and heads),
+event, ``[class name, *fields]``; a ``SamplingParams`` field as
+``{"SamplingParams": [*fields]}``), ``stage`` (a rank's layers and heads),
 ``released`` (``[seq, busy seconds]``: the rank freed ``seq``'s slot), ``bye``,
 ``err``, ``abort``; on the pulse sockets, ``hb`` (seconds inside the current
 stage step, 0 when idle).
@@ -69,6 +70,7 @@ from ..events import (
     Shutdown,
     StepRequest,
 )
+from ..sampling import SamplingParams
 from .errors import JobAborted, TransportError
 
 log = logging.getLogger("adadecode.control")
@@ -84,14 +86,33 @@ def encode_event(event) -> list:
     cls = type(event)
     if _BY_NAME.get(cls.__name__) is not cls:
         raise TypeError(f"{cls.__name__} has no control-plane encoding; add it to CONTROL_EVENTS")
-    return [cls.__name__, *(getattr(event, f.name) for f in fields(cls))]
+    return [cls.__name__, *(_encode_value(getattr(event, f.name)) for f in fields(cls))]
+
+
+def _encode_value(value):
+    if isinstance(value, SamplingParams):
+        return {"SamplingParams": [getattr(value, f.name) for f in fields(SamplingParams)]}
+    return value
+
+
+def _decode_value(value):
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        if list(value) != ["SamplingParams"] or not isinstance(value["SamplingParams"], list):
+            raise TransportError(f"unknown control-plane value {value!r:.80}")
+        try:
+            return SamplingParams(*value["SamplingParams"])
+        except (TypeError, ValueError) as e:
+            raise TransportError(f"invalid sampling parameters on the control plane: {e}") from e
+    return value
 
 
 def decode_event(item: list):
     if not isinstance(item, list) or not item or item[0] not in _BY_NAME:
         raise TransportError(f"unknown control-plane event {item!r:.80}")
     cls = _BY_NAME[item[0]]
-    return cls(*(tuple(v) if isinstance(v, list) else v for v in item[1:]))
+    return cls(*(_decode_value(v) for v in item[1:]))
 
 
 def _tcp(host: str) -> str:

@@ -1,18 +1,24 @@
 """Data plane: hidden states between neighbouring stages over torch.distributed p2p.
 
-Each message is two tensors, sent with separate ``isend`` calls (never
-coalesced, so a later item is not held behind an earlier one):
+Each message is two or three tensors, sent with separate ``isend`` calls
+(never coalesced, so a later item is not held behind an earlier one):
 
-- a fixed header, int64 [9]: ``seq, epoch, pos, layer, S, predict_from,
-  emitted, early_exit, kind`` — every field of ``Activations`` except the
-  tensor (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for None),
-  plus the chunk length ``S`` and the message kind (``KIND_ACTIVATIONS``, or
-  ``KIND_STOP``: the upstream neighbour's orderly goodbye);
-- the hidden states, [S, D] in the model dtype (absent for ``KIND_STOP``).
+- a fixed header, int64 [16]: ``seq, epoch, pos, layer, S, predict_from,
+  emitted, early_exit, temperature, top_p, top_k, min_p, seed, sampling,
+  proposals, kind`` — every field of ``Activations`` except the tensor
+  (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for None; the
+  ``SamplingParams`` as its fields, floats as their float64 bits, the mode as
+  its index in ``SAMPLING_MODES``, -1 for greedy), plus the chunk length ``S``,
+  the length of the proposals tensor (0: none sent) and the message kind
+  (``KIND_ACTIVATIONS``, or ``KIND_STOP``: the upstream neighbour's orderly goodbye);
+- the hidden states, [S, D] in the model dtype (absent for ``KIND_STOP``);
+- speculative sampling only, when the item carries exit heads' proposals:
+  float64 [proposals], each proposal as ``pos, token, n, ids[n], probs[n]``
+  (ids are exact in float64; probs are float32 values).
 
 Receiving: a thread keeps the next header receive posted at all times. When a
-header arrives it posts the receive for its [S, D] tensor and, right after,
-the next header's (posting order = sending order, which NCCL needs; gloo also
+header arrives it posts the receive for its [S, D] tensor (and its proposals)
+and, right after, the next header's (posting order = sending order, which NCCL needs; gloo also
 gets distinct tags), then waits for the hidden states and hands the
 ``Activations`` to the rank's loop through a queue, writing one byte to a pipe
 so that the loop can sleep in ``zmq.poll`` on that pipe and the control socket
@@ -46,6 +52,7 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import struct
 import threading
 import time
 from collections import deque
@@ -55,17 +62,22 @@ import torch
 import torch.distributed as dist
 
 from ..events import EARLY_EXIT_MODES, Activations
+from ..sampling import SAMPLING_MODES, Proposal, SamplingParams
 from .errors import TransportError
 
-HEADER_FIELDS = ("seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit", "kind")
+HEADER_FIELDS = (
+    "seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit",
+    "temperature", "top_p", "top_k", "min_p", "seed", "sampling", "proposals", "kind",
+)
 KIND_ACTIVATIONS = 1
 KIND_STOP = 2
 _TAG_HEADER = 1
 _TAG_HIDDEN = 2
+_TAG_PROPOSALS = 3
 LINK_TIMEOUT = datetime.timedelta(days=365)  # see the module docstring: idle is not dead
 
 # The header must carry every field of Activations: fail loudly the day one is added.
-_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit"}
+_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit", "sampling", "proposals"}
 _HAS = {f.name for f in fields(Activations)}
 if _HAS != _CARRIED:
     raise ImportError(
@@ -74,26 +86,75 @@ if _HAS != _CARRIED:
     )
 
 
-def encode_header(act: Activations | None) -> torch.Tensor:
-    """The int64 [9] header of ``act``, or of a stop message for ``None``."""
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def encode_header(act: Activations | None, proposals: int = 0) -> torch.Tensor:
+    """The int64 [16] header of ``act`` (``proposals``: the length of its proposals tensor), or of
+    a stop message for ``None``."""
     if act is None:
-        return torch.tensor([0, 0, 0, 0, 0, 0, 0, -1, KIND_STOP], dtype=torch.int64)
+        return torch.tensor([0, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1, 0, KIND_STOP], dtype=torch.int64)
     s = act.hidden.shape[0]
     mode = -1 if act.early_exit is None else EARLY_EXIT_MODES.index(act.early_exit)
+    sp = act.sampling
+    sampling = [0, 0, 0, 0, 0, -1] if sp is None else [
+        _bits(sp.temperature), _bits(sp.top_p), sp.top_k, _bits(sp.min_p), sp.seed, SAMPLING_MODES.index(sp.mode)
+    ]
     return torch.tensor(
-        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), mode, KIND_ACTIVATIONS],
+        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), mode, *sampling, proposals,
+         KIND_ACTIVATIONS],
         dtype=torch.int64,
     )
 
 
-def decode_header(header: torch.Tensor) -> dict[str, int]:
+def decode_header(header: torch.Tensor) -> dict:
+    """The header's fields; ``sampling`` decoded to a ``SamplingParams`` or None (the float fields
+    are then dropped)."""
     values = header.tolist()
     if len(values) != len(HEADER_FIELDS):
         raise TransportError(f"data-plane header has {len(values)} fields, expected {len(HEADER_FIELDS)}")
     head = dict(zip(HEADER_FIELDS, values))
     if not -1 <= head["early_exit"] < len(EARLY_EXIT_MODES):
         raise TransportError(f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
+    if not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0:
+        raise TransportError(f"malformed sampling fields in a data-plane header: {head}")
+    fields = [head.pop(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")]
+    if head["sampling"] >= 0:
+        t, top_p, top_k, min_p, seed = fields
+        try:
+            head["sampling"] = SamplingParams(
+                _float(t), _float(top_p), top_k, _float(min_p), seed, SAMPLING_MODES[head["sampling"]]
+            )
+        except ValueError as e:
+            raise TransportError(f"data-plane header carries invalid sampling parameters: {e}") from e
+    else:
+        head["sampling"] = None
     return head
+
+
+def encode_proposals(proposals: tuple[Proposal, ...]) -> torch.Tensor:
+    """float64 [n]: ``pos, token, len, ids..., probs...`` per proposal (see the module docstring)."""
+    values: list[float] = []
+    for p in proposals:
+        values += [p.pos, p.token, len(p.ids), *p.ids, *p.probs]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def decode_proposals(values: torch.Tensor) -> tuple[Proposal, ...]:
+    flat, out, i = values.tolist(), [], 0
+    while i < len(flat):
+        pos, token, n = int(flat[i]), int(flat[i + 1]), int(flat[i + 2])
+        ids, probs = flat[i + 3 : i + 3 + n], flat[i + 3 + n : i + 3 + 2 * n]
+        if len(probs) != n:
+            raise TransportError(f"truncated proposals tensor ({len(flat)} values)")
+        out.append(Proposal(pos, token, tuple(int(x) for x in ids), tuple(probs)))
+        i += 3 + 2 * n
+    return tuple(out)
 
 
 def _link_error(what: str, peer: int | None, exc: BaseException) -> TransportError:
@@ -191,6 +252,10 @@ class DataPlane:
                     head["S"], self.hidden_size, dtype=self.dtype, device=self.device, pin_memory=pinned
                 )
                 hidden_work = dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN)
+                proposals = None
+                if head["proposals"]:
+                    proposals = torch.empty(head["proposals"], dtype=torch.float64, device=self.device)
+                    proposals_work = dist.irecv(proposals, src=self.prev_rank, group=self.recv_group, tag=_TAG_PROPOSALS)
                 header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
                 header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
                 self._complete(hidden_work)
@@ -201,11 +266,18 @@ class DataPlane:
                     hidden.record_stream(torch.cuda.default_stream(self.stage_device))  # compute reads it there
                 else:
                     hidden = hidden.to(self.stage_device)  # no-op when the link is on the stage's device
+                if proposals is not None:  # the host needs them (the last stage's decision)
+                    self._complete(proposals_work)
+                    if cuda_link:
+                        with torch.cuda.stream(side):
+                            proposals = proposals.cpu()
+                    proposals = decode_proposals(proposals)
                 self._deliver(
                     Activations(
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
                         predict_from=head["predict_from"], emitted=bool(head["emitted"]),
                         early_exit=None if head["early_exit"] < 0 else EARLY_EXIT_MODES[head["early_exit"]],
+                        sampling=head["sampling"], proposals=proposals or (),
                     )
                 )
         except BaseException as e:  # handed to the rank's loop, which raises it
@@ -247,25 +319,29 @@ class DataPlane:
         """Start sending ``act`` to the next stage; returns at once, without a device sync."""
         self.reap()
         hidden = act.hidden.contiguous()
-        self.bytes_sent += hidden.numel() * hidden.element_size()
+        proposals = encode_proposals(act.proposals) if act.proposals else None
+        self.bytes_sent += hidden.numel() * hidden.element_size() + (proposals.numel() * 8 if act.proposals else 0)
+        header = encode_header(act, 0 if proposals is None else proposals.numel())
         if self._staging:
             # gloo and a GPU stage: the send thread copies to pinned memory once the compute
-            # that made the states is done (an event), then sends header and states in order.
+            # that made the states is done (an event), then sends header, states and proposals in order.
             staged = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             staged.copy_(hidden, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             self._sends.append(time.monotonic())
-            self._send_q.put(("staged", encode_header(act), staged, done))
+            self._send_q.put(("staged", header, staged, done, proposals))
             return
-        self._isend(self._header(act), _TAG_HEADER)
+        self._isend(self._on_link(header), _TAG_HEADER)
         self._isend(hidden.to(self.device), _TAG_HIDDEN)
+        if proposals is not None:
+            self._isend(self._on_link(proposals), _TAG_PROPOSALS)
 
-    def _header(self, act: Activations | None) -> torch.Tensor:
-        header = encode_header(act)
+    def _on_link(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A small host tensor (a header, proposals) on the link's device."""
         if self.device.type == "cuda":  # pinned, so the upload is asynchronous
-            return header.pin_memory().to(self.device, non_blocking=True)
-        return header
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def send_stop(self) -> None:
         """Tell the next stage that nothing follows (its posted header receive completes)."""
@@ -273,9 +349,9 @@ class DataPlane:
             self._stop_sent = True
             if self._staging:  # behind the staged sends, in order
                 self._sends.append(time.monotonic())
-                self._send_q.put(("staged", encode_header(None), None, None))
+                self._send_q.put(("staged", encode_header(None), None, None, None))
             else:
-                self._isend(self._header(None), _TAG_HEADER)
+                self._isend(self._on_link(encode_header(None)), _TAG_HEADER)
 
     def _isend(self, tensor: torch.Tensor, tag: int) -> None:
         try:
@@ -294,10 +370,10 @@ class DataPlane:
                 return
             try:
                 if item[0] == "staged":
-                    _, header, staged, done = item
+                    _, header, staged, done, proposals = item
                     if done is not None:
                         done.synchronize()  # the copy to pinned memory, not the whole device
-                    for tensor, tag in ((header, _TAG_HEADER), (staged, _TAG_HIDDEN)):
+                    for tensor, tag in ((header, _TAG_HEADER), (staged, _TAG_HIDDEN), (proposals, _TAG_PROPOSALS)):
                         if tensor is not None:
                             dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag).wait()
                 else:

@@ -1,0 +1,393 @@
+"""The OpenAI API as `adadecode serve` speaks it: request and response schemas, and errors.
+
+Pydantic models for ``POST /v1/completions``, ``POST /v1/chat/completions`` and
+``GET /v1/models``, shaped like OpenAI's (and vLLM's). Requests are strict:
+
+- an unknown field is refused (HTTP 400 naming it), never ignored;
+- a known OpenAI field that changes the answer in a way adadecode does not do
+  (``n > 1``, ``logprobs``, ``echo``, tools, sampling until issue 12, ...) is
+  refused by ``check_supported`` with a message naming the field and what to
+  send instead; its neutral value (``n: 1``, ``temperature: 0``) is accepted;
+- types are not coerced (``"max_tokens": "5"`` is an error, as in OpenAI's API).
+
+Extensions (top-level fields; the ``openai`` client sends them with ``extra_body``):
+``early_exit`` (off, eager, deferred; default: the server's ``decoding.early_exit``)
+and ``early_exit_thresholds`` (refused: per-request thresholds are not supported
+by the runtime yet; the server's ``decoding.thresholds`` apply).
+
+No decoding logic lives here: launcher/server.py turns a validated request into
+a ``runtime.serving.Request``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EarlyExit = Literal["off", "eager", "deferred"]
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES: ClassVar[dict[int, str]] = {429: "rate_limit_error", 503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        error = ErrorInfo(message=self.message, type=kind,
+                          param=self.param, code=self.code)
+        return ErrorResponse(error=error).model_dump()
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    """Send one last chunk with the request's usage (and no choices) before ``data: [DONE]``."""
+
+
+class _GenerationRequest(_Strict):
+    """Fields both endpoints share."""
+
+    model: str | None = None
+    """The served model's name (GET /v1/models); absent: the served model."""
+    max_tokens: int | None = None
+    """Most tokens to generate; absent: the server's decoding.max_new_tokens, capped to what fits the cache."""
+    stop: str | list[str] | None = None
+    """Stop string(s): the output ends before the first one (finish_reason `stop`)."""
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    """Accepted; greedy decoding gives the same answer whatever the seed."""
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    early_exit: EarlyExit | None = None
+    """Extension: early exit for this request (off, eager, deferred); absent: the server's default."""
+    early_exit_thresholds: Any = None
+    """Extension, refused: per-request thresholds are not supported by the runtime yet."""
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and any(s == "" for s in stops):
+            raise ValueError("stop strings must be non-empty (an empty one would stop at once)")
+        return v
+
+    def stop_strings(self) -> tuple[str, ...] | None:
+        """The request's stop strings; None when the field is absent (the server's default applies)."""
+        if self.stop is None:
+            return None
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: Any = Field(...)
+    """A string, or a list of token ids (one prompt; a batch of several is refused)."""
+    best_of: int | None = None
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v):
+        return _one_prompt(v)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = None
+    """OpenAI's newer name for max_tokens; give one of the two."""
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    store: Any = None
+    metadata: Any = None
+
+    def chat_messages(self) -> list[dict]:
+        """The messages as the tokenizer's chat template takes them."""
+        out = []
+        for m in self.messages:
+            message = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                message["name"] = m.name
+            out.append(message)
+        return out
+
+    def requested_max_tokens(self) -> int | None:
+        a, b = self.max_tokens, self.max_completion_tokens
+        if a is not None and b is not None and a != b:
+            raise ApiError(400, f"max_tokens ({a}) and max_completion_tokens ({b}) disagree; send one of them",
+                           "max_completion_tokens")
+        return a if a is not None else b
+
+
+def _one_prompt(v):
+    """A completions prompt: a string or a list of token ids; a one-element batch is unwrapped."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+        v = v[0]  # a batch of one prompt
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        return v
+    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        raise ValueError(
+            f"a batch of {len(v)} prompts is not served in one request; send one prompt per request"
+        )
+    raise ValueError("expected a string or a non-empty list of token ids (integers)")
+
+
+# What a refused field means, and which of its values are neutral (accepted, since they change nothing).
+_GREEDY = "adadecode decodes greedily (sampling is not supported yet)"
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "n": (lambda v: v is None or v == 1,
+          "one choice per request is served; send n=1 (or leave it out) and make several requests"),
+    "best_of": (lambda v: v is None or v == 1, "one candidate per request is decoded; leave best_of out"),
+    "echo": (lambda v: v is None or v is False, "the prompt is not echoed back; leave echo out"),
+    "suffix": (lambda v: v is None, "insertion (suffix) is not supported; leave it out"),
+    "logprobs": (lambda v: v is None or v is False, "log probabilities are not returned; leave logprobs out"),
+    "top_logprobs": (lambda v: v is None, "log probabilities are not returned; leave top_logprobs out"),
+    "temperature": (lambda v: v is None or v == 0, f"{_GREEDY}; send temperature 0 or leave it out"),
+    "top_p": (lambda v: v is None or v == 1, f"{_GREEDY}; send top_p 1 or leave it out"),
+    "frequency_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
+    "presence_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
+    "logit_bias": (lambda v: not v, "logit bias is not supported; leave it out"),
+    "early_exit_thresholds": (lambda v: v is None, (
+        "per-request thresholds are not supported by the runtime yet (the server's decoding.thresholds apply); "
+        "leave the field out")),
+    "tools": (lambda v: v is None, "tool calling is not supported; leave tools out"),
+    "tool_choice": (lambda v: v is None or v == "none", "tool calling is not supported; leave tool_choice out"),
+    "parallel_tool_calls": (lambda v: v is None, "tool calling is not supported; leave it out"),
+    "functions": (lambda v: v is None, "function calling is not supported; leave functions out"),
+    "function_call": (lambda v: v is None or v == "none", "function calling is not supported; leave it out"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "structured output (JSON mode, schemas) is not supported; leave response_format out"),
+    "modalities": (lambda v: v is None or v == ["text"], "text is the only output modality; leave modalities out"),
+    "audio": (lambda v: v is None, "audio output is not supported; leave it out"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported; leave prediction out"),
+    "reasoning_effort": (lambda v: v is None, "reasoning effort is not supported; leave it out"),
+    "service_tier": (lambda v: v is None or v in ("auto", "default"), "service tiers are not supported; leave it out"),
+    "store": (lambda v: v is None or v is False, "stored completions are not supported; leave store out"),
+    "metadata": (lambda v: v is None, "metadata is only kept with store, which is not supported; leave it out"),
+}
+
+
+def check_supported(request: _GenerationRequest) -> None:
+    """Raise ``ApiError(400)`` naming the first field this server does not honour."""
+    for name, (neutral, why) in _UNSUPPORTED.items():
+        if name in type(request).model_fields:
+            value = getattr(request, name)
+            if not neutral(value):
+                raise ApiError(400, f"`{name}` = {_show(value)} is not supported: {why}", name)
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_validation_error(errors: list[dict], endpoint: str) -> ApiError:
+    """The first of pydantic's (or FastAPI's) validation errors as one OpenAI-style 400.
+
+    A field with several accepted types (``stop``: a string or a list) fails once per type;
+    the deepest of those errors is the one that says what is wrong.
+    """
+    if not errors:
+        return ApiError(400, f"invalid request to {endpoint}")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "malformed JSON")
+        return ApiError(400, f"the request body is not valid JSON ({detail}); send a JSON object", None, "invalid_json")
+    fields = [[p for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)] for e in errors]
+    if not fields[0]:
+        if first.get("type") == "missing":
+            return ApiError(400, f"the request has no body; send a JSON object to {endpoint}")
+        return ApiError(400, f"the request body must be a JSON object ({endpoint}): {first.get('msg', '')}")
+    same = [i for i, f in enumerate(fields) if f[:1] == fields[0][:1]]
+    i = max(same, key=lambda j: len(fields[j]))
+    e, loc = errors[i], fields[i]
+    path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if k else str(p)) for k, p in enumerate(loc))
+    param = str(loc[0])
+    if e.get("type") == "extra_forbidden":
+        return ApiError(400, f"unknown field `{path}`: {endpoint} does not take it (extensions: early_exit); remove it",
+                        param, "unknown_field")
+    if e.get("type") == "missing":
+        return ApiError(400, f"`{path}` is required", param)
+    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    got = f" (got {_show(e['input'])})" if "input" in e and not isinstance(e["input"], dict) else ""
+    return ApiError(400, f"`{path}`: {msg}{got}", param)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_type_tag(part) -> bool:
+    """Whether a location part names a member of a union (``str``, ``list[str]``), not a field."""
+    return isinstance(part, str) and ("[" in part or part.lower() in _TYPE_NAMES or part[:1].isupper())
+
+
+# -------------------------------------------------------------------------- responses
+
+
+def finish_reason(reason: str) -> str:
+    """The runtime's end reason as OpenAI's: eos and stop strings are `stop`, the length limit `length`."""
+    return "length" if reason == "length" else "stop"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _omit_none(v) -> bool:
+    return v is None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion, or one streamed chunk of it (same object type, as in OpenAI's API)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(default=None, exclude_if=_omit_none)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=_omit_none)
+    content: str | None = Field(default=None, exclude_if=_omit_none)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(default=None, exclude_if=_omit_none)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "adadecode"
+    max_model_len: int
+    """Extension (as vLLM's): KV cache positions per sequence, prompt plus output."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,163 @@
+"""The `adadecode serve` command: start-up checks, the HTTP front end, serving until stopped.
+
+``cmd_serve`` (launcher/cli.py) runs, in order: ``check_serve_config`` and
+``check_cache_memory`` (before anything loads or spawns), then on the serving
+process ``http_frontend`` (listening, HTTP 503 while the model loads), the model
+(``load_engine`` in process, or ``run_rank`` under torchrun / ``--stages N``), and
+``serve_requests`` until a signal or a lost rank. The HTTP layer itself is
+launcher/server.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from .config import ConfigError
+from .server import Frontend, HttpServer, ServeDefaults, build_app
+
+
+def serve_requests(frontend: Frontend, engine, cfg) -> int:
+    """Main thread, once ``engine`` is loaded: run the ``ServingLoop`` until a signal or a lost rank.
+
+    SIGTERM ends serving gracefully (status 0; a pipeline's other ranks are shut down in
+    order); SIGINT as for `generate` (status 130). A lost rank raises ``TransportError``.
+    """
+    from adadecode.runtime.serving import ServingLoop
+    from adadecode.runtime.transport.errors import TransportError
+
+    s, d = cfg.serve, cfg.decoding
+    if d.early_exit != "off" and not any(st.heads is not None for st in engine.stages):
+        raise ValueError(
+            f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded; "
+            "set decoding.heads (`adadecode train-heads`) or use --early-exit off"
+        )
+    loop = ServingLoop(engine, max_num_seqs=s.max_num_seqs, max_queue=s.max_queue).start()
+    frontend.attach(engine, loop)
+    layers = ", ".join(f"[{a}, {b})" for a, b in engine.layer_ranges)
+    print(f"adadecode: ready: {len(engine.stages)} stage(s) {layers}, {s.max_num_seqs} sequences at once, "
+          f"early exit {d.early_exit} by default", file=sys.stderr, flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: frontend.done.set())
+    try:
+        while not frontend.done.wait(0.5):
+            pass
+    finally:
+        frontend.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if frontend.state == "failed":
+        raise TransportError(f"serving stopped: {frontend.error}")
+    return 0
+
+
+@contextlib.contextmanager
+def http_frontend(cfg):
+    """Listen (HTTP 503 while the model loads), print the address; stop the server on the way out."""
+    s, d = cfg.serve, cfg.decoding
+    name = s.served_model_name or cfg.model.source
+    defaults = ServeDefaults(
+        model_name=name, max_tokens=d.max_new_tokens, early_exit=d.early_exit, stop=tuple(d.stop),
+        max_seq_len=cfg.model.max_seq_len, failed_linger_s=min(5.0, cfg.transport.timeout_s / 4),
+    )
+    frontend = Frontend(defaults)
+    http = HttpServer(build_app(frontend), s.host, s.port, log_level=cfg.logging.level).start()
+    print(f"adadecode: serving {name} on {http.url} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    try:
+        yield frontend
+    finally:
+        frontend.shutdown()
+        http.stop()
+
+
+def check_serve_config(cfg) -> None:
+    """What `serve` cannot honour, refused before anything loads."""
+    sampling = getattr(cfg, "sampling", None)
+    if sampling is not None and sampling.temperature != 0:
+        raise ConfigError(
+            f"sampling.temperature = {sampling.temperature:g}: `adadecode serve` decodes greedily for now (a "
+            "request's temperature is refused until the serving loop carries sampling); set sampling.temperature to 0",
+            key="sampling.temperature",
+        )
+
+
+def load_engine(cfg):
+    """An ``Engine`` with every stage in this process, ``serve.max_num_seqs`` cache slots each."""
+    from adadecode.runtime.engine import Engine
+
+    from .config import load_spec
+
+    return Engine.load(load_spec(cfg, serving=True), max_inflight=cfg.decoding.max_inflight)
+
+
+# --------------------------------------------------------------------- memory at start-up
+
+
+def kv_cache_bytes(config, ranges, slots: int, max_seq_len: int, itemsize: int) -> list[int]:
+    """KV cache bytes of each stage: keys and values of every layer, slot and position."""
+    from adadecode.runtime.hf_adapter import ModelArgs
+
+    args = ModelArgs.from_hf_config(config)
+    per_layer = 2 * slots * args.num_kv_heads * max_seq_len * args.head_dim * itemsize
+    return [(b - a) * per_layer for a, b in ranges]
+
+
+def free_memory(device) -> tuple[int, str] | None:
+    """Free bytes on ``device`` and where the number comes from; None when unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0], f"torch.cuda.mem_get_info({device})"
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_cache_memory(cfg, plan, ranges, free: Callable = free_memory) -> None:
+    """Refuse to start when the KV cache of ``serve.max_num_seqs`` slots cannot fit free memory.
+
+    The stages this process (or, with ``--stages N``, this node) will hold are summed per
+    device: every CPU stage shares host RAM; a GPU holds its own rank's stage.
+    """
+    from adadecode.runtime.device import check_placement, dtype_name
+    from adadecode.runtime.hf_adapter import load_hf_config
+    from adadecode.runtime.model_source import resolve_model
+
+    m, s = cfg.model, cfg.serve
+    config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)
+    if plan.mode == "spawn":
+        mine = [(r, r, plan.world_size) for r in range(plan.world_size)]
+    elif plan.mode == "rank":
+        env = plan.env
+        mine = [(env.rank, env.local_rank, env.local_world_size or env.local_rank + 1)]
+    else:
+        mine = [(r, 0, 1) for r in range(len(ranges))]
+    by_device: dict = {}
+    for stage, local_rank, local_world in mine:
+        device, dtype = check_placement(m.device, m.dtype, plan.backend if plan.mode != "inprocess" else "inprocess",
+                                        local_rank=local_rank, local_world_size=local_world)
+        size = kv_cache_bytes(config, ranges[stage : stage + 1], s.max_num_seqs, m.max_seq_len, dtype.itemsize)[0]
+        entry = by_device.setdefault(str(device), [device, dtype, 0, 0])
+        entry[2] += size
+        entry[3] += 1
+    for name, (device, dtype, need, stages) in by_device.items():
+        got = free(device)
+        if got is None or need <= got[0]:
+            continue
+        per_slot = need / s.max_num_seqs
+        fits = int(got[0] // per_slot)
+        raise ConfigError(
+            f"serve.max_num_seqs = {s.max_num_seqs} needs {need / 2**30:.2f} GiB of KV cache on {name} "
+            f"({stages} stage(s), {s.max_num_seqs} slots x {m.max_seq_len} positions in {dtype_name(dtype)}), "
+            f"but only {got[0] / 2**30:.2f} GiB is free ({got[1]}); lower --serve.max_num_seqs "
+            f"(at most {fits} fit{'s' if fits == 1 else ''}) or --model.max_seq_len, or free memory",
+            key="serve.max_num_seqs",
+        )

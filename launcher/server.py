@@ -1,0 +1,555 @@
+"""The OpenAI-compatible HTTP server of `adadecode serve`: FastAPI on uvicorn, on rank 0.
+
+Theory of operation. The server is a thin shell around ``runtime.serving.ServingLoop``,
+which owns scheduling, verification and the cache slots; nothing here decodes. A
+request is validated (launcher/openai_api.py), tokenized, submitted to the loop, and
+its events are turned into an OpenAI response or a stream of server-sent events.
+
+Threads (one process, rank 0):
+
+- the main thread loads the model (under torchrun / ``--stages N``: joins the pipeline
+  through ``launcher.distributed.run_rank``), then waits for a signal or a failure;
+- ``adadecode-http``: uvicorn's asyncio loop, started *before* loading so that
+  ``GET /health`` answers 503 while the model loads; it parses, submits and streams;
+- ``adadecode-tokenize``: one worker that runs the tokenizer (and chat template), so a
+  long prompt never blocks the event loop and encodes never run concurrently;
+- ``adadecode-serving``: the ``ServingLoop``, which drives the runner.
+
+How events reach the asyncio loop: ``ServingLoop.submit`` takes a callback that the
+serving thread calls with each ``TextDelta`` and the one ``Finished``; the callback
+stamps the time and hands the event to the request's ``asyncio.Queue`` with
+``call_soon_threadsafe`` (it never blocks and never raises into the loop). ``submit``,
+``cancel`` and ``metrics`` are the only calls made on the loop from this side.
+
+Cancellation: every submitted request has a task listening for the client's
+``http.disconnect``; a client that goes away (streaming or not, admitted or still
+queued) is ``cancel``-ed at once, and the loop frees its slot on every stage. A
+stream whose writer is cancelled (Starlette does it on disconnect) cancels too.
+
+Failure: when the loop stops with an error (a rank was lost), every request still
+waiting gets an error (HTTP 503, or an error event in a stream), ``/health`` turns 503,
+and after ``failed_linger_s`` the server shuts down and the process exits with the
+error (status 2), as ``adadecode generate`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from adadecode.runtime.serving import (
+    Finished,
+    QueueFull,
+    Request,
+    RequestTooLong,
+    ServingStopped,
+    TextDelta,
+)
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException
+
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .openai_api import (
+    ApiError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    check_supported,
+    describe_validation_error,
+    finish_reason,
+    new_id,
+    now,
+)
+
+log = logging.getLogger("adadecode.server")
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    """What the server needs before the model is loaded, and each request's defaults."""
+
+    model_name: str  # served_model_name, or the model source
+    max_tokens: int  # decoding.max_new_tokens: a request without max_tokens, capped to what fits
+    early_exit: str = "off"  # decoding.early_exit
+    stop: tuple[str, ...] = ()  # decoding.stop: a request without `stop`
+    max_seq_len: int = 2048  # model.max_seq_len, for /v1/models and the body size limit
+    failed_linger_s: float = 5.0  # after a rank is lost: keep answering 503 this long, then exit
+
+
+class Frontend:
+    """The bridge between HTTP requests (asyncio) and the ``ServingLoop`` (its own thread)."""
+
+    def __init__(self, defaults: ServeDefaults):
+        self.defaults = defaults
+        self.engine = None
+        self.loop = None  # the ServingLoop, once the model has loaded
+        self.state = "loading"  # loading -> ready -> failed | stopping
+        self.error: str | None = None
+        self.metrics = ServerMetrics(lambda: self.loop.metrics() if self.loop is not None else None)
+        self.done = threading.Event()  # set when serving must end: a signal, or a lost rank
+        self._outstanding: dict[int, _Submission] = {}
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="adadecode-tokenize")
+
+    # --- main thread ------------------------------------------------------------------------
+
+    def attach(self, engine, loop) -> None:
+        """Serve with ``engine`` through the started ``loop``: /health turns 200."""
+        self.engine, self.loop = engine, loop
+        self.metrics.serving_started()
+        self.state = "ready"
+
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests, end every request in flight, stop the loop."""
+        if self.state == "ready":
+            self.state = "stopping"
+            self.error = reason
+        if self.loop is not None:
+            for sub in list(self._outstanding.values()):
+                self.loop.cancel(sub.rid)
+            self.loop.stop()
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
+
+    # --- asyncio thread ---------------------------------------------------------------------
+
+    def health(self) -> ApiError | None:
+        """None when every rank is up and the loop serves; else the 503 to answer."""
+        if self.state == "loading":
+            return ApiError(503, "the model is still loading; retry when GET /health answers 200")
+        if self.state == "ready" and self.loop.healthy:
+            return None
+        return ApiError(503, f"not serving: {self.error or self.loop.error or 'the serving loop stopped'}")
+
+    async def watch(self) -> None:
+        """Notice a loop that stopped with an error (a lost rank): fail what waits, then end serving."""
+        while True:
+            await asyncio.sleep(0.2)
+            if self.state == "ready" and not self.loop.healthy:
+                self.state, self.error = "failed", self.loop.error or "the serving loop stopped"
+                log.error("serving stopped: %s", self.error)
+                # The loop fails the requests it admitted; queued ones are ended here.
+                for sub in list(self._outstanding.values()):
+                    sub.fail(self.error)
+                await asyncio.sleep(self.defaults.failed_linger_s)
+                self.done.set()
+                return
+
+    async def encode(self, fn: Callable[[], list[int]]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, fn)
+
+    async def submit(self, request: Request, http: HttpRequest) -> _Submission:
+        """Queue ``request``; raise ``ApiError`` when it is refused."""
+        if (refused := self.health()) is not None:
+            raise refused
+        sub = _Submission(self, asyncio.get_running_loop())
+        try:
+            sub.rid = self.loop.submit(request, sub.on_event)
+        except RequestTooLong as e:
+            raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
+        except ServingStopped as e:
+            raise ApiError(503, f"not serving: {e}") from None
+        except ValueError as e:
+            param = next((p for p in ("early_exit", "max_tokens", "prompt") if p in str(e)), None)
+            raise ApiError(400, str(e), param) from None
+        self._outstanding[sub.rid] = sub
+        sub.watcher = asyncio.create_task(_cancel_on_disconnect(http, sub))
+        return sub
+
+
+class _Submission:
+    """One submitted request: its events, in order, as the asyncio side sees them."""
+
+    def __init__(self, frontend: Frontend, aio: asyncio.AbstractEventLoop):
+        self.frontend, self.aio = frontend, aio
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.rid = -1
+        self.arrival = time.monotonic()
+        self.finished = False
+        self.closed = False
+        self.watcher: asyncio.Task | None = None
+
+    def on_event(self, event) -> None:
+        """Called on the serving thread: stamp and hand over; never raises."""
+        t = time.monotonic()
+        try:
+            self.aio.call_soon_threadsafe(self.queue.put_nowait, (t, event))
+        except RuntimeError:  # the event loop has closed: nobody waits for this request any more
+            pass
+
+    def fail(self, error: str) -> None:
+        """End the request from the asyncio side (the loop stopped without reporting it)."""
+        self.queue.put_nowait((time.monotonic(), Finished(self.rid, "failed", 0, 0, "", error)))
+
+    async def events(self) -> AsyncIterator[tuple[float, object]]:
+        """``(time, TextDelta)`` ... ``(time, Finished)``; observes the latency histograms."""
+        m = self.frontend.metrics
+        first = last = None
+        try:
+            while True:
+                t, event = await self.queue.get()
+                if isinstance(event, TextDelta):
+                    if first is None:
+                        first = t
+                        m.ttft.observe(t - self.arrival)
+                    else:
+                        m.itl.observe(t - last)
+                    last = t
+                    yield t, event
+                    continue
+                self.finished = True
+                if event.reason not in ("failed", "cancelled"):
+                    m.e2e.observe(t - self.arrival)
+                    if first is not None and event.completion_tokens > 1:
+                        m.tpot.observe((t - first) / (event.completion_tokens - 1))
+                yield t, event
+                return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The response is over: stop watching the client; cancel the request if it has not ended."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
+        self.frontend._outstanding.pop(self.rid, None)
+        if not self.finished and self.frontend.loop is not None:
+            self.frontend.loop.cancel(self.rid)
+
+
+async def _cancel_on_disconnect(http: HttpRequest, sub: _Submission) -> None:
+    """Wait for the client to go away (the body was read already); then cancel its request."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    if not sub.finished:
+        log.info("client of request %d went away: cancelled", sub.rid)
+        sub.close()
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+def build_app(frontend: Frontend) -> FastAPI:
+    """The FastAPI app: routes, OpenAI-shaped errors, a request body limit."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        watcher = asyncio.create_task(frontend.watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
+    app = FastAPI(title="adadecode", summary="OpenAI-compatible serving with verified early exit",
+                  lifespan=lifespan)
+    d = frontend.defaults
+    app.add_middleware(BodyLimit, max_bytes=max(1 << 20, 64 * d.max_seq_len))
+
+    def error_response(e: ApiError) -> JSONResponse:
+        if e.status >= 400:
+            frontend.metrics.rejected.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return error_response(describe_validation_error(list(e.errors()), request.url.path))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        message = str(e.detail)
+        if e.status_code in (404, 405):
+            message = (f"no route {request.method} {request.url.path}: this server answers POST /v1/completions, "
+                       "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics")
+        return error_response(ApiError(e.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):
+        log.error("internal error on %s", request.url.path, exc_info=e)
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    @app.get("/health")
+    async def health():
+        refused = frontend.health()
+        return error_response(refused) if refused else {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(frontend.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        max_len = frontend.engine.max_seq_len if frontend.engine is not None else d.max_seq_len
+        return ModelList(data=[ModelCard(id=d.model_name, created=now(), max_model_len=max_len)])
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(_json_body)])
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        _check_model(body.model, d.model_name)
+        check_supported(body)
+        engine = _engine(frontend)
+        if isinstance(body.prompt, str):
+            ids = await frontend.encode(lambda: engine.encode(body.prompt))
+        else:
+            ids = _token_ids(body.prompt, engine.args.vocab_size)
+        sub = await frontend.submit(_request(body, ids, body.max_tokens, frontend), http)
+        rid, created = new_id("cmpl"), now()
+
+        def chunk(text: str, reason: str | None = None) -> str:
+            choice = CompletionChoice(text=text, finish_reason=reason)
+            return _sse(CompletionResponse(id=rid, created=created, model=d.model_name, choices=[choice]))
+
+        def usage_chunk(usage: Usage) -> CompletionResponse:
+            return CompletionResponse(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
+
+        if body.stream:
+            return _stream(sub, chunk, final=lambda reason: chunk("", reason),
+                           usage_chunk=usage_chunk if body.include_usage() else None)
+        text, end = await _collect(sub, frontend)
+        return CompletionResponse(
+            id=rid, created=created, model=d.model_name,
+            choices=[CompletionChoice(text=text, finish_reason=finish_reason(end.reason))],
+            usage=Usage.of(end.prompt_tokens, end.completion_tokens),
+        )
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(_json_body)])
+    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+        _check_model(body.model, d.model_name)
+        check_supported(body)
+        engine = _engine(frontend)
+        messages = body.chat_messages()
+        try:
+            ids = await frontend.encode(lambda: engine.encode(messages, chat=True))
+        except ValueError as e:  # no chat template
+            raise ApiError(400, f"{e}; use /v1/completions", "messages") from None
+        except TemplateError as e:  # the template refused these messages (e.g. roles out of order)
+            raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
+        sub = await frontend.submit(_request(body, ids, body.requested_max_tokens(), frontend), http)
+        rid, created = new_id("chatcmpl"), now()
+
+        def chunk(text: str | None, reason: str | None = None, role: bool = False) -> str:
+            delta = ChatDelta(role="assistant" if role else None, content=text)
+            choice = ChatChunkChoice(delta=delta, finish_reason=reason)
+            return _sse(ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[choice]))
+
+        def usage_chunk(usage: Usage) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
+
+        if body.stream:
+            return _stream(sub, chunk, final=lambda reason: chunk(None, reason), opening=chunk("", role=True),
+                           usage_chunk=usage_chunk if body.include_usage() else None)
+        text, end = await _collect(sub, frontend)
+        return ChatCompletionResponse(
+            id=rid, created=created, model=d.model_name,
+            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason(end.reason))],
+            usage=Usage.of(end.prompt_tokens, end.completion_tokens),
+        )
+
+    return app
+
+
+def _json_body(http: HttpRequest) -> None:
+    kind = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the request body is sent as `{kind}`; send JSON with `Content-Type: application/json`")
+
+
+def _check_model(model: str | None, served: str) -> None:
+    if model is not None and model != served:
+        raise ApiError(404, f"the model `{model}` does not exist: this server serves `{served}` (GET /v1/models)",
+                       "model", "model_not_found")
+
+
+def _engine(frontend: Frontend):
+    if (refused := frontend.health()) is not None:
+        raise refused
+    return frontend.engine
+
+
+def _token_ids(prompt: list[int], vocab_size: int) -> list[int]:
+    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"`prompt`: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+    return list(prompt)
+
+
+def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend) -> Request:
+    """The loop's request: the body's fields, the server's defaults where the body has none."""
+    d, max_len = frontend.defaults, frontend.engine.max_seq_len
+    if max_tokens is None:  # as much as the default allows and the cache holds
+        if len(ids) >= max_len:
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room for output in the KV cache "
+                                f"({max_len} positions); shorten it", param, "context_length_exceeded")
+        max_tokens = min(d.max_tokens, max_len - len(ids))
+    stop = body.stop_strings()
+    return Request(tuple(ids), max_tokens, stop=d.stop if stop is None else stop,
+                   early_exit=body.early_exit or d.early_exit)
+
+
+def _end_error(end: Finished, frontend: Frontend) -> ApiError:
+    if end.reason == "failed":
+        status = 500 if frontend.health() is None else 503
+        return ApiError(status, f"the request failed: {end.error}")
+    return ApiError(503, f"the request was cancelled: {frontend.error or 'the server is shutting down'}")
+
+
+async def _collect(sub: _Submission, frontend: Frontend) -> tuple[str, Finished]:
+    parts, end = [], None
+    try:
+        async for _, event in sub.events():
+            parts.append(event.text)
+            end = event
+    finally:
+        sub.close()
+    if end.reason in ("failed", "cancelled"):
+        raise _end_error(end, frontend)
+    return "".join(parts), end
+
+
+def _stream(sub: _Submission, chunk: Callable[[str], str], *, final: Callable[[str], str],
+            opening: str = "", usage_chunk: Callable[[Usage], object] | None = None) -> StreamingResponse:
+    """Server-sent events: ``opening`` (chat: the role), one ``chunk`` per text delta, the ``final``
+    chunk with the finish reason, the usage (stream_options.include_usage), then ``data: [DONE]``.
+    A request that fails mid-stream ends with an error event, then ``data: [DONE]``."""
+
+    async def events():
+        try:
+            if opening:
+                yield opening
+            async for _, event in sub.events():
+                if isinstance(event, TextDelta):
+                    if event.text:  # a token that ends inside a character, or may start a stop string
+                        yield chunk(event.text)
+                    continue
+                if event.reason in ("failed", "cancelled"):
+                    yield f"data: {json.dumps(_end_error(event, sub.frontend).body(), ensure_ascii=False)}\n\n"
+                    continue
+                if event.text:
+                    yield chunk(event.text)
+                yield final(finish_reason(event.reason))
+                if usage_chunk is not None:
+                    yield _sse(usage_chunk(Usage.of(event.prompt_tokens, event.completion_tokens)))
+            yield "data: [DONE]\n\n"
+        finally:
+            sub.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read into memory."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        message = (f"the request body is over {self.max_bytes} bytes, the limit of this server "
+                   "(64 bytes per KV cache position, at least 1 MiB); send a shorter prompt")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await JSONResponse(ApiError(413, message).body(), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+# ---------------------------------------------------------------------------- uvicorn
+
+
+class HttpServer:
+    """uvicorn serving ``app`` in a thread of its own, on a socket bound at construction."""
+
+    def __init__(self, app, host: str, port: int, *, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, log_config=None, log_level=log_level.lower(), access_log=log_level.upper() in ("DEBUG", "INFO"),
+            lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="adadecode-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> HttpServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: a free one); a clear error when it cannot be."""
+    from .config import ConfigError
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = info[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); pick another port with `--port N` "
+            "(`--port 0`: any free one) or another address with `--host`", key="serve.port",
+        ) from None
+    sock.set_inheritable(False)
+    return sock
