@@ -269,13 +269,11 @@ def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     from .distributed import check_devices, plan_launch, run_rank, spawn_local
     from .serve import (
         check_cache_memory,
-        check_serve_config,
         http_frontend,
         load_engine,
         serve_requests,
     )
 
-    check_serve_config(cfg)
     plan = plan_launch(cfg, read_dist_env())
     if args.dry_run:
         return dry_run(cfg, plan)

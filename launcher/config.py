@@ -323,6 +323,9 @@ class ServeConfig:
     served_model_name: str = ""
     """Model name clients send and /v1/models lists; empty: model.source."""
 
+    batching: Literal["exact", "fused"] = "exact"
+    """Sequences at one layer range run as one call. exact: each gets the bits it gets alone; fused: faster, last bits may differ."""
+
     def __post_init__(self) -> None:
         _check_types(self)
         if self.host.strip() == "":
@@ -804,7 +807,7 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
         m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
         max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
-        num_slots=cfg.serve.max_num_seqs if serving else 1,
+        num_slots=cfg.serve.max_num_seqs if serving else 1, exact_batches=cfg.serve.batching == "exact",
     )
 
 

@@ -5,10 +5,14 @@ Pydantic models for ``POST /v1/completions``, ``POST /v1/chat/completions`` and
 
 - an unknown field is refused (HTTP 400 naming it), never ignored;
 - a known OpenAI field that changes the answer in a way adadecode does not do
-  (``n > 1``, ``logprobs``, ``echo``, tools, sampling until issue 12, ...) is
-  refused by ``check_supported`` with a message naming the field and what to
-  send instead; its neutral value (``n: 1``, ``temperature: 0``) is accepted;
+  (``n > 1``, ``logprobs``, ``echo``, tools, penalties, ...) is refused by
+  ``check_supported`` with a message naming the field and what to send
+  instead; its neutral value (``n: 1``, ``presence_penalty: 0``) is accepted;
 - types are not coerced (``"max_tokens": "5"`` is an error, as in OpenAI's API).
+
+Sampling: ``temperature``, ``top_p`` and ``seed``, with the extensions ``top_k``,
+``min_p`` and ``sampling_mode`` (seeded, speculative); each absent field takes the
+server's ``sampling`` section (temperature 0, greedy, by default).
 
 Extensions (top-level fields; the ``openai`` client sends them with ``extra_body``):
 ``early_exit`` (off, eager, deferred; default: the server's ``decoding.early_exit``)
@@ -70,9 +74,17 @@ class _GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    """Accepted; greedy decoding gives the same answer whatever the seed."""
+    """Seed of the sampling noise: the token at position p depends on (seed, p) only; absent: sampling.seed."""
     temperature: float | None = None
+    """0: greedy decoding; absent: the server's sampling.temperature (default 0, unlike OpenAI's 1)."""
     top_p: float | None = None
+    """Nucleus sampling, in (0, 1]; absent: sampling.top_p."""
+    top_k: int | None = None
+    """Extension (as in vLLM): keep the k most likely tokens, 0: off; absent: sampling.top_k."""
+    min_p: float | None = None
+    """Extension (as in vLLM): keep tokens at least min_p times as likely as the top one; absent: sampling.min_p."""
+    sampling_mode: Literal["seeded", "speculative"] | None = None
+    """Extension: seeded (same tokens with early exit on or off) or speculative; absent: sampling.mode."""
     n: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -187,7 +199,6 @@ def _one_prompt(v):
 
 
 # What a refused field means, and which of its values are neutral (accepted, since they change nothing).
-_GREEDY = "adadecode decodes greedily (sampling is not supported yet)"
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "n": (lambda v: v is None or v == 1,
           "one choice per request is served; send n=1 (or leave it out) and make several requests"),
@@ -196,8 +207,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "suffix": (lambda v: v is None, "insertion (suffix) is not supported; leave it out"),
     "logprobs": (lambda v: v is None or v is False, "log probabilities are not returned; leave logprobs out"),
     "top_logprobs": (lambda v: v is None, "log probabilities are not returned; leave top_logprobs out"),
-    "temperature": (lambda v: v is None or v == 0, f"{_GREEDY}; send temperature 0 or leave it out"),
-    "top_p": (lambda v: v is None or v == 1, f"{_GREEDY}; send top_p 1 or leave it out"),
     "frequency_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
     "presence_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
     "logit_bias": (lambda v: not v, "logit bias is not supported; leave it out"),

@@ -1,8 +1,7 @@
 """The `adadecode serve` command: start-up checks, the HTTP front end, serving until stopped.
 
-``cmd_serve`` (launcher/cli.py) runs, in order: ``check_serve_config`` and
-``check_cache_memory`` (before anything loads or spawns), then on the serving
-process ``http_frontend`` (listening, HTTP 503 while the model loads), the model
+``cmd_serve`` (launcher/cli.py) runs, in order: ``check_cache_memory`` (before
+anything loads or spawns), then on the serving process ``http_frontend`` (listening, HTTP 503 while the model loads), the model
 (``load_engine`` in process, or ``run_rank`` under torchrun / ``--stages N``), and
 ``serve_requests`` until a signal or a lost rank. The HTTP layer itself is
 launcher/server.py.
@@ -11,11 +10,14 @@ launcher/server.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+
+from adadecode.runtime.sampling import SamplingParams
 
 from .config import ConfigError
 from .server import Frontend, HttpServer, ServeDefaults, build_app
@@ -63,6 +65,7 @@ def http_frontend(cfg):
     name = s.served_model_name or cfg.model.source
     defaults = ServeDefaults(
         model_name=name, max_tokens=d.max_new_tokens, early_exit=d.early_exit, stop=tuple(d.stop),
+        sampling=SamplingParams(**dataclasses.asdict(cfg.sampling)),
         max_seq_len=cfg.model.max_seq_len, failed_linger_s=min(5.0, cfg.transport.timeout_s / 4),
     )
     frontend = Frontend(defaults)
@@ -73,17 +76,6 @@ def http_frontend(cfg):
     finally:
         frontend.shutdown()
         http.stop()
-
-
-def check_serve_config(cfg) -> None:
-    """What `serve` cannot honour, refused before anything loads."""
-    sampling = getattr(cfg, "sampling", None)
-    if sampling is not None and sampling.temperature != 0:
-        raise ConfigError(
-            f"sampling.temperature = {sampling.temperature:g}: `adadecode serve` decodes greedily for now (a "
-            "request's temperature is refused until the serving loop carries sampling); set sampling.temperature to 0",
-            key="sampling.temperature",
-        )
 
 
 def load_engine(cfg):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -43,8 +44,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.serving import (
     Finished,
     QueueFull,
@@ -94,6 +96,7 @@ class ServeDefaults:
     max_tokens: int  # decoding.max_new_tokens: a request without max_tokens, capped to what fits
     early_exit: str = "off"  # decoding.early_exit
     stop: tuple[str, ...] = ()  # decoding.stop: a request without `stop`
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # the sampling section: each field a request leaves out
     max_seq_len: int = 2048  # model.max_seq_len, for /v1/models and the body size limit
     failed_linger_s: float = 5.0  # after a rank is lost: keep answering 503 this long, then exit
 
@@ -410,7 +413,22 @@ def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend) -
         max_tokens = min(d.max_tokens, max_len - len(ids))
     stop = body.stop_strings()
     return Request(tuple(ids), max_tokens, stop=d.stop if stop is None else stop,
-                   early_exit=body.early_exit or d.early_exit)
+                   early_exit=body.early_exit or d.early_exit, sampling=_sampling(body, d.sampling))
+
+
+# request field -> SamplingParams field
+_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                    "seed": "seed", "sampling_mode": "mode"}
+
+
+def _sampling(body, default: SamplingParams) -> SamplingParams | None:
+    """The request's sampling: its own fields over the server's; None when that is greedy."""
+    given = {ours: getattr(body, theirs) for theirs, ours in _SAMPLING_FIELDS.items() if getattr(body, theirs) is not None}
+    try:
+        params = dataclasses.replace(default, **given)
+    except ValueError as e:  # it names the parameter (sampling_mode is checked by its schema already)
+        raise ApiError(400, str(e), next((f for f in given if f"parameter {f} =" in str(e)), None)) from None
+    return None if params.greedy else params
 
 
 def _end_error(end: Finished, frontend: Frontend) -> ApiError:

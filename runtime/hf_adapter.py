@@ -279,8 +279,10 @@ def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, si
     """One decoder layer over the chunks of several sequences at once: ``parts`` is
     ``(rows, kv_update, mask)`` per sequence, in row order. The projections and the MLP run
     once over all rows; attention runs per sequence, each over its own cache. With one part
-    this is op for op the layer's own forward (and, in fp32 on the CPU, each row's result is
-    the same bits whatever rows it is batched with: a matmul row is the same dot product).
+    this is op for op the layer's own forward. With several, a row's result may differ in the
+    last bits from its result alone: GEMM kernels block and reduce differently by row count
+    (measured in fp32 on this CPU; tests/test_serving.py), which is why serving batches
+    ``exact`` by default (``StageModel.run_layers_batch``).
 
     # hidden: [1, N, D] (N = sum of rows); cos, sin_folded: [1, N, 1, head_dim], each row its position's
     """

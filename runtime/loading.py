@@ -51,6 +51,7 @@ class LoadSpec:
     compile: str = "auto"  # the compiled layer loop: auto (on for CUDA), on, off (runtime/compiled_step.py)
     max_chunk: int = 3  # the largest chunk compiled: max_inflight + 1 (a merged deferred backfill)
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
+    exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
 
     def __post_init__(self) -> None:
         for name in ("split_points", "exit_layers", "thresholds"):  # lists from a config become tuples
@@ -142,7 +143,7 @@ def build_stage(
     }
     weight_bytes = sum(params.values())
     loaded = LoadedStage(
-        Stage(index, len(ranges), model, heads=stage_heads, policy=policy),
+        Stage(index, len(ranges), model, heads=stage_heads, policy=policy, exact_batches=spec.exact_batches),
         seconds=time.perf_counter() - t0,
         weight_bytes=weight_bytes,
         peak_host_mb=(_peak_rss() - rss0) / 1e6 if rss0 >= 0 else -1.0,

@@ -41,6 +41,7 @@ from .coordinator import Coordinator, SeqState
 from .detokenize import TextStream
 from .events import EARLY_EXIT_MODES, Verified
 from .kv_cache import CacheOverflowError
+from .sampling import SamplingParams
 from .stopping import StopCriteria
 
 log = logging.getLogger("adadecode.serving")
@@ -64,6 +65,7 @@ class Request:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     early_exit: str = "off"
+    sampling: SamplingParams | None = None  # None or temperature 0: greedy
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ class ServingLoop:
             self._coord = Coordinator(max_inflight=self.engine.max_inflight)
             try:
                 self.engine.runner.run(self._coord, on_verified=self._on_verified, feed=self)
-            except BaseException as exc:  # noqa: BLE001 - reported to every request, then decided
+            except BaseException as exc:
                 message = f"{type(exc).__name__}: {exc}"
                 log.error("serving loop failed: %s", message, exc_info=not _is_transport_error(exc))
                 fatal = _is_transport_error(exc) or getattr(self.engine.runner, "_broken", None)
@@ -260,7 +262,8 @@ class ServingLoop:
             seq = e.new_sequence_id()
             self._active[seq] = _Active(rid, request, on_event, TextStream(e._decode, request.stop, pending.append), pending)
             self._seq_of[rid] = seq
-            coord.add_sequence(seq, list(request.prompt), criteria, early_exit=request.early_exit)
+            coord.add_sequence(seq, list(request.prompt), criteria, early_exit=request.early_exit,
+                              sampling=request.sampling)
             self.counters.prompt_tokens += len(request.prompt)
 
     def wait(self, timeout_s: float | None = None) -> bool:

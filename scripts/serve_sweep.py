@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import httpx  # noqa: E402
-import load_test  # noqa: E402
+import httpx
+import load_test
 
 
 def one_point(url: str, prompts, model: str, clients: int, requests: int, max_tokens: int, mode: str,

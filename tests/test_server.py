@@ -167,8 +167,9 @@ def hostile_requests(rng: random.Random, long_prompt: str):
         ("stream_options", {"continuous_usage_stats": True}), ("user", 1), ("logit_bias", [1]),
     ])
     unsupported = rng.choice([
-        ("n", 2), ("logprobs", 1), ("echo", True), ("best_of", 3), ("suffix", "x"), ("temperature", 0.7),
-        ("top_p", 0.5), ("presence_penalty", 1.0), ("early_exit_thresholds", [0.5]), ("logit_bias", {"1": 5}),
+        ("n", 2), ("logprobs", 1), ("echo", True), ("best_of", 3), ("suffix", "x"), ("temperature", -0.7),
+        ("top_p", 1.5), ("top_k", -1), ("presence_penalty", 1.0), ("early_exit_thresholds", [0.5]),
+        ("logit_bias", {"1": 5}),
     ])
     bad_chat = rng.choice([
         {"messages": "hi"}, {"messages": []}, {"messages": [{"role": "tool", "content": "x"}]},
@@ -439,6 +440,37 @@ def test_many_requests_in_flight_each_equal_their_prompt_alone(served):
 
 
 @pytest.mark.distributed
+def test_sampled_requests_equal_seeded_sampling_alone(served):
+    """temperature / top_p / seed and the top_k, min_p, sampling_mode extensions reach the
+    runtime: seeded sampling, several requests at once, early exit off, eager or deferred,
+    streamed or not, gives the tokens of the same parameters decoded alone in one process."""
+    from adadecode.runtime.sampling import SamplingParams
+
+    server, engine = served
+    client = client_of(server)
+    cases = [(p, SamplingParams(0.9, top_p=0.95, seed=seed), mode) for p in PROMPTS[:2] for seed in (0, 7)
+             for mode in ("off", "eager", "deferred")]
+    cases.append((PROMPTS[2], SamplingParams(1.2, top_k=20, min_p=0.01, seed=3), "eager"))
+    alone = {(p, sp): engine.generate(p, max_new_tokens=16, sampling=sp) for p, sp, _ in cases}
+    assert len({tuple(alone[(PROMPTS[0], SamplingParams(0.9, top_p=0.95, seed=s))].tokens) for s in (0, 7)}) == 2
+
+    def ask(case):
+        prompt, sp, mode = case
+        extra = {"early_exit": mode, "top_k": sp.top_k, "min_p": sp.min_p, "sampling_mode": sp.mode}
+        kw = dict(model="tiny", prompt=prompt, max_tokens=16, temperature=sp.temperature, top_p=sp.top_p,
+                  seed=sp.seed, extra_body=extra)
+        if mode == "deferred":  # streamed
+            chunks = list(client.completions.create(stream=True, **kw))
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+        return client.completions.create(**kw).choices[0].text
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(ask, cases))
+    for (prompt, sp, mode), text in zip(cases, answers, strict=True):
+        assert text == alone[(prompt, sp)].text, (prompt, sp, mode)
+
+
+@pytest.mark.distributed
 def test_early_exit_requests_equal_their_prompt_alone(served):
     """Early exit per request (the `early_exit` extension): eager and deferred, several at once,
     give the tokens of the prompt decoded alone (with early exit off)."""
@@ -461,7 +493,10 @@ def test_refusals_name_the_field_and_the_numbers(served):
     client = client_of(server)
     cases = [
         (dict(n=2), "`n` = 2 is not supported"),
-        (dict(temperature=0.8), "`temperature` = 0.8 is not supported"),
+        (dict(temperature=-0.8), r"sampling parameter temperature = -0.8 is invalid: expected a number >= 0"),
+        (dict(top_p=0), r"sampling parameter top_p = 0.0 is invalid: expected a number in \(0, 1\]"),
+        (dict(extra_body={"top_k": -2}), "sampling parameter top_k = -2 is invalid"),
+        (dict(extra_body={"sampling_mode": "nucleus"}), "sampling_mode"),
         (dict(logprobs=2), "`logprobs` = 2 is not supported"),
         (dict(extra_body={"early_exit_thresholds": [0.5]}), "per-request thresholds are not supported"),
         (dict(extra_body={"frobnicate": 1}), "unknown field `frobnicate`"),

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import torch
 from adadecode.runtime.serving import Finished, QueueFull, Request, RequestTooLong, ServingLoop, TextDelta
 from helpers import make_engine, save_tiny_model
 
@@ -198,3 +199,45 @@ def test_a_failure_ends_the_requests_in_flight_and_serving_goes_on(model_dir, al
         assert_all_free(loop)
     finally:
         loop.stop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_batched_call_gives_each_sequence_its_own_result(model_dir, dtype):
+    """StageModel.run_layers_batch on the real layers, three sequences of different lengths and
+    chunk sizes in their own slots: exact batching gives the bits of each sequence run alone (the
+    default, serve.batching: exact), fused batching the same values up to rounding; every slot's
+    cache holds what running alone wrote."""
+    from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+    from adadecode.runtime.model_runner import StageModel
+
+    config = load_hf_config(model_dir)
+    args = ModelArgs.from_hf_config(config)
+
+    def model():
+        modules = load_stage_modules(model_dir, config, 0, 6, embed=True, head=False, dtype=dtype)
+        return StageModel(modules, args, 64, num_slots=3)
+
+    torch.manual_seed(0)
+    prompts = [torch.randn(n, args.hidden_size, dtype=dtype) for n in (5, 9, 2)]
+    steps = [torch.randn(n, args.hidden_size, dtype=dtype) for n in (1, 3, 2)]  # chunk sizes 1..max_inflight+1
+    alone, ref = model(), []
+    for slot, (p, x) in enumerate(zip(prompts, steps)):
+        alone.run_layers(p, 0, 0, 6, slot)
+        ref.append(alone.run_layers(x, len(p), 0, 6, slot))
+    for exact in (True, False):
+        batched = model()
+        for slot, p in enumerate(prompts):
+            batched.run_layers(p, 0, 0, 6, slot)
+        out = batched.run_layers_batch([(x, len(p), slot) for slot, (p, x) in enumerate(zip(prompts, steps))],
+                                       0, 6, exact=exact)
+        for slot, (o, r) in enumerate(zip(out, ref)):
+            if exact:
+                assert torch.equal(o, r), slot
+            else:
+                tol = 0.05 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+        for li in range(6):
+            assert batched.cache.lengths[li] == alone.cache.lengths[li] == [6, 12, 4]
+            if exact:
+                assert torch.equal(batched.cache.k[li], alone.cache.k[li])
+                assert torch.equal(batched.cache.v[li], alone.cache.v[li])
