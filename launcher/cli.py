@@ -269,6 +269,7 @@ def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     from .distributed import check_devices, plan_launch, run_rank, spawn_local
     from .serve import (
         check_cache_memory,
+        defer_sigterm_to_rank0,
         http_frontend,
         load_engine,
         serve_requests,
@@ -282,6 +283,7 @@ def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     if plan.mode == "spawn":
         return spawn_local(argv, cfg, plan)
     if plan.mode == "rank" and plan.env.rank != 0:
+        defer_sigterm_to_rank0(plan.env.rank)
         return run_rank(cfg, plan, lambda engine: 0, serving=True)  # serves its stage until rank 0 stops
     with http_frontend(cfg) as frontend:  # listening: /health answers 503 while the model loads
         if plan.mode == "rank":

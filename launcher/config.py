@@ -28,9 +28,10 @@ import math
 import re
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -39,20 +40,20 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 __all__ = [
     "ConfigError",
+    "DecodingConfig",
+    "LoggingConfig",
     "ModelConfig",
     "PipelineConfig",
-    "DecodingConfig",
-    "SamplingConfig",
-    "TransportConfig",
-    "LoggingConfig",
-    "ServeConfig",
     "RunConfig",
-    "load_config",
+    "SamplingConfig",
+    "ServeConfig",
+    "TransportConfig",
+    "check_world_size",
+    "config_help",
     "config_to_dict",
     "dump_yaml",
-    "config_help",
     "field_docs",
-    "check_world_size",
+    "load_config",
     "load_spec",
     "sampling_params",
 ]

@@ -43,16 +43,15 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
     layers = ", ".join(f"[{a}, {b})" for a, b in engine.layer_ranges)
     print(f"adadecode: ready: {len(engine.stages)} stage(s) {layers}, {s.max_num_seqs} sequences at once, "
           f"early exit {d.early_exit} by default", file=sys.stderr, flush=True)
-    previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: frontend.done.set())
+        # Left in place to the end: a second SIGTERM (the launcher passing on one this process
+        # got as well) must not kill the shutdown under way.
+        signal.signal(signal.SIGTERM, lambda *_: frontend.done.set())
     try:
         while not frontend.done.wait(0.5):
             pass
     finally:
         frontend.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     if frontend.state == "failed":
         raise TransportError(f"serving stopped: {frontend.error}")
     return 0
@@ -76,6 +75,19 @@ def http_frontend(cfg):
     finally:
         frontend.shutdown()
         http.stop()
+
+
+def defer_sigterm_to_rank0(rank: int) -> None:
+    """A serving rank other than 0 outlives a SIGTERM: the launcher (torchrun, `--stages N`,
+    Slurm's scancel) sends it to every rank at once, and rank 0, which got it too, ends
+    serving in order and then stops this rank. Were this rank to die first, rank 0 would see
+    a lost rank and fail the requests in flight. Rank 0 gone for good is found by the control
+    plane's timeout, as always. For the rest of the process: it ends with serving."""
+    def note(*_):
+        print(f"adadecode: rank {rank}: SIGTERM: serving ends when rank 0 ends it", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, note)
 
 
 def load_engine(cfg):

@@ -10,6 +10,9 @@ the environment torchrun would give them, and waits:
   exit with their message (they do, through the control plane, within
   ``transport.timeout_s``); whoever is left after that is sent SIGTERM, then
   SIGKILL;
+- SIGTERM to this process is passed on to every rank, as torchrun does (each
+  rank decides how to end: `serve` ends in order, see launcher/serve.py), and
+  the ranks are waited for as usual;
 - every child is waited for before this returns, and on Linux a child also
   gets SIGTERM if this process dies first (``PR_SET_PDEATHSIG``), so no rank
   outlives its launcher.
@@ -23,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -77,6 +81,9 @@ def spawn_ranks(
     base.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     procs: list[subprocess.Popen] = []
     exits: dict[int, RankExit] = {}
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: _signal_all(procs, signal.SIGTERM))
     try:
         for rank in range(world_size):
             child_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -101,14 +108,20 @@ def spawn_ranks(
         # From a terminal every rank got the SIGINT too: give them a moment to exit on their
         # own before passing it on (a `kill -INT` reached only this process).
         _wait_all(procs, 2.0)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+        _signal_all(procs, signal.SIGINT)
         _wait_all(procs, 5.0)
         raise
     finally:
         _reap(procs, exits, on_exit)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return [exits[r] for r in range(len(procs))]
+
+
+def _signal_all(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:

@@ -25,7 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import DTYPES  # noqa: F401  (re-exported: the dtype names the runtime accepts)
-from .model_source import SUPPORTED_MODEL_TYPES, ModelSourceError, UnsupportedArchitectureError
+from .model_source import (
+    SUPPORTED_MODEL_TYPES,
+    ModelSourceError,
+    UnsupportedArchitectureError,
+)
 
 try:  # transformers' own SDPA call, so kernel choice (GQA packing, masks) is exactly theirs
     from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa

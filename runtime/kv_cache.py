@@ -114,8 +114,7 @@ class KVCache:
     def truncate(self, slot: int, length: int) -> None:
         """Roll every layer of ``slot`` back to at most ``length`` positions."""
         for per_slot in self.lengths:
-            if per_slot[slot] > length:
-                per_slot[slot] = length
+            per_slot[slot] = min(per_slot[slot], length)
 
     def reset(self, slot: int | None = None) -> None:
         for per_slot in self.lengths:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import sampling
 from .hf_adapter import (
     StageModules,
     causal_chunk_mask,
@@ -27,7 +28,6 @@ from .hf_adapter import (
     rope_tables,
 )
 from .kv_cache import CacheOverflowError, KVCache
-from . import sampling
 
 
 def to_host(t: torch.Tensor) -> list:

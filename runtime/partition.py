@@ -14,7 +14,7 @@ directly.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["PartitionError", "partition_layers"]
 

@@ -19,7 +19,6 @@ import json
 import time
 
 import torch
-
 from adadecode.runtime.engine import Engine
 from adadecode.runtime.prompts import select_prompts
 

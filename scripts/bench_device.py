@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import stream_bandwidth  # noqa: E402
-
-from adadecode.launcher.bench import first_divergence, hf_generate  # noqa: E402
-from adadecode.runtime.engine import Engine  # noqa: E402
-from adadecode.runtime.prompts import select_prompts  # noqa: E402
+from adadecode.launcher.bench import first_divergence, hf_generate
+from adadecode.runtime.engine import Engine
+from adadecode.runtime.prompts import select_prompts
+from membw import stream_bandwidth
 
 
 def bytes_per_token(engine: Engine, context: float) -> float:

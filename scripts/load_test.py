@@ -14,7 +14,8 @@ tokens - 1); ITL: every gap between text chunks, pooled; E2EL: whole request), p
 what the server's /metrics counted during the run (early tokens, rollbacks, stage busy fraction).
 
 ``--check-parity``: afterwards every distinct prompt is sent again alone (one request at a
-time) and every output of the loaded run must equal it: same text, same number of completion
+time, early exit off: plain greedy decoding) and every output of the loaded run, in whatever
+``--early-exit`` mode, must equal it: same text, same number of completion
 tokens, same finish reason. The API returns no token ids (``logprobs`` is refused), so this
 compares text plus token count; two greedy outputs of equal text and equal length that differ
 in tokens would need two tokenizations of one string, which greedy decoding of one model does
@@ -173,11 +174,11 @@ async def run(args, prompts, model: str) -> tuple[list[Result], float]:
 
 
 def alone(args, prompts, indices, model: str) -> dict[int, tuple[str, int, str]]:
-    """Each prompt decoded alone: one non-streamed request at a time."""
+    """Each prompt decoded alone with early exit off (plain greedy): one non-streamed request at a time."""
     out = {}
     with httpx.Client(base_url=args.url, timeout=args.timeout) as http:
         for i in sorted(indices):
-            path, body = request_body(prompts[i], model, args.max_tokens, args.early_exit, stream=False)
+            path, body = request_body(prompts[i], model, args.max_tokens, "off", stream=False)
             r = http.post(path, json=body)
             r.raise_for_status()
             answer = r.json()

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from adadecode.runtime.compiled_step import CompiledStep, maybe_compile
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.stopping import StopCriteria
 from helpers import InProcessPipeline, save_tiny_model
+from torch._dynamo.utils import counters
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [1, 2], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
 HEAD_LAYERS = [2, 3, 5]

@@ -17,23 +17,27 @@ from __future__ import annotations
 import pytest
 import safetensors
 import torch
-from fake_cuda import fake_cuda
-
 from adadecode.runtime import model_runner
 from adadecode.runtime.compiled_step import CompiledStep
-from adadecode.runtime.device import PlacementError, check_placement, resolve_device, resolve_dtype
+from adadecode.runtime.device import (
+    PlacementError,
+    check_placement,
+    resolve_device,
+    resolve_dtype,
+)
 from adadecode.runtime.events import (
+    WAITING,
     Activations,
     EarlyPrediction,
     FinalPrediction,
     Rollback,
     StepRequest,
-    WAITING,
 )
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.stage import Stage
+from fake_cuda import fake_cuda
 from helpers import save_tiny_model
 
 # ------------------------------------------------------------ placement: what is refused
@@ -221,15 +225,14 @@ def test_a_tensor_left_on_the_cpu_is_caught(tmp_path, monkeypatch):
     with fake_cuda():
         a = torch.ones(3, device="cuda:0")
         with pytest.raises(FakeTensorDeviceMismatchError):
-            a + torch.ones(3)  # noqa: B018
+            a + torch.ones(3)
 
 
 def test_a_host_sync_is_caught():
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
-    with fake_cuda():
-        with pytest.raises(DataDependentOutputException):
-            torch.ones(3, device="cuda:0").sum().item()
+    with fake_cuda(), pytest.raises(DataDependentOutputException):
+        torch.ones(3, device="cuda:0").sum().item()
 
 
 def test_activations_cross_to_the_next_stage_on_the_device(tmp_path, monkeypatch, host_syncs):

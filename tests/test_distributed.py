@@ -31,6 +31,7 @@ from adadecode.runtime.events import (
     Shutdown,
     StepRequest,
 )
+from adadecode.runtime.sampling import Proposal, SamplingParams
 from adadecode.runtime.transport.control import (
     ControlClient,
     ControlServer,
@@ -38,7 +39,6 @@ from adadecode.runtime.transport.control import (
     encode_event,
 )
 from adadecode.runtime.transport.errors import TransportError
-from adadecode.runtime.sampling import Proposal, SamplingParams
 from adadecode.runtime.transport.p2p import (
     HEADER_FIELDS,
     KIND_ACTIVATIONS,

@@ -8,7 +8,6 @@ In process, on a tiny random model; the same on two ranks is in tests/test_distr
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from adadecode.runtime.coordinator import Coordinator

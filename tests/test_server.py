@@ -542,6 +542,24 @@ def test_sigterm_stops_every_rank_cleanly(served):
 
 
 @pytest.mark.distributed
+def test_sigterm_to_every_process_as_a_scheduler_sends_it_ends_serving_in_order(tiny):
+    """SIGTERM to the launcher and every rank at once (Slurm's scancel, `kill -TERM -PGID`, a
+    container stop reaching the launcher, which passes it on): rank 1 waits for rank 0, which
+    ends serving in order, and every process exits 0."""
+    path, _, _ = tiny
+    server = ServerProcess("--stages", "2", "--model", str(path), "--model.max_seq_len", str(MAX_LEN),
+                           "--max-new-tokens", "16", "--transport.timeout_s=20").wait_ready()
+    try:
+        ranks = server.ranks()
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.stderr
+        assert all(not Path(f"/proc/{pid}").exists() for pid in ranks.values())
+        assert "rank 1: SIGTERM: serving ends when rank 0 ends it" in server.stderr
+    finally:
+        server.kill()
+
+
+@pytest.mark.distributed
 def test_clients_that_go_away_free_their_slots_on_every_rank(tiny):
     """Streams dropped after their first chunk, and requests dropped while queued, are cancelled:
     every slot is free again, and the server goes on serving."""

@@ -13,7 +13,14 @@ import time
 
 import pytest
 import torch
-from adadecode.runtime.serving import Finished, QueueFull, Request, RequestTooLong, ServingLoop, TextDelta
+from adadecode.runtime.serving import (
+    Finished,
+    QueueFull,
+    Request,
+    RequestTooLong,
+    ServingLoop,
+    TextDelta,
+)
 from helpers import make_engine, save_tiny_model
 
 PROMPTS = [[5, 17, 3, 42, 8, 11], [1, 2, 3], [60, 61, 62, 63, 64, 65, 66], [9], [30, 31, 32, 33], [7, 7, 7, 7, 7]]
@@ -207,7 +214,11 @@ def test_a_batched_call_gives_each_sequence_its_own_result(model_dir, dtype):
     chunk sizes in their own slots: exact batching gives the bits of each sequence run alone (the
     default, serve.batching: exact), fused batching the same values up to rounding; every slot's
     cache holds what running alone wrote."""
-    from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+    from adadecode.runtime.hf_adapter import (
+        ModelArgs,
+        load_hf_config,
+        load_stage_modules,
+    )
     from adadecode.runtime.model_runner import StageModel
 
     config = load_hf_config(model_dir)

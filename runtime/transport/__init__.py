@@ -31,7 +31,7 @@ from .control import ControlClient, ControlServer
 from .errors import JobAborted, TransportError
 from .p2p import DataPlane, make_links
 
-__all__ = ["Transport", "TransportError", "JobAborted", "open_transport", "route_address"]
+__all__ = ["JobAborted", "Transport", "TransportError", "open_transport", "route_address"]
 
 log = logging.getLogger("adadecode.transport")
 
