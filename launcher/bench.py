@@ -12,8 +12,11 @@ machine's speed hits all alike:
 
 Tokens/s is generated tokens (prompt excluded) over the wall time of the whole
 call, prefill included. Each runtime mode's tokens are compared with ``hf``'s,
-so a speedup never hides a parity break; early-exit modes also report the exit
-rate per head, the acceptance rate and the rollbacks.
+so a speedup never hides a parity break; this runtime's rows also report each
+stage's busy fraction and its merged / idle-backfill counts, and early-exit
+modes the exit rate and precision per head, the acceptance rate, the rollbacks
+and the fraction of compute they discarded (runtime/run_stats.py, as the
+generate command's summary). ``--trace DIR`` records the timed runs (README, Traces).
 
 With ``--temperature`` > 0 the contenders sample (runtime/sampling.py) and the
 reference is plain sampling of this runtime, ``off`` (always timed; transformers
@@ -36,6 +39,7 @@ import time
 
 import torch
 from adadecode.runtime.prompts import select_prompts
+from adadecode.runtime.run_stats import RunTotals
 
 from .config import RunConfig, load_spec, sampling_params
 
@@ -71,9 +75,7 @@ class _Tally:
 
     def __init__(self):
         self.tokens = self.seconds = self.matches = 0
-        self.early = self.accepted = self.rollbacks = 0
-        self.by_layer: dict[int, int] = {}
-        self.busy: list[float] = []
+        self.totals = RunTotals()  # this runtime's counters (not transformers')
         self.divergences: list[dict] = []
 
     @property
@@ -103,6 +105,9 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
         hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=stage0.dtype)
         hf = hf.to(stage0.device).eval()
+    trace = getattr(args, "trace", None)
+    if trace and engine.runner.trace is None:  # stages in this process; ranks trace from start-up
+        engine.runner.set_trace(True)
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]
 
@@ -112,6 +117,8 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         for _, mode, params in runs:
             engine.generate(ids, max_new_tokens=8, early_exit=mode, sampling=params)
 
+    if trace:
+        engine.runner.trace.clear()  # the timed runs only
     names = [name for name, _, _ in runs]
     tally = {name: _Tally() for name in (["hf"] if hf is not None else []) + names + [f"hf-ee-{k}" for k in hf_ks]}
     for n, ids in enumerate(encoded):
@@ -126,11 +133,7 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
             t, st = tally[name], res.stats
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
-            t.early, t.accepted, t.rollbacks = t.early + st["early_emitted"], t.accepted + st["accepted"], t.rollbacks + st["rollbacks"]
-            for layer, c in st["early_by_layer"].items():
-                t.by_layer[layer] = t.by_layer.get(layer, 0) + c
-            busy = [f * st["elapsed_s"] for f in st["stage_busy_fraction"]]
-            t.busy = [a + b for a, b in zip(t.busy, busy)] if t.busy else busy
+            t.totals.add(len(res.tokens), st)
             at = first_divergence(res.tokens, ref)
             t.matches += at is None
             if at is not None and (params is None or params.mode == "seeded"):  # speculative: not a parity check
@@ -151,11 +154,12 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         if off and name not in ("hf", "off") and not name.startswith("hf-"):
             row["vs_off"] = round(t.tokens_per_s / off, 3)
         if name in names:
-            row["stage_busy_fraction"] = [round(b / t.seconds, 3) for b in t.busy]
-        if name in names and name != "off":
-            row["exit_rate_per_head"] = {l: round(c / t.tokens, 3) for l, c in sorted(t.by_layer.items())}
-            row["acceptance_rate"] = round(t.accepted / t.early, 3) if t.early else None
-            row["rollbacks"] = t.rollbacks
+            summary = t.totals.summary()
+            keys = ["stage_busy_fraction", "stage_merged", "stage_idle_backfills"]
+            if name != "off":
+                keys += ["exit_rate_per_head", "precision_per_head", "acceptance_rate", "rollbacks",
+                         "discarded_fraction"]
+            row.update({k: summary[k] for k in keys})
         if t.divergences:
             row["divergences"] = t.divergences
         rows[name] = row
@@ -177,6 +181,10 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
                 print(f"{k:>16}: {v}")
         for name, row in rows.items():
             print(f"{name:>16}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    if trace:
+        from .trace_export import save_trace
+
+        save_trace(trace, engine, {name: tally[name].totals.summary() for name in names})
     exact = [name for name, mode, params in runs if mode != "deferred" and (params is None or params.mode == "seeded")]
     return 0 if all(tally[name].matches == len(encoded) for name in exact) else 1
 

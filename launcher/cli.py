@@ -34,6 +34,11 @@ speculative (heads' draws kept with probability min(1, p/q)):
     adadecode generate --prompt "..." --temperature 0.8 --top-p 0.95 --seed 1 --early-exit deferred
     adadecode generate --prompt "..." --temperature 0.8 --sampling speculative --early-exit eager
 
+A timeline of every stage and the coordinator (README, Traces): DIR/trace.json opens in
+Perfetto (https://ui.perfetto.dev), DIR/trace.png is a Gantt chart; works on every launch path:
+
+    adadecode generate --prompt "..." --early-exit deferred --stages 2 --trace traces/run1
+
 Speed against transformers' `generate`, same process, same threads:
 
     adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
@@ -94,6 +99,9 @@ SHORTCUTS = {
 }
 
 
+TRACE_HELP = "record every stage's and the coordinator's events: DIR/trace.json (Perfetto) and DIR/trace.png"
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
     p.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout instead of text")
     gen.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; decoding.stop)")
     gen.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
+    gen.add_argument("--trace", metavar="DIR", help=TRACE_HELP)
     _add_config_flags(gen)
 
     srv = sub.add_parser(
@@ -165,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf-early-exit", default="", metavar="K,K",
                        help="also time transformers generate(assistant_early_exit=K) for each K")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bench.add_argument("--trace", metavar="DIR", help=TRACE_HELP + " (the timed runs)")
     _add_config_flags(bench)
     return parser
 
@@ -224,8 +234,11 @@ def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] =
         stage_ranges(cfg)  # a bad model or split fails here, once, not in N processes
         return spawn_local(argv, cfg, plan)
     if plan.mode == "rank":
-        return run_rank(cfg, plan, lambda engine: generate_all(args, cfg, engine, prompts))
-    return generate_all(args, cfg, build_engine(cfg), prompts)
+        return run_rank(cfg, plan, lambda engine: generate_all(args, cfg, engine, prompts), trace=bool(args.trace))
+    engine = build_engine(cfg)
+    if args.trace:
+        engine.runner.set_trace(True)
+    return generate_all(args, cfg, engine, prompts)
 
 
 def stage_ranges(cfg: RunConfig) -> list[tuple[int, int]]:
@@ -259,7 +272,7 @@ def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
         stage_ranges(cfg)
         return spawn_local(argv, cfg, plan)
     if plan.mode == "rank":
-        return run_rank(cfg, plan, lambda engine: run_bench(args, cfg, engine))
+        return run_rank(cfg, plan, lambda engine: run_bench(args, cfg, engine), trace=bool(args.trace))
     return run_bench(args, cfg)
 
 
@@ -292,8 +305,12 @@ def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
 
 
 def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> int:
-    """Generate every prompt with ``engine`` and print each result (text or JSON)."""
+    """Generate every prompt with ``engine`` and print each result (text or JSON), then the
+    run's summary on stderr (and, with ``--trace``, write the trace)."""
+    from adadecode.runtime.run_stats import RunTotals, summary_lines
+
     d = cfg.decoding
+    totals = RunTotals()
     for prompt in prompts:
         stream = None if args.json else _stdout_writer
         result = engine.generate(
@@ -305,6 +322,7 @@ def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> i
             on_text=stream,
             sampling=sampling_params(cfg.sampling),
         )
+        totals.add(len(result.tokens), result.stats)
         if args.json:
             record = {"prompt": prompt, **result.__dict__}
             print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -317,6 +335,16 @@ def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> i
                 f"[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s, {result.finish_reason}{note}]",
                 file=sys.stderr,
             )
+    summary = totals.summary()
+    lines = summary_lines(summary, engine.layer_ranges)
+    if len(prompts) == 1 and not args.json:
+        lines = lines[1:]  # its tokens/s were just printed
+    for line in lines:
+        print(f"[{line}]", file=sys.stderr)
+    if args.trace:
+        from .trace_export import save_trace
+
+        save_trace(args.trace, engine, summary)
     return 0
 
 

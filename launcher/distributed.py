@@ -135,10 +135,14 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
     return failed[0].returncode if failed[0].returncode > 0 else 1
 
 
-def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int], *, serving: bool = False) -> int:
+def run_rank(
+    cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int], *, serving: bool = False,
+    trace: bool = False,
+) -> int:
     """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``.
 
     ``serving`` (`adadecode serve`): every rank's stage gets ``serve.max_num_seqs`` cache slots.
+    ``trace`` (``--trace``, on every rank alike): record events; rank 0's runner ends up with all.
     """
     import torch
     from adadecode.runtime.engine import PipelineEngine
@@ -165,7 +169,7 @@ def run_rank(cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], 
             timeout_s=cfg.transport.timeout_s, hidden_size=config.hidden_size, dtype=stage.model.dtype,
             stage_device=stage.model.device, control_addr=cfg.transport.control_addr,
         ) as transport:
-            runner = DistributedRunner(stage, transport, step_timeout_s=cfg.transport.step_timeout_s)
+            runner = DistributedRunner(stage, transport, step_timeout_s=cfg.transport.step_timeout_s, trace=trace)
             if rank != 0:
                 runner.serve()
                 return 0

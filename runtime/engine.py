@@ -25,6 +25,7 @@ from .hf_adapter import ModelArgs
 from .kv_cache import CacheOverflowError
 from .loading import LoadSpec, build_stage, prepare
 from .model_source import ResolvedModel
+from .run_stats import RunTotals, counters_since, stage_counters
 from .runners.inprocess import LocalRunner
 from .sampling import SamplingParams
 from .stage import Stage
@@ -158,6 +159,7 @@ class Engine:
 
         stream = TextStream(self._decode, stop, on_text)
         busy0 = list(self.runner.busy_s)
+        counters0 = [stage_counters(s.stats) for s in self.stages]
         compiled0 = self.compile_s
         t0 = time.perf_counter()
         self.runner.run(coord, on_verified=lambda event: stream.push(event.tokens))
@@ -170,24 +172,36 @@ class Engine:
         if stop:
             text = trim_at_stop_string(text, stop)
         busy = [b - b0 for b, b0 in zip(self.runner.busy_s, busy0)]
+        # Remote stages' counters are as of their `released` answers, which run() waits for.
+        counters = [counters_since(stage_counters(st.stats), c0) for st, c0 in zip(self.stages, counters0)]
+        stats = {
+            "elapsed_s": elapsed,
+            "stages": self.layer_ranges,
+            "stage_busy_fraction": [b / elapsed if elapsed > 0 else 0.0 for b in busy],
+            "stage_busy_s": busy,
+            "early_emitted": s.stats.early_emitted,
+            "accepted": s.stats.accepted,
+            "rollbacks": s.stats.rollbacks,
+            "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
+            "accepted_by_layer": dict(sorted(s.stats.accepted_by_layer.items())),
+            "rejected_by_layer": dict(sorted(s.stats.rejected_by_layer.items())),
+            "stage_stats": counters,  # each stage's counters in this call (runtime/run_stats.py)
+            "early_exit": early_exit,
+            "sampling": None if sampling is None or sampling.greedy else dataclasses.asdict(sampling),
+            "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
+        }
+        derived = RunTotals().add(len(tokens), stats).summary()
+        stats.update({k: derived[k] for k in (
+            "exit_rate_per_head", "precision_per_head", "acceptance_rate", "discarded_fraction", "stage_merged",
+            "stage_idle_backfills",
+        )})
         return GenerationResult(
             prompt_tokens=len(ids),
             tokens=tokens,
             text=text,
             finish_reason=s.finish_reason,
             tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
-            stats={
-                "elapsed_s": elapsed,
-                "stages": self.layer_ranges,
-                "stage_busy_fraction": [b / elapsed if elapsed > 0 else 0.0 for b in busy],
-                "early_emitted": s.stats.early_emitted,
-                "accepted": s.stats.accepted,
-                "rollbacks": s.stats.rollbacks,
-                "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
-                "early_exit": early_exit,
-                "sampling": None if sampling is None or sampling.greedy else dataclasses.asdict(sampling),
-                "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
-            },
+            stats=stats,
         )
 
     def new_sequence_id(self) -> int:

@@ -8,6 +8,8 @@ chunk that needs one: greedy, or sampled under the sequence's ``sampling``
 (runtime/sampling.py; in speculative mode the last stage also accepts or
 resamples an exit head's draw, which rides with the item as a ``Proposal``). It does no I/O: a runner or transport feeds
 ``receive()`` and ships what ``next_action()`` returns, one event at a time.
+With a ``trace`` (runtime/trace.py) it hands each compute call and head
+evaluation to the recorder, which times and records it; without, nothing.
 
 Early exit. The head at layer ``l`` reads the hidden state entering layer
 ``l``; a stage evaluates the heads in ``(start, end]`` on the last position of
@@ -105,6 +107,7 @@ class _Work:
     policy: str = "off"  # the sequence's early-exit mode
     sampling: SamplingParams | None = None  # the sequence's; None: greedy
     proposals: dict[int, Proposal] = field(default_factory=dict)  # speculative: position -> head's draw
+    merged: bool = False  # a deferred backfill joined it on this stage (for the trace)
 
     @property
     def end_pos(self) -> int:
@@ -121,6 +124,8 @@ class StageStats:
     merged: int = 0  # deferred backfills run together with a later token
     batched: int = 0  # calls that ran items of several sequences at once
     idle_backfills: int = 0  # deferred backfills run because the stage had nothing else
+    computed: int = 0  # layer-positions run: positions x layers, summed over compute calls
+    discarded: int = 0  # of those, cache entries a rollback truncated (work thrown away)
 
 
 class Stage:
@@ -159,6 +164,7 @@ class Stage:
         self._work: deque[_Work] = deque()
         self._parked: dict[int, dict[int, _Work]] = {}  # seq -> {layer: deferred backfill}
         self._out: deque = deque()
+        self.trace = None  # a runtime.trace.TraceRecorder, set by the runner; None: not traced
 
     @property
     def head_layers(self) -> tuple[int, ...]:
@@ -243,9 +249,17 @@ class Stage:
             return
         self.epochs[seq] = epoch
         if seq in self.slots:
-            self.model.truncate(self.slots[seq], keep_len)
+            slot = self.slots[seq]
+            self.stats.discarded += sum(
+                max(0, self.model.cache_length(l, slot) - keep_len) for l in range(self.start, self.end)
+            )
+            self.model.truncate(slot, keep_len)
+        queued = len(self._work)
         self._work = deque(w for w in self._work if not (w.seq == seq and w.epoch < epoch))
-        self._parked.pop(seq, None)  # parked work is never older than the newest epoch's
+        parked = self._parked.pop(seq, None)  # parked work is never older than the newest epoch's
+        if self.trace is not None:
+            dropped = queued - len(self._work) + len(parked or ())
+            self.trace.record("rollback", self.index, seq, epoch, keep_len, dropped)
 
     def _slot(self, seq: int) -> int:
         slot = self.slots.get(seq)
@@ -321,7 +335,7 @@ class Stage:
                 parked = self._parked.get(w.seq, {}).pop(w.layer, None)
                 if parked is not None:  # a deferred backfill joins this token: one chunk from here on
                     w = self._merge(parked, w)
-                if w.layer in self._head_layers(w.policy) and not w.emitted and self._try_exit(w) and w.layer < self.end:
+                if w.layer in self._head_layers(w.policy) and not w.emitted and self._head(w) and w.layer < self.end:
                     if w.policy == "eager":  # the backfill runs next, before anything else
                         eager.append(w)
                     else:
@@ -347,16 +361,22 @@ class Stage:
                 return
             layer = batch[0].layer
             stop = min(self._stop(w) for w in batch)
-            chunks = [(w.hidden, w.pos, self._slot(w.seq)) for w in batch]
-            if len(batch) == 1:
-                hiddens = [self.model.run_layers(*chunks[0][:2], layer, stop, chunks[0][2])]
-            else:
-                hiddens = self.model.run_layers_batch(chunks, layer, stop, exact=self.exact_batches)
-                self.stats.batched += 1
+            if self.trace is None:
+                hiddens = self._compute(batch, layer, stop)
+            else:  # the same call, timed and recorded
+                hiddens = self.trace.compute(self.index, batch, layer, stop, self._compute)
             for w, hidden in zip(batch, hiddens):
                 w.hidden, w.layer = hidden, stop
                 self.stats.items += 1
                 self.stats.positions += hidden.shape[0]
+                self.stats.computed += hidden.shape[0] * (stop - layer)
+
+    def _compute(self, batch: list[_Work], layer: int, stop: int) -> list[torch.Tensor]:
+        chunks = [(w.hidden, w.pos, self._slot(w.seq)) for w in batch]
+        if len(batch) == 1:
+            return [self.model.run_layers(*chunks[0][:2], layer, stop, chunks[0][2])]
+        self.stats.batched += 1
+        return self.model.run_layers_batch(chunks, layer, stop, exact=self.exact_batches)
 
     def _stop(self, w: _Work) -> int:
         """Where ``w`` must stop next: the stage's end, a head layer, or a parked backfill of its sequence."""
@@ -405,6 +425,11 @@ class Stage:
         for pos, token in zip(positions, tokens):
             self._out.append(FinalPrediction(w.seq, w.epoch, pos, token))
 
+    def _head(self, w: _Work) -> bool:
+        if self.trace is None:
+            return self._try_exit(w)
+        return self.trace.head(self.index, w, self._try_exit)  # the same call, timed and recorded
+
     def _try_exit(self, w: _Work) -> bool:
         if w.sampling is None:
             token, prob = self.heads.predict(w.layer, w.hidden[-1])
@@ -432,5 +457,5 @@ class Stage:
             hidden = torch.cat([parked.hidden, w.hidden])
         return replace(
             w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from),
-            proposals={**parked.proposals, **w.proposals},
+            proposals={**parked.proposals, **w.proposals}, merged=True,
         )

@@ -21,6 +21,8 @@ SANS_IO = [
     "runtime/finished.py",
     "runtime/detokenize.py",
     "runtime/sampling.py",
+    "runtime/trace.py",
+    "runtime/run_stats.py",
 ]
 FORBIDDEN = {
     "torch.distributed",

@@ -22,6 +22,14 @@ only when it has nothing fresh, so it must see fresh work as soon as it exists.
 deliver irrelevant (DESIGN.md, Transport). A sequence's early-exit mode rides
 on its items, so nothing is relayed between generations.
 
+Tracing (``trace=True`` on every rank): each rank records into its own
+``TraceRecorder`` (runtime/trace.py), its clock moved onto rank 0's by an
+offset measured at start-up, NTP-style over the control plane (``clock``
+pings; the shortest of 16 round trips, so the error is at most half of it:
+``clock_rtt_ns``). A rank hands its events to rank 0 with each ``released``
+answer, as it does its stage's counters, so rank 0 holds the whole trace when
+a run returns.
+
 When its stage has nothing to do a rank sleeps in ``zmq.poll`` on the control
 socket and the data plane's wake-up pipe together (p2p.py's receive thread
 writes to it), so neither plane's input waits for the other's timeout.
@@ -40,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..coordinator import Coordinator
 from ..events import (
@@ -54,7 +62,8 @@ from ..events import (
     Shutdown,
     Verified,
 )
-from ..stage import Stage
+from ..stage import Stage, StageStats
+from ..trace import TraceRecorder
 from ..transport import Transport, TransportError
 from ..transport.control import decode_event, encode_event
 from .routing import ActionRouter
@@ -71,12 +80,20 @@ class RemoteStage:
     start: int
     end: int
     heads: tuple[int, ...] | None  # head layers loaded there, None without heads
+    stats: StageStats = field(default_factory=StageStats)  # as of the rank's last `released` answer
+    clock_rtt_ns: int = 0  # its clock measurement's round trip, tracing: its events' error is at most half
+
+
+def stats_from_wire(body: dict) -> StageStats:
+    """A ``StageStats`` sent as JSON (whose object keys are strings)."""
+    return StageStats(**{**body, "early_exits": {int(l): n for l, n in body.get("early_exits", {}).items()}})
 
 
 class DistributedRunner:
-    def __init__(self, stage: Stage, transport: Transport, step_timeout_s: float = 600.0):
+    def __init__(self, stage: Stage, transport: Transport, step_timeout_s: float = 600.0, trace: bool = False):
         """``step_timeout_s``: one stage step longer than this is a hang (a wedged kernel or
-        collective); shorter ones are computing, however long, since heartbeats have a thread."""
+        collective); shorter ones are computing, however long, since heartbeats have a thread.
+        ``trace``: record a trace (on every rank alike)."""
         if stage.index != transport.rank:
             raise ValueError(f"rank {transport.rank} was given stage {stage.index}; rank i runs stage i")
         self.stage = stage
@@ -89,6 +106,9 @@ class DistributedRunner:
         self.busy_s = [0.0] * self.world_size
         self.unsent = 0  # activations made stale by their own step's rollback, dropped before sending
         self.router = ActionRouter(stage.receive, self._to_every_stage)
+        self.trace = TraceRecorder(time.perf_counter_ns) if trace else None
+        self.clock_rtt_ns = 0  # round trip of the clock measurement (ranks > 0, tracing)
+        stage.trace = self.router.trace = self.trace
         # seq -> ranks that have not confirmed freeing its slot (rank 0's own stage frees at once)
         self._unreleased: dict[int, set[int]] = {}
         self._broken: str | None = None  # why the ranks' slots are in doubt: no further run
@@ -100,10 +120,17 @@ class DistributedRunner:
             info = self._collect_stage_info()
             for r in range(1, self.world_size):
                 heads = info[r]["heads"]
-                self.stages.append(RemoteStage(r, info[r]["start"], info[r]["end"], tuple(heads) if heads else None))
+                self.stages.append(RemoteStage(
+                    r, info[r]["start"], info[r]["end"], tuple(heads) if heads else None,
+                    clock_rtt_ns=info[r].get("clock_rtt_ns", 0),
+                ))
         elif self.rank > 0:
+            if self.trace is not None:
+                self._sync_clock()
             heads = list(stage.heads.layers) if stage.heads is not None else None
-            self.t.control.send("stage", {"start": stage.start, "end": stage.end, "heads": heads})
+            self.t.control.send(
+                "stage", {"start": stage.start, "end": stage.end, "heads": heads, "clock_rtt_ns": self.clock_rtt_ns}
+            )
 
     def _next_output(self):
         control = self.t.control
@@ -181,7 +208,11 @@ class DistributedRunner:
                     "pipeline stalled: the coordinator is waiting but stage 0 has no work "
                     "(a dropped item or a protocol bug)"
                 )
-            if self._take_control(coord, self.t.control.heartbeat_s) or self._computing():
+            t0 = self.trace.clock() if self.trace is not None else 0
+            got = self._take_control(coord, self.t.control.heartbeat_s)
+            if self.trace is not None:
+                self.trace.span("wait", self.rank, t0)
+            if got or self._computing():
                 last_progress = time.monotonic()  # a rank inside a long step is progress, not a stall
             elif time.monotonic() - last_progress > self.timeout_s:
                 raise ProtocolError(
@@ -218,8 +249,12 @@ class DistributedRunner:
         got = False
         for sender, kind, body in self.t.control.recv(timeout_s):
             if kind == "released":
-                seq, busy = body
+                seq, busy, *extra = body  # [seq, busy seconds, stage counters, trace events or None]
                 self.busy_s[sender] = float(busy)
+                if extra:
+                    self.stages[sender].stats = stats_from_wire(extra[0])
+                    if extra[1] and self.trace is not None:
+                        self.trace.merge(extra[1])
                 self._unreleased.get(seq, set()).discard(sender)  # a second answer is harmless
                 continue
             if kind != "ev":
@@ -228,7 +263,7 @@ class DistributedRunner:
             if not isinstance(event, _PREDICTIONS):
                 raise TransportError(f"rank {sender} sent {type(event).__name__}, which only rank 0 sends")
             if coord is not None:
-                coord.receive(event)
+                self.router.predict(coord, event)
                 got = True
             elif event.seq not in self._unreleased:
                 raise ProtocolError(f"rank {sender} sent {event} for sequence {event.seq}, which is not running")
@@ -248,9 +283,9 @@ class DistributedRunner:
             if self.stage.is_stale(out):
                 self.unsent += 1
             else:
-                self.t.data.send(out)
+                self._send(out)
         elif isinstance(out, _PREDICTIONS):
-            coord.receive(out)
+            self.router.predict(coord, out)
         else:
             raise TypeError(f"stage 0 produced an unexpected {type(out).__name__}")
 
@@ -287,6 +322,9 @@ class DistributedRunner:
         deadline = time.monotonic() + self.timeout_s
         while waiting:
             for sender, kind, body in self.t.control.recv(0.05):
+                if kind == "clock":  # a tracing rank measures its clock against ours: answer at once
+                    self.t.control.send(sender, "clock", [body, time.perf_counter_ns()])
+                    continue
                 if kind != "stage":
                     raise TransportError(f"rank {sender} sent `{kind}` before describing its stage")
                 got[sender] = body
@@ -352,10 +390,13 @@ class DistributedRunner:
                 continue  # a stopped stage takes nothing more
             self._shutdown = isinstance(event, Shutdown)
             self.stage.receive(event)
-            if isinstance(event, SequenceFinished):  # the slot is free now: say so
-                control.send("released", [event.seq, self.busy_s[self.rank]])
+            if isinstance(event, SequenceFinished):  # the slot is free now: say so, with the counters
+                events = self.trace.drain() if self.trace is not None else None
+                control.send("released", [event.seq, self.busy_s[self.rank], asdict(self.stage.stats), events])
         for act in self.t.data.poll():
             got = True
+            if self.trace is not None:
+                self.trace.record("recv", self.rank, act.seq, act.epoch, act.pos, act.layer, act.hidden.shape[0])
             if not self._shutdown:
                 self.stage.receive(act)
         self.t.data.reap()
@@ -364,11 +405,42 @@ class DistributedRunner:
     def _wait_for_input(self) -> None:
         """Sleep until the control socket or the data plane has input (or a heartbeat is due)."""
         fd = None if self.t.data.stopped else self.t.data.fileno()
+        t0 = self.trace.clock() if self.trace is not None else 0
         self.t.control.wait(self.t.control.heartbeat_s, fd)
+        if self.trace is not None:
+            self.trace.span("wait", self.rank, t0)
+
+    def _sync_clock(self, rounds: int = 16) -> None:
+        """This rank's clock offset to rank 0's (tracing, at start-up): rank 0 answers each ping
+        with its clock at once; the round trip ``rtt`` bounds the error of ``t0 - (t1 + t2) / 2``
+        by ``rtt / 2``, so the shortest of ``rounds`` is kept."""
+        best = None
+        deadline = time.monotonic() + self.timeout_s
+        for _ in range(rounds):
+            t1 = time.perf_counter_ns()
+            self.t.control.send("clock", t1)
+            answer = None
+            while answer is None:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"rank 0 did not answer the clock measurement within {self.timeout_s:g} s")
+                for kind, body in self.t.control.recv(0.05):
+                    if kind != "clock":
+                        raise TransportError(f"rank {self.rank}: unexpected control message `{kind}` at start-up")
+                    if body[0] == t1:
+                        answer = body[1]
+            t2 = time.perf_counter_ns()
+            if best is None or t2 - t1 < best[0]:
+                best = (t2 - t1, answer - (t1 + t2) // 2)
+        self.clock_rtt_ns, self.trace.offset_ns = best
+
+    def _send(self, act: Activations) -> None:
+        if self.trace is not None:
+            self.trace.record("send", self.rank, act.seq, act.epoch, act.pos, act.layer, act.hidden.shape[0])
+        self.t.data.send(act)
 
     def _ship(self, out) -> None:
         if isinstance(out, Activations) and self.t.data.next_rank is not None:
-            self.t.data.send(out)
+            self._send(out)
         elif isinstance(out, _PREDICTIONS):
             self.t.control.send("ev", encode_event(out))
         else:

@@ -12,6 +12,9 @@ It is the reference runner: every other runner must produce the same tokens.
 With a ``feed`` (runtime/serving.py) it does not return when every sequence has
 finished: it takes in new sequences and cancellations between ticks and waits
 for more when idle.
+With a trace (``set_trace``) every stage and the router record into one
+recorder on one clock, and the runner records each hand-over of activations
+(``send`` when a stage hands them out, ``recv`` when the next stage takes them).
 It only moves events; decisions belong to the state machines, and which
 command goes where to the ``ActionRouter`` it shares with every runner. If
 anything raises inside ``run`` (the model, a state machine, the caller's
@@ -35,6 +38,7 @@ from ..events import (
     Verified,
 )
 from ..stage import Stage
+from ..trace import TraceRecorder
 from .routing import ActionRouter
 
 
@@ -43,6 +47,15 @@ class LocalRunner:
         self.stages = stages
         self.busy_s = [0.0] * len(stages)
         self.router = ActionRouter(stages[0].receive, self._to_every_stage)
+        self.trace: TraceRecorder | None = None
+
+    def set_trace(self, on: bool) -> TraceRecorder | None:
+        """Record a trace from now on (a fresh recorder), or stop recording; the recorder, or None."""
+        self.trace = TraceRecorder(time.perf_counter_ns) if on else None
+        for stage in self.stages:
+            stage.trace = self.trace
+        self.router.trace = self.trace
+        return self.trace
 
     def _to_every_stage(self, event) -> None:
         for stage in self.stages:
@@ -79,8 +92,10 @@ class LocalRunner:
                     progressed = True
                     if isinstance(out, Activations):
                         sent.append((i, out))
+                        if self.trace is not None:
+                            self.trace.record("send", i, out.seq, out.epoch, out.pos, out.layer, out.hidden.shape[0])
                     elif isinstance(out, (FinalPrediction, EarlyPrediction)):
-                        coord.receive(out)
+                        self.router.predict(coord, out)
                         self.router.pump(coord, on_verified)
                     else:
                         raise TypeError(f"stage {i} produced an unexpected {type(out).__name__}")
@@ -92,4 +107,7 @@ class LocalRunner:
                     "(a dropped item or a protocol bug)"
                 )
             for i, event in sent:
+                if self.trace is not None:
+                    n = event.hidden.shape[0]
+                    self.trace.record("recv", i + 1, event.seq, event.epoch, event.pos, event.layer, n)
                 stages[i + 1].receive(event)

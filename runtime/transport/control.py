@@ -42,8 +42,9 @@ Wire format: frames ``[tag, payload]`` (rank 0 prepends the peer identity),
 payload = JSON ``[sender_rank, kind, body]``; kinds: ``hello``, ``ev`` (an
 event, ``[class name, *fields]``; a ``SamplingParams`` field as
 ``{"SamplingParams": [*fields]}``), ``stage`` (a rank's layers and heads),
-``released`` (``[seq, busy seconds]``: the rank freed ``seq``'s slot), ``bye``,
-``err``, ``abort``; on the pulse sockets, ``hb`` (seconds inside the current
+``released`` (``[seq, busy seconds, stage counters, trace events or null]``: the
+rank freed ``seq``'s slot), ``clock`` (a tracing rank's ping at start-up, answered
+``[ping, rank 0's clock]``), ``bye``, ``err``, ``abort``; on the pulse sockets, ``hb`` (seconds inside the current
 stage step, 0 when idle).
 """
 
