@@ -324,6 +324,9 @@ class ServeConfig:
     served_model_name: str = ""
     """Model name clients send and /v1/models lists; empty: model.source."""
 
+    early_exit_below: int = 0
+    """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no more); 0: the stage count, at least 2."""
+
     batching: Literal["exact", "fused"] = "exact"
     """Sequences at one layer range run as one call. exact: each gets the bits it gets alone; fused: faster, last bits may differ."""
 
@@ -343,6 +346,11 @@ class ServeConfig:
             raise _invalid(
                 "serve.max_num_seqs", self.max_num_seqs, "an integer >= 1 (cache slots per stage)",
                 "set e.g. `--serve.max_num_seqs=8`",
+            )
+        if self.early_exit_below < 0:
+            raise _invalid(
+                "serve.early_exit_below", self.early_exit_below, "an integer >= 0 (0: the stage count, at least 2)",
+                "set e.g. `--serve.early_exit_below=0`, or above serve.max_num_seqs to never switch heads off",
             )
         if self.max_queue < 1:
             raise _invalid(

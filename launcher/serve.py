@@ -38,11 +38,12 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
             f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded; "
             "set decoding.heads (`adadecode train-heads`) or use --early-exit off"
         )
-    loop = ServingLoop(engine, max_num_seqs=s.max_num_seqs, max_queue=s.max_queue).start()
+    below = s.early_exit_below or max(2, len(engine.layer_ranges))
+    loop = ServingLoop(engine, max_num_seqs=s.max_num_seqs, max_queue=s.max_queue, early_exit_below=below).start()
     frontend.attach(engine, loop)
     layers = ", ".join(f"[{a}, {b})" for a, b in engine.layer_ranges)
     print(f"adadecode: ready: {len(engine.stages)} stage(s) {layers}, {s.max_num_seqs} sequences at once, "
-          f"early exit {d.early_exit} by default", file=sys.stderr, flush=True)
+          f"early exit {d.early_exit} by default, while fewer than {below} sequences run", file=sys.stderr, flush=True)
     if threading.current_thread() is threading.main_thread():
         # Left in place to the end: a second SIGTERM (the launcher passing on one this process
         # got as well) must not kill the shutdown under way.

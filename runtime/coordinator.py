@@ -109,9 +109,19 @@ class Sequence:
 
 
 class Coordinator:
-    def __init__(self, max_inflight: int = 0):
-        """``max_inflight``: cap on unverified early tokens per sequence (0 disables early exit)."""
+    def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None):
+        """``max_inflight``: cap on unverified early tokens per sequence (0 disables early exit).
+
+        ``early_exit_below`` (serving): heads are used only while fewer sequences than this
+        are running; at or above it each new item goes without heads (early exit off for that
+        token), whatever its sequence's mode. Once several sequences fill the pipeline, a
+        stage no longer idles, so the work a wrong early token throws away is no longer free
+        (README, Serving). An item already under way keeps its mode; a deferred backfill it
+        parked still merges with the next token, which merges whatever its own mode. None:
+        always the sequence's mode.
+        """
         self.max_inflight = max_inflight
+        self.early_exit_below = early_exit_below
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque = deque()
 
@@ -145,7 +155,7 @@ class Coordinator:
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
             max_inflight=max_inflight,
         )
-        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), early_exit, sampling))
+        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), self._mode(self.sequences[seq]), sampling))
 
     def cancel(self, seq: int, reason: str = "cancelled") -> None:
         """End ``seq`` now (``cancelled``, ``failed``): drop its queued commands and queue its
@@ -231,12 +241,12 @@ class Coordinator:
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
                 if not self._maybe_finish(s):
-                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
+                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
                 return
             self._maybe_finish(s)
             return
         if not self._maybe_finish(s):
-            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
+            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
 
     def _on_early(self, s: Sequence, ev: EarlyPrediction) -> None:
         pos = len(s.tokens) + len(s.inflight)
@@ -248,7 +258,14 @@ class Coordinator:
         s.inflight_layers.append(ev.layer)
         s.stats.early_emitted += 1
         _count(s.stats.early_by_layer, ev.layer)
-        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), s.early_exit, s.sampling))
+        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
+
+    def _mode(self, s: Sequence) -> str | None:
+        """The early-exit mode of ``s``'s next item: its own, or off while the pipeline is full."""
+        if self.early_exit_below is None or s.early_exit == "off":
+            return s.early_exit
+        running = sum(1 for q in self.sequences.values() if q.state not in (SeqState.FINISHED, SeqState.ERROR))
+        return "off" if running >= self.early_exit_below else s.early_exit
 
     def _maybe_finish(self, s: Sequence) -> bool:
         reason = s.stop_checker.push(s.tokens[-1:])

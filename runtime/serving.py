@@ -106,9 +106,12 @@ class Counters:
 
 
 class ServingLoop:
-    def __init__(self, engine, *, max_num_seqs: int | None = None, max_queue: int = 64):
+    def __init__(self, engine, *, max_num_seqs: int | None = None, max_queue: int = 64,
+                 early_exit_below: int | None = None):
         """``engine``: an ``Engine`` (or rank 0's ``PipelineEngine``) whose stages have at least
-        ``max_num_seqs`` cache slots (``LoadSpec.num_slots``)."""
+        ``max_num_seqs`` cache slots (``LoadSpec.num_slots``). ``early_exit_below``: requests'
+        early exit applies only while fewer sequences run (``Coordinator``); None: always."""
+        self.early_exit_below = early_exit_below
         slots = engine.num_slots
         self.engine = engine
         self.max_num_seqs = slots if max_num_seqs is None else max_num_seqs
@@ -211,7 +214,7 @@ class ServingLoop:
 
     def _serve(self) -> None:
         while self._running:
-            self._coord = Coordinator(max_inflight=self.engine.max_inflight)
+            self._coord = Coordinator(max_inflight=self.engine.max_inflight, early_exit_below=self.early_exit_below)
             try:
                 self.engine.runner.run(self._coord, on_verified=self._on_verified, feed=self)
             except BaseException as exc:

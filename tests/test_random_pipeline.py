@@ -58,6 +58,7 @@ class Run:
     ranges: list[tuple[int, int]]
     head_layers: list[int]
     max_inflight: int
+    early_exit_below: int | None  # the Coordinator's load rule (serving): heads only below this many sequences
     p_wrong: float
     weights: dict[tuple[str, int], float]
     sequences: dict[int, tuple[tuple[int, ...], StopCriteria, list[int]]]  # seq -> prompt, criteria, greedy
@@ -70,7 +71,7 @@ class Run:
         seqs = {s: (list(p), c.max_new_tokens, sorted(c.eos_token_ids)) for s, (p, c, _) in self.sequences.items()}
         return (
             f"run {self.seed} ({self.num_stages} stages, {self.policy}): layers {self.ranges}, heads at "
-            f"{self.head_layers}, max_inflight {self.max_inflight}, p_wrong {self.p_wrong}, weights "
+            f"{self.head_layers}, max_inflight {self.max_inflight}, early_exit_below {self.early_exit_below}, p_wrong {self.p_wrong}, weights "
             f"{self.weights}, sequences {seqs}"
         )
 
@@ -97,6 +98,8 @@ def draw(seed: int, num_stages: int, policy: str) -> Run:
         ranges=list(itertools.pairwise(bounds)),
         head_layers=sorted(rng.sample(range(1, num_layers), rng.randint(1, min(3, num_layers - 1)))),
         max_inflight=rng.randint(1, 3),
+        # with 2 sequences, 2 switches heads off while both run and on again when one ends
+        early_exit_below=rng.choice((None, None, None, 2)),
         p_wrong=rng.choice((0.0, 0.3, 0.6, 1.0)),
         # how eagerly each channel delivers and each stage computes: lopsided weights make
         # the rare orders common (a late Rollback on one stage, a stage that lags, ...)
@@ -160,7 +163,7 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
         Stage(i, num_stages, FakeStageModel(a, b, run.num_layers, num_slots=len(run.sequences)), heads, policy)
         for i, (a, b) in enumerate(run.ranges)
     ]
-    coord = Coordinator(max_inflight=run.max_inflight)
+    coord = Coordinator(max_inflight=run.max_inflight, early_exit_below=run.early_exit_below)
     control = [deque() for _ in stages]  # coordinator -> stage i
     data = [deque() for _ in stages[1:]]  # stage i -> stage i + 1
     predictions = [deque() for _ in stages]  # stage i -> coordinator
@@ -168,6 +171,7 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
     # seq -> epoch -> the tokens the coordinator has started in that epoch (prompt included)
     started = {seq: {0: []} for seq in run.sequences}
     shown = {seq: [] for seq in run.sequences}
+    modes: dict[int, str | None] = {}  # seq -> early-exit mode of its last item (the load rule)
     reference = ReferenceCaches(run.num_layers)
     seen = Counter()
     log: list[str] = []
@@ -186,6 +190,11 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
                     fail(f"{action} does not continue the tokens started in its epoch, {tokens}")
                 tokens.extend(action.tokens)
                 control[0].append(action)
+                if run.early_exit_below is not None and action.pos > 0:  # the load rule at work
+                    last_mode = modes.get(action.seq)
+                    modes[action.seq] = action.early_exit
+                    if last_mode is not None and last_mode != action.early_exit:
+                        seen["heads off under load" if action.early_exit == "off" else "heads on again"] += 1
             elif isinstance(action, Rollback):
                 started[action.seq][action.epoch] = started[action.seq][action.epoch - 1][: action.keep_len]
                 for queue in control:
@@ -324,6 +333,7 @@ def test_random_pipelines_decode_greedy_and_keep_exact_caches(num_stages, policy
     # the premises: the runs really went through the paths this test is for
     assert seen["rollbacks"] > RUNS and seen["accepted"] > RUNS
     assert seen["eos"] > RUNS // 4 and seen["length"] > RUNS // 4 and seen["early EOS rejected"] > 0
+    assert seen["heads on again"] > 0  # the load rule switched a running sequence's heads back on
     if policy == "deferred":  # merging is rarer on later stages, which wait longer for the next token
         assert seen["merged"] > RUNS // 10 and seen["idle backfills"] > RUNS
     if num_stages > 1:  # data racing control: only between stages (stage 0 gets both on one channel)
