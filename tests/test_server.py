@@ -616,10 +616,17 @@ def test_a_killed_rank_fails_every_waiting_request_and_every_process_exits(tiny)
                            json={"prompt": PROMPTS[i % 4], "max_tokens": 240})
             outcomes[i] = r.status_code
 
+        # Streams first, so that they hold both slots; then the plain requests, which queue
+        # behind them (were they first, one could finish before the kill and rightly get a 200).
         threads = [threading.Thread(target=stream if i < 3 else plain, args=(i,)) for i in range(5)]
-        for t in threads:
+        for t in threads[:3]:
             t.start()
         assert first_chunk.wait(60)
+        for t in threads[3:]:
+            t.start()
+        wait_until(lambda: sum(v for k, v in metrics_of(server.url).items()
+                               if k in ("adadecode:num_requests_running", "adadecode:num_requests_waiting")) == 5,
+                   30, "all 5 requests to be running or waiting")
         rank1 = server.ranks()[1]
         killed_at = time.monotonic()
         os.kill(rank1, signal.SIGKILL)
