@@ -47,7 +47,13 @@ from adadecode.runtime.transport.p2p import (
     encode_header,
     encode_proposals,
 )
-from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
+from helpers import (
+    InProcessPipeline,
+    bundled_model_dir,
+    hf_greedy,
+    save_identity_heads,
+    save_tiny_model,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -195,30 +201,13 @@ def tiny(tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", seed=3)
     layers = [1, 2, 3, 4, 5]  # heads on every stage of every split used below
     thresholds = {l: 0.5 * (len(layers) - 1 - i) / (len(layers) - 1) for i, l in enumerate(layers)}
-    heads = write_untrained_heads(path, tmp_path_factory.mktemp("heads"), layers, thresholds)
+    heads = save_identity_heads(path, tmp_path_factory.mktemp("heads"), thresholds)
     ref = InProcessPipeline(path, [(0, 6)]).generate(PROMPTS[0], MAX_NEW_TOKENS)
     eos = ref[9]  # a token the model produces: some generations end on it, early
     refs = [InProcessPipeline(path, [(0, 6)]).generate(p, MAX_NEW_TOKENS, frozenset([eos])) for p in PROMPTS]
     assert hf_greedy(path, PROMPTS[0], MAX_NEW_TOKENS) == ref
     assert any(len(r) < MAX_NEW_TOKENS for r in refs) and any(len(r) == MAX_NEW_TOKENS for r in refs)
     return path, heads, eos, refs
-
-
-def write_untrained_heads(model_dir: Path, out: Path, layers, thresholds) -> Path:
-    """Exit heads at initialisation (T = identity): mostly wrong, so verification must roll back."""
-    from adadecode.runtime.exit_heads import save_exit_heads
-    from adadecode.runtime.hf_adapter import load_hf_config
-    from adadecode.runtime.model_source import resolve_model
-
-    config = load_hf_config(model_dir)
-    base = {
-        "fingerprint": resolve_model(str(model_dir)).fingerprint, "origin": str(model_dir),
-        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size, "num_layers": config.num_hidden_layers,
-    }
-    manifest = {"base_model": base, "default_layers": list(layers),
-                "default_thresholds": {str(l): t for l, t in thresholds.items()}}
-    eye = torch.eye(config.hidden_size)
-    return save_exit_heads(out, {l: eye.clone() for l in layers}, None, manifest, dtype=torch.float32)
 
 
 def run_job(tmp_path: Path, world: int, *args: str, grace_s: float = 30.0, deadline_s: float = 120.0):
