@@ -209,6 +209,9 @@ class ServingLoop:
             raise ValueError(f"early_exit `{request.early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
         if request.early_exit != "off" and not any(s.heads is not None for s in e.stages):
             raise ValueError(f"early_exit `{request.early_exit}` needs exit heads and this server has none loaded")
+        if request.sampling is not None and not isinstance(request.sampling, SamplingParams):
+            # refused here, not by the Coordinator on the loop's thread, where it would fail every request
+            raise ValueError(f"sampling must be a SamplingParams or None, not {type(request.sampling).__name__}")
 
     # --- the loop's thread: the runner's feed ------------------------------------------------------
 

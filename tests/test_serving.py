@@ -150,6 +150,8 @@ def test_bad_requests_are_refused_with_the_numbers(model_dir):
             loop.submit(Request((1,), 4, early_exit="sometimes"), print)
         with pytest.raises(ValueError, match="prompt is empty"):
             loop.submit(Request((), 4), print)
+        with pytest.raises(ValueError, match="sampling must be a SamplingParams or None, not dict"):
+            loop.submit(Request((1,), 4, sampling={"temperature": 0.8}), print)
         # one running (it takes a while), two queued, the fourth is refused
         got = Collector(3)
         gate = threading.Event()
