@@ -75,15 +75,15 @@ def main(argv=None) -> int:
         return statistics.median(r["output_throughput"] for r in runs[(c, mode)])
 
     base = args.concurrency[0]
-    head = f"| concurrency | {' | '.join(f'{m} tok/s | vs c={base}' for m in args.early_exit)}"
-    head += "".join(f" | {m} / off" for m in args.early_exit if m != "off" and "off" in args.early_exit)
-    print(head + " |")
-    print("|---" * (1 + 2 * len(args.early_exit) + (len(args.early_exit) - 1 if "off" in args.early_exit else 0)) + "|")
+    ratios = [m for m in args.early_exit if m != "off"] if "off" in args.early_exit else []
+    head = ["concurrency", *(f"{m} {x}" for m in args.early_exit for x in ("tok/s", f"vs c={base}")),
+            *(f"{m} / off" for m in ratios)]
+    print("| " + " | ".join(head) + " |")
+    print("|---" * len(head) + "|")
     for c in args.concurrency:
-        cells = [f"{tps(c, m):.2f} | {tps(c, m) / tps(base, m):.2f}x" for m in args.early_exit]
-        if "off" in args.early_exit:
-            cells += [f"{tps(c, m) / tps(c, 'off'):.2f}x" for m in args.early_exit if m != "off"]
-        print(f"| {c} | " + " | ".join(cells) + " |")
+        cells = [str(c), *(f"{tps(c, m):.2f} | {tps(c, m) / tps(base, m):.2f}x" for m in args.early_exit),
+                 *(f"{tps(c, m) / tps(c, 'off'):.2f}x" for m in ratios)]
+        print("| " + " | ".join(cells) + " |")
     failed = sum(r["failed"] for rs in runs.values() for r in rs)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r for rs in runs.values() for r in rs], indent=2))
