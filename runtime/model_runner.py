@@ -14,7 +14,6 @@ the layer loop reads a device value.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -80,11 +79,7 @@ class StageModel:
         """
         seqlen = hidden.shape[0]
         end = input_pos + seqlen
-        if end > self.cache.max_len:
-            raise CacheOverflowError(
-                f"sequence needs {end} positions but the KV cache holds {self.cache.max_len}; "
-                "raise model.max_seq_len or shorten the prompt / max_new_tokens"
-            )
+        self._check_room(end)
         a, b = first - self.start, last - self.start
         self.cache.check_write(a, b, slot, input_pos)
         if self.step is not None and self.step.handles(seqlen):
@@ -103,58 +98,65 @@ class StageModel:
 
         ``exact``: layer by layer, each chunk through the layer's own forward, as if alone:
         the same bits as one sequence at a time (a matmul's rows depend on how many rows it
-        has: kernels differ by row count, on CPUs as on GPUs), with the layer's weights read
-        from memory once and then from cache. Otherwise the projections and the MLP run once
+        has: kernels differ by row count, on CPUs as on GPUs), with the layer's weights partly
+        still in cache for the next sequence; with a compiled step, sequence by sequence
+        through it, as alone. Otherwise the projections and the MLP run once
         over all rows: fewer passes, but each sequence's result may differ in the last bits
         from its result alone (README, Serving).
 
         # each hidden: [S_i, D] -> [S_i, D]
         """
-        if len(chunks) == 1:
-            hidden, input_pos, slot = chunks[0]
-            return [self.run_layers(hidden, input_pos, first, last, slot)]
+        if len(chunks) == 1 or (exact and self.step is not None):
+            # one sequence, or a compiled step (which runs one sequence at a time): each chunk
+            # exactly as run_layers runs it alone
+            return [self.run_layers(hidden, input_pos, first, last, slot) for hidden, input_pos, slot in chunks]
         a, b = first - self.start, last - self.start
         for hidden, input_pos, slot in chunks:
-            if input_pos + hidden.shape[0] > self.cache.max_len:
-                raise CacheOverflowError(
-                    f"sequence needs {input_pos + hidden.shape[0]} positions but the KV cache holds "
-                    f"{self.cache.max_len}; raise model.max_seq_len or shorten the prompt / max_new_tokens"
-                )
+            self._check_room(input_pos + hidden.shape[0])
             self.cache.check_write(a, b, slot, input_pos)
         rows = [h.shape[0] for h, _, _ in chunks]
-        cos = torch.cat([self.cos[p : p + n] for (_, p, _), n in zip(chunks, rows)])[None, :, None]
-        sin = torch.cat([self.sin[p : p + n] for (_, p, _), n in zip(chunks, rows)])[None, :, None]
+        ropes = [self._rope(p, n) for (_, p, _), n in zip(chunks, rows)]
         masks = [causal_chunk_mask(p, n, self.device) for (_, p, _), n in zip(chunks, rows)]
         cache = self.cache
         if exact:
             hs = [hidden[None] for hidden, _, _ in chunks]
-            at = [0, *itertools.accumulate(rows)]
             for li in range(a, b):
                 layer = self.modules.layers[li]
-                for i, ((_, pos, slot), mask) in enumerate(zip(chunks, masks)):
-                    cos_i, sin_i = cos[:, at[i] : at[i + 1]], sin[:, at[i] : at[i + 1]]
+                for i, ((_, pos, slot), (cos, sin), mask) in enumerate(zip(chunks, ropes, masks)):
                     hs[i] = decoder_layer_forward(
-                        layer, hs[i], cos_i, sin_i, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask
+                        layer, hs[i], cos, sin, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask
                     )
-            for (hidden, input_pos, slot), n in zip(chunks, rows):
-                self.cache.advance(a, b, slot, input_pos + n)
-            return [h[0] for h in hs]
-        h = torch.cat([hidden for hidden, _, _ in chunks])[None]
-        for li in range(a, b):
-            parts = [
-                (n, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask)
-                for (_, pos, slot), n, mask in zip(chunks, rows, masks)
-            ]
-            h = decoder_layer_forward_ragged(self.modules.layers[li], h, cos, sin, parts)
+            out = [h[0] for h in hs]
+        else:
+            h = torch.cat([hidden for hidden, _, _ in chunks])[None]
+            cos, sin = (torch.cat([r[k] for r in ropes], dim=1) for k in (0, 1))
+            for li in range(a, b):
+                parts = [
+                    (n, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask)
+                    for (_, pos, slot), n, mask in zip(chunks, rows, masks)
+                ]
+                h = decoder_layer_forward_ragged(self.modules.layers[li], h, cos, sin, parts)
+            out = list(h[0].split(rows))
         for (hidden, input_pos, slot), n in zip(chunks, rows):
             self.cache.advance(a, b, slot, input_pos + n)
-        return list(h[0].split(rows))
+        return out
+
+    def _check_room(self, end: int) -> None:
+        if end > self.cache.max_len:
+            raise CacheOverflowError(
+                f"sequence needs {end} positions but the KV cache holds {self.cache.max_len}; "
+                "raise model.max_seq_len or shorten the prompt / max_new_tokens"
+            )
+
+    def _rope(self, input_pos: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for positions ``input_pos .. input_pos + n``. # -> 2 x [1, n, 1, head_dim]"""
+        end = input_pos + n
+        return self.cos[input_pos:end][None, :, None], self.sin[input_pos:end][None, :, None]
 
     def _layers(self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int) -> torch.Tensor:
         """Local layers ``[a, b)`` over the exact valid prefix of the cache (shapes as in plain decoding)."""
         seqlen = hidden.shape[0]
-        end = input_pos + seqlen
-        cos, sin = self.cos[input_pos:end][None, :, None], self.sin[input_pos:end][None, :, None]
+        cos, sin = self._rope(input_pos, seqlen)
         mask = causal_chunk_mask(input_pos, seqlen, self.device)
         h = hidden[None]
         cache = self.cache

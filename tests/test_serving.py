@@ -230,6 +230,33 @@ def test_a_failure_ends_the_requests_in_flight_and_serving_goes_on(model_dir, al
         loop.stop()
 
 
+def test_with_a_compiled_step_exact_batches_run_each_sequence_through_it(model_dir):
+    """A compiled step's kernels round otherwise than the eager layers: an exact batch must run
+    each sequence through the step, as run_layers does alone, never the eager layers."""
+    from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+    from adadecode.runtime.model_runner import StageModel
+
+    config = load_hf_config(model_dir)
+    model = StageModel(load_stage_modules(model_dir, config, 0, 6, embed=True, head=False),
+                       ModelArgs.from_hf_config(config), 64, num_slots=2)
+
+    class RecordingStep:  # stands in for CompiledStep: the same call, recorded
+        calls: list = []
+
+        def handles(self, seqlen):
+            return True
+
+        def __call__(self, hidden, input_pos, a, b, slot):
+            self.calls.append((input_pos, hidden.shape[0], slot))
+            return model._layers(hidden, input_pos, a, b, slot)
+
+    model.step = RecordingStep()
+    chunks = [(torch.randn(3, model.args.hidden_size), 0, 0), (torch.randn(2, model.args.hidden_size), 0, 1)]
+    model.run_layers_batch(chunks, 0, 6, exact=True)
+    assert model.step.calls == [(0, 3, 0), (0, 2, 1)]
+    assert [model.cache.lengths[li] for li in range(6)] == [[3, 2]] * 6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_batched_call_gives_each_sequence_its_own_result(model_dir, dtype):
     """StageModel.run_layers_batch on the real layers, three sequences of different lengths and
