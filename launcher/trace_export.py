@@ -22,12 +22,13 @@ layers, this equals the stages' ``StageStats.discarded``.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from adadecode.runtime.trace import COMPUTE_KINDS, COORDINATOR, as_dict
+from adadecode.runtime.trace import COMPUTE_KINDS, COORDINATOR, EVENT_FIELDS, as_dict
 
 COLOURS = {
     "plain": "#4c72b0",
@@ -81,15 +82,41 @@ def chrome_trace(events: Sequence[tuple], stages: Sequence[tuple[int, int]], oth
             name = d["kind"] + (" (discarded)" if lost else "")
             out.append({**base, "name": name, "ph": "X", "ts": us(d["t0"]), "dur": us(d["t1"]) - us(d["t0"]),
                         "args": args})
-        elif kind in ("head", "wait"):
+        elif kind in ("head", "wait", "lm_head"):
             t0, t1 = d.pop("t0"), d.pop("t1")
-            name = f"head {d['layer']}: {'exit' if d['exited'] else 'no exit'}" if kind == "head" else "wait"
+            name = f"head {d['layer']}: {'exit' if d['exited'] else 'no exit'}" if kind == "head" else kind
             out.append({**base, "name": name, "ph": "X", "ts": us(t0), "dur": us(t1) - us(t0), "args": d})
         else:
             t = d.pop("t")
             out.append({**base, "name": kind, "ph": "i", "s": "t", "ts": us(t), "args": d})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"stages": [list(r) for r in stages], "clock": "perf_counter_ns, rank 0's", **(other or {})}}
+
+
+def read_trace(path: str | Path) -> tuple[list[tuple], list[tuple[int, int]], dict]:
+    """A ``trace.json`` written by ``write_trace`` (plain or gzipped) as its events (the recorder's
+    tuples, times in ns from the first event), the stage split, and ``otherData``."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    data = json.loads(raw)
+    events = []
+    for x in data["traceEvents"]:
+        kind = x.get("cat")
+        if kind is None:  # metadata
+            continue
+        track, a = (COORDINATOR if x["tid"] == 0 else x["tid"] - 1), x.get("args", {})
+        t0 = round(x["ts"] * 1000)
+        if kind == "compute":
+            t1 = t0 + round(x["dur"] * 1000)
+            p0, (l0, l1) = a["positions"][0], a["layers"]
+            events.append(("compute", track, t0, t1, a["seq"], a["epoch"], p0, a["chunk"], l0, l1 + 1, a["kind"]))
+        elif x["ph"] == "X":
+            t1 = t0 + round(x["dur"] * 1000)
+            events.append((kind, track, t0, t1, *(a[f] for f in EVENT_FIELDS[kind][2:])))
+        else:
+            events.append((kind, track, t0, *(a[f] for f in EVENT_FIELDS[kind][1:])))
+    other = data.get("otherData", {})
+    return events, [tuple(r) for r in other.get("stages", [])], other
 
 
 def gantt_png(events: Sequence[tuple], stages: Sequence[tuple[int, int]], path: Path) -> None:
@@ -134,8 +161,18 @@ def write_trace(directory: str | Path, events: Sequence[tuple], stages: Sequence
     return json_path, png_path
 
 
-def save_trace(directory: str | Path, engine, summary: dict | None = None) -> None:
-    """Write ``engine``'s recorded trace (``--trace DIR``) and say where, on stderr."""
-    other = {"clock_rtt_ns": [getattr(s, "clock_rtt_ns", 0) for s in engine.stages], "summary": summary}
+def save_trace(directory: str | Path, engine, summary: dict | None = None, extra: dict | None = None) -> None:
+    """Write ``engine``'s recorded trace (``--trace DIR``) and say where, on stderr. ``extra``: more
+    for ``otherData`` (``bench``: each timed generation's sequence, mode and time)."""
+    other = {"clock_rtt_ns": [getattr(s, "clock_rtt_ns", 0) for s in engine.stages], "summary": summary,
+             "num_layers": engine.args.num_layers, "hidden_bytes": engine.args.hidden_size * _element_size(engine),
+             **(extra or {})}
     json_path, png_path = write_trace(directory, engine.runner.trace.events, engine.layer_ranges, other)
     print(f"[trace: {json_path} (open in https://ui.perfetto.dev), {png_path}]", file=sys.stderr)
+
+
+def _element_size(engine) -> int:
+    """Bytes per element of the activations a stage sends (its model's dtype)."""
+    import torch
+
+    return torch.empty((), dtype=getattr(engine.stages[0].model, "dtype", torch.float32)).element_size()

@@ -177,6 +177,16 @@ class Stage:
         num_layers = self.model.args.num_layers
         return tuple(l for l in self.heads.layers if self.start < l <= self.end and l < num_layers)
 
+    @property
+    def queued(self) -> int:
+        """Fresh items waiting to run."""
+        return len(self._work)
+
+    @property
+    def parked(self) -> int:
+        """Deferred backfills parked until the next token of their sequence (or an idle moment)."""
+        return sum(len(items) for items in self._parked.values())
+
     def is_stale(self, event) -> bool:
         """Whether ``event`` (an item, or an output of this stage) is of a finished sequence or an
         older epoch than this stage has seen: work every stage drops, so a runner need not send it."""
@@ -397,6 +407,13 @@ class Stage:
                     )
                 )
             return
+        if self.trace is None:
+            self._predict(items)
+        else:  # the same call, timed and recorded
+            self.trace.lm_head(self.index, items, self._predict)
+
+    def _predict(self, items: list[_Work]) -> None:
+        """The last stage's tokens for ``items``: final norm, LM head, greedy or sampled."""
         for w in (w for w in items if w.sampling is not None):
             self._sample(w)
         items = [w for w in items if w.sampling is None]

@@ -6,8 +6,8 @@ passes a clock (``time.perf_counter_ns`` in every runner), so the Stage and
 this module stay sans-I/O; the launcher turns the tuples into a Chrome trace
 and a Gantt chart (launcher/trace_export.py).
 
-Tracing off costs one ``if self.trace is not None`` per compute call and per
-head evaluation in the Stage, and nothing else: the Stage hands its compute
+Tracing off costs one ``if self.trace is not None`` per compute call, per
+head evaluation and per LM-head call in the Stage, and nothing else: the Stage hands its compute
 and head calls to the recorder, which times and records them.
 
 Tracks: a stage's index, or ``COORDINATOR``. Times are nanoseconds on the
@@ -22,6 +22,7 @@ Events (``EVENT_FIELDS``), first the type, the track and the time(s):
   (layers left after an early exit, on the exiting stage or a later one) or ``merged``
   (a deferred backfill run together with the next token).
 - ``head``: an exit head evaluated on the chunk's last position; ``exited``: it was confident.
+- ``lm_head``: the last stage's final norm, LM head and token choice for ``n`` rows of items leaving it.
 - ``send`` / ``recv``: activations leaving a stage / reaching the next.
 - ``wait``: a rank with nothing to do, sleeping on its inputs.
 - ``rollback``: on a stage, a truncation to ``keep_len`` with the queued or parked items it
@@ -40,6 +41,7 @@ COMPUTE_KINDS = ("plain", "early-exited", "backfill", "merged")
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "compute": ("t0", "t1", "seq", "epoch", "pos", "n", "a", "b", "kind"),
     "head": ("t0", "t1", "seq", "epoch", "pos", "layer", "exited"),
+    "lm_head": ("t0", "t1", "n"),
     "send": ("t", "seq", "epoch", "pos", "layer", "n"),
     "recv": ("t", "seq", "epoch", "pos", "layer", "n"),
     "wait": ("t0", "t1"),
@@ -77,6 +79,13 @@ class TraceRecorder:
             self._last_compute[track, w.seq] = len(self.events)
             self.events.append(("compute", track, t0, t1, w.seq, w.epoch, w.pos, w.hidden.shape[0], layer, stop, kind))
         return out
+
+    def lm_head(self, track: int, items, predict) -> None:
+        """``predict(items)`` (the last stage's final norm, LM head and token choice), timed."""
+        t0 = self.clock()
+        predict(items)
+        rows = sum(w.hidden.shape[0] - max(w.predict_from - w.pos, 0) for w in items)  # those that get a token
+        self.events.append(("lm_head", track, t0, self.clock(), rows))
 
     def head(self, track: int, w, decide) -> bool:
         """``decide(w)`` (evaluate the head at ``w.layer``, emit if confident), timed. An exit

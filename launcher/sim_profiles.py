@@ -1,0 +1,64 @@
+"""Simulator scenarios and the CPU profile's provenance (the costs themselves: runtime/sim_costs.py).
+
+Exit statistics, two scenarios: ``measured`` — the bundled heads' exit rate and
+precision per head, measured on held-out prompts here, at the same relative
+depths; ``paper`` — AdaDecode's reported operating point on Llama-3.1-8B: heads
+at layers 8/16/24 of 32, about 5.5% of early tokens rejected (DESIGN.md, Prior
+art). The paper's per-head exit rate is not in our summary of it; 0.35 per head
+is assumed, which makes one simulated H100 with deferred backfill 1.30x faster
+than plain decoding, inside the paper's reported 1.14-1.73x.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adadecode.runtime.sim_costs import RUNNER_FIELDS
+from adadecode.runtime.sim_fit import exit_stats, fit_costs
+from adadecode.runtime.simulator import ExitStats
+
+
+def build_cpu_profile(one_rank: str | Path, ranks: str | Path) -> dict:
+    """The CPU profile from two ``bench --trace`` traces: a stage's costs and the exit statistics
+    from the one-rank trace (in-process), the runner's per-hop costs from the multi-rank one."""
+    from .trace_export import read_trace
+
+    events, _, other = read_trace(one_rank)
+    costs = fit_costs(events, other)
+    exits = exit_stats(events, {g["seq"] for g in other["generations"] if g["mode"] != "off"})
+    r_events, _, r_other = read_trace(ranks)
+    pipeline = fit_costs(r_events, r_other)
+    return {
+        "note": "fitted by launcher/sim_profiles.build_cpu_profile on data/traces (README, Simulator)",
+        "traces": [Path(one_rank).name, Path(ranks).name],
+        "num_layers": other["num_layers"],
+        "threads": other.get("threads"),
+        "costs": {k: _round(v) for k, v in costs.to_dict().items()},
+        "pipeline": {k: _round(getattr(pipeline, k)) for k in RUNNER_FIELDS},
+        "exits": {"rate": {str(l): round(v, 4) for l, v in exits.rate.items()},
+                  "precision": {str(l): round(v, 4) for l, v in exits.precision.items()}},
+    }
+
+
+def _round(v):
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    return float(f"{v:.4g}") if isinstance(v, float) else v
+
+
+def scaled_layers(layers, from_depth: int, to_depth: int) -> tuple[int, ...]:
+    """Head layers at the same relative depth in a model of ``to_depth`` layers."""
+    return tuple(sorted({max(1, min(to_depth - 1, round(l * to_depth / from_depth))) for l in layers}))
+
+
+def exit_scenario(name: str, depth: int, measured: ExitStats, measured_depth: int) -> ExitStats:
+    """``measured`` (the bundled heads, at the same relative depths) or ``paper`` (see the docstring)."""
+    if name == "measured":
+        layers = [l for l in measured.layers]
+        scaled = scaled_layers(layers, measured_depth, depth)
+        return ExitStats({s: measured.rate[l] for s, l in zip(scaled, layers)},
+                         {s: measured.precision[l] for s, l in zip(scaled, layers)})
+    if name == "paper":
+        heads = scaled_layers((8, 16, 24), 32, depth)
+        return ExitStats({l: 0.35 for l in heads}, {l: 0.945 for l in heads})
+    raise ValueError(f"exit scenario `{name}` is unknown; use measured or paper")

@@ -1,0 +1,289 @@
+"""`adadecode simulate`: this runtime's scheduling on simulated time, to see past this machine.
+
+    adadecode simulate --trace traces/bench/trace.json          # fit on a bench trace; measured vs predicted
+    adadecode simulate --stages 2 --early-exit eager             # the bundled model on this CPU's fitted costs
+    adadecode simulate --profile llama-3.1-70b --link ib --stages 8 --early-exit deferred --exits paper
+    adadecode simulate --project --plot speedup.png              # speedup over plain pipeline, P = 1..16
+    adadecode simulate --design                                  # heads, max_inflight, policies, sequences
+
+The simulator (runtime/simulator.py) runs the real Stage and Coordinator; the
+costs come from a trace (runtime/sim_fit.py) or a profile (launcher/sim_profiles.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from adadecode.runtime.partition import partition_layers
+from adadecode.runtime.sim_costs import (
+    CPU_PROFILE,
+    GPU_MODELS,
+    H100,
+    LINKS,
+    gpu_costs,
+    load_cpu_profile,
+)
+from adadecode.runtime.sim_fit import calibrate, fit_costs
+from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
+
+from .errors import report_error
+from .sim_profiles import exit_scenario
+
+PROJECT_STAGES = (1, 2, 4, 8, 16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adadecode simulate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:8]))
+    p.add_argument("--trace", metavar="FILE", help="a `bench --trace` trace.json (or .json.gz): fit the costs on it")
+    p.add_argument("--profile", default=CPU_PROFILE, choices=[CPU_PROFILE, *GPU_MODELS],
+                   help=f"costs to simulate with (default {CPU_PROFILE}: fitted on this project's CPU)")
+    p.add_argument("--link", default="nvlink", choices=list(LINKS), help="GPU profiles: the link between stages")
+    p.add_argument("--exits", default="measured", choices=["measured", "paper"],
+                   help="exit statistics: the bundled heads' (measured here) or AdaDecode's reported ones")
+    p.add_argument("--stages", type=int, default=1, metavar="P")
+    p.add_argument("--early-exit", default="off", choices=["off", "eager", "deferred", "wait"],
+                   help="wait: deferred, but later stages hold a parked backfill for the next token (simulated only)")
+    p.add_argument("--max-inflight", type=int, default=2, metavar="N")
+    p.add_argument("--exit-layers", default="", metavar="L,L", help="head layers (default: the scenario's)")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N", help="sequences in flight at once")
+    p.add_argument("--prompt-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--sequences", type=int, default=8, metavar="N", help="generations simulated")
+    p.add_argument("--project", action="store_true", help="speedup over plain pipeline greedy at P = 1, 2, 4, 8, 16")
+    p.add_argument("--plot", metavar="FILE", help="with --project: a PNG of the projection")
+    p.add_argument("--design", action="store_true", help="the design comparisons (README, Simulator)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+# --- settings -------------------------------------------------------------------------
+
+
+class Setting:
+    """A model on hardware: costs, depth, the measured exit statistics and their depth."""
+
+    def __init__(self, profile: str, link: str = "nvlink"):
+        cpu = load_cpu_profile()
+        self.cpu_runner = replace(Costs.from_dict(cpu["costs"]), control_s=cpu["pipeline"]["control_s"])
+        self.measured = ExitStats({int(l): r for l, r in cpu["exits"]["rate"].items()},
+                                  {int(l): r for l, r in cpu["exits"]["precision"].items()})
+        self.measured_depth = cpu["num_layers"]
+        if profile == CPU_PROFILE:
+            self.name, self.depth = "SmolLM2-135M, this CPU (fp32)", cpu["num_layers"]
+            self.one = Costs.from_dict(cpu["costs"])  # one stage, in process
+            self.many = replace(self.one, **cpu["pipeline"])  # one rank per stage: the runner's per-hop costs too
+            self.fits = lambda p: True
+        else:
+            model = GPU_MODELS[profile]
+            self.name = f"{model.name}, {H100.name}, {LINKS[link].name}"
+            self.one = self.many = gpu_costs(model, H100, LINKS[link], self.cpu_runner)
+            self.depth = model.layers
+            # bf16 weights over P GPUs, with a fifth of each GPU left for the KV cache and activations
+            self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
+
+    def exits(self, scenario: str) -> ExitStats:
+        return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
+
+    def costs(self, stages: int) -> Costs:
+        return self.one if stages == 1 else self.many
+
+    def ranges(self, stages: int) -> list[tuple[int, int]]:
+        c = self.costs(stages)
+        return partition_layers(self.depth, stages, last_extra=c.lm_head_s / c.layer(1))
+
+
+def run(setting: Setting, stages: int, mode: str, scenario: str = "measured", max_inflight: int = 2,
+        layers: Sequence[int] | None = None, concurrency: int = 1, prompt_tokens: int = 64, new_tokens: int = 128,
+        sequences: int = 8, seed: int = 0, early_exit_below: int | None = None) -> dict:
+    """Simulate one setting; the simulator's summary."""
+    exits = setting.exits(scenario)
+    if layers:
+        exits = ExitStats({l: exits.rate.get(l, _nearest(exits.rate, l)) for l in layers},
+                          {l: exits.precision.get(l, _nearest(exits.precision, l)) for l in layers})
+    ranges = setting.ranges(stages)
+    wait = None
+    if mode == "wait":  # hold a parked backfill about as long as the next token takes to get there
+        c = setting.costs(stages)
+        wait = [a * c.layer(1) + i * (c.step_s + c.hop(1)) for i, (a, _) in enumerate(ranges)]
+    spec = SimSpec(
+        num_layers=setting.depth, ranges=ranges, costs=setting.costs(stages), exits=exits if mode != "off" else None,
+        head_layers=exits.layers if mode != "off" else (), early_exit="deferred" if mode == "wait" else mode,
+        max_inflight=max_inflight, prompts=[(prompt_tokens, new_tokens)] * sequences, concurrency=concurrency,
+        early_exit_below=early_exit_below, wait_s=wait, seed=seed,
+    )
+    return simulate(spec).summary()
+
+
+def _nearest(table: dict[int, float], layer: int) -> float:
+    return table[min(table, key=lambda l: abs(l - layer))]
+
+
+# --- reports --------------------------------------------------------------------------
+
+
+def projection(scenarios=("measured", "paper")) -> list[dict]:
+    """Speedup of eager and deferred over plain pipeline greedy, per profile, link, scenario and P."""
+    rows = []
+    settings = [(CPU_PROFILE, "-")] + [(m, link) for m in GPU_MODELS for link in LINKS]
+    for profile, link in settings:
+        setting = Setting(profile, link if link != "-" else "nvlink")
+        for scenario in scenarios:
+            for stages in PROJECT_STAGES:
+                if stages > setting.depth:
+                    continue
+                off = run(setting, stages, "off", scenario)["tokens_per_s"]
+                row = {"profile": profile, "link": link, "exits": scenario, "stages": stages,
+                       "fits": setting.fits(stages), "off_tokens_per_s": off}
+                for mode in ("eager", "deferred"):
+                    row[mode] = round(run(setting, stages, mode, scenario)["tokens_per_s"] / off, 3)
+                rows.append(row)
+    return rows
+
+
+def design() -> list[dict]:
+    """The design comparisons: each row one question, a setting and its variants' speedups over off."""
+    rows = []
+    cases = [(CPU_PROFILE, "nvlink", 2, "measured"), ("llama-3.1-8b", "nvlink", 4, "paper"),
+             ("llama-3.1-70b", "ib", 8, "paper")]
+    for profile, link, stages, scenario in cases:
+        setting = Setting(profile, link)
+        name = f"{setting.name.split(',')[0]}, P={stages}" + (f", {link}" if profile != CPU_PROFILE else "")
+        off = run(setting, stages, "off", scenario)["tokens_per_s"]
+
+        def speedup(mode="deferred", off=off, setting=setting, stages=stages, scenario=scenario, **kw):
+            return round(run(setting, stages, mode, scenario, **kw)["tokens_per_s"] / off, 3)
+
+        ranges = setting.ranges(stages)
+        default = setting.exits(scenario).layers
+        # the same heads on the stage boundaries, or two layers before or after them (inside a stage)
+        bounds = tuple(b for _, b in ranges[:-1])
+        placements = {"on the boundaries": bounds, "2 layers before": tuple(b - 2 for b in bounds),
+                      "2 layers after": tuple(b + 2 for b in bounds)}
+        rows.append({"setting": name, "question": f"head placement ({len(bounds)} head(s), deferred)",
+                     "variants": {f"{k} {list(v)}": speedup(layers=v) for k, v in placements.items()}
+                     | {f"the scenario's {list(default)}": speedup()}})
+        rows.append({"setting": name, "question": "max_inflight, deferred",
+                     "variants": {str(n): speedup(max_inflight=n) for n in (1, 2, 3, 4)}})
+        rows.append({"setting": name, "question": "backfill policy",
+                     "variants": {m: speedup(m) for m in ("eager", "deferred", "wait")}})
+        seqs = {}
+        for c in (1, 2, 4):
+            base = run(setting, stages, "off", scenario, concurrency=c)["tokens_per_s"]
+            seqs[f"{c} in flight: off tokens/s"] = round(base, 1)
+            for rule, below in (("", None), (" + load rule", max(2, stages))):
+                on = run(setting, stages, "deferred", scenario, concurrency=c, early_exit_below=below)
+                seqs[f"{c}: deferred{rule}"] = round(on["tokens_per_s"] / base, 3)
+        rows.append({"setting": name, "question": "several sequences in flight", "variants": seqs})
+    return rows
+
+
+def plot_projection(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["profile"], r["link"]), []).append(r)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), sharey=True)
+    for ax, ((profile, link), rs) in zip(axes, groups.items()):
+        for scenario, style in (("measured", "-"), ("paper", "--")):
+            for mode, colour in (("eager", "#55a868"), ("deferred", "#8172b3")):
+                pts = [(r["stages"], r[mode]) for r in rs if r["exits"] == scenario and r["fits"]]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=colour, marker="o", label=f"{mode}, {scenario} exits")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(PROJECT_STAGES, [str(p) for p in PROJECT_STAGES])
+        ax.set_title(profile + ("" if link == "-" else f", {link}"), fontsize=9)
+        ax.set_xlabel("pipeline stages P")
+    axes[0].set_ylabel("speedup over plain pipeline")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def _from_trace(a) -> int:
+    from .trace_export import read_trace
+
+    events, stages, other = read_trace(a.trace)
+    costs = fit_costs(events, other)
+    result = calibrate(events, stages, other, costs=costs)
+    if a.json:
+        print(json.dumps({"costs": costs.to_dict(), "calibration": result}))
+        return 0
+    print(f"costs fitted on {a.trace}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in costs.to_dict().items()))
+    print("| mode | measured (tokens/s) | predicted (tokens/s) | error |\n|---|---|---|---|")
+    for mode, r in result.items():
+        print(f"| {mode} | {r['measured_tokens_per_s']:.2f} | {r['predicted_tokens_per_s']:.2f} | {100 * r['error']:+.1f}% |")
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def main(argv: Sequence[str]) -> int:
+    a = build_parser().parse_args(list(argv))
+    try:
+        if a.trace:
+            return _from_trace(a)
+        if a.project:
+            rows = projection()
+            if a.plot:
+                plot_projection(rows, a.plot)
+            if a.json:
+                print(json.dumps(rows))
+            else:
+                print("| model, hardware | exits | P | fits | off (tokens/s) | eager | deferred |\n|---|---|---|---|---|---|---|")
+                for r in rows:
+                    where = r["profile"] + ("" if r["link"] == "-" else f", {r['link']}")
+                    print(f"| {where} | {r['exits']} | {r['stages']} | {'yes' if r['fits'] else 'no'} | "
+                          f"{r['off_tokens_per_s']:.1f} | {r['eager']:.2f}x | {r['deferred']:.2f}x |")
+            return 0
+        if a.design:
+            rows = design()
+            if a.json:
+                print(json.dumps(rows))
+            else:
+                print("| setting | question | variants (speedup over off, simulated) |\n|---|---|---|")
+                for r in rows:
+                    v = "; ".join(f"{k}: {'-' if x is None else x}" for k, x in r["variants"].items())
+                    print(f"| {r['setting']} | {r['question']} | {v} |")
+            return 0
+        setting = Setting(a.profile, a.link)
+        if a.stages < 1 or a.stages > setting.depth:
+            raise ValueError(f"--stages {a.stages}: give 1 to {setting.depth} (the model's layers)")
+        layers = [int(x) for x in a.exit_layers.split(",") if x] or None
+        out = {"setting": setting.name, "stages": setting.ranges(a.stages), "early_exit": a.early_exit}
+        off = run(setting, a.stages, "off", a.exits, concurrency=a.concurrency, prompt_tokens=a.prompt_tokens,
+                  new_tokens=a.new_tokens, sequences=a.sequences)
+        res = off if a.early_exit == "off" else run(
+            setting, a.stages, a.early_exit, a.exits, a.max_inflight, layers, a.concurrency, a.prompt_tokens,
+            a.new_tokens, a.sequences)
+        out.update(res, vs_off=round(res["tokens_per_s"] / off["tokens_per_s"], 3))
+        if a.json:
+            print(json.dumps(out))
+        else:
+            for k, v in out.items():
+                print(f"{k:>22}: {v}")
+        return 0
+    except Exception as e:  # noqa: BLE001 - one line for a user error, a traceback for a bug
+        return report_error(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,412 @@
+"""The simulator: this runtime's own scheduling on a simulated clock with simulated costs.
+
+Theory of operation. Nothing about scheduling is modelled twice: the real
+``Stage`` and ``Coordinator`` (and the ``ActionRouter`` every runner shares)
+run unchanged; only the model, the exit heads and the clock are simulated.
+
+- ``SimModel`` keeps the StageModel interface the Stage uses. Its hidden state is
+  a row ``[token, pos]`` per position; it keeps each layer's cache length (so
+  DESIGN.md invariant 1 is still checked) and charges each call's cost to its
+  rank's clock. The final layer predicts ``truth(pos + 1)``: a fixed token per
+  position, so every simulated decode is checked against plain greedy.
+- ``SimHeads`` decide per ``(layer, pos, token)`` from a hash: a head exits with
+  the layer's exit rate (given that it is evaluated) and is right with its
+  precision. A decision is the same whenever the same input is seen again.
+- ``simulate`` drives one rank per stage the way ``DistributedRunner`` does: take
+  in what has arrived, call ``stage.next_action()`` once, ship the output (data
+  to the next rank after the link's latency and transfer time, predictions to
+  the coordinator on rank 0 after the control plane's latency). Ranks are
+  stepped in order of simulated time, so nothing sees a message before it
+  arrives. With one stage it is the LocalRunner's single loop.
+
+Costs (``Costs``) are seconds: per layer for a chunk of 1..k rows, a fixed cost
+per compute call, per head evaluation, per LM-head call, per runner step, and
+the links. ``shared_bus`` models ranks that share one memory bus (CPU ranks on
+one node): a step that starts while ``k`` other ranks compute takes
+``1 + shared_bus * k`` times as long. Fitting them from a trace is
+runtime/sim_fit.py's job; profiles of other hardware are launcher/simulate.py's.
+
+The ``wait`` policy exists only here, for the design comparison: a rank after the
+first holds a parked deferred backfill for up to ``wait_s`` for the next token
+instead of running it at once as an idle backfill.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from .coordinator import Coordinator
+from .events import (
+    DONE,
+    WAITING,
+    Activations,
+    EarlyPrediction,
+    FinalPrediction,
+    Verified,
+)
+from .runners.routing import ActionRouter
+from .stage import Stage
+from .stopping import StopCriteria
+
+VOCAB = 1 << 20
+
+
+def _mix(*xs: int) -> int:
+    """A deterministic 62-bit hash of ints (``hash()`` is salted per process)."""
+    h = 0x243F6A8885A308D3
+    for x in xs:
+        h = ((h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & ((1 << 62) - 1)
+
+
+def _uniform(*xs: int) -> float:
+    return _mix(*xs) / float(1 << 62)
+
+
+@dataclass
+class Costs:
+    """What each piece of work costs, in seconds (see the module docstring)."""
+
+    layer_s: list[float]  # one layer on a chunk of n rows: layer_s[n - 1]
+    row_s: float | None = None  # per layer, each row beyond the table (prefill); None: the table's last slope
+    call_s: float = 0.0  # fixed cost of one compute call (a segment of layers), whatever its length
+    kv_s: float = 0.0  # per layer, per row and per cached position attended (attention's KV reads)
+    head_s: float = 0.0  # one exit head evaluation
+    lm_head_s: float = 0.0  # the final norm and LM head on one row (more rows scale like a layer)
+    step_s: float = 0.0  # the runner's own work per stage output (receive, route, ship)
+    link_s: float = 0.0  # data plane: latency of one hop
+    link_bytes_per_s: float = math.inf  # data plane: bandwidth
+    control_s: float = 0.0  # control plane: one message between a rank and the coordinator
+    hidden_bytes: int = 0  # bytes of one row of activations
+    shared_bus: float = 0.0  # slowdown per other rank computing at the same time (0: own devices)
+
+    def layer(self, rows: int) -> float:
+        t = self.layer_s
+        if rows <= len(t):
+            return t[rows - 1]
+        slope = self.row_s if self.row_s is not None else (t[-1] - t[-2] if len(t) > 1 else t[-1])
+        return t[-1] + slope * (rows - len(t))
+
+    def compute(self, rows: int, layers: int, kv_len: int) -> float:
+        kv = self.kv_s * layers * rows * (kv_len + (rows + 1) / 2)
+        return self.call_s + layers * self.layer(rows) + kv
+
+    def lm_head(self, rows: int) -> float:
+        return self.lm_head_s * self.layer(rows) / self.layer(1)
+
+    def hop(self, rows: int) -> float:
+        return self.link_s + rows * self.hidden_bytes / self.link_bytes_per_s
+
+    def to_dict(self) -> dict:
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Costs:
+        d = dict(d)
+        if d.get("link_bytes_per_s") is None:
+            d["link_bytes_per_s"] = math.inf
+        return cls(**d)
+
+
+@dataclass
+class ExitStats:
+    """Per head layer: the chance it exits when evaluated, and the chance its token is right."""
+
+    rate: dict[int, float]
+    precision: dict[int, float]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.rate))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+        self.bus = 1.0  # this step's slowdown from ranks sharing the memory bus
+
+
+class SimModel:
+    """Layers ``[start, end)``: cache lengths only; every call charges ``costs`` to ``clock``."""
+
+    def __init__(self, start: int, end: int, num_layers: int, num_slots: int, costs: Costs, clock: _Clock, truth):
+        self.start, self.end = start, end
+        self.args = SimpleNamespace(num_layers=num_layers)
+        self.num_slots = num_slots
+        self.device = torch.device("cpu")
+        self.costs, self.clock, self.truth = costs, clock, truth
+        self._len = [[0] * (end - start) for _ in range(num_slots)]
+
+    def _charge(self, seconds: float) -> None:
+        self.clock.now += seconds * self.clock.bus
+
+    def cache_length(self, layer: int, slot: int) -> int:
+        return self._len[slot][layer - self.start]
+
+    def truncate(self, slot: int, length: int) -> None:
+        self._len[slot] = [min(n, length) for n in self._len[slot]]
+
+    def reset(self, slot: int) -> None:
+        self._len[slot] = [0] * (self.end - self.start)
+
+    def embed(self, tokens) -> torch.Tensor:
+        return torch.tensor([[t, -1] for t in tokens], dtype=torch.int64)
+
+    def _advance(self, hidden: torch.Tensor, pos: int, first: int, last: int, slot: int) -> torch.Tensor:
+        lengths = self._len[slot]
+        for layer in range(first, last):
+            if lengths[layer - self.start] != pos:
+                raise AssertionError(f"simulated layer {layer} holds {lengths[layer - self.start]} positions, not {pos}")
+            lengths[layer - self.start] = pos + hidden.shape[0]
+        out = hidden.clone()
+        out[:, 1] = torch.arange(pos, pos + hidden.shape[0])
+        return out
+
+    def run_layers(self, hidden, pos: int, first: int, last: int, slot: int) -> torch.Tensor:
+        self._charge(self.costs.compute(hidden.shape[0], last - first, pos))
+        return self._advance(hidden, pos, first, last, slot)
+
+    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True) -> list[torch.Tensor]:
+        if exact:  # each sequence through its own calls, back to back
+            return [self.run_layers(h, pos, first, last, slot) for h, pos, slot in chunks]
+        rows = sum(h.shape[0] for h, _, _ in chunks)
+        kv = max(pos for _, pos, _ in chunks)
+        self._charge(self.costs.compute(rows, last - first, kv))
+        return [self._advance(h, pos, first, last, slot) for h, pos, slot in chunks]
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        self._charge(self.costs.lm_head(hidden.shape[0]))
+        return [self.truth(int(pos) + 1) for _, pos in hidden.tolist()]
+
+
+class SimHeads:
+    """Exit heads that behave as ``ExitStats`` says (``_StageHeads`` charges each evaluation)."""
+
+    def __init__(self, exits: ExitStats, layers, truth, seed: int):
+        self.layers = tuple(sorted(layers))
+        self.thresholds = {l: 0.5 for l in self.layers}
+        self.exits, self.truth, self.seed = exits, truth, seed
+
+    def predict(self, layer: int, row: torch.Tensor) -> tuple[int, float]:
+        token, pos = (int(x) for x in row.tolist())
+        if _uniform(self.seed, 1, layer, pos, token) >= self.exits.rate.get(layer, 0.0):
+            return 0, 0.0
+        right = self.truth(pos + 1)
+        if _uniform(self.seed, 2, layer, pos, token) < self.exits.precision.get(layer, 0.0):
+            return right, 1.0
+        return (right + 1 + _mix(self.seed, 3, layer, pos) % (VOCAB - 1)) % VOCAB, 1.0  # any other token
+
+
+@dataclass
+class SimSpec:
+    """One simulated benchmark: ``prompts`` (each a prompt length and how many tokens to decode)."""
+
+    num_layers: int
+    ranges: list[tuple[int, int]]  # each stage's [start, end)
+    costs: Costs
+    exits: ExitStats | None = None
+    head_layers: tuple[int, ...] = ()
+    early_exit: str = "off"
+    max_inflight: int = 2
+    prompts: list[tuple[int, int]] = field(default_factory=lambda: [(32, 64)])
+    concurrency: int = 1  # sequences in flight at once (1: one generation after another, as `bench`)
+    exact_batches: bool = True
+    early_exit_below: int | None = None  # serving's load rule (Coordinator)
+    wait_s: list[float] | None = None  # the `wait` policy: per stage, how long a parked backfill waits
+    seed: int = 0
+
+
+@dataclass
+class SimResult:
+    tokens: int
+    elapsed_s: float
+    busy_s: list[float]
+    early_emitted: int
+    accepted: int
+    rollbacks: int
+    stage_stats: list  # each Stage's StageStats
+    mismatches: int  # generated tokens that differ from the greedy truth (must be 0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        t = self.elapsed_s
+        return {
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "acceptance_rate": round(self.accepted / self.early_emitted, 4) if self.early_emitted else None,
+            "early_per_token": round(self.early_emitted / self.tokens, 4) if self.tokens else 0.0,
+            "rollbacks": self.rollbacks,
+            "stage_busy_fraction": [round(b / t, 4) if t else 0.0 for b in self.busy_s],
+            "stage_merged": [s.merged for s in self.stage_stats],
+            "stage_idle_backfills": [s.idle_backfills for s in self.stage_stats],
+            "discarded_fraction": round(
+                sum(s.discarded for s in self.stage_stats) / max(1, sum(s.computed for s in self.stage_stats)), 4),
+        }
+
+
+class _Rank:
+    def __init__(self, index: int, stage: Stage, clock: _Clock):
+        self.index, self.stage, self.clock = index, stage, clock
+        self.inbox: list = []  # heap of (arrival, order, event)
+        self.idle = False  # its last step found nothing to do: it sleeps until something arrives
+        self.parked_since: float | None = None
+        self.step_end = 0.0  # end of its current or last step (for the shared bus)
+        self.busy_s = 0.0
+
+    def ready_at(self, wait_s: float | None) -> float:
+        arrival = self.inbox[0][0] if self.inbox else math.inf
+        if not self.idle:
+            return self.clock.now
+        if self.parked_since is not None and wait_s is not None:
+            return min(arrival, self.parked_since + wait_s)
+        return max(self.clock.now, arrival)
+
+
+def simulate(spec: SimSpec) -> SimResult:
+    """Run ``spec`` on simulated ranks; tokens, simulated time and the real state machines' counters."""
+    if spec.early_exit != "off" and (spec.exits is None or not spec.head_layers):
+        raise ValueError(f"early_exit `{spec.early_exit}` needs exit statistics and head layers")
+    costs = spec.costs
+
+    def truth(pos: int) -> int:
+        return _mix(spec.seed, 0, pos) % VOCAB
+
+    clocks = [_Clock() for _ in spec.ranges]
+    heads = None
+    if spec.early_exit != "off":
+        heads = SimHeads(spec.exits, spec.head_layers, truth, spec.seed)
+    slots = max(1, spec.concurrency)
+    ranks = []
+    for i, (a, b) in enumerate(spec.ranges):
+        model = SimModel(a, b, spec.num_layers, slots, costs, clocks[i], truth)
+        stage_heads = None
+        if heads is not None and any(a < l <= b and l < spec.num_layers for l in heads.layers):
+            stage_heads = _StageHeads(heads, clocks[i], costs)
+        stage = Stage(i, len(spec.ranges), model, stage_heads, spec.early_exit if heads else "off",
+                      exact_batches=spec.exact_batches)
+        ranks.append(_Rank(i, stage, clocks[i]))
+    order = [0]
+
+    def post(rank: _Rank, at: float, event) -> None:
+        order[0] += 1
+        heapq.heappush(rank.inbox, (at, order[0], event))
+
+    rank0 = ranks[0]
+
+    def to_every_stage(event) -> None:
+        rank0.stage.receive(event)
+        rank0.idle = False
+        for r in ranks[1:]:
+            post(r, rank0.clock.now + costs.control_s, event)
+
+    def to_first(event) -> None:
+        rank0.stage.receive(event)
+        rank0.idle = False
+
+    router = ActionRouter(to_first, to_every_stage)
+    totals = {"tokens": 0, "elapsed": 0.0, "early": 0, "accepted": 0, "rollbacks": 0, "mismatches": 0}
+
+    def run(coord: Coordinator, start: float) -> float:
+        for r in ranks:
+            r.clock.now = max(r.clock.now, start)
+            r.idle, r.parked_since = False, None
+        verified: list[Verified] = []
+        router.pump(coord, verified.append)
+        while True:
+            r = min(ranks, key=lambda r: (r.ready_at(_wait(spec, r.index)), r.index))
+            at = r.ready_at(_wait(spec, r.index))
+            if at == math.inf:
+                if router.pump(coord, verified.append) is DONE:
+                    return max(x.clock.now for x in ranks)
+                raise RuntimeError("simulated pipeline stalled: the coordinator waits and no rank has work")
+            r.clock.now = max(r.clock.now, at)
+            while r.inbox and r.inbox[0][0] <= r.clock.now:
+                _, _, event = heapq.heappop(r.inbox)
+                r.idle = False
+                if isinstance(event, (EarlyPrediction, FinalPrediction)):
+                    if event.seq in coord.sequences:  # else of a run that has ended: dropped, as ranks do
+                        router.predict(coord, event)
+                else:
+                    r.stage.receive(event)
+            if r.index == 0 and router.pump(coord, verified.append) is DONE:
+                # the run returns once every rank has answered `released`: after the step it is in
+                return max([r.clock.now] + [max(x.step_end, r.clock.now + costs.control_s) + costs.control_s
+                                            for x in ranks[1:]])
+            stage = r.stage
+            if (spec.wait_s is not None and r.index > 0 and not stage.queued and stage.parked):
+                if r.parked_since is None:
+                    r.parked_since = r.clock.now
+                if r.clock.now < r.parked_since + spec.wait_s[r.index]:
+                    r.idle = True
+                    continue
+            r.parked_since = None
+            t0 = r.clock.now
+            others = sum(1 for x in ranks if x is not r and x.step_end > t0)
+            r.clock.bus = 1.0 + costs.shared_bus * others
+            out = stage.next_action()
+            r.clock.bus = 1.0
+            if out is WAITING or out is DONE:
+                r.busy_s += r.clock.now - t0
+                r.step_end = r.clock.now
+                r.idle = r.clock.now == t0
+                continue
+            r.clock.now += costs.step_s
+            r.busy_s += r.clock.now - t0
+            r.step_end = r.clock.now
+            if isinstance(out, Activations):
+                if not stage.is_stale(out):
+                    post(ranks[r.index + 1], r.clock.now + costs.hop(out.hidden.shape[0]), out)
+            elif r.index == 0:
+                router.predict(coord, out)
+            else:
+                post(rank0, r.clock.now + costs.control_s, out)
+
+    def _wait(spec: SimSpec, index: int):
+        return None if spec.wait_s is None else spec.wait_s[index]
+
+    now, seq = 0.0, 0
+    batches = [spec.prompts[i : i + spec.concurrency] for i in range(0, len(spec.prompts), spec.concurrency)]
+    for batch in batches:
+        coord = Coordinator(max_inflight=spec.max_inflight, early_exit_below=spec.early_exit_below)
+        seqs = []
+        for n, new_tokens in batch:
+            criteria = StopCriteria(max_new_tokens=new_tokens)
+            coord.add_sequence(seq, [1 + i for i in range(n)], criteria, early_exit=spec.early_exit)
+            seqs.append((seq, n))
+            seq += 1
+        end = run(coord, now)
+        totals["elapsed"] += end - now
+        now = end
+        for s, n in seqs:
+            st = coord.sequences[s]
+            totals["tokens"] += len(st.generated)
+            totals["mismatches"] += sum(t != truth(n + i) for i, t in enumerate(st.generated))
+            totals["early"] += st.stats.early_emitted
+            totals["accepted"] += st.stats.accepted
+            totals["rollbacks"] += st.stats.rollbacks
+    return SimResult(
+        tokens=totals["tokens"], elapsed_s=totals["elapsed"], busy_s=[r.busy_s for r in ranks],
+        early_emitted=totals["early"], accepted=totals["accepted"], rollbacks=totals["rollbacks"],
+        stage_stats=[r.stage.stats for r in ranks], mismatches=totals["mismatches"],
+    )
+
+
+class _StageHeads:
+    """One stage's view of the shared ``SimHeads``: evaluations charged to that stage's clock."""
+
+    def __init__(self, heads: SimHeads, clock: _Clock, costs: Costs):
+        self.heads, self.clock, self.costs = heads, clock, costs
+        self.layers, self.thresholds = heads.layers, heads.thresholds
+
+    def predict(self, layer: int, row: torch.Tensor) -> tuple[int, float]:
+        self.clock.now += self.costs.head_s * self.clock.bus
+        return self.heads.predict(layer, row)
