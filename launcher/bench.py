@@ -121,6 +121,7 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
         engine.runner.trace.clear()  # the timed runs only
     names = [name for name, _, _ in runs]
     tally = {name: _Tally() for name in (["hf"] if hf is not None else []) + names + [f"hf-ee-{k}" for k in hf_ks]}
+    generations = []  # each timed generation of this runtime, for the trace (the simulator fits on it)
     for n, ids in enumerate(encoded):
         ref = None
         if hf is not None:
@@ -134,6 +135,8 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
             t.totals.add(len(res.tokens), st)
+            generations.append({"seq": st["seq"], "mode": name, "prompt_tokens": res.prompt_tokens,
+                                "tokens": len(res.tokens), "elapsed_s": round(st["elapsed_s"], 6)})
             at = first_divergence(res.tokens, ref)
             t.matches += at is None
             if at is not None and (params is None or params.mode == "seeded"):  # speculative: not a parity check
@@ -184,7 +187,8 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
     if trace:
         from .trace_export import save_trace
 
-        save_trace(trace, engine, {name: tally[name].totals.summary() for name in names})
+        save_trace(trace, engine, {name: tally[name].totals.summary() for name in names},
+                   {"generations": generations, "threads": torch.get_num_threads(), "max_inflight": d.max_inflight})
     exact = [name for name, mode, params in runs if mode != "deferred" and (params is None or params.mode == "seeded")]
     return 0 if all(tally[name].matches == len(encoded) for name in exact) else 1
 

@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by launcher/train_heads.py (main() hands it the arguments); listed here for --help.
     sub.add_parser("train-heads", add_help=False, help="train exit heads for a model (train-heads --help)")
+    # Parsed by launcher/simulate.py, likewise.
+    sub.add_parser("simulate", add_help=False,
+                   help="simulate this runtime's schedule: fit a trace, project to other hardware (simulate --help)")
 
     bench = sub.add_parser("bench", help="tokens/s against transformers generate, same process and threads")
     bench.add_argument("--prompts", metavar="FILE", default="data/prompts/heldout.jsonl")
@@ -266,6 +269,9 @@ def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     from .dist_env import read_dist_env
     from .distributed import check_devices, plan_launch, run_rank, spawn_local
 
+    timed = [m for m in args.modes.split(",") if m and m != "off"]
+    if cfg.decoding.early_exit == "off" and timed:  # heads are chosen for a policy: the first one timed
+        cfg.decoding.early_exit = timed[0]
     plan = plan_launch(cfg, read_dist_env())
     check_devices(cfg, plan)
     if plan.mode == "spawn":
@@ -362,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train_heads import main as train_heads
 
         return train_heads(argv[1:])
+    if argv[:1] == ["simulate"]:  # its own flags, no model to load
+        from .simulate import main as simulate
+
+        return simulate(argv[1:])
     try:
         args, cfg = parse(argv)
         if args.print_config:

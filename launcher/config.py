@@ -177,10 +177,13 @@ class DecodingConfig:
     """Exit heads directory (from `adadecode train-heads`); auto: the heads shipped for the bundled model; none."""
 
     exit_layers: list[int] = field(default_factory=list)
-    """Head layers to use, a subset of the heads' layers; empty: the heads' default layers."""
+    """Head layers to use, a subset of the heads' layers; empty: chosen per setting (auto_heads) or the heads' defaults."""
 
     thresholds: list[float] = field(default_factory=list)
-    """Confidence thresholds: one for every head, or one per exit layer; empty: the heads' calibrated defaults."""
+    """Confidence thresholds: one for every head, or one per exit layer; empty: as exit_layers."""
+
+    auto_heads: bool = True
+    """With exit_layers and thresholds empty: heads chosen for this setting by the simulator, none where none pays."""
 
     max_inflight: int = 2
     """Most unverified early tokens per sequence in flight at once."""
@@ -816,6 +819,7 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
         m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
         max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, heads=d.heads,
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_chunk=d.max_inflight + 1,
+        auto_heads=d.early_exit if d.auto_heads else None,
         num_slots=cfg.serve.max_num_seqs if serving else 1, exact_batches=cfg.serve.batching == "exact",
     )
 

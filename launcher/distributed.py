@@ -173,7 +173,8 @@ def run_rank(
             if rank != 0:
                 runner.serve()
                 return 0
-            engine = PipelineEngine(resolved, config, runner, m.max_seq_len, max_inflight=d.max_inflight)
+            engine = PipelineEngine(resolved, config, runner, m.max_seq_len, max_inflight=d.max_inflight,
+                                    heads_choice=loaded.heads_choice)
             code = generate_all(engine)
             runner.close()
             return code

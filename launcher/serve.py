@@ -33,7 +33,7 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
     from adadecode.runtime.transport.errors import TransportError
 
     s, d = cfg.serve, cfg.decoding
-    if d.early_exit != "off" and not any(st.heads is not None for st in engine.stages):
+    if d.early_exit != "off" and not engine.early_exit_off_here and not any(st.heads is not None for st in engine.stages):
         raise ValueError(
             f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded; "
             "set decoding.heads (`adadecode train-heads`) or use --early-exit off"

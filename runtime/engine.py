@@ -44,7 +44,8 @@ class GenerationResult:
 
 class Engine:
     def __init__(
-        self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int, max_inflight: int = 2
+        self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int, max_inflight: int = 2,
+        heads_choice=None,
     ):
         self.resolved = resolved
         self.config = config
@@ -55,6 +56,9 @@ class Engine:
         self.runner = LocalRunner(stages)
         self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
         self.max_inflight = max_inflight
+        # The heads chosen for this setting (runtime/auto_heads.py), or None: the config's / manifest's.
+        # A choice of none means no head pays here, and early exit runs as off.
+        self.heads_choice = heads_choice
         self._next_seq = 0
 
     @classmethod
@@ -76,11 +80,14 @@ class Engine:
         device, dtype = check_placement(spec.device, spec.dtype, "inprocess")
         resolved, config, ranges = prepare(spec)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        built = [
-            build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype).stage
-            for i in range(len(ranges))
-        ]
-        return cls(resolved, config, tokenizer, built, spec.max_seq_len, max_inflight)
+        built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
+        return cls(resolved, config, tokenizer, [b.stage for b in built], spec.max_seq_len, max_inflight,
+                   heads_choice=built[0].heads_choice)
+
+    @property
+    def early_exit_off_here(self) -> bool:
+        """The heads were chosen for this setting and none pays: early exit runs as off."""
+        return self.heads_choice is not None and not self.heads_choice.layers
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -131,6 +138,8 @@ class Engine:
             sampling = SamplingParams(**given)
         if early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+        if early_exit != "off" and self.early_exit_off_here:
+            early_exit = "off"  # no head pays in this setting (the choice's note says so at start-up)
         if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
             raise ValueError(
                 f"early_exit `{early_exit}` needs exit heads and {self.resolved.origin} has none loaded; "
@@ -176,6 +185,7 @@ class Engine:
         counters = [counters_since(stage_counters(st.stats), c0) for st, c0 in zip(self.stages, counters0)]
         stats = {
             "elapsed_s": elapsed,
+            "seq": seq,
             "stages": self.layer_ranges,
             "stage_busy_fraction": [b / elapsed if elapsed > 0 else 0.0 for b in busy],
             "stage_busy_s": busy,
@@ -251,9 +261,10 @@ class PipelineEngine(Engine):
     ``generate`` is ``Engine.generate`` unchanged. Call ``runner.close()`` when done.
     """
 
-    def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2):
+    def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2,
+                 heads_choice=None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len, max_inflight)
+        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len, max_inflight, heads_choice)
         self.runner = runner

@@ -52,6 +52,9 @@ class LoadSpec:
     max_chunk: int = 3  # the largest chunk compiled: max_inflight + 1 (a merged deferred backfill)
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
+    # Choose the heads for this setting and this early-exit policy (runtime/auto_heads.py) when
+    # exit_layers and thresholds are empty; None: the heads' manifest defaults.
+    auto_heads: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("split_points", "exit_layers", "thresholds"):  # lists from a config become tuples
@@ -73,6 +76,7 @@ class LoadedStage:
     seconds: float
     weight_bytes: int
     peak_host_mb: float  # host memory (RSS) the load added at its peak, file pages included; -1: unknown
+    heads_choice: object = None  # the auto_heads.HeadChoice made for this setting, if one was
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
@@ -115,10 +119,20 @@ def build_stage(
     args = ModelArgs.from_hf_config(config)
     heads_path = resolve_heads(spec.heads, resolved)
     mine: list[int] = []
+    choice = None
+    thresholds = spec.thresholds
     if heads_path is not None:
         from .exit_heads import read_manifest
 
-        layers = list(spec.exit_layers) or list(read_manifest(heads_path)["default_layers"])
+        manifest = read_manifest(heads_path)
+        layers = list(spec.exit_layers) or list(manifest["default_layers"])
+        auto = spec.auto_heads not in (None, "off") and not spec.exit_layers and not spec.thresholds
+        if auto and (manifest.get("validation_calibration") or manifest.get("calibration")):  # else: the defaults
+            from .auto_heads import choose
+
+            element_size = torch.empty((), dtype=dtype).element_size()
+            choice = choose(manifest, config, ranges, spec.auto_heads, device.type, element_size, spec.max_chunk - 1)
+            layers, thresholds = list(choice.layers), choice.thresholds
         mine = [l for l in layers if a < l <= b and l < args.num_layers]
     modules = load_stage_modules(
         resolved.path, config, a, b, embed=index == 0, head=last or bool(mine), dtype=dtype, device=device
@@ -130,7 +144,7 @@ def build_stage(
         stage_heads = load_exit_heads(
             heads_path, fingerprint=resolved.fingerprint, config=config,
             norm=modules.norm, lm_head_weight=modules.lm_head.weight,
-        ).select(layers=mine, thresholds=_thresholds_for(layers, spec.thresholds, mine))
+        ).select(layers=mine, thresholds=_thresholds_for(layers, thresholds, mine))
     model = StageModel(modules, args, spec.max_seq_len, num_slots=spec.num_slots)
     if spec.compile != "off":
         from .compiled_step import maybe_compile
@@ -147,11 +161,14 @@ def build_stage(
         seconds=time.perf_counter() - t0,
         weight_bytes=weight_bytes,
         peak_host_mb=(_peak_rss() - rss0) / 1e6 if rss0 >= 0 else -1.0,
+        heads_choice=choice,
     )
     log.info(
         "stage %d: layers [%d, %d) on %s in %s, %.0f MB of weights, loaded in %.1f s; host memory peak +%.0f MB",
         index, a, b, device, dtype_name(dtype), weight_bytes / 1e6, loaded.seconds, loaded.peak_host_mb,
     )
+    if choice is not None and index == 0:  # a user who turned early exit on is told when it stays off
+        (log.info if choice.layers else log.warning)("%s", choice.note)
     return loaded
 
 

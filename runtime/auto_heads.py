@@ -1,0 +1,129 @@
+"""Default exit heads per setting: chosen by the simulator, so that turning early exit on never loses.
+
+Theory of operation. Whether an early exit pays depends on the setting, not
+only on the heads: on one CPU stage a deferred chunk of two rows costs about
+1.6x a single row (fp32, this project's CPU), so the saving is small and a
+rejected token or a head evaluation eats it; across ranks an exit lets the
+next token into stage 0 while later stages finish, and the same heads pay. So
+when the config leaves ``decoding.exit_layers`` and ``thresholds`` empty, the
+heads are chosen for the setting at start-up:
+
+- costs: runtime/sim_costs.py for the setting's device (the CPU costs fitted
+  here, scaled to the model's size and dtype; derived H100 costs on CUDA), the
+  stage split and whether there are ranks;
+- exit statistics: the heads' own calibration table (``validation_calibration``
+  in the manifest: exit rate and precision per head and threshold, on prompts
+  never trained on). A head's chance to exit when it is reached is estimated by
+  assuming that a token confident at one head is confident at the later heads
+  too (so it counts exits the table's rates already gave earlier heads once);
+- the objective: the simulated speedup over early exit off, with the real Stage
+  and Coordinator (runtime/simulator.py) and the setting's policy and
+  ``max_inflight``;
+- the search: heads in order of depth, each off or at one of ``THRESHOLDS``,
+  keeping whatever raises the simulated speedup.
+
+If the best choice is not predicted at least ``MARGIN`` faster than off — the
+largest error the simulator showed against measurement (README, Simulator) —
+no head is used and early exit runs as off, with a note saying so. Choices are
+deterministic, so every rank of a job chooses the same heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .sim_costs import H100, NVLINK, ModelShape, cpu_costs, gpu_costs
+from .simulator import ExitStats, SimSpec, simulate
+
+THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.98)
+MARGIN = 1.07  # the simulator's largest calibration error here was 6.9% (3 ranks, off)
+PROMPTS = [(48, 96)] * 4  # the simulated benchmark each candidate is scored on
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    layers: tuple[int, ...]  # empty: no head pays in this setting; early exit runs as off
+    thresholds: tuple[float, ...]
+    speedup: float  # simulated, over early exit off
+    note: str
+
+
+def exit_table(manifest: dict) -> dict[int, list[tuple[float, float, float]]]:
+    """Per head layer: (threshold, exit rate, precision) rows of the manifest's calibration on
+    prompts never trained on (validation; else the held-out table, if that is all it has)."""
+    table = manifest.get("validation_calibration") or manifest.get("calibration")
+    if not table:
+        raise ValueError("the exit heads' manifest has no calibration table; retrain them with `adadecode train-heads`")
+    return {int(l): [(r["threshold"], r["exit_rate"], r["precision"]) for r in h["sweep"]]
+            for l, h in table["heads"].items()}
+
+
+def conditional_exits(selection: dict[int, float], table) -> ExitStats:
+    """``{layer: threshold}`` as the simulator's per-head rates, counting a token once (see above)."""
+    rate, precision, before = {}, {}, 0.0
+    for l in sorted(selection):
+        row = next(r for r in table[l] if r[0] == selection[l])
+        marginal = row[1]
+        rate[l] = max(0.0, marginal - before) / (1 - before) if before < 1 else 0.0
+        precision[l] = row[2]
+        before = max(before, marginal)
+    return ExitStats(rate, precision)
+
+
+def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
+           element_size: int, max_inflight: int) -> HeadChoice:
+    """The heads for this setting (see the module docstring)."""
+    return _choose(_key(manifest), ModelShape.from_config(config), tuple(map(tuple, ranges)), policy, device_type,
+                   element_size, max_inflight, _Table(exit_table(manifest)))
+
+
+class _Table(dict):
+    """The calibration table, hashable by identity of its contents (for the cache)."""
+
+    def __hash__(self):
+        return hash(tuple((l, tuple(rows)) for l, rows in sorted(self.items())))
+
+
+def _key(manifest: dict) -> str:
+    return str(manifest.get("base_model", {}).get("fingerprint", ""))
+
+
+@lru_cache(maxsize=16)
+def _choose(_fingerprint, shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, table):
+    stages = len(ranges)
+    if device_type == "cuda":
+        costs = gpu_costs(shape, H100, NVLINK, cpu_costs(shape, 1, element_size))
+    else:
+        costs = cpu_costs(shape, stages, element_size)
+    layers = [l for l in sorted(table) if l < shape.layers]
+
+    def speedup(selection: dict[int, float]) -> float:
+        if not selection:
+            return 1.0
+        exits = conditional_exits(selection, table)
+        spec = SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, exits=exits,
+                       head_layers=exits.layers, early_exit=policy, max_inflight=max_inflight, prompts=PROMPTS)
+        return simulate(spec).tokens_per_s / off
+
+    off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
+    best, best_speedup = {}, 1.0
+    for l in layers:
+        improved = None
+        for t in (t for t in THRESHOLDS if any(r[0] == t for r in table[l])):
+            s = speedup({**best, l: t})
+            if s > best_speedup:
+                improved, best_speedup = {**best, l: t}, s
+        if improved is not None:
+            best = improved
+    where = f"{stages} stage{'s' if stages > 1 else ''} on {device_type}, {policy} backfill"
+    if best_speedup < MARGIN:
+        return HeadChoice((), (), round(best_speedup, 3),
+                          f"no exit head setting is predicted to pay for {where} (best {best_speedup:.2f}x of off, "
+                          f"under the {MARGIN:.2f}x margin): early exit runs as off; set decoding.exit_layers and "
+                          "decoding.thresholds to use heads anyway")
+    chosen = tuple(sorted(best))
+    return HeadChoice(chosen, tuple(best[l] for l in chosen), round(best_speedup, 3),
+                      f"exit heads for {where}: layers {list(chosen)}, thresholds {[best[l] for l in chosen]} "
+                      f"(simulated {best_speedup:.2f}x of off)")
+

@@ -1,0 +1,213 @@
+"""The simulator: real Stage and Coordinator on simulated time, fitted to traces recorded here."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from adadecode.launcher.sim_profiles import build_cpu_profile
+from adadecode.launcher.simulate import main as simulate_main
+from adadecode.launcher.trace_export import chrome_trace, read_trace
+from adadecode.runtime.auto_heads import MARGIN, choose, conditional_exits, exit_table
+from adadecode.runtime.sim_costs import load_cpu_profile
+from adadecode.runtime.sim_fit import calibrate, exit_stats, fit_costs
+from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
+
+TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
+EXITS = ExitStats({3: 0.3, 5: 0.4, 8: 0.5}, {3: 0.6, 5: 0.8, 8: 0.95})
+
+
+def costs(**kw) -> Costs:
+    return Costs(layer_s=[1e-3, 1.2e-3, 1.5e-3], **kw)
+
+
+# --- the simulated decode is checked against greedy, whatever the schedule ------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_simulated_decode_equals_greedy(seed):
+    """Random settings (stages, policy, cap, sequences in flight, batching, the wait policy, costs):
+    the tokens are the greedy truth and every cache stays a contiguous prefix (the simulated
+    model asserts invariant 1 on every call)."""
+    rng = random.Random(seed)
+    stages = rng.choice([1, 2, 3, 4])
+    cuts = sorted(rng.sample(range(1, 10), stages - 1))
+    ranges = list(zip([0, *cuts], [*cuts, 10]))
+    mode = rng.choice(["off", "eager", "deferred", "wait"])
+    spec = SimSpec(
+        num_layers=10, ranges=ranges,
+        costs=costs(call_s=rng.random() * 1e-4, head_s=rng.random() * 1e-4, lm_head_s=rng.random() * 5e-3,
+                    step_s=rng.random() * 1e-4, link_s=rng.random() * 1e-3, control_s=rng.random() * 1e-3,
+                    shared_bus=rng.random()),
+        exits=EXITS, head_layers=EXITS.layers if mode != "off" else (),
+        early_exit="deferred" if mode == "wait" else mode, max_inflight=rng.randint(1, 4),
+        prompts=[(rng.randint(1, 20), rng.randint(1, 40)) for _ in range(rng.randint(1, 5))],
+        concurrency=rng.randint(1, 3), exact_batches=rng.random() < 0.5,
+        wait_s=[rng.random() * 2e-3 for _ in ranges] if mode == "wait" else None, seed=seed,
+    )
+    res = simulate(spec)
+    assert res.mismatches == 0
+    assert res.tokens == sum(n for _, n in spec.prompts)
+    if mode != "off":
+        assert res.early_emitted > 0
+    assert all(0.0 <= b <= res.elapsed_s + 1e-12 for b in res.busy_s)
+
+
+def test_one_stage_off_costs_add_up_exactly():
+    """Plain decoding on one stage: the prefill, then one full pass and one LM head per token."""
+    c = costs(call_s=2e-4, lm_head_s=5e-3, step_s=1e-4, row_s=1e-4)
+    res = simulate(SimSpec(num_layers=10, ranges=[(0, 10)], costs=c, prompts=[(16, 20)]))
+    prefill = c.call_s + 10 * c.layer(16) + c.lm_head_s + c.step_s
+    step = c.call_s + 10 * c.layer(1) + c.lm_head_s + c.step_s
+    assert res.elapsed_s == pytest.approx(prefill + 19 * step, rel=1e-9)
+    assert c.layer(16) == pytest.approx(1.5e-3 + 13 * 1e-4)
+
+
+def test_a_link_adds_its_latency_once_per_token_per_hop():
+    base = SimSpec(num_layers=10, ranges=[(0, 4), (4, 7), (7, 10)], costs=costs(), prompts=[(8, 30)])
+    slow = SimSpec(**{**vars(base), "costs": costs(link_s=1e-3)})
+    assert simulate(slow).elapsed_s - simulate(base).elapsed_s == pytest.approx(30 * 2 * 1e-3, rel=1e-9)
+
+
+def test_early_exit_fills_the_pipeline_and_a_perfect_head_pays():
+    """Heads that are always right at the first stage boundary let the next token start there."""
+    exits = ExitStats({5: 1.0}, {5: 1.0})
+    spec = SimSpec(num_layers=10, ranges=[(0, 5), (5, 10)], costs=costs(lm_head_s=1e-3), exits=exits,
+                   head_layers=(5,), early_exit="eager", prompts=[(8, 40)])
+    off = simulate(SimSpec(**{**vars(spec), "early_exit": "off", "exits": None, "head_layers": ()}))
+    on = simulate(spec)
+    assert on.accepted == on.early_emitted > 0 and on.rollbacks == 0
+    assert on.tokens_per_s > 1.3 * off.tokens_per_s
+
+
+# --- fitted to traces recorded here ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_calibration_on_the_recorded_traces_is_within_15_percent(ranks):
+    """The committed `adadecode bench --trace` runs (scripts/bench_simulate.py): costs fitted on
+    each, every mode simulated with its own exit statistics, tokens/s within 15% of measured."""
+    events, stages, other = read_trace(TRACES / f"bench-ranks-{ranks}.json.gz")
+    assert len(stages) == ranks
+    result = calibrate(events, stages, other)
+    assert set(result) == {"off", "eager", "deferred"}
+    for mode, r in result.items():
+        assert abs(r["error"]) < 0.15, (mode, r)
+        assert r["simulated"]["tokens"] == sum(g["tokens"] for g in other["generations"] if g["mode"] == mode)
+
+
+def test_the_shipped_cpu_profile_is_what_the_recorded_traces_give():
+    built = build_cpu_profile(TRACES / "bench-ranks-1.json.gz", TRACES / "bench-ranks-2.json.gz")
+    assert json.loads(json.dumps(built)) == load_cpu_profile()
+
+
+def test_fitted_costs_are_those_of_the_machine():
+    """A single-row layer of the bundled model reads ~14 MB of fp32 weights: about a millisecond
+    at this machine's ~15 GB/s; the LM head (113 MB) several layers' worth."""
+    events, _, other = read_trace(TRACES / "bench-ranks-2.json.gz")
+    c = fit_costs(events, other)
+    assert 0.5e-3 < c.layer_s[0] < 3e-3
+    assert 4 < c.lm_head_s / c.layer_s[0] < 12
+    assert c.layer_s == sorted(c.layer_s)
+    assert c.link_s > 0 and c.control_s > 0 and c.hidden_bytes == 576 * 4
+
+
+def test_a_trace_reads_back_as_its_events():
+    events = [
+        ("compute", 0, 1000, 5000, 0, 0, 0, 7, 0, 4, "plain"),
+        ("head", 0, 5000, 5500, 0, 0, 7, 4, True),
+        ("lm_head", 1, 9000, 9900, 1),
+        ("send", 0, 5600, 0, 0, 0, 4, 7),
+        ("early", -1, 5700, 0, 0, 7, 42, 4, 0.9),
+        ("final", -1, 9950, 0, 0, 7, 42),
+    ]
+    path = Path(__file__).parent / "_trace_roundtrip.json"
+    try:
+        path.write_text(json.dumps(chrome_trace(events, [(0, 4), (4, 8)])))
+        back, stages, _ = read_trace(path)
+    finally:
+        path.unlink(missing_ok=True)
+    first = min(e[2] for e in events)
+    shifted = [(e[0], e[1], *(t - first for t in e[2:4 if e[0] in ("compute", "head", "lm_head") else 3]),
+                *e[4 if e[0] in ("compute", "head", "lm_head") else 3:]) for e in events]
+    assert sorted(back) == sorted(shifted)
+    assert stages == [(0, 4), (4, 8)]
+
+
+def test_exit_statistics_count_exits_per_evaluation_and_confirmed_tokens():
+    events = [
+        ("head", 0, 0, 1, 1, 0, 5, 4, True), ("head", 0, 2, 3, 1, 0, 6, 4, False),
+        ("early", -1, 1, 1, 0, 5, 9, 4, 0.9), ("final", -1, 4, 1, 0, 5, 9),
+        ("head", 0, 5, 6, 2, 0, 3, 4, True), ("early", -1, 6, 2, 0, 3, 1, 4, 0.9), ("final", -1, 7, 2, 0, 3, 8),
+    ]
+    s = exit_stats(events)
+    assert s.rate == {4: 2 / 3} and s.precision == {4: 0.5}
+    assert exit_stats(events, {1}).precision == {4: 1.0}
+
+
+# --- defaults per setting ------------------------------------------------------------------------
+
+
+def _bundled_manifest() -> dict:
+    from adadecode.runtime.exit_heads import bundled_heads_path
+
+    return json.loads((bundled_heads_path() / "manifest.json").read_text())
+
+
+class _Config:  # the bundled SmolLM2-135M's shape
+    name_or_path, model_type, num_hidden_layers, hidden_size, intermediate_size = "smollm2", "llama", 30, 576, 1536
+    num_key_value_heads, num_attention_heads, head_dim, vocab_size = 3, 9, 64, 49152
+
+
+def test_a_token_counts_once_across_heads():
+    table = {4: [(0.8, 0.2, 0.7)], 9: [(0.8, 0.5, 0.9)], 12: [(0.8, 0.3, 0.95)]}
+    s = conditional_exits({4: 0.8, 9: 0.8, 12: 0.8}, table)
+    assert s.rate[4] == pytest.approx(0.2)
+    assert s.rate[9] == pytest.approx((0.5 - 0.2) / 0.8)
+    assert s.rate[12] == 0.0  # every token it is confident on was already confident at 9
+    assert s.precision == {4: 0.7, 9: 0.9, 12: 0.95}
+
+
+def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
+    manifest = _bundled_manifest()
+    assert exit_table(manifest)
+    one = choose(manifest, _Config, [(0, 30)], "deferred", "cpu", 4, 2)
+    assert one.layers == () and one.speedup < MARGIN and "runs as off" in one.note
+    two = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
+    assert two.layers and len(two.thresholds) == len(two.layers) and two.speedup >= MARGIN
+    assert choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2) == two  # every rank agrees
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+def test_simulate_a_setting_and_a_trace(capsys):
+    assert simulate_main(["--stages", "2", "--early-exit", "eager", "--sequences", "2", "--new-tokens", "32",
+                          "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["stages"]) == 2
+    assert out["tokens"] == 64 and out["vs_off"] > 0
+    assert simulate_main(["--trace", str(TRACES / "bench-ranks-1.json.gz"), "--json"]) == 0
+    cal = json.loads(capsys.readouterr().out)["calibration"]
+    assert set(cal) == {"off", "eager", "deferred"}
+
+
+def test_simulate_refuses_an_impossible_stage_count(capsys):
+    assert simulate_main(["--stages", "31"]) == 2
+    assert "--stages 31" in capsys.readouterr().err
+
+
+def test_an_engine_whose_setting_no_head_pays_in_runs_early_exit_as_off(tmp_path):
+    from adadecode.runtime.auto_heads import HeadChoice
+
+    from helpers import make_engine, save_tiny_model
+
+    engine = make_engine(save_tiny_model(tmp_path / "m"), [(0, 2), (2, 4)])
+    plain = engine.generate([1, 2, 3], max_new_tokens=12, early_exit="off")
+    engine.heads_choice = HeadChoice((), (), 0.9, "no exit head setting is predicted to pay")
+    assert engine.early_exit_off_here
+    res = engine.generate([1, 2, 3], max_new_tokens=12, early_exit="deferred")
+    assert res.tokens == plain.tokens
+    assert res.stats["early_emitted"] == 0 and res.stats["early_exit"] == "off"
