@@ -135,8 +135,9 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
             t.totals.add(len(res.tokens), st)
-            generations.append({"seq": st["seq"], "mode": name, "prompt_tokens": res.prompt_tokens,
-                                "tokens": len(res.tokens), "elapsed_s": round(st["elapsed_s"], 6)})
+            generations.append({"seq": st["seq"], "mode": name, "ran_as": st["early_exit"],
+                                "prompt_tokens": res.prompt_tokens, "tokens": len(res.tokens),
+                                "elapsed_s": round(st["elapsed_s"], 6)})
             at = first_divergence(res.tokens, ref)
             t.matches += at is None
             if at is not None and (params is None or params.mode == "seeded"):  # speculative: not a parity check

@@ -43,6 +43,12 @@ Speed against transformers' `generate`, same process, same threads:
 
     adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
 
+This runtime's schedule on simulated time (launcher/simulate.py; README, Simulator): fitted
+on a bench trace, or projected to GPUs:
+
+    adadecode simulate --trace traces/bench/trace.json
+    adadecode simulate --profile llama-3.1-70b --link ib --stages 8 --early-exit deferred
+
 An OpenAI-compatible server (launcher/server.py; README, Serving): in process, on N
 spawned local ranks, or under torchrun / Slurm (rank 0 serves, the others run their stages):
 
@@ -269,7 +275,7 @@ def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
     from .dist_env import read_dist_env
     from .distributed import check_devices, plan_launch, run_rank, spawn_local
 
-    timed = [m for m in args.modes.split(",") if m and m != "off"]
+    timed = [m for m in args.modes.split(",") if m in ("eager", "deferred")]  # bench refuses the others
     if cfg.decoding.early_exit == "off" and timed:  # heads are chosen for a policy: the first one timed
         cfg.decoding.early_exit = timed[0]
     plan = plan_launch(cfg, read_dist_env())

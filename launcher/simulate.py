@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from pathlib import Path
 
 from adadecode.runtime.partition import partition_layers
 from adadecode.runtime.sim_costs import (
@@ -24,8 +24,10 @@ from adadecode.runtime.sim_costs import (
     GPU_MODELS,
     H100,
     LINKS,
-    gpu_costs,
+    NVLINK,
+    SMOLLM2_135M,
     load_cpu_profile,
+    setting_costs,
 )
 from adadecode.runtime.sim_fit import calibrate, fit_costs
 from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="FILE", help="a `bench --trace` trace.json (or .json.gz): fit the costs on it")
     p.add_argument("--profile", default=CPU_PROFILE, choices=[CPU_PROFILE, *GPU_MODELS],
                    help=f"costs to simulate with (default {CPU_PROFILE}: fitted on this project's CPU)")
-    p.add_argument("--link", default="nvlink", choices=list(LINKS), help="GPU profiles: the link between stages")
+    p.add_argument("--link", choices=list(LINKS), help="GPU profiles: the link between stages (default nvlink)")
     p.add_argument("--exits", default="measured", choices=["measured", "paper"],
                    help="exit statistics: the bundled heads' (measured here) or AdaDecode's reported ones")
     p.add_argument("--stages", type=int, default=1, metavar="P")
@@ -70,28 +72,25 @@ class Setting:
 
     def __init__(self, profile: str, link: str = "nvlink"):
         cpu = load_cpu_profile()
-        self.cpu_runner = replace(Costs.from_dict(cpu["costs"]), control_s=cpu["pipeline"]["control_s"])
         self.measured = ExitStats({int(l): r for l, r in cpu["exits"]["rate"].items()},
                                   {int(l): r for l, r in cpu["exits"]["precision"].items()})
         self.measured_depth = cpu["num_layers"]
         if profile == CPU_PROFILE:
-            self.name, self.depth = "SmolLM2-135M, this CPU (fp32)", cpu["num_layers"]
-            self.one = Costs.from_dict(cpu["costs"])  # one stage, in process
-            self.many = replace(self.one, **cpu["pipeline"])  # one rank per stage: the runner's per-hop costs too
+            self.name, self.model, self.device, self.link = "SmolLM2-135M, this CPU (fp32)", SMOLLM2_135M, "cpu", NVLINK
             self.fits = lambda p: True
         else:
             model = GPU_MODELS[profile]
             self.name = f"{model.name}, {H100.name}, {LINKS[link].name}"
-            self.one = self.many = gpu_costs(model, H100, LINKS[link], self.cpu_runner)
-            self.depth = model.layers
+            self.model, self.device, self.link = model, "cuda", LINKS[link]
             # bf16 weights over P GPUs, with a fifth of each GPU left for the KV cache and activations
             self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
+        self.depth = self.model.layers
 
     def exits(self, scenario: str) -> ExitStats:
         return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
 
     def costs(self, stages: int) -> Costs:
-        return self.one if stages == 1 else self.many
+        return setting_costs(self.model, self.device, stages, link=self.link)
 
     def ranges(self, stages: int) -> list[tuple[int, int]]:
         c = self.costs(stages)
@@ -236,9 +235,29 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
+def check_args(a) -> None:
+    """Refuse what cannot be simulated, naming the flag (ValueError: a user error)."""
+    if a.trace and not Path(a.trace).is_file():
+        raise ValueError(f"--trace {a.trace}: no such file; give the trace.json an `adadecode bench --trace DIR` wrote")
+    for flag, value in (("--concurrency", a.concurrency), ("--sequences", a.sequences),
+                        ("--max-inflight", a.max_inflight), ("--prompt-tokens", a.prompt_tokens),
+                        ("--new-tokens", a.new_tokens)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: give an integer >= 1")
+    if a.link and a.profile == CPU_PROFILE:
+        raise ValueError(f"--link applies to the GPU profiles ({', '.join(GPU_MODELS)}), not to {CPU_PROFILE}")
+    if a.plot and not a.project:
+        raise ValueError("--plot draws the projection: add --project")
+    try:
+        a.layers = [int(x) for x in a.exit_layers.split(",") if x] or None
+    except ValueError:
+        raise ValueError(f"--exit-layers {a.exit_layers}: give layer numbers separated by commas, e.g. 8,16,24") from None
+
+
 def main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(list(argv))
     try:
+        check_args(a)
         if a.trace:
             return _from_trace(a)
         if a.project:
@@ -264,10 +283,13 @@ def main(argv: Sequence[str]) -> int:
                     v = "; ".join(f"{k}: {'-' if x is None else x}" for k, x in r["variants"].items())
                     print(f"| {r['setting']} | {r['question']} | {v} |")
             return 0
-        setting = Setting(a.profile, a.link)
+        setting = Setting(a.profile, a.link or "nvlink")
         if a.stages < 1 or a.stages > setting.depth:
             raise ValueError(f"--stages {a.stages}: give 1 to {setting.depth} (the model's layers)")
-        layers = [int(x) for x in a.exit_layers.split(",") if x] or None
+        layers = a.layers
+        bad = [l for l in layers or () if not 0 < l < setting.depth]
+        if bad:
+            raise ValueError(f"--exit-layers: {bad} outside 1..{setting.depth - 1}, the layers a head can read")
         out = {"setting": setting.name, "stages": setting.ranges(a.stages), "early_exit": a.early_exit}
         off = run(setting, a.stages, "off", a.exits, concurrency=a.concurrency, prompt_tokens=a.prompt_tokens,
                   new_tokens=a.new_tokens, sequences=a.sequences)

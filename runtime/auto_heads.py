@@ -9,8 +9,9 @@ when the config leaves ``decoding.exit_layers`` and ``thresholds`` empty, the
 heads are chosen for the setting at start-up:
 
 - costs: runtime/sim_costs.py for the setting's device (the CPU costs fitted
-  here, scaled to the model's size and dtype; derived H100 costs on CUDA), the
-  stage split and whether there are ranks;
+  here, scaled to the model's size and dtype; on CUDA, whatever the GPU, the
+  derived costs of H100s joined by NVLink), the stage split and whether the
+  stages are ranks (stages in one process run one after another: one stage);
 - exit statistics: the heads' own calibration table (``validation_calibration``
   in the manifest: exit rate and precision per head and threshold, on prompts
   never trained on). A head's chance to exit when it is reached is estimated by
@@ -33,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .sim_costs import H100, NVLINK, ModelShape, cpu_costs, gpu_costs
+from .sim_costs import ModelShape, setting_costs
 from .simulator import ExitStats, SimSpec, simulate
 
 THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.98)
@@ -72,10 +73,12 @@ def conditional_exits(selection: dict[int, float], table) -> ExitStats:
 
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
-           element_size: int, max_inflight: int) -> HeadChoice:
-    """The heads for this setting (see the module docstring)."""
-    return _choose(_key(manifest), ModelShape.from_config(config), tuple(map(tuple, ranges)), policy, device_type,
-                   element_size, max_inflight, _Table(exit_table(manifest)))
+           element_size: int, max_inflight: int, ranks: bool = True) -> HeadChoice:
+    """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
+    False: the stages run one after another in one process, which times like one stage."""
+    shape = ModelShape.from_config(config)
+    simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, _Table(exit_table(manifest)))
 
 
 class _Table(dict):
@@ -85,17 +88,10 @@ class _Table(dict):
         return hash(tuple((l, tuple(rows)) for l, rows in sorted(self.items())))
 
 
-def _key(manifest: dict) -> str:
-    return str(manifest.get("base_model", {}).get("fingerprint", ""))
-
-
 @lru_cache(maxsize=16)
-def _choose(_fingerprint, shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, table):
+def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, table):
     stages = len(ranges)
-    if device_type == "cuda":
-        costs = gpu_costs(shape, H100, NVLINK, cpu_costs(shape, 1, element_size))
-    else:
-        costs = cpu_costs(shape, stages, element_size)
+    costs = setting_costs(shape, device_type, stages, element_size)
     layers = [l for l in sorted(table) if l < shape.layers]
 
     def speedup(selection: dict[int, float]) -> float:

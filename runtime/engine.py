@@ -89,6 +89,11 @@ class Engine:
         """The heads were chosen for this setting and none pays: early exit runs as off."""
         return self.heads_choice is not None and not self.heads_choice.layers
 
+    def early_exit_for(self, mode: str) -> str:
+        """The early-exit mode a request for ``mode`` runs with: off where no head pays (the
+        choice's note said so at start-up), else ``mode``."""
+        return "off" if mode in EARLY_EXIT_MODES and self.early_exit_off_here else mode
+
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
         return [(s.start, s.end) for s in self.stages]
@@ -138,8 +143,7 @@ class Engine:
             sampling = SamplingParams(**given)
         if early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
-        if early_exit != "off" and self.early_exit_off_here:
-            early_exit = "off"  # no head pays in this setting (the choice's note says so at start-up)
+        early_exit = self.early_exit_for(early_exit)
         if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
             raise ValueError(
                 f"early_exit `{early_exit}` needs exit heads and {self.resolved.origin} has none loaded; "

@@ -54,7 +54,7 @@ class LoadSpec:
     exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
     # Choose the heads for this setting and this early-exit policy (runtime/auto_heads.py) when
     # exit_layers and thresholds are empty; None: the heads' manifest defaults.
-    auto_heads: str | None = None
+    auto_heads_for: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("split_points", "exit_layers", "thresholds"):  # lists from a config become tuples
@@ -106,11 +106,13 @@ def build_stage(
     device: torch.device,
     dtype: torch.dtype,
     policy: str = "off",
+    ranks: bool = False,
 ) -> LoadedStage:
     """Load stage ``index`` of ``ranges`` onto ``device`` and only its weights: what one rank holds.
 
     A stage loads the final norm and LM head when it is the last, or when one of the exit
-    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5).
+    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5). ``ranks``:
+    each stage is a rank of its own (else all run in this process), for the heads' choice.
     """
     t0 = time.perf_counter()
     rss0 = _reset_peak_rss()
@@ -126,12 +128,13 @@ def build_stage(
 
         manifest = read_manifest(heads_path)
         layers = list(spec.exit_layers) or list(manifest["default_layers"])
-        auto = spec.auto_heads not in (None, "off") and not spec.exit_layers and not spec.thresholds
+        auto = spec.auto_heads_for not in (None, "off") and not spec.exit_layers and not spec.thresholds
         if auto and (manifest.get("validation_calibration") or manifest.get("calibration")):  # else: the defaults
             from .auto_heads import choose
 
             element_size = torch.empty((), dtype=dtype).element_size()
-            choice = choose(manifest, config, ranges, spec.auto_heads, device.type, element_size, spec.max_chunk - 1)
+            choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size,
+                            spec.max_chunk - 1, ranks=ranks)
             layers, thresholds = list(choice.layers), choice.thresholds
         mine = [l for l in layers if a < l <= b and l < args.num_layers]
     modules = load_stage_modules(
@@ -199,7 +202,7 @@ def load_rank(
         spec.device, spec.dtype, backend, local_rank=local_rank, local_world_size=local_world_size
     )
     resolved, config, ranges = prepare(spec)
-    loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
+    loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype, ranks=True)
     return resolved, config, ranges, loaded
 
 

@@ -207,7 +207,7 @@ class ServingLoop:
             )
         if request.early_exit not in EARLY_EXIT_MODES:
             raise ValueError(f"early_exit `{request.early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
-        if request.early_exit != "off" and not any(s.heads is not None for s in e.stages):
+        if e.early_exit_for(request.early_exit) != "off" and not any(s.heads is not None for s in e.stages):
             raise ValueError(f"early_exit `{request.early_exit}` needs exit heads and this server has none loaded")
         if request.sampling is not None and not isinstance(request.sampling, SamplingParams):
             # refused here, not by the Coordinator on the loop's thread, where it would fail every request
@@ -268,7 +268,8 @@ class ServingLoop:
             seq = e.new_sequence_id()
             self._active[seq] = _Active(rid, request, on_event, TextStream(e._decode, request.stop, pending.append), pending)
             self._seq_of[rid] = seq
-            coord.add_sequence(seq, list(request.prompt), criteria, early_exit=request.early_exit,
+            mode = self.engine.early_exit_for(request.early_exit)
+            coord.add_sequence(seq, list(request.prompt), criteria, early_exit=mode,
                               sampling=request.sampling)
             self.counters.prompt_tokens += len(request.prompt)
 

@@ -117,11 +117,11 @@ def cpu_costs(model: ModelShape, stages: int, element_size: int = 4) -> Costs:
     layer = model.layer_params * element_size / (SMOLLM2_135M.layer_params * 4)
     lm = model.vocab * model.hidden * element_size / (SMOLLM2_135M.vocab * SMOLLM2_135M.hidden * 4)
     costs = replace(
-        base, layer_s=[t * layer for t in base.layer_s], row_s=(base.row_s or 0.0) * layer,
+        base, layer_s=[t * layer for t in base.layer_s], row_s=None if base.row_s is None else base.row_s * layer,
         lm_head_s=base.lm_head_s * lm, head_s=base.head_s * model.hidden ** 2 / SMOLLM2_135M.hidden ** 2,
         hidden_bytes=model.hidden * element_size,
     )
-    return costs if stages == 1 else replace(costs, **profile["pipeline"])
+    return costs if stages == 1 else replace(costs, **profile["pipeline"])  # ranks: their per-hop costs
 
 
 def gpu_costs(model: ModelShape, device: Device, link: Link, runner: Costs, max_rows: int = 8) -> Costs:
@@ -146,3 +146,19 @@ def gpu_costs(model: ModelShape, device: Device, link: Link, runner: Costs, max_
         hidden_bytes=2 * model.hidden,
         shared_bus=0.0,  # a GPU per stage
     )
+
+
+def runner_costs() -> Costs:
+    """This runtime's own costs as measured here, for hardware we only project: the runner's
+    work per output in one process, the control plane's latency between ranks."""
+    profile = load_cpu_profile()
+    return replace(Costs.from_dict(profile["costs"]), control_s=profile["pipeline"]["control_s"])
+
+
+def setting_costs(model: ModelShape, device_type: str, stages: int, element_size: int = 4,
+                  link: Link = NVLINK) -> Costs:
+    """The costs of ``model`` on ``stages`` ranks of ``device_type`` (``cpu``: this project's CPU;
+    ``cuda``: H100s joined by ``link``, whatever the GPU: a projection, not a measurement)."""
+    if device_type == "cuda":
+        return gpu_costs(model, H100, link, runner_costs())
+    return cpu_costs(model, stages, element_size)

@@ -68,9 +68,7 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     n = len(points)
     mx = sum(x for x, _ in points) / n
     my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx == 0:
-        return 0.0, my / mx if mx else 0.0
+    sxx = sum((x - mx) ** 2 for x, _ in points)  # > 0: the caller checks for two distinct x
     b = sum((x - mx) * (y - my) for x, y in points) / sxx
     return my - b * mx, b
 
@@ -110,7 +108,8 @@ def fit_costs(raw_events: list[tuple], other: dict) -> Costs:
     for n in range(2, MAX_CHUNK + 1):
         per = [((e["t1"] - e["t0"]) * ns - call_s) / (e["b"] - e["a"]) for e, _ in alone if e["n"] == n]
         table.append(_median(per, table[-1]) if len(per) >= 3 else table[-1])
-    table = [max(t, table[0]) for t in table]  # more rows never cost less; noise on a few calls can say so
+    for i in range(1, len(table)):  # more rows never cost less; noise on a few calls can say so
+        table[i] = max(table[i], table[i - 1])
     extra = [(((e["t1"] - e["t0"]) * ns - call_s) / (e["b"] - e["a"]) - table[-1]) / (e["n"] - MAX_CHUNK)
              for e, _ in alone if e["n"] > MAX_CHUNK]
     row_s = max(_median(extra, 0.0), 0.0)
@@ -177,13 +176,17 @@ def _step_overhead(events: list[dict], other: dict) -> float:
         if e["track"] == COORDINATOR:
             continue
         if e["type"] in ("compute", "head", "lm_head", "wait") and inside(e["t0"]):
-            worked += e["t1"] - e["t0"]
+            worked += min(e["t1"], _window_end(windows, starts, e["t0"])) - e["t0"]
         if (e["type"] == "send" and inside(e["t"])) or (e["type"] == "head" and e["exited"] and inside(e["t0"])):
             outputs += 1
         if e["type"] == "lm_head" and inside(e["t0"]):
             outputs += e["n"]
     idle = span * tracks - worked
     return max(idle, 0) * 1e-9 / outputs if outputs else 0.0
+
+
+def _window_end(windows, starts, t: int) -> int:
+    return windows[bisect.bisect_right(starts, t) - 1][1]
 
 
 def exit_stats(raw_events: list[tuple], seqs: set[int] | None = None) -> ExitStats:
@@ -215,18 +218,22 @@ def calibrate(raw_events: list[tuple], stages: list[tuple[int, int]], other: dic
     """For each mode of a ``bench`` trace: measured and simulated tokens/s, with the costs fitted
     on the whole trace and each mode's own exit statistics."""
     generations = other.get("generations")
-    if not generations:
-        raise ValueError("the trace does not list its generations; record it with `adadecode bench --trace DIR`")
+    if not generations or "num_layers" not in other:
+        raise ValueError("the trace does not list its generations; record it with `adadecode bench --trace DIR` "
+                         "(a `generate` trace, or one from an older adadecode, cannot be fitted)")
     costs = costs or fit_costs(raw_events, other)
     max_inflight = max_inflight or int(other.get("max_inflight", 2))
     out = {}
     for mode in dict.fromkeys(g["mode"] for g in generations):
         gens = [g for g in generations if g["mode"] == mode]
         seqs = {g["seq"] for g in gens}
-        exits = exit_stats(raw_events, seqs) if mode != "off" else None
+        ran_as = gens[0].get("ran_as", mode.split(":")[0])  # off where no head paid (runtime/auto_heads.py)
+        exits = exit_stats(raw_events, seqs) if ran_as != "off" else None
+        if exits is not None and not exits.layers:  # heads loaded, none on the path: nothing exits
+            exits, ran_as = None, "off"
         spec = SimSpec(
             num_layers=int(other["num_layers"]), ranges=[tuple(r) for r in stages], costs=costs, exits=exits,
-            head_layers=exits.layers if exits else (), early_exit=mode.split(":")[0], max_inflight=max_inflight,
+            head_layers=exits.layers if exits else (), early_exit=ran_as, max_inflight=max_inflight,
             prompts=[(g["prompt_tokens"], g["tokens"]) for g in gens],
         )
         sim = simulate(spec)

@@ -329,20 +329,13 @@ def simulate(spec: SimSpec) -> SimResult:
                     return max(x.clock.now for x in ranks)
                 raise RuntimeError("simulated pipeline stalled: the coordinator waits and no rank has work")
             r.clock.now = max(r.clock.now, at)
-            while r.inbox and r.inbox[0][0] <= r.clock.now:
-                _, _, event = heapq.heappop(r.inbox)
-                r.idle = False
-                if isinstance(event, (EarlyPrediction, FinalPrediction)):
-                    if event.seq in coord.sequences:  # else of a run that has ended: dropped, as ranks do
-                        router.predict(coord, event)
-                else:
-                    r.stage.receive(event)
+            take_in(r, coord)
             if r.index == 0 and router.pump(coord, verified.append) is DONE:
                 # the run returns once every rank has answered `released`: after the step it is in
                 return max([r.clock.now] + [max(x.step_end, r.clock.now + costs.control_s) + costs.control_s
                                             for x in ranks[1:]])
             stage = r.stage
-            if (spec.wait_s is not None and r.index > 0 and not stage.queued and stage.parked):
+            if spec.wait_s is not None and r.index > 0 and not stage.queued and not stage.ready and stage.parked:
                 if r.parked_since is None:
                     r.parked_since = r.clock.now
                 if r.clock.now < r.parked_since + spec.wait_s[r.index]:
@@ -359,9 +352,12 @@ def simulate(spec: SimSpec) -> SimResult:
                 r.step_end = r.clock.now
                 r.idle = r.clock.now == t0
                 continue
+            r.busy_s += r.clock.now - t0  # as the runners time it: inside next_action()
             r.clock.now += costs.step_s
-            r.busy_s += r.clock.now - t0
             r.step_end = r.clock.now
+            take_in(r, coord)  # what arrived during the step, before shipping (a rollback makes it stale)
+            if r.index == 0:
+                router.pump(coord, verified.append)
             if isinstance(out, Activations):
                 if not stage.is_stale(out):
                     post(ranks[r.index + 1], r.clock.now + costs.hop(out.hidden.shape[0]), out)
@@ -369,6 +365,18 @@ def simulate(spec: SimSpec) -> SimResult:
                 router.predict(coord, out)
             else:
                 post(rank0, r.clock.now + costs.control_s, out)
+
+    def take_in(r: _Rank, coord: Coordinator) -> None:
+        """Everything that has reached ``r`` by its clock: predictions to the coordinator (rank 0),
+        the rest to its stage."""
+        while r.inbox and r.inbox[0][0] <= r.clock.now:
+            _, _, event = heapq.heappop(r.inbox)
+            r.idle = False
+            if isinstance(event, (EarlyPrediction, FinalPrediction)):
+                if event.seq in coord.sequences:  # else of a run that has ended: dropped, as ranks do
+                    router.predict(coord, event)
+            else:
+                r.stage.receive(event)
 
     def _wait(spec: SimSpec, index: int):
         return None if spec.wait_s is None else spec.wait_s[index]

@@ -183,6 +183,11 @@ class Stage:
         return len(self._work)
 
     @property
+    def ready(self) -> int:
+        """Outputs computed and not handed out yet."""
+        return len(self._out)
+
+    @property
     def parked(self) -> int:
         """Deferred backfills parked until the next token of their sequence (or an idle moment)."""
         return sum(len(items) for items in self._parked.values())

@@ -121,6 +121,27 @@ def test_the_load_rule_turns_heads_off_while_the_pipeline_is_full(model_dir, alo
         loop.stop()
 
 
+def test_where_no_head_pays_early_exit_requests_are_served_as_off(model_dir, alone):
+    """A per-setting head choice of none (runtime/auto_heads.py): requests asking for early
+    exit are taken and decoded as off, not refused."""
+    from adadecode.runtime.auto_heads import HeadChoice
+
+    engine = make_engine(model_dir, THREE, num_slots=2)
+    engine.heads_choice = HeadChoice((), (), 0.95, "no exit head setting is predicted to pay")
+    for stage in engine.stages:
+        stage.heads = None  # what loading does when the choice is none
+    loop = ServingLoop(engine, max_num_seqs=2).start()
+    try:
+        got = Collector(len(PROMPTS))
+        ids = [loop.submit(Request(tuple(p), MAX_NEW, early_exit="deferred"), got) for p in PROMPTS]
+        got.wait()
+        for rid, ref in zip(ids, alone):
+            assert [t for e in got.events[rid] if isinstance(e, TextDelta) for t in e.tokens] == ref
+        assert sum(loop.metrics()["early_emitted"].values()) == 0
+    finally:
+        loop.stop()
+
+
 def test_never_more_sequences_than_slots(model_dir):
     loop = serve(model_dir, THREE, slots=2)
     seen = []
