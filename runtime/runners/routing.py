@@ -21,15 +21,7 @@ import logging
 from collections.abc import Callable
 
 from ..coordinator import Coordinator
-from ..events import (
-    DONE,
-    WAITING,
-    EarlyPrediction,
-    Rollback,
-    SequenceFinished,
-    StepRequest,
-    Verified,
-)
+from ..events import DONE, WAITING, EarlyPrediction, Rollback, SequenceFinished, StepRequest, Verified
 from ..trace import COORDINATOR
 
 log = logging.getLogger("adadecode.runner")
