@@ -1,14 +1,17 @@
-"""What tracing off costs: this tree (hooks in, recorder off) against the tree before the hooks.
+"""What tracing off costs: this tree (hooks in, recorder off) against a tree without the hooks.
 
 The trace hooks (runtime/trace.py) put an ``is None`` check on every compute call, head
 evaluation, LM-head call and hand-over. This times the same decode in both trees, one
 process per round, the two trees alternating round by round (so drift hits both), pinned to
-one core with one thread, and checks that both decode the same tokens. The baseline tree is
-a git worktree of the commit before the hooks (8b6f205^), put first on PYTHONPATH:
+one core with one thread, and checks that both decode the same tokens. The baseline is put
+first on PYTHONPATH; either ``--strip``: a copy of this tree with every hook's test replaced
+by its constant (``if True:``, which Python compiles away), so the two differ in the hooks
+only; or a worktree of the commit before the hooks (which also lacks what came after):
 
+    python scripts/bench_trace_off.py --strip --rounds 8
     git worktree add /tmp/pre-trace 8b6f205^
     mkdir -p /tmp/pre-pp/adadecode && ln -s /tmp/pre-trace/runtime /tmp/pre-trace/launcher /tmp/pre-pp/adadecode/
-    python scripts/bench_trace_off.py --baseline /tmp/pre-pp --rounds 6
+    python scripts/bench_trace_off.py --baseline /tmp/pre-pp --rounds 8
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 WORKER = """
 import json, sys, time, torch
@@ -51,9 +57,30 @@ def run(pythonpath: str | None, a) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+HOOKED = ("runtime/stage.py", "runtime/runners/inprocess.py", "runtime/runners/routing.py")
+
+
+def stripped_tree() -> str:
+    """A copy of runtime/ and launcher/ as ``adadecode.*`` with the trace hooks compiled away."""
+    root = Path(tempfile.mkdtemp(prefix="adadecode-nohooks-"))
+    here = Path(__file__).resolve().parents[1]
+    for name in ("runtime", "launcher"):
+        shutil.copytree(here / name, root / "adadecode" / name)
+    for rel in HOOKED:
+        path = root / "adadecode" / rel
+        text = path.read_text()
+        n = text.count("self.trace is None") + text.count("self.trace is not None")
+        if not n:
+            raise SystemExit(f"{rel}: no trace hook found to strip")
+        path.write_text(text.replace("self.trace is not None", "False").replace("self.trace is None", "True"))
+    return str(root)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="PYTHONPATH entry holding the tree before the hooks")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--baseline", help="PYTHONPATH entry holding a tree without the hooks")
+    base.add_argument("--strip", action="store_true", help="baseline: this tree with the hooks compiled away")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -61,22 +88,24 @@ def main() -> None:
     p.add_argument("--prompts", default="data/prompts/heldout.jsonl")
     p.add_argument("--core", default="0")
     a = p.parse_args()
-    ratios, rates = [], {"hooks": [], "before": []}
+    if a.strip:
+        a.baseline = stripped_tree()
+    ratios, rates = [], {"hooks": [], "baseline": []}
     for r in range(a.rounds):
-        order = [("hooks", None), ("before", a.baseline)]
+        order = [("hooks", None), ("baseline", a.baseline)]
         if r % 2:
             order.reverse()
         got = {name: run(path, a) for name, path in order}
-        if got["hooks"]["out"] != got["before"]["out"]:
+        if got["hooks"]["out"] != got["baseline"]["out"]:
             raise SystemExit("the two trees decoded different tokens")
-        if got["hooks"]["stage"] == got["before"]["stage"]:
+        if got["hooks"]["stage"] == got["baseline"]["stage"]:
             raise SystemExit(f"both runs imported {got['hooks']['stage']}: check --baseline")
-        for name in rates:
-            rates[name].append(got[name]["tokens"] / got[name]["seconds"])
-        ratios.append(rates["hooks"][-1] / rates["before"][-1])
-        print(f"round {r}: hooks {rates['hooks'][-1]:.2f} tokens/s, before {rates['before'][-1]:.2f}, "
+        for name, values in rates.items():
+            values.append(got[name]["tokens"] / got[name]["seconds"])
+        ratios.append(rates["hooks"][-1] / rates["baseline"][-1])
+        print(f"round {r}: hooks {rates['hooks'][-1]:.2f} tokens/s, baseline {rates['baseline'][-1]:.2f}, "
               f"ratio {ratios[-1]:.3f}", file=sys.stderr)
-    print(f"tracing off vs before the hooks: median ratio {statistics.median(ratios):.3f} "
+    print(f"tracing off vs no hooks: median ratio {statistics.median(ratios):.3f} "
           f"(rounds {', '.join(f'{x:.3f}' for x in ratios)}); tokens identical in every round")
 
 
