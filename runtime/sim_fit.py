@@ -73,21 +73,29 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def _waiting(events: list[dict]) -> dict[int, tuple[list[int], list[int]]]:
-    """Per track, its wait spans as (starts, ends), sorted."""
+class _Spans:
+    """Disjoint time spans, sorted: which one holds a time."""
+
+    def __init__(self, spans):
+        self.spans = sorted(spans)
+        self.starts = [a for a, _ in self.spans]
+
+    def at(self, t: int) -> tuple[int, int] | None:
+        i = bisect.bisect_right(self.starts, t) - 1
+        return self.spans[i] if i >= 0 and self.spans[i][1] >= t else None
+
+
+def _waiting(events: list[dict]) -> dict[int, _Spans]:
+    """Per track, its wait spans."""
     spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for e in events:
         if e["type"] == "wait":
             spans[e["track"]].append((e["t0"], e["t1"]))
-    return {k: ([a for a, _ in sorted(v)], [b for _, b in sorted(v)]) for k, v in spans.items()}
+    return {k: _Spans(v) for k, v in spans.items()}
 
 
-def _was_waiting(waits, track: int, t: int) -> bool:
-    if track not in waits:
-        return False
-    starts, ends = waits[track]
-    i = bisect.bisect_right(starts, t) - 1
-    return i >= 0 and ends[i] >= t
+def _was_waiting(waits: dict[int, _Spans], track: int, t: int) -> bool:
+    return track in waits and waits[track].at(t) is not None
 
 
 def fit_costs(raw_events: list[tuple], other: dict) -> Costs:
@@ -160,33 +168,27 @@ def _windows(events: list[dict]) -> dict[int, tuple[int, int]]:
 
 def _step_overhead(events: list[dict], other: dict) -> float:
     """The runner's own time per stage output: what no recorded work or wait explains."""
-    windows = sorted(_windows(events).values())
-    if not windows:
+    windows = _Spans(_windows(events).values())
+    if not windows.spans:
         return 0.0
-    starts = [a for a, _ in windows]
-
-    def inside(t: int) -> bool:
-        i = bisect.bisect_right(starts, t) - 1
-        return i >= 0 and windows[i][0] <= t <= windows[i][1]
-
-    span = sum(b - a for a, b in windows)
+    span = sum(b - a for a, b in windows.spans)
     tracks = len(other.get("stages", [])) or 1
     worked, outputs = 0, 0
     for e in events:
         if e["track"] == COORDINATOR:
             continue
-        if e["type"] in ("compute", "head", "lm_head", "wait") and inside(e["t0"]):
-            worked += min(e["t1"], _window_end(windows, starts, e["t0"])) - e["t0"]
-        if (e["type"] == "send" and inside(e["t"])) or (e["type"] == "head" and e["exited"] and inside(e["t0"])):
+        t = e.get("t0", e.get("t"))
+        window = windows.at(t)
+        if window is None:
+            continue
+        if e["type"] in ("compute", "head", "lm_head", "wait"):
+            worked += min(e["t1"], window[1]) - t
+        if e["type"] == "send" or (e["type"] == "head" and e["exited"]):
             outputs += 1
-        if e["type"] == "lm_head" and inside(e["t0"]):
+        elif e["type"] == "lm_head":
             outputs += e["n"]
     idle = span * tracks - worked
     return max(idle, 0) * 1e-9 / outputs if outputs else 0.0
-
-
-def _window_end(windows, starts, t: int) -> int:
-    return windows[bisect.bisect_right(starts, t) - 1][1]
 
 
 def exit_stats(raw_events: list[tuple], seqs: set[int] | None = None) -> ExitStats:

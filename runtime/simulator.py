@@ -49,6 +49,7 @@ from .events import (
     FinalPrediction,
     Verified,
 )
+from .run_stats import RunTotals, counters_since, stage_counters
 from .runners.routing import ActionRouter
 from .stage import Stage
 from .stopping import StopCriteria
@@ -224,33 +225,24 @@ class SimSpec:
 
 @dataclass
 class SimResult:
-    tokens: int
-    elapsed_s: float
-    busy_s: list[float]
-    early_emitted: int
-    accepted: int
-    rollbacks: int
-    stage_stats: list  # each Stage's StageStats
+    totals: RunTotals  # the counters, and every number derived from them, as a real run has them
     mismatches: int  # generated tokens that differ from the greedy truth (must be 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.totals.tokens
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.totals.elapsed_s
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def summary(self) -> dict:
-        t = self.elapsed_s
-        return {
-            "tokens": self.tokens,
-            "tokens_per_s": round(self.tokens_per_s, 3),
-            "acceptance_rate": round(self.accepted / self.early_emitted, 4) if self.early_emitted else None,
-            "early_per_token": round(self.early_emitted / self.tokens, 4) if self.tokens else 0.0,
-            "rollbacks": self.rollbacks,
-            "stage_busy_fraction": [round(b / t, 4) if t else 0.0 for b in self.busy_s],
-            "stage_merged": [s.merged for s in self.stage_stats],
-            "stage_idle_backfills": [s.idle_backfills for s in self.stage_stats],
-            "discarded_fraction": round(
-                sum(s.discarded for s in self.stage_stats) / max(1, sum(s.computed for s in self.stage_stats)), 4),
-        }
+        """runtime/run_stats.py's summary: the same derived numbers as a measured run's."""
+        return self.totals.summary()
 
 
 class _Rank:
@@ -313,7 +305,7 @@ def simulate(spec: SimSpec) -> SimResult:
         rank0.idle = False
 
     router = ActionRouter(to_first, to_every_stage)
-    totals = {"tokens": 0, "elapsed": 0.0, "early": 0, "accepted": 0, "rollbacks": 0, "mismatches": 0}
+    totals = RunTotals()
 
     def run(coord: Coordinator, start: float) -> float:
         for r in ranks:
@@ -322,8 +314,7 @@ def simulate(spec: SimSpec) -> SimResult:
         verified: list[Verified] = []
         router.pump(coord, verified.append)
         while True:
-            r = min(ranks, key=lambda r: (r.ready_at(_wait(spec, r.index)), r.index))
-            at = r.ready_at(_wait(spec, r.index))
+            at, _, r = min((x.ready_at(_wait(spec, x.index)), x.index, x) for x in ranks)
             if at == math.inf:
                 if router.pump(coord, verified.append) is DONE:
                     return max(x.clock.now for x in ranks)
@@ -381,7 +372,7 @@ def simulate(spec: SimSpec) -> SimResult:
     def _wait(spec: SimSpec, index: int):
         return None if spec.wait_s is None else spec.wait_s[index]
 
-    now, seq = 0.0, 0
+    now, seq, mismatches = 0.0, 0, 0
     batches = [spec.prompts[i : i + spec.concurrency] for i in range(0, len(spec.prompts), spec.concurrency)]
     for batch in batches:
         coord = Coordinator(max_inflight=spec.max_inflight, early_exit_below=spec.early_exit_below)
@@ -391,22 +382,27 @@ def simulate(spec: SimSpec) -> SimResult:
             coord.add_sequence(seq, [1 + i for i in range(n)], criteria, early_exit=spec.early_exit)
             seqs.append((seq, n))
             seq += 1
+        busy0 = [r.busy_s for r in ranks]
+        counters0 = [stage_counters(r.stage.stats) for r in ranks]
         end = run(coord, now)
-        totals["elapsed"] += end - now
-        now = end
+        stats = {
+            "elapsed_s": end - now, "early_emitted": 0, "accepted": 0, "rollbacks": 0,
+            "early_by_layer": {}, "accepted_by_layer": {}, "rejected_by_layer": {},
+            "stage_busy_s": [r.busy_s - b for r, b in zip(ranks, busy0)],
+            "stage_stats": [counters_since(stage_counters(r.stage.stats), c) for r, c in zip(ranks, counters0)],
+        }
+        now, tokens = end, 0
         for s, n in seqs:
             st = coord.sequences[s]
-            totals["tokens"] += len(st.generated)
-            totals["mismatches"] += sum(t != truth(n + i) for i, t in enumerate(st.generated))
-            totals["early"] += st.stats.early_emitted
-            totals["accepted"] += st.stats.accepted
-            totals["rollbacks"] += st.stats.rollbacks
-    return SimResult(
-        tokens=totals["tokens"], elapsed_s=totals["elapsed"], busy_s=[r.busy_s for r in ranks],
-        early_emitted=totals["early"], accepted=totals["accepted"], rollbacks=totals["rollbacks"],
-        stage_stats=[r.stage.stats for r in ranks], mismatches=totals["mismatches"],
-    )
-
+            tokens += len(st.generated)
+            mismatches += sum(t != truth(n + i) for i, t in enumerate(st.generated))
+            for k in ("early_emitted", "accepted", "rollbacks"):
+                stats[k] += getattr(st.stats, k)
+            for k in ("early_by_layer", "accepted_by_layer", "rejected_by_layer"):
+                for l, c in getattr(st.stats, k).items():
+                    stats[k][l] = stats[k].get(l, 0) + c
+        totals.add(tokens, stats)
+    return SimResult(totals, mismatches)
 
 class _StageHeads:
     """One stage's view of the shared ``SimHeads``: evaluations charged to that stage's clock."""

@@ -67,6 +67,15 @@ def serve(model_dir, ranges, slots: int, **kw) -> ServingLoop:
     return ServingLoop(engine, max_num_seqs=slots, **kw).start()
 
 
+def assert_each_prompt_gives_its_tokens_alone(loop: ServingLoop, early_exit: str, alone) -> None:
+    """Submit every prompt at once with ``early_exit``; each streams the tokens it gives alone."""
+    got = Collector(len(PROMPTS))
+    ids = [loop.submit(Request(tuple(p), MAX_NEW, early_exit=early_exit), got) for p in PROMPTS]
+    got.wait()
+    for rid, ref in zip(ids, alone):
+        assert [t for e in got.events[rid] if isinstance(e, TextDelta) for t in e.tokens] == ref
+
+
 def assert_all_free(loop: ServingLoop) -> None:
     m = loop.metrics()
     assert m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0
@@ -110,11 +119,7 @@ def test_the_load_rule_turns_heads_off_while_the_pipeline_is_full(model_dir, alo
     run without heads (none evaluated, no early token) and give their tokens alone."""
     loop = serve(model_dir, THREE, slots=4, early_exit_below=1)
     try:
-        got = Collector(len(PROMPTS))
-        ids = [loop.submit(Request(tuple(p), MAX_NEW, early_exit="eager"), got) for p in PROMPTS]
-        got.wait()
-        for rid, ref in zip(ids, alone):
-            assert [t for e in got.events[rid] if isinstance(e, TextDelta) for t in e.tokens] == ref
+        assert_each_prompt_gives_its_tokens_alone(loop, "eager", alone)
         assert sum(stage.stats.head_evals for stage in loop.engine.stages) == 0
         assert sum(loop.metrics()["early_emitted"].values()) == 0
     finally:
@@ -132,11 +137,7 @@ def test_where_no_head_pays_early_exit_requests_are_served_as_off(model_dir, alo
         stage.heads = None  # what loading does when the choice is none
     loop = ServingLoop(engine, max_num_seqs=2).start()
     try:
-        got = Collector(len(PROMPTS))
-        ids = [loop.submit(Request(tuple(p), MAX_NEW, early_exit="deferred"), got) for p in PROMPTS]
-        got.wait()
-        for rid, ref in zip(ids, alone):
-            assert [t for e in got.events[rid] if isinstance(e, TextDelta) for t in e.tokens] == ref
+        assert_each_prompt_gives_its_tokens_alone(loop, "deferred", alone)
         assert sum(loop.metrics()["early_emitted"].values()) == 0
     finally:
         loop.stop()

@@ -51,8 +51,8 @@ def test_every_simulated_decode_equals_greedy(seed):
     assert res.mismatches == 0
     assert res.tokens == sum(n for _, n in spec.prompts)
     if mode != "off":
-        assert res.early_emitted > 0
-    assert all(0.0 <= b <= res.elapsed_s + 1e-12 for b in res.busy_s)
+        assert res.totals.early_emitted > 0
+    assert all(0.0 <= b <= res.elapsed_s + 1e-12 for b in res.totals.stage_busy_s)
 
 
 def test_one_stage_off_costs_add_up_exactly():
@@ -78,7 +78,7 @@ def test_early_exit_fills_the_pipeline_and_a_perfect_head_pays():
                    head_layers=(5,), early_exit="eager", prompts=[(8, 40)])
     off = simulate(SimSpec(**{**vars(spec), "early_exit": "off", "exits": None, "head_layers": ()}))
     on = simulate(spec)
-    assert on.accepted == on.early_emitted > 0 and on.rollbacks == 0
+    assert on.totals.accepted == on.totals.early_emitted > 0 and on.totals.rollbacks == 0
     assert on.tokens_per_s > 1.3 * off.tokens_per_s
 
 
@@ -159,6 +159,7 @@ def _bundled_manifest() -> dict:
 class _Config:  # the bundled SmolLM2-135M's shape
     name_or_path, model_type, num_hidden_layers, hidden_size, intermediate_size = "smollm2", "llama", 30, 576, 1536
     num_key_value_heads, num_attention_heads, head_dim, vocab_size = 3, 9, 64, 49152
+    max_position_embeddings, tie_word_embeddings = 8192, True
 
 
 def test_a_token_counts_once_across_heads():
@@ -201,7 +202,6 @@ def test_simulate_refuses_an_impossible_stage_count(capsys):
 
 def test_an_engine_whose_setting_no_head_pays_in_runs_early_exit_as_off(tmp_path):
     from adadecode.runtime.auto_heads import HeadChoice
-
     from helpers import make_engine, save_tiny_model
 
     engine = make_engine(save_tiny_model(tmp_path / "m"), [(0, 2), (2, 4)])
