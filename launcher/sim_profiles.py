@@ -46,19 +46,17 @@ def _round(v):
     return float(f"{v:.4g}") if isinstance(v, float) else v
 
 
-def scaled_layers(layers, from_depth: int, to_depth: int) -> tuple[int, ...]:
-    """Head layers at the same relative depth in a model of ``to_depth`` layers."""
-    return tuple(sorted({max(1, min(to_depth - 1, round(l * to_depth / from_depth))) for l in layers}))
+def scaled_layer(layer: int, from_depth: int, to_depth: int) -> int:
+    """The layer at the same relative depth in a model of ``to_depth`` layers."""
+    return max(1, min(to_depth - 1, round(layer * to_depth / from_depth)))
 
 
 def exit_scenario(name: str, depth: int, measured: ExitStats, measured_depth: int) -> ExitStats:
     """``measured`` (the bundled heads, at the same relative depths) or ``paper`` (see the docstring)."""
     if name == "measured":
-        layers = [l for l in measured.layers]
-        scaled = scaled_layers(layers, measured_depth, depth)
-        return ExitStats({s: measured.rate[l] for s, l in zip(scaled, layers)},
-                         {s: measured.precision[l] for s, l in zip(scaled, layers)})
+        at = {l: scaled_layer(l, measured_depth, depth) for l in measured.layers}
+        return ExitStats({at[l]: measured.rate[l] for l in at}, {at[l]: measured.precision[l] for l in at})
     if name == "paper":
-        heads = scaled_layers((8, 16, 24), 32, depth)
+        heads = {scaled_layer(l, 32, depth) for l in (8, 16, 24)}
         return ExitStats({l: 0.35 for l in heads}, {l: 0.945 for l in heads})
     raise ValueError(f"exit scenario `{name}` is unknown; use measured or paper")

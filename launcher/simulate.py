@@ -138,7 +138,7 @@ def projection(scenarios=("measured", "paper")) -> list[dict]:
                     continue
                 off = run(setting, stages, "off", scenario)["tokens_per_s"]
                 row = {"profile": profile, "link": link, "exits": scenario, "stages": stages,
-                       "fits": setting.fits(stages), "off_tokens_per_s": off}
+                       "fits": setting.fits(stages), "off_tokens_per_s": round(off, 1)}
                 for mode in ("eager", "deferred"):
                     row[mode] = round(run(setting, stages, mode, scenario)["tokens_per_s"] / off, 3)
                 rows.append(row)
@@ -180,6 +180,24 @@ def design() -> list[dict]:
                 seqs[f"{c}: deferred{rule}"] = round(on["tokens_per_s"] / base, 3)
         rows.append({"setting": name, "question": "several sequences in flight", "variants": seqs})
     return rows
+
+
+def projection_table(rows: list[dict]) -> str:
+    """One line per model, link and exit scenario; a cell per P: `eager / deferred` speedup
+    (plain pipeline tokens/s), in italics where the weights do not fit."""
+    lines = ["| model, hardware, link | exits | " + " | ".join(f"P={p}" for p in PROJECT_STAGES) + " |",
+             "|---|---|" + "---|" * len(PROJECT_STAGES)]
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["profile"] + ("" if r["link"] == "-" else f", {r['link']}"), r["exits"]), {})[r["stages"]] = r
+    for (where, exits), by_p in groups.items():
+        cells = []
+        for p in PROJECT_STAGES:
+            r = by_p.get(p)
+            cell = "" if r is None else f"{r['eager']:.2f}x / {r['deferred']:.2f}x ({r['off_tokens_per_s']:g})"
+            cells.append(cell if r is None or r["fits"] else f"_{cell}_ (no fit)")
+        lines.append(f"| {where} | {exits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_projection(rows: list[dict], path: str) -> None:
@@ -267,11 +285,7 @@ def main(argv: Sequence[str]) -> int:
             if a.json:
                 print(json.dumps(rows))
             else:
-                print("| model, hardware | exits | P | fits | off (tokens/s) | eager | deferred |\n|---|---|---|---|---|---|---|")
-                for r in rows:
-                    where = r["profile"] + ("" if r["link"] == "-" else f", {r['link']}")
-                    print(f"| {where} | {r['exits']} | {r['stages']} | {'yes' if r['fits'] else 'no'} | "
-                          f"{r['off_tokens_per_s']:.1f} | {r['eager']:.2f}x | {r['deferred']:.2f}x |")
+                print(projection_table(rows))
             return 0
         if a.design:
             rows = design()

@@ -50,11 +50,16 @@ class HeadChoice:
     note: str
 
 
+def calibration_table(manifest: dict) -> dict | None:
+    """The manifest's calibration on prompts never trained on: validation, else the held-out
+    table if that is all it has; None: heads without one (nothing to choose from)."""
+    return manifest.get("validation_calibration") or manifest.get("calibration") or None
+
+
 def exit_table(manifest: dict) -> dict[int, list[tuple[float, float, float]]]:
-    """Per head layer: (threshold, exit rate, precision) rows of the manifest's calibration on
-    prompts never trained on (validation; else the held-out table, if that is all it has)."""
-    table = manifest.get("validation_calibration") or manifest.get("calibration")
-    if not table:
+    """Per head layer: (threshold, exit rate, precision) rows of ``calibration_table``."""
+    table = calibration_table(manifest)
+    if table is None:
         raise ValueError("the exit heads' manifest has no calibration table; retrain them with `adadecode train-heads`")
     return {int(l): [(r["threshold"], r["exit_rate"], r["precision"]) for r in h["sweep"]]
             for l, h in table["heads"].items()}
@@ -78,18 +83,13 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     False: the stages run one after another in one process, which times like one stage."""
     shape = ModelShape.from_config(config)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, _Table(exit_table(manifest)))
-
-
-class _Table(dict):
-    """The calibration table, hashable by identity of its contents (for the cache)."""
-
-    def __hash__(self):
-        return hash(tuple((l, tuple(rows)) for l, rows in sorted(self.items())))
+    table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table)
 
 
 @lru_cache(maxsize=16)
-def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, table):
+def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows) -> HeadChoice:
+    table = dict(rows)
     stages = len(ranges)
     costs = setting_costs(shape, device_type, stages, element_size)
     layers = [l for l in sorted(table) if l < shape.layers]

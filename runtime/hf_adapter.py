@@ -64,8 +64,13 @@ class ModelArgs:
         )
 
     def layer_params(self, intermediate_size: int) -> int:
-        d, hd = self.hidden_size, self.head_dim
-        return d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * intermediate_size
+        return decoder_layer_params(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                                    intermediate_size)
+
+
+def decoder_layer_params(hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int) -> int:
+    """Weights of one Llama-style decoder layer: q, k, v, o and the gated MLP (norms aside)."""
+    return hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
 
 
 def load_hf_config(model_dir: str | Path):

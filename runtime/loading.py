@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .auto_heads import calibration_table, choose
 from .device import check_placement, dtype_name
 from .hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from .model_runner import StageModel
@@ -129,9 +130,7 @@ def build_stage(
         manifest = read_manifest(heads_path)
         layers = list(spec.exit_layers) or list(manifest["default_layers"])
         auto = spec.auto_heads_for not in (None, "off") and not spec.exit_layers and not spec.thresholds
-        if auto and (manifest.get("validation_calibration") or manifest.get("calibration")):  # else: the defaults
-            from .auto_heads import choose
-
+        if auto and calibration_table(manifest) is not None:  # heads without one keep their defaults
             element_size = torch.empty((), dtype=dtype).element_size()
             choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size,
                             spec.max_chunk - 1, ranks=ranks)

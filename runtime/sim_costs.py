@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
+from .hf_adapter import ModelArgs, decoder_layer_params
 from .simulator import Costs
 
 
@@ -47,22 +48,21 @@ class ModelShape:
     layers: int
     hidden: int
     intermediate: int
+    heads: int
     kv_heads: int
     head_dim: int
     vocab: int
 
     @property
     def layer_params(self) -> int:
-        attn = self.hidden * (2 * self.hidden + 2 * self.kv_heads * self.head_dim)  # q, o; k, v
-        return attn + 3 * self.hidden * self.intermediate
+        return decoder_layer_params(self.hidden, self.heads, self.kv_heads, self.head_dim, self.intermediate)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
         """From a Hugging Face model config."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(getattr(config, "name_or_path", "") or config.model_type, config.num_hidden_layers,
-                   config.hidden_size, config.intermediate_size, config.num_key_value_heads, head_dim,
-                   config.vocab_size)
+        a = ModelArgs.from_hf_config(config)
+        return cls(getattr(config, "name_or_path", "") or a.model_type, a.num_layers, a.hidden_size,
+                   config.intermediate_size, a.num_heads, a.num_kv_heads, a.head_dim, a.vocab_size)
 
     def kv_bytes(self, element: int = 2) -> int:
         """Per layer and position: keys and values."""
@@ -88,8 +88,8 @@ class Link:
     bytes_per_s: float
 
 
-LLAMA_8B = ModelShape("Llama-3.1-8B", 32, 4096, 14336, 8, 128, 128256)
-LLAMA_70B = ModelShape("Llama-3.1-70B", 80, 8192, 28672, 8, 128, 128256)
+LLAMA_8B = ModelShape("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128, 128256)
+LLAMA_70B = ModelShape("Llama-3.1-70B", 80, 8192, 28672, 64, 8, 128, 128256)
 H100 = Device("H100 SXM5 bf16", 3.35e12, 0.685, 989e12, 0.6, 15e-6, 20e-6, 80e9)
 NVLINK = Link("NVLink 4", 10e-6, 450e9)
 INFINIBAND = Link("InfiniBand NDR", 25e-6, 50e9)
@@ -99,7 +99,7 @@ CPU_PROFILE = "smollm2-135m-cpu"
 
 
 RUNNER_FIELDS = ("step_s", "link_s", "control_s", "shared_bus")  # what ranks add to a stage's own costs
-SMOLLM2_135M = ModelShape("SmolLM2-135M", 30, 576, 1536, 3, 64, 49152)
+SMOLLM2_135M = ModelShape("SmolLM2-135M", 30, 576, 1536, 9, 3, 64, 49152)
 
 
 @cache
