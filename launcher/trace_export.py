@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from adadecode.runtime import atomic_io
 from adadecode.runtime.trace import COMPUTE_KINDS, COORDINATOR, EVENT_FIELDS, as_dict
 
 COLOURS = {
@@ -152,12 +153,15 @@ def gantt_png(events: Sequence[tuple], stages: Sequence[tuple[int, int]], path: 
 
 def write_trace(directory: str | Path, events: Sequence[tuple], stages: Sequence[tuple[int, int]],
                 other: dict | None = None) -> tuple[Path, Path]:
-    """Write ``trace.json`` and ``trace.png`` into ``directory`` (created); their paths."""
+    """Write ``trace.json`` and ``trace.png`` into ``directory`` (created); their paths. Each
+    replaces its old version whole or not at all (runtime/atomic_io.py): an interrupted run leaves
+    the previous trace, never a truncated one that a viewer or ``read_trace`` chokes on."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "trace.json", directory / "trace.png"
-    json_path.write_text(json.dumps(chrome_trace(events, stages, other)))
-    gantt_png(events, stages, png_path)
+    atomic_io.write_text(json_path, json.dumps(chrome_trace(events, stages, other)))
+    with atomic_io.replacing(png_path) as tmp:  # the temporary name keeps .png: matplotlib's format
+        gantt_png(events, stages, tmp)
     return json_path, png_path
 
 

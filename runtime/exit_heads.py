@@ -26,24 +26,28 @@ token outside them has ``q = 0``, which speculative acceptance accounts for
 On disk (a directory): ``heads.safetensors`` holds ``T.<layer>`` ([D, D]) and,
 for a restricted head, ``vocab_ids`` ([K], int32); ``manifest.json`` records
 the base model's fingerprint, the default layers and thresholds, the training
-command and data, and the calibration table. Heads for another base model are
-refused.
+command and data, the calibration table, and the size and sha256 of
+``heads.safetensors``. Both files are replaced atomically, the manifest last
+(runtime/atomic_io.py), and the tensors are checked against its checksum on load:
+an interrupted rerun of ``train-heads`` leaves the old pair, or a pair that is
+refused by name, never tensors that half load. Heads for another base model are
+refused too; a manifest of an older version, without the checksum, still loads.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
-from . import sampling
+from . import atomic_io, sampling
 from .hf_adapter import rms_norm
 
 FORMAT = "adadecode-exit-heads"
@@ -171,7 +175,8 @@ def bundled_heads_path(name: str = "smollm2-135m-instruct") -> Path:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of the heads directory ``path``, checked for format only."""
+    """The manifest of the heads directory ``path``, checked for its format and for the keys the
+    loaders read (``ValueError`` naming the file otherwise, never a ``KeyError`` later)."""
     file = Path(path) / MANIFEST_FILE
     try:
         manifest = json.loads(file.read_text())
@@ -180,14 +185,76 @@ def read_manifest(path: str | Path) -> dict:
             f"exit heads {path}: cannot read {MANIFEST_FILE} ({e.strerror}); point at the directory "
             f"`adadecode train-heads --out DIR` wrote"
         ) from e
-    except ValueError as e:
-        raise ValueError(f"exit heads {file} is not valid JSON: {e}") from e
+    except ValueError as e:  # also a UnicodeDecodeError: a garbled file
+        raise ValueError(f"exit heads {file} is not valid JSON ({e}); {_rewrite_hint(path)}") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(  # noqa: TRY004 - a user error, reported in one line (launcher/errors.py)
+            f"exit heads {file} is not a JSON object; {_rewrite_hint(path)}")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{file} is not an exit-heads manifest of format {FORMAT} v{FORMAT_VERSION} (found "
             f"{manifest.get('format')!r} v{manifest.get('format_version')!r}); retrain with `adadecode train-heads`"
         )
+    bad = _malformed_keys(manifest)
+    if bad:
+        raise ValueError(f"exit heads {file}: missing or malformed {', '.join(bad)}; {_rewrite_hint(path)}")
     return manifest
+
+
+def _malformed_keys(manifest: dict) -> list[str]:
+    """The keys that loading and the head choice read (runtime/loading.py, auto_heads.py) that are
+    absent or of the wrong type: a damaged manifest is named here, not met as a KeyError later."""
+    base, files = manifest.get("base_model"), manifest.get("files", {})
+    checks = {
+        "base_model.fingerprint": isinstance(base, dict) and isinstance(base.get("fingerprint"), str),
+        "default_layers": isinstance(manifest.get("default_layers"), list)
+        and all(_is_int(l) for l in manifest["default_layers"]),
+        "default_thresholds": _is_layer_map(manifest.get("default_thresholds"), _is_number),
+        "files": isinstance(files, dict) and _is_file_record(files.get(HEADS_FILE)),
+        "validation_calibration": _is_calibration(manifest.get("validation_calibration")),
+        "calibration": _is_calibration(manifest.get("calibration")),
+    }
+    return [key for key, ok in checks.items() if not ok]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_layer_map(x, is_value) -> bool:
+    """``{"<layer>": value}``, as JSON keys layers."""
+    return isinstance(x, dict) and all(isinstance(k, str) and k.isdigit() and is_value(v) for k, v in x.items())
+
+
+def _is_file_record(record) -> bool:
+    """None (a manifest written before checksums) or ``{"bytes": N, "sha256": HEX}``."""
+    return record is None or (isinstance(record, dict) and _is_int(record.get("bytes"))
+                              and isinstance(record.get("sha256"), str))
+
+
+def _is_calibration(table) -> bool:
+    """None (heads without one) or ``{"heads": {"<layer>": {"sweep": [{threshold, exit_rate, precision}]}}}``
+    (precision null where nothing exited)."""
+    def is_row(r) -> bool:
+        return (isinstance(r, dict) and _is_number(r.get("threshold")) and _is_number(r.get("exit_rate"))
+                and (r.get("precision") is None or _is_number(r["precision"])) and "precision" in r)
+
+    def is_head(h) -> bool:
+        return isinstance(h, dict) and isinstance(h.get("sweep"), list) and all(map(is_row, h["sweep"]))
+
+    return not table or (isinstance(table, dict) and _is_layer_map(table.get("heads"), is_head))
+
+
+def _rewrite_hint(path: str | Path) -> str:
+    """What to do about a damaged heads directory: write it again."""
+    hint = f"rerun `adadecode train-heads --out {path}` (with the --model they are for) to write it again"
+    if Path(path).resolve() == bundled_heads_path().resolve():
+        hint += ", or reinstall adadecode, which ships these heads"
+    return hint
 
 
 def save_exit_heads(
@@ -197,19 +264,25 @@ def save_exit_heads(
     manifest: dict,
     dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write ``heads.safetensors`` (``T`` stored in ``dtype``) and ``manifest.json`` into ``path``."""
+    """Write ``heads.safetensors`` (``T`` stored in ``dtype``) and then ``manifest.json``, with the
+    tensors' checksum, into ``path``; each replaces its old version atomically (module docstring).
+    Raises ValueError naming ``path`` when the disk refuses (full, read-only, no permission)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {f"T.{l}": t.detach().to(dtype).contiguous() for l, t in transforms.items()}
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-    save_file(tensors, str(path / HEADS_FILE), metadata={"format": FORMAT})
-    (path / MANIFEST_FILE).write_text(_dumps(manifest) + "\n")
-    for f in (HEADS_FILE, MANIFEST_FILE):  # save_file makes owner-only files; heads are meant to be shared
-        os.chmod(path / f, 0o644)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_io.replacing(path / HEADS_FILE, mode=0o644) as tmp:  # 0o644: heads are meant to be shared
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            record = {"bytes": tmp.stat().st_size, "sha256": atomic_io.sha256_file(tmp)}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": {HEADS_FILE: record}}
+        atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O failures as SafetensorError
+        raise ValueError(f"cannot write exit heads into {path} ({e}); free space or fix permissions there, "
+                         f"or choose another --out") from e
     return path
 
 
@@ -234,8 +307,6 @@ def load_exit_heads(
     Returns the manifest's default selection; ``.select()`` picks other trained layers or
     thresholds. Raises ValueError, with the fix, for heads made for another model.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     manifest = read_manifest(path)
     base = manifest["base_model"]
@@ -259,12 +330,14 @@ def load_exit_heads(
     if manifest.get("head_type", "linear") not in HEAD_TYPES:
         raise ValueError(f"exit heads {path}: head type {manifest.get('head_type')!r} is unknown; known: {HEAD_TYPES}")
 
-    tensors = load_file(str(path / HEADS_FILE))
+    tensors = _read_heads_file(path, manifest)
     dtype = lm_head_weight.dtype
     transforms = {}
     for name, t in tensors.items():
         if not name.startswith("T."):
             continue
+        if not name[2:].isdigit():
+            raise ValueError(f"exit heads {path / HEADS_FILE}: tensor {name!r} is not T.<layer>; {_rewrite_hint(path)}")
         layer = int(name[2:])
         if tuple(t.shape) != (hidden, hidden) or not 0 < layer < num_layers:
             raise ValueError(f"exit heads {path}: tensor {name} of shape {tuple(t.shape)} does not fit a "
@@ -286,3 +359,25 @@ def load_exit_heads(
                          f"heads in {HEADS_FILE} (layers {sorted(transforms)})")
     heads = ExitHeads(transforms, norm, weight, vocab_ids, thresholds, manifest)
     return heads.select()
+
+
+def _read_heads_file(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/heads.safetensors``, first checked against the manifest's size and
+    sha256 where it records them (a manifest of an older version does not: safetensors' own
+    header check is then what catches a truncated file)."""
+    from safetensors.torch import load_file
+
+    file = path / HEADS_FILE
+    record = manifest.get("files", {}).get(HEADS_FILE)
+    try:
+        if record is not None:
+            size = file.stat().st_size
+            if size != record["bytes"] or atomic_io.sha256_file(file) != record["sha256"]:
+                found = f"{size} bytes" if size != record["bytes"] else "another sha256"
+                raise ValueError(
+                    f"exit heads {file} do not match {path / MANIFEST_FILE} ({found}; expected {record['bytes']} "
+                    f"bytes, sha256 {record['sha256'][:12]}...): damaged, or left by an interrupted write; "
+                    f"{_rewrite_hint(path)}")
+        return load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"exit heads {file} cannot be read ({e}); {_rewrite_hint(path)}") from e

