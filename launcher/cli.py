@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", metavar="ADDR", help="address to listen on (serve.host; default 127.0.0.1)")
     srv.add_argument("--port", type=int, metavar="N", help="TCP port, 0 for any free one (serve.port; default 8000)")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help="key every request but /health must send as `Authorization: Bearer KEY` (serve.api_key; "
+                          "prefer the variable ADADECODE_API_KEY: a flag shows in `ps`)")
+    srv.add_argument("--metrics-public", action="store_const", const=True,
+                     help="with a key: GET /metrics answers without it (serve.metrics_public)")
+    srv.add_argument("--served-model-name", metavar="NAME",
+                     help="model name clients send and /v1/models lists (serve.served_model_name)")
     srv.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
     srv.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
     srv.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
@@ -196,7 +203,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"--{key}={value}")
-    for name in ("host", "port"):  # `serve` only
+    for name in ("host", "port", "api_key", "metrics_public", "served_model_name"):  # `serve` only
         if getattr(args, name, None) is not None:
             overrides.append(f"--serve.{name}={getattr(args, name)}")
     if args.stages is not None:

@@ -230,8 +230,8 @@ class DecodingConfig:
 class SamplingConfig:
     """Sampling (runtime/sampling.py); temperature 0 is greedy decoding, the parity reference.
 
-    The ranges repeat ``SamplingParams``' checks, so that loading a config imports no
-    torch; tests/test_sampling.py checks that both refuse the same values.
+    The ranges are ``SamplingParams``' (runtime/params.py, which imports no torch): one
+    definition for the config, the server and the runtime.
     """
 
     temperature: float = 0.0
@@ -253,18 +253,17 @@ class SamplingConfig:
     """seeded: output independent of early exit and stages; speculative: heads' draws kept with min(1, p/q)."""
 
     def __post_init__(self) -> None:
+        from adadecode.runtime.params import SamplingParams
+
         _check_types(self)
-        checks = [
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
-             "a finite number >= 0 (0: greedy decoding)", "--temperature 0.8"),
-            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1] (1: off)", "--top-p 0.95"),
-            ("top_k", self.top_k >= 0, "an integer >= 0 (0: off)", "--top-k 50"),
-            ("min_p", 0 <= self.min_p <= 1, "a number in [0, 1] (0: off)", "--min-p 0.05"),
-            ("seed", 0 <= self.seed <= 2**63 - 1, "an integer in [0, 2**63 - 1]", "--seed 1"),
-        ]
-        for key, ok, expected, example in checks:
-            if not ok:
-                raise _invalid(f"sampling.{key}", getattr(self, key), expected, f"set e.g. `{example}`")
+        examples = {"temperature": "--temperature 0.8", "top_p": "--top-p 0.95", "top_k": "--top-k 50",
+                    "min_p": "--min-p 0.05", "seed": "--seed 1", "mode": "--sampling seeded"}
+        try:
+            SamplingParams(**dataclasses.asdict(self))
+        except ValueError as e:
+            key = next(k for k in examples if str(e).startswith(f"sampling parameter {k} ="))
+            expected = str(e).split("is invalid: expected ", 1)[1]
+            raise _invalid(f"sampling.{key}", getattr(self, key), expected, f"set e.g. `{examples[key]}`") from None
 
 
 @dataclass
@@ -325,7 +324,22 @@ class ServeConfig:
     """Requests waiting for a slot beyond max_num_seqs; past it a request gets HTTP 429."""
 
     served_model_name: str = ""
-    """Model name clients send and /v1/models lists; empty: model.source."""
+    """Model name clients send and /v1/models lists; empty: the bundled name, or the model directory's or file's name (never its path)."""
+
+    api_key: str = ""
+    """Key every request but GET /health must send as `Authorization: Bearer <key>`; empty: $ADADECODE_API_KEY, else none (the variable keeps it out of `ps`)."""
+
+    metrics_public: bool = False
+    """With an API key: GET /metrics answers without it too."""
+
+    max_connections: int = 512
+    """Open connections (or running requests) at most; past it new ones get HTTP 503."""
+
+    read_timeout_s: float = 30.0
+    """A connection must send a whole request (head and body) within this many seconds, or it is closed."""
+
+    send_timeout_s: float = 60.0
+    """A client that reads nothing of its response for this many seconds is dropped and its request cancelled."""
 
     early_exit_below: int = 0
     """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no more); 0: the stage count, at least 2."""
@@ -360,6 +374,15 @@ class ServeConfig:
                 "serve.max_queue", self.max_queue, "an integer >= 1 (requests waiting for a slot)",
                 "set e.g. `--serve.max_queue=64`",
             )
+        if self.max_connections < 1:
+            raise _invalid(
+                "serve.max_connections", self.max_connections, "an integer >= 1 (open connections)",
+                "set e.g. `--serve.max_connections=512`",
+            )
+        for key in ("read_timeout_s", "send_timeout_s"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise _invalid(f"serve.{key}", value, "a finite number of seconds > 0", f"set e.g. `--serve.{key}=30`")
 
 
 @dataclass
@@ -761,7 +784,10 @@ def dump_yaml(cfg: RunConfig, *, comments: bool = False) -> str:
     """The config as YAML that `--config` reads back; `comments` adds each field's docstring."""
     docs = field_docs() if comments else {}
     lines: list[str] = []
-    for section, body in config_to_dict(cfg).items():
+    as_dict = config_to_dict(cfg)
+    if as_dict["serve"]["api_key"]:  # never printed: a printed config ends up in logs
+        as_dict["serve"]["api_key"] = "<redacted: set it again with ADADECODE_API_KEY>"
+    for section, body in as_dict.items():
         if lines:
             lines.append("")
         if section in docs:
@@ -826,7 +852,7 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
 
 def sampling_params(sampling: SamplingConfig):
     """The runtime's ``SamplingParams`` from the sampling section (None: greedy)."""
-    from adadecode.runtime.sampling import SamplingParams
+    from adadecode.runtime.params import SamplingParams
 
     if sampling.temperature == 0:
         return None

@@ -29,17 +29,23 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EarlyExit = Literal["off", "eager", "deferred"]
+
+# Each verified token is checked against every stop string on the serving thread: bounded, as
+# OpenAI bounds them (4), with room for the lists that chat templates' stop words need.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    TYPES: ClassVar[dict[int, str]] = {429: "rate_limit_error", 503: "service_unavailable"}
+    TYPES: ClassVar[dict[int, str]] = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        message, param = printable(message, 4000), None if param is None else printable(param, 200)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -48,6 +54,32 @@ class ApiError(Exception):
         error = ErrorInfo(message=self.message, type=kind,
                           param=self.param, code=self.code)
         return ErrorResponse(error=error).model_dump()
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` safe to echo in an error: lone surrogates and other unencodable characters
+    escaped (``\\ud800``), so the UTF-8 response can always be written, and cut to ``limit``."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string in a parsed JSON body that is not valid Unicode text (a
+    lone surrogate such as ``"\\ud800"``, which JSON can spell but UTF-8 cannot encode)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the request body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _first_surrogate(key) is not None:
+            return f"{path}.<key>" if path else "<key>"
+        where = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+        if (found := _first_surrogate(item, where)) is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------- requests
@@ -95,12 +127,25 @@ class _GenerationRequest(_Strict):
     early_exit_thresholds: Any = None
     """Extension, refused: per-request thresholds are not supported by the runtime yet."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        if (where := _first_surrogate(data)) is not None:
+            raise ValueError(f"`{where}` holds a lone surrogate, which is not text; send valid Unicode (UTF-8)")
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else v
-        if stops is not None and any(s == "" for s in stops):
+        if stops is None:
+            return v
+        if any(s == "" for s in stops):
             raise ValueError("stop strings must be non-empty (an empty one would stop at once)")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(stops)} stop strings; at most {MAX_STOP_STRINGS} are accepted")
+        if (longest := max(len(s) for s in stops)) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string of {longest} characters; at most {MAX_STOP_CHARS} are accepted")
         return v
 
     def stop_strings(self) -> tuple[str, ...] | None:
@@ -262,6 +307,8 @@ def describe_validation_error(errors: list[dict], endpoint: str) -> ApiError:
     if not fields[0]:
         if first.get("type") == "missing":
             return ApiError(400, f"the request has no body; send a JSON object to {endpoint}")
+        if first.get("type") == "value_error":  # a check of the whole body (text that is not Unicode)
+            return ApiError(400, str(first.get("msg", "")).removeprefix("Value error, "), None, "invalid_text")
         return ApiError(400, f"the request body must be a JSON object ({endpoint}): {first.get('msg', '')}")
     same = [i for i, f in enumerate(fields) if f[:1] == fields[0][:1]]
     i = max(same, key=lambda j: len(fields[j]))

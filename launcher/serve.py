@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from adadecode.runtime.sampling import SamplingParams
 
 from .config import ConfigError
-from .server import Frontend, HttpServer, ServeDefaults, build_app
+from .server import Frontend, HttpLimits, HttpServer, ServeDefaults, build_app
 
 
 def serve_requests(frontend: Frontend, engine, cfg) -> int:
@@ -62,20 +65,48 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
 def http_frontend(cfg):
     """Listen (HTTP 503 while the model loads), print the address; stop the server on the way out."""
     s, d = cfg.serve, cfg.decoding
-    name = s.served_model_name or cfg.model.source
+    name = s.served_model_name or served_name(cfg.model.source)
+    api_key = s.api_key or os.environ.get("ADADECODE_API_KEY", "")
     defaults = ServeDefaults(
         model_name=name, max_tokens=d.max_new_tokens, early_exit=d.early_exit, stop=tuple(d.stop),
         sampling=SamplingParams(**dataclasses.asdict(cfg.sampling)),
         max_seq_len=cfg.model.max_seq_len, failed_linger_s=min(5.0, cfg.transport.timeout_s / 4),
+        api_key=api_key, metrics_public=s.metrics_public,
     )
     frontend = Frontend(defaults)
-    http = HttpServer(build_app(frontend), s.host, s.port, log_level=cfg.logging.level).start()
+    limits = HttpLimits(s.max_connections, s.read_timeout_s, s.send_timeout_s)
+    http = HttpServer(build_app(frontend), s.host, s.port, log_level=cfg.logging.level, limits=limits).start()
     print(f"adadecode: serving {name} on {http.url} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    if not api_key and not is_loopback(s.host):
+        print(f"adadecode: warning: listening on {s.host} without an API key: anyone who reaches this port can "
+              "use the model; set ADADECODE_API_KEY (or --api-key) to require `Authorization: Bearer <key>`",
+              file=sys.stderr, flush=True)
     try:
         yield frontend
     finally:
         frontend.shutdown()
         http.stop()
+
+
+def served_name(source: str) -> str:
+    """The name a model is served under by default: never a filesystem path, which would tell
+    every client how the server's disk is laid out. ``bundled:NAME`` -> NAME; a local directory
+    or file -> its name (a ``.gguf`` file without the suffix); anything else (a Hub id) as is."""
+    if source.startswith("bundled:"):
+        return source.removeprefix("bundled:")
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return source
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only ever accepts connections from this machine."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (OSError, ValueError):
+        return False
 
 
 def defer_sigterm_to_rank0(rank: int) -> None:

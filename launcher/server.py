@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import socket
@@ -99,6 +100,8 @@ class ServeDefaults:
     sampling: SamplingParams = field(default_factory=SamplingParams)  # the sampling section: each field a request leaves out
     max_seq_len: int = 2048  # model.max_seq_len, for /v1/models and the body size limit
     failed_linger_s: float = 5.0  # after a rank is lost: keep answering 503 this long, then exit
+    api_key: str = ""  # serve.api_key / ADADECODE_API_KEY: every route but /health needs it; empty: none
+    metrics_public: bool = False  # serve.metrics_public: /metrics answers without the key
 
 
 class Frontend:
@@ -114,6 +117,7 @@ class Frontend:
         self.done = threading.Event()  # set when serving must end: a signal, or a lost rank
         self._outstanding: dict[int, _Submission] = {}
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="adadecode-tokenize")
+        self._encoding = 0  # requests admitted to the tokenizer and not yet submitted
 
     # --- main thread ------------------------------------------------------------------------
 
@@ -159,7 +163,20 @@ class Frontend:
                 return
 
     async def encode(self, fn: Callable[[], list[int]]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer, fn)
+        """Tokenize on the tokenizer thread, once the request is admitted: a full server
+        answers 429 before any work, so a burst cannot build an unbounded tokenizer backlog."""
+        if (refused := self.health()) is not None:
+            raise refused
+        waiting, limit = self.loop.num_waiting, self.loop.max_queue
+        if self._encoding + waiting >= limit:
+            raise ApiError(429, f"the server is busy: {waiting} requests are waiting for a slot and "
+                                f"{self._encoding} are being tokenized (serve.max_queue = {limit}); "
+                                "try again later", None, "queue_full")
+        self._encoding += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizer, fn)
+        finally:
+            self._encoding -= 1
 
     async def submit(self, request: Request, http: HttpRequest) -> _Submission:
         """Queue ``request``; raise ``ApiError`` when it is refused."""
@@ -271,6 +288,9 @@ def build_app(frontend: Frontend) -> FastAPI:
                   lifespan=lifespan)
     d = frontend.defaults
     app.add_middleware(BodyLimit, max_bytes=max(1 << 20, 64 * d.max_seq_len))
+    if d.api_key:  # added last: the outermost layer, so nothing runs for a request without the key
+        app.add_middleware(ApiKeyAuth, key=d.api_key, public=("/health", "/metrics") if d.metrics_public else ("/health",),
+                           on_refused=lambda: frontend.metrics.rejected.labels("401").inc())
 
     def error_response(e: ApiError) -> JSONResponse:
         if e.status >= 400:
@@ -378,8 +398,8 @@ def build_app(frontend: Frontend) -> FastAPI:
 
 
 def _json_body(http: HttpRequest) -> None:
-    kind = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if kind != "application/json":
+    kind = http.headers.get("content-type", "no Content-Type").split(";")[0].strip().lower()
+    if kind != "application/json":  # FastAPI reads no JSON from a body that does not say it is JSON
         raise ApiError(415, f"the request body is sent as `{kind}`; send JSON with `Content-Type: application/json`")
 
 
@@ -412,8 +432,13 @@ def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend) -
                                 f"({max_len} positions); shorten it", param, "context_length_exceeded")
         max_tokens = min(d.max_tokens, max_len - len(ids))
     stop = body.stop_strings()
+    sampling = _sampling(body, d.sampling)
+    vocab = frontend.engine.args.vocab_size
+    if body.top_k is not None and body.top_k > vocab:
+        raise ApiError(400, f"`top_k` = {body.top_k} is larger than the vocabulary ({vocab} tokens); "
+                            "send at most the vocabulary size, or 0 to keep every token", "top_k")
     return Request(tuple(ids), max_tokens, stop=d.stop if stop is None else stop,
-                   early_exit=body.early_exit or d.early_exit, sampling=_sampling(body, d.sampling))
+                   early_exit=body.early_exit or d.early_exit, sampling=sampling)
 
 
 # request field -> SamplingParams field
@@ -486,6 +511,28 @@ def _sse(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
 
+class ApiKeyAuth:
+    """Refuse every request without ``Authorization: Bearer <key>`` (HTTP 401), except on the
+    ``public`` paths. The comparison takes the same time wherever the first wrong byte is."""
+
+    def __init__(self, app, key: str, public: tuple[str, ...], on_refused: Callable[[], None] = lambda: None):
+        self.app, self.public, self.on_refused = app, public, on_refused
+        self.expected = b"Bearer " + key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        given = b"".join(v for k, v in scope.get("headers") or () if k == b"authorization")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        self.on_refused()
+        message = ("a valid API key is required: send the header `Authorization: Bearer <key>` with the key "
+                   "this server was started with (serve.api_key / ADADECODE_API_KEY)")
+        response = JSONResponse(ApiError(401, message, None, "invalid_api_key").body(), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` (HTTP 413) before they are read into memory."""
 
@@ -518,17 +565,78 @@ class BodyLimit:
 # ---------------------------------------------------------------------------- uvicorn
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one connection may hold of the server (serve.max_connections, serve.read_timeout_s,
+    serve.send_timeout_s): past ``max_connections`` open connections or running requests, uvicorn
+    answers 503; a connection that has not sent a whole request (head and body) within
+    ``read_timeout_s`` of opening it, or of the request's head, is closed; one that reads
+    nothing of its response for ``send_timeout_s`` is dropped (its request is cancelled)."""
+
+    max_connections: int = 512
+    read_timeout_s: float = 30.0
+    send_timeout_s: float = 60.0
+
+
+def guarded_protocol(limits: HttpLimits) -> type:
+    """uvicorn's h11 protocol with the read and send deadlines of ``limits``.
+
+    Why at the transport: a client that sends nothing, or half a head, never reaches the app,
+    and one that stops reading blocks the app inside ``send`` with its buffers full; only the
+    connection sees either. Each deadline aborts the connection, which the app sees as a
+    disconnect (the request is cancelled and its slot freed as for any client that leaves).
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._send_timer = None
+            self._read_timer = self.loop.call_later(limits.read_timeout_s, self._read_deadline, None)
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not None and self.cycle is not cycle:  # a new request's head: its body is due
+                self._read_timer.cancel()
+                self._read_timer = self.loop.call_later(limits.read_timeout_s, self._read_deadline, self.cycle)
+
+        def _read_deadline(self, cycle) -> None:
+            if self.cycle is cycle and (cycle is None or (cycle.more_body and not cycle.response_complete)):
+                self.transport.abort()
+
+        def pause_writing(self) -> None:  # the client's socket is full: it is not reading
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(limits.send_timeout_s, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def connection_lost(self, exc) -> None:
+            self._read_timer.cancel()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
 class HttpServer:
     """uvicorn serving ``app`` in a thread of its own, on a socket bound at construction."""
 
-    def __init__(self, app, host: str, port: int, *, log_level: str = "warning"):
+    def __init__(self, app, host: str, port: int, *, log_level: str = "warning", limits: HttpLimits = HttpLimits()):
         import uvicorn
 
         self.sock = bind_socket(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
         config = uvicorn.Config(
             app, log_config=None, log_level=log_level.lower(), access_log=log_level.upper() in ("DEBUG", "INFO"),
-            lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5,
+            lifespan="on", timeout_graceful_shutdown=5, timeout_keep_alive=5, http=guarded_protocol(limits),
+            limit_concurrency=limits.max_connections,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},

@@ -46,8 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLING_MODES = ("seeded", "speculative")
-MAX_SEED = 2**63 - 1  # the data plane carries the seed in an int64
+from .params import MAX_SEED, SAMPLING_MODES, SamplingParams  # noqa: F401  (re-exported: the sampler's API)
 
 # Independent noise streams of one (seed, position).
 NOISE = 0  # the draw, shared by the heads and the final layer
@@ -56,55 +55,6 @@ RESIDUAL = 2  # speculative: the draw from norm(max(0, p - q)) after a rejection
 
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence samples. ``temperature`` 0 is greedy (the other fields are then unused).
-
-    Filters apply in this order, to ``logits / temperature``: ``top_k`` (0: off) keeps
-    the k largest (ties included), ``top_p`` the smallest set of most likely tokens
-    whose probability reaches it (1: off), ``min_p`` the tokens at least ``min_p``
-    times as likely as the most likely one (0: off).
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int = 0
-    mode: str = "seeded"
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise _invalid(name, value, "a finite number")
-            object.__setattr__(self, name, float(value))
-        for name in ("top_k", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _invalid(name, value, "an integer")
-        if self.temperature < 0:
-            raise _invalid("temperature", self.temperature, "a number >= 0 (0 is greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            raise _invalid("top_p", self.top_p, "a number in (0, 1] (1 keeps every token)")
-        if self.top_k < 0:
-            raise _invalid("top_k", self.top_k, "an integer >= 0 (0 keeps every token)")
-        if not 0 <= self.min_p <= 1:
-            raise _invalid("min_p", self.min_p, "a number in [0, 1] (0 keeps every token)")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise _invalid("seed", self.seed, "an integer in [0, 2**63 - 1]")
-        if self.mode not in SAMPLING_MODES:
-            raise _invalid("mode", self.mode, f"one of {', '.join(SAMPLING_MODES)}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def _invalid(name: str, value, expected: str) -> ValueError:
-    return ValueError(f"sampling parameter {name} = {value!r} is invalid: expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -176,9 +126,14 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """``logits / T`` with ``-inf`` outside the top-k / top-p / min-p support.
 
     One row at a time, so that a row's result never depends on the rows around it.
-    # logits: [N] -> [N] float32
+    Shifted by the row's maximum first, so that no finite row can overflow: the top logit
+    is 0 whatever the temperature, differences too large for fp32 become -inf (a
+    probability of 0, which it is), and NaN (a broken model) never wins. The shift leaves
+    softmax, and so every filter and draw, unchanged. # logits: [N] -> [N] float32
     """
-    x = logits.float() / params.temperature
+    x = logits.float().nan_to_num(nan=-math.inf)
+    top = x.max()
+    x = (x - top) / params.temperature if bool(torch.isfinite(top)) else torch.where(x == top, 0.0, -math.inf)
     if 0 < params.top_k < x.numel():
         x = x.masked_fill(x < x.topk(params.top_k).values[-1], -math.inf)
     if params.top_p < 1.0:

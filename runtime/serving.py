@@ -173,6 +173,11 @@ class ServingLoop:
             self._cancelled.add(rid)
             self._lock.notify_all()
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot (a length read: no lock needed for a bound check)."""
+        return len(self._queue)
+
     def metrics(self) -> dict:
         """Gauges and counters, for /metrics and /health (a consistent snapshot)."""
         runner = self.engine.runner

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from unittest import mock
 
 import pytest
@@ -28,6 +29,7 @@ from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.runners.inprocess import LocalRunner
+from adadecode.runtime.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, SAMPLING_MODES
 from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.stage import Stage
 from adadecode.runtime.stopping import StopCriteria
@@ -41,6 +43,10 @@ BAD = [
     ({"temperature": -0.5}, "temperature", ">= 0"),
     ({"temperature": float("inf")}, "temperature", "finite"),
     ({"temperature": "hot"}, "temperature", "finite number"),
+    ({"temperature": 1e-300}, "temperature", r"0 \(greedy decoding\) or a number in \[0.01, 100\]"),
+    ({"temperature": 1e-3}, "temperature", r"\[0.01, 100\]"),
+    ({"temperature": 1e9}, "temperature", r"\[0.01, 100\]"),
+    ({"top_k": 2**63}, "top_k", "<= 2147483647"),
     ({"top_p": 0.0}, "top_p", r"\(0, 1\]"),
     ({"top_p": 1.5}, "top_p", r"\(0, 1\]"),
     ({"top_k": -1}, "top_k", ">= 0"),
@@ -73,7 +79,7 @@ def test_the_edges_are_allowed_by_both():
     edges = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 1.0, "seed": 2**63 - 1, "mode": "speculative"}
     cfg = load_config([f"--sampling.{k}={v}" for k, v in edges.items()])
     assert SamplingParams(**dataclasses.asdict(cfg.sampling)) == SamplingParams(**edges)
-    assert SamplingParams(**edges).greedy and not SamplingParams(temperature=1e-3).greedy
+    assert SamplingParams(**edges).greedy and not SamplingParams(temperature=1e-2).greedy
 
 
 @pytest.mark.parametrize(
@@ -155,8 +161,8 @@ def test_gumbel_argmax_draws_from_the_softmax():
 
 
 def reference_processing(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The same filters by a full sort, as a reader would write them."""
-    x = logits.float() / p.temperature
+    """The same filters by a full sort, as a reader would write them (on logits shifted to a top of 0)."""
+    x = (logits.float() - logits.float().max()) / p.temperature
     if p.top_k:
         x[x < x.sort(descending=True).values[min(p.top_k, x.numel()) - 1]] = -float("inf")
     if p.top_p < 1:
@@ -352,3 +358,25 @@ def test_speculative_draws_follow_the_final_layers_distribution(small_vocab, par
     assert chi_square_p_value(counts([prop.token for prop in heads.proposals]), p) < 1e-12
     with mock.patch.object(sampling, "residual", lambda p, proposal: p):
         assert chi_square_p_value(counts(replay()), p) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["huge", "tiny-spread", "inf", "nan", "all-inf", "all-nan", "neg-inf"])
+@pytest.mark.parametrize("mode", SAMPLING_MODES)
+def test_the_sampler_cannot_fail_on_any_logits(kind, mode):
+    """Finite logits of any size at the smallest temperature, and even inf/NaN from a broken model,
+    give a valid token id: a rank never dies in the sampler."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, generator=gen)
+    logits = {
+        "huge": x * 3e38, "tiny-spread": x * 1e-30, "inf": x.index_fill(0, torch.tensor([7]), math.inf),
+        "nan": x.index_fill(0, torch.tensor([3, 9]), math.nan), "all-inf": torch.full((1000,), math.inf),
+        "all-nan": torch.full((1000,), math.nan), "neg-inf": torch.full((1000,), -math.inf),
+    }[kind]
+    for params in (SamplingParams(MIN_TEMPERATURE, mode=mode), SamplingParams(MAX_TEMPERATURE, top_k=MAX_TOP_K, mode=mode),
+                   SamplingParams(1.0, top_p=1e-9, min_p=1.0, seed=MAX_SEED, mode=mode)):
+        token = sampling.sample_token(logits, params, pos=5)
+        assert 0 <= token < 1000
+        head_token, confidence, _ = sampling.propose(logits[:100], None, params, pos=5)
+        assert 0 <= head_token < 100 and 0 <= confidence <= 1
+    if kind == "inf":
+        assert sampling.sample_token(logits, SamplingParams(1.0), pos=5) == 7

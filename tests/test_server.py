@@ -18,6 +18,7 @@ Every wait has a deadline. The module takes about 2 minutes on 2 cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -179,6 +180,13 @@ def hostile_requests(rng: random.Random, long_prompt: str):
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "max_completion_tokens": 4},
         {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
     ])
+    edge = rng.choice([
+        ("temperature", 1e-300), ("temperature", 1e-40), ("temperature", 1e308), ("temperature", math.nan),
+        ("temperature", math.inf), ("top_p", math.nan), ("min_p", -math.inf), ("top_k", 2**63), ("top_k", 10**30),
+        ("top_k", 10**6), ("seed", 2**64), ("seed", -1), ("prompt", "\ud800"), ("prompt", "ok \udfff"),
+        ("stop", ["\ud800"]), ("model", "\ud800"), ("stop", ["a"] * 1000), ("stop", ["x" * 1000]),
+        ("messages", [{"role": "user", "content": "\ud800"}]), ("user", "\udc00"),
+    ])
     junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 64)))
     stream = body({**ok, "max_tokens": 40, "stream": True})
     choices = [
@@ -199,6 +207,11 @@ def hostile_requests(rng: random.Random, long_prompt: str):
         ("wrong-route", ("http", rng.choice(["GET", "PUT", "DELETE"]), rng.choice(["/v1/completions", "/v1/x", "/"]),
                          b"", J)),
         ("form-body", ("http", "POST", "/v1/completions", b"prompt=hi", "application/x-www-form-urlencoded")),
+        ("edge", ("http", "POST", "/v1/chat/completions" if edge[0] == "messages" else "/v1/completions",
+                  body({**ok, edge[0]: edge[1]}), J)),
+        ("not-utf8", ("http", "POST", "/v1/completions", b'{"prompt": "\xff\xfe\xc3("}', J)),
+        ("huge-body", ("http", "POST", "/v1/completions", b'{"prompt": "' + b"a" * (10 << 20) + b'"}', J)),
+        ("no-content-type", ("http", "POST", "/v1/completions", body(ok), None)),
         ("cut-off-body", ("raw", _post("/v1/completions", stream)[: rng.randint(10, 200)], 0)),
         ("length-lies", ("raw", _post("/v1/completions", b'{"prompt": "hi"}')[:-3].replace(
             b"Content-Length: 16", b"Content-Length: 4000"), 0)),
@@ -209,31 +222,40 @@ def hostile_requests(rng: random.Random, long_prompt: str):
     return rng.choice(choices)
 
 
-def test_fuzz_1000_hostile_requests_crash_nothing_and_leak_no_slot(inproc):
-    url, engine, loop, reference, http = inproc
-    rng = random.Random(11)
+def fuzz(url: str, count: int, seed: int) -> dict[str, set]:
+    """Send ``count`` hostile requests; assert that none gets a 5xx and that every refusal is an
+    OpenAI-shaped error that says what is wrong. Returns the statuses seen for each kind."""
+    rng = random.Random(seed)
     long_prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(120))
     seen: dict[str, set] = {}
     with httpx.Client(base_url=url, timeout=30) as client:
-        for _ in range(1000):
+        for _ in range(count):
             kind, how = hostile_requests(rng, long_prompt)
             if how[0] == "raw":
                 _raw(url, how[1], how[2])
                 seen.setdefault(kind, set()).add("sent")
                 continue
             _, method, path, content, ctype = how
-            r = client.request(method, path, content=content, headers={"Content-Type": ctype})
+            r = client.request(method, path, content=content, headers={"Content-Type": ctype} if ctype else {})
             seen.setdefault(kind, set()).add(r.status_code)
             assert r.status_code < 500, (kind, content[:200], r.status_code, r.text)
             if r.status_code != 200:
                 error = r.json()["error"]
                 assert error["message"] and error["type"] and set(error) == {"message", "type", "param", "code"}
+    return seen
+
+
+def test_fuzz_1000_hostile_requests_crash_nothing_and_leak_no_slot(inproc):
+    url, engine, loop, reference, http = inproc
+    seen = fuzz(url, 1000, seed=11)
     assert http.thread.is_alive() and loop.healthy, loop.error
     # every refusal is a 4xx that says what is wrong, every well-formed request a 200
     assert seen["ok"] == {200} and seen["ok-chat-stream"] == {200}
-    for kind in ("bad-json", "deep-json", "wrong-type", "unsupported", "unknown-field", "bad-chat", "over-the-cache"):
+    for kind in ("bad-json", "deep-json", "wrong-type", "unsupported", "unknown-field", "bad-chat", "over-the-cache",
+                 "edge", "not-utf8"):
         assert seen[kind] == {400}, (kind, seen[kind])
     assert seen["wrong-model"] == {404} and seen["form-body"] == {415} and seen["wrong-route"] <= {404, 405}
+    assert seen["huge-body"] == {413} and seen["no-content-type"] == {415}
     m = assert_all_slots_free(url, 4)
     assert m['adadecode:requests_finished_total{finished_reason=cancelled}'] > 0  # the clients that vanished
     for stage in engine.stages:
@@ -241,6 +263,38 @@ def test_fuzz_1000_hostile_requests_crash_nothing_and_leak_no_slot(inproc):
     after = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8}, timeout=30).json()
     assert after["choices"][0]["text"] == reference.text
     assert after["usage"]["completion_tokens"] == len(reference.tokens)
+
+
+def test_idle_connections_and_clients_that_never_read_do_not_stop_a_normal_request(inproc):
+    """200 connections that send nothing and 50 streams whose clients never read a byte (a
+    small receive buffer) take neither the server nor a slot: a normal request is served
+    (retried on 429 while the streams hold the queue) with the greedy answer, in time."""
+    url, engine, loop, reference, http = inproc
+    host, port = url.removeprefix("http://").split(":")
+    stream = json.dumps({"prompt": PROMPTS[1], "max_tokens": 40, "stream": True}).encode()
+    idle, deaf = [], []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+        for _ in range(50):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.sendall(_post("/v1/completions", stream))
+            deaf.append(sock)
+        start, answer = time.monotonic(), None
+        while answer is None:
+            assert time.monotonic() - start < 60, "a normal request was not served within 60 s"
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8}, timeout=60)
+            assert r.status_code in (200, 429), r.text
+            answer = r.json() if r.status_code == 200 else time.sleep(0.2)
+        assert answer["choices"][0]["text"] == reference.text
+        assert http.thread.is_alive() and loop.healthy, loop.error
+    finally:
+        for sock in idle + deaf:
+            sock.close()
+    assert_all_slots_free(url, 4)
+    for stage in engine.stages:
+        assert stage.slots == {} and not stage._work, stage.index
 
 
 def test_a_full_queue_answers_429_and_the_rest_are_served(inproc):
@@ -493,7 +547,11 @@ def test_refusals_name_the_field_and_the_numbers(served):
     client = client_of(server)
     cases = [
         (dict(n=2), "`n` = 2 is not supported"),
-        (dict(temperature=-0.8), r"sampling parameter temperature = -0.8 is invalid: expected a number >= 0"),
+        (dict(temperature=-0.8), r"sampling parameter temperature = -0.8 is invalid: expected 0 \(greedy decoding\) "
+                                 r"or a number in \[0.01, 100\]"),
+        (dict(temperature=1e-300), r"sampling parameter temperature = 1e-300 is invalid"),
+        (dict(extra_body={"top_k": 2**63}), r"sampling parameter top_k = 9223372036854775808 is invalid"),
+        (dict(extra_body={"top_k": 10**6}), r"`top_k` = 1000000 is larger than the vocabulary \(49152 tokens\)"),
         (dict(top_p=0), r"sampling parameter top_p = 0.0 is invalid: expected a number in \(0, 1\]"),
         (dict(extra_body={"top_k": -2}), "sampling parameter top_k = -2 is invalid"),
         (dict(extra_body={"sampling_mode": "nucleus"}), "sampling_mode"),
@@ -509,6 +567,28 @@ def test_refusals_name_the_field_and_the_numbers(served):
         assert re.search(message, e.value.message), (kwargs, e.value.message)
     with pytest.raises(openai.NotFoundError, match="the model `gpt-4` does not exist"):
         client.completions.create(model="gpt-4", prompt=PROMPTS[0])
+
+
+@pytest.mark.distributed
+def test_fuzz_of_a_two_rank_server_stops_no_rank_and_leaks_nothing(served):
+    """Every field at its edges (tiny, huge, NaN and infinite numbers, top_k past int64, lone
+    surrogates, bytes that are not UTF-8, a 10 MB body, 1,000 stop strings, no Content-Type,
+    deep JSON, clients that vanish mid-stream) against 2 ranks: no 5xx, every rank alive,
+    no slot or queue entry left, and the same answer as before."""
+    server, engine = served
+    before = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 12},
+                        timeout=60).json()["choices"][0]["text"]
+    ranks = server.ranks()
+    seen = fuzz(server.url, 300, seed=19)
+    assert seen["edge"] == {400} and seen["not-utf8"] == {400} and seen["huge-body"] == {413}, seen
+    assert server.proc.poll() is None, server.stderr
+    for rank, pid in ranks.items():
+        assert Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text(), rank
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert_all_slots_free(server.url, 4)
+    after = httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 12},
+                       timeout=60).json()["choices"][0]["text"]
+    assert after == before
 
 
 @pytest.mark.distributed

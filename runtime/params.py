@@ -1,0 +1,81 @@
+"""Request-level parameters: one definition, no torch, shared by the config, the engine, the
+server and the runtime.
+
+The bounds are what the sampler and the data plane handle, stated as OpenAI's and vLLM's
+servers state theirs: every value inside them decodes; every value outside is refused with
+a ``ValueError`` naming the parameter, before it reaches a rank.
+
+- ``temperature``: 0 (greedy) or in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``. Below 1e-2 the
+  division by T makes the logits overflow fp32 (at 1e-300 they turn inf/NaN) and draws
+  stop being distinguishable from greedy anyway (vLLM raises such values to 1e-2).
+- ``top_k``: 0 (off) to ``MAX_TOP_K``: it travels in the int64 data-plane header; a value at
+  or above the vocabulary keeps every token (the server refuses it, naming the vocabulary).
+- ``top_p`` in (0, 1], ``min_p`` in [0, 1], ``seed`` in [0, 2**63 - 1] (an int64 on the wire).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SAMPLING_MODES = ("seeded", "speculative")
+EARLY_EXIT_MODES = ("off", "eager", "deferred")
+
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63 - 1  # the data plane carries the seed in an int64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence samples. ``temperature`` 0 is greedy (the other fields are then unused).
+
+    Filters apply in this order, to ``logits / temperature``: ``top_k`` (0: off) keeps
+    the k largest (ties included), ``top_p`` the smallest set of most likely tokens
+    whose probability reaches it (1: off), ``min_p`` the tokens at least ``min_p``
+    times as likely as the most likely one (0: off).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0
+    mode: str = "seeded"
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise _invalid(name, value, "a finite number")
+            object.__setattr__(self, name, float(value))
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _invalid(name, value, "an integer")
+        t = self.temperature
+        if t < 0 or 0 < t < MIN_TEMPERATURE or t > MAX_TEMPERATURE:
+            raise _invalid("temperature", t, f"0 (greedy decoding) or a number in [{MIN_TEMPERATURE:g}, "
+                                             f"{MAX_TEMPERATURE:g}]; it must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise _invalid("top_p", self.top_p, "a number in (0, 1] (1 keeps every token)")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise _invalid("top_k", self.top_k, f"an integer >= 0 and <= {MAX_TOP_K} (0 keeps every token)")
+        if not 0 <= self.min_p <= 1:
+            raise _invalid("min_p", self.min_p, "a number in [0, 1] (0 keeps every token)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise _invalid("seed", self.seed, "an integer in [0, 2**63 - 1]")
+        if self.mode not in SAMPLING_MODES:
+            raise _invalid("mode", self.mode, f"one of {', '.join(SAMPLING_MODES)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _invalid(name: str, value, expected: str) -> ValueError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ValueError(f"sampling parameter {name} = {shown} is invalid: expected {expected}")
