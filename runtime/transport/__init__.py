@@ -14,6 +14,8 @@ hard exit after ``teardown_s``, so that a failing rank never stays behind.
 from __future__ import annotations
 
 import datetime
+import errno
+import ipaddress
 import logging
 import os
 import secrets
@@ -137,28 +139,76 @@ def open_transport(
 
 
 def _init_process_group(backend, rank, world_size, master_addr, master_port, timeout) -> None:
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        init_method = "env://"  # torchrun's agent already hosts the store at MASTER_PORT
-    else:
-        if master_port == 0:
-            if world_size > 1:
-                raise TransportError(f"a {world_size}-rank job needs MASTER_PORT; the launcher did not set it")
-            master_addr, master_port = "127.0.0.1", _free_port()
-        host = f"[{master_addr}]" if ":" in master_addr else master_addr
-        init_method = f"tcp://{host}:{master_port}"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
+    if not agent_store and master_port == 0:
+        if world_size > 1:
+            raise TransportError(f"a {world_size}-rank job needs MASTER_PORT; the launcher did not set it")
+        master_addr = "127.0.0.1"  # one process: its own store, on a free port
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr
+    where = "env://" if agent_store else f"tcp://{host}:{master_port}"
     try:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        store = None if agent_store else _rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+        dist.init_process_group(backend, init_method="env://" if agent_store else None, store=store,
+                                rank=rank, world_size=world_size, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
         raise TransportError(
-            f"rank {rank}: joining the {world_size}-rank job at {init_method} failed within "
+            f"rank {rank}: joining the {world_size}-rank job at {where} failed within "
             f"{timeout.total_seconds():g} s: {e}"
         ) from e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store(rank, world_size, master_addr, master_port, timeout) -> dist.TCPStore:
+    """The job's TCPStore, as torch's ``tcp://`` rendezvous makes it, except where rank 0 listens.
+
+    torch's store listens on every interface, whatever MASTER_ADDR says; anyone who reaches
+    the port can read and write the rendezvous. Rank 0 here listens on MASTER_ADDR itself when
+    that is an IP address, or ``localhost`` (the ranks connect there and nowhere else). A host
+    name keeps torch's every-interface socket: the address it has on other hosts may not be the
+    one it resolves to here (Debian maps a host's own name to 127.0.1.1); so does an IP address
+    that is not this host's (a container behind a forwarded port), with a warning. Port 0 (one
+    process) takes a free port as it binds.
+    """
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, is_master=False, timeout=timeout)
+    addr = store_address(master_addr)
+    fd, master_port = (None, master_port) if addr is None else _listen(addr, master_port)
+    # The store owns the socket from here: it closes it when it ends, or fails.
+    return dist.TCPStore(master_addr, master_port, world_size, is_master=True, timeout=timeout, master_listen_fd=fd)
+
+
+def store_address(master_addr: str) -> str | None:
+    """The one address rank 0's rendezvous store listens on, or None: every interface."""
+    try:
+        return str(ipaddress.ip_address(master_addr))
+    except ValueError:
+        pass
+    if master_addr.lower() == "localhost":  # the address the ranks' own lookup tries first
+        return socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)[0][4][0]
+    log.info("MASTER_ADDR=%s is a host name: the rendezvous store listens on every interface "
+             "(set MASTER_ADDR to rank 0's IP address to listen on that one only)", master_addr)
+    return None
+
+
+def _listen(addr: str, port: int) -> tuple[int | None, int]:
+    """``(fd, port)`` of a socket listening on ``addr:port`` (port 0: a free one); no fd where
+    ``addr`` is not an address of this host."""
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's: a port an ended job left
+        sock.bind((addr, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRNOTAVAIL:
+            log.warning("MASTER_ADDR=%s is not an address of rank 0's host (a forwarded port?): the rendezvous "
+                        "store listens on every interface", addr)
+            return None, port
+        raise TransportError(
+            f"rank 0 cannot listen for the rendezvous on MASTER_ADDR={addr} MASTER_PORT={port}: {e}; "
+            "set MASTER_PORT to a free port of rank 0's host"
+        ) from e
+    port = sock.getsockname()[1]
+    return sock.detach(), port
 
 
 def _report(control, exc: BaseException) -> None:

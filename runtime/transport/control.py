@@ -14,14 +14,38 @@ interface that routes to ``MASTER_ADDR`` (or ``transport.control_addr``). The
 endpoint reaches the other ranks through the torch.distributed rendezvous,
 never through a fixed port.
 
-Which messages are kept: rank 0 draws a random 32-byte key per job and hands
-it out over the process group together with the endpoint. Every message
-carries an HMAC-SHA256 of its payload under that key (16 bytes), and messages
-whose tag does not verify, or whose claimed sender does not match the socket
-identity, are dropped and counted. The key itself never crosses zmq. (CURVE
-would also encrypt, but needs a key exchange of its own and costs more per
-message; nothing here is secret, only unauthenticated input must not be
-obeyed.)
+Who may talk (docs/security.md): rank 0 draws a random 32-byte key per job
+and hands it out over the process group together with the endpoint; the key
+itself never crosses zmq. Three things hang off it:
+
+- Connections: both of rank 0's ports are CURVE servers whose key pair, and
+  the one client key pair the ranks share, are derived from the job key; a ZAP
+  handler admits that client key only. A peer without the key is refused at
+  the handshake, before zmq buffers a byte of its messages. (That is the only
+  place it can be refused cheaply: libzmq bounds a frame with
+  ``MAXMSGSIZE`` and a queue with ``RCVHWM``, but a multipart message that never
+  ends grows without bound — 150 MB from one raw TCP peer, measured.) CURVE
+  also encrypts; it adds about 10 us to a round trip on loopback.
+- Messages: each carries an HMAC-SHA256 (16 bytes) under a key of its channel
+  (control or pulse, so a message never verifies on the other), and a number
+  that grows per sender and channel. A message whose tag does not verify,
+  whose claimed sender is not the socket identity, or whose number is not above
+  the last one taken from that sender (a replay) is dropped, counted in
+  ``drops`` by reason, and warned about at most every ``WARN_EVERY_S``. A new
+  job has a new key, so numbers start again at 1 with it.
+- Bounds: a frame holds at most ``FRAME_BYTES`` of payload (longer payloads,
+  such as a rank's trace events, go as several frames of one message) and zmq
+  disconnects a peer that sends a longer one (``MAXMSGSIZE``). A receive
+  queue holds ``RCVHWM`` messages per peer; on TCP a full queue stops zmq
+  reading from that peer (flow control), it never drops, so the bound costs a
+  job's own messages nothing. Sends keep an unbounded queue (``SNDHWM`` 0): a
+  DEALER at its high-water mark would fail a ``NOBLOCK`` send, and a ROUTER
+  with ``ROUTER_MANDATORY`` would refuse it. One ``recv`` takes at most
+  ``DRAIN_MESSAGES`` messages or ``DRAIN_BYTES``; the rest waits, in order, for
+  the next call, and the ROUTER takes one message per peer in turn.
+
+Without CURVE in libzmq (``zmq.has("curve")`` false) rank 0 says so once
+and keeps the rest: unsigned input is still never obeyed, but it is received.
 
 Liveness does not depend on compute: heartbeats go over a second socket pair
 (rank 0's ``pulse`` ROUTER, one DEALER per rank), sent and received by a
@@ -38,8 +62,9 @@ fifth of ``timeout_s`` is left for an orderly exit, so every rank is gone
 within ``timeout_s``. Once a peer is lost, every later ``recv`` raises the same
 error at once.
 
-Wire format: frames ``[tag, payload]`` (rank 0 prepends the peer identity),
-payload = JSON ``[sender_rank, kind, body]``; kinds: ``hello``, ``ev`` (an
+Wire format: frames ``[tag, *payload]`` (rank 0 prepends the peer identity),
+payload = JSON ``[sender_rank, number, kind, body]`` cut into frames of at most
+``FRAME_BYTES``; kinds: ``hello``, ``ev`` (an
 event, ``[class name, *fields]``; a ``SamplingParams`` field as
 ``{"SamplingParams": [*fields]}``), ``stage`` (a rank's layers and heads),
 ``released`` (``[seq, busy seconds, stage counters, trace events or null]``: the
@@ -52,15 +77,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import fields
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from ..events import (
@@ -81,6 +110,21 @@ _BY_NAME = {cls.__name__: cls for cls in CONTROL_EVENTS}
 TAG_BYTES = 16
 SILENCE_FRACTION = 0.8  # of timeout_s; the rest is left for the orderly exit
 PULSE_HWM = 4  # heartbeats queued for a peer that is not there are dropped, not hoarded
+# A payload frame: events are ~100 bytes, a `released` answer with trace events grows with the
+# tokens since the last one (~0.5 KB per token and stage), so long payloads are cut, not refused.
+FRAME_BYTES = 1 << 20
+MAX_WIRE_FRAME = FRAME_BYTES + 4096  # zmq.MAXMSGSIZE: CURVE adds ~40 bytes to each frame on the wire
+RCVHWM = 1024  # messages queued per peer before zmq stops reading from it (TCP flow control, no drop)
+DRAIN_MESSAGES = 256  # per recv(): a flood cannot keep one call, nor the loop around it, forever
+DRAIN_BYTES = 16 << 20
+# What a closed connection can have left queued: its RCVHWM (with slack for what zmq had decoded).
+# A ROUTER takes one message per peer in turn, so LAST_WORDS x peers reaches the end of any queue.
+LAST_WORDS = 2 * RCVHWM
+WARN_EVERY_S = 10.0  # dropped messages are counted always, warned about at most this often
+CURVE = zmq.has("curve")  # pyzmq's wheels bundle it; a libzmq built without it cannot refuse peers
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 def encode_event(event) -> list:
@@ -120,8 +164,69 @@ def _tcp(host: str) -> str:
     return f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
 
 
+def _derive(key: bytes, label: str) -> bytes:
+    return hmac.new(key, b"adadecode/" + label.encode(), hashlib.sha256).digest()
+
+
+class _Signer:
+    """One channel's signatures and message numbers, at one end.
+
+    The channel's HMAC key is derived from the job key and the channel's name, so a message
+    taken from one channel never verifies on another. ``last`` holds, per sender, the highest
+    number taken: a message must carry a higher one (zmq keeps one sender's messages in order
+    on a connection, and across its reconnects).
+    """
+
+    def __init__(self, key: bytes, channel: str, rank: int):
+        self.key = _derive(key, "hmac/" + channel)
+        self.rank = rank
+        self._numbers = itertools.count(1)
+        self.last: dict[int, int] = {}
+
+    def pack(self, kind: str, body) -> list[bytes]:
+        """``[tag, *payload frames]``."""
+        payload = json.dumps([self.rank, next(self._numbers), kind, body], separators=(",", ":")).encode()
+        tag = hmac.new(self.key, payload, hashlib.sha256).digest()[:TAG_BYTES]
+        return [tag, *(payload[i:i + FRAME_BYTES] for i in range(0, max(len(payload), 1), FRAME_BYTES))]
+
+    def unpack(self, frames: list) -> tuple[int, int, str, object] | str:
+        """``(sender, number, kind, body)``, or the reason to drop the message. The frames'
+        count and the tag's length are checked before anything is hashed."""
+        if len(frames) < 2 or len(frames[0]) != TAG_BYTES:
+            return "frames"
+        mac = hmac.new(self.key, digestmod=hashlib.sha256)
+        for frame in frames[1:]:
+            mac.update(frame)
+        if not hmac.compare_digest(mac.digest()[:TAG_BYTES], bytes(frames[0])):
+            return "unsigned"
+        try:
+            sender, number, kind, body = json.loads(b"".join(frames[1:]))
+        except (ValueError, TypeError):
+            return "malformed"
+        if type(sender) is not int or type(number) is not int or not isinstance(kind, str):
+            return "malformed"
+        return sender, number, kind, body
+
+    def take(self, sender: int, number: int) -> bool:
+        """Whether ``number`` is new from ``sender`` (and remember it); False: a replay."""
+        if number <= self.last.get(sender, 0):
+            return False
+        self.last[sender] = number
+        return True
+
+
+class _ZapPolicy:
+    """The ZAP handler's rule: the job's client key, and no other."""
+
+    def __init__(self, client_public: bytes):
+        self.client_public = client_public
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return hmac.compare_digest(key, self.client_public)
+
+
 class _Endpoint:
-    """What both ends share: signing, the socket monitor, the pulse (heartbeats), closing."""
+    """What both ends share: signing, bounds, the socket monitor, the pulse (heartbeats), closing."""
 
     def __init__(self, rank: int, key: bytes, timeout_s: float):
         self.rank = rank
@@ -129,8 +234,19 @@ class _Endpoint:
         self.timeout_s = timeout_s
         self.heartbeat_s = min(1.0, timeout_s / 10)
         self.silence_s = SILENCE_FRACTION * timeout_s
-        self.dropped = 0  # messages whose tag did not verify
+        self.signer = _Signer(key, "control", rank)
+        # Messages dropped, by reason: "handshake" (a connection refused before any message),
+        # "frames", "unsigned", "malformed", "identity" (signed, but claims another rank), "replay".
+        self.drops: Counter[str] = Counter()
+        self._drops_lock = threading.Lock()  # the pulse thread drops too
+        self._warned_at = float("-inf")
+        # CURVE key pairs (z85): rank 0's, and the one every other rank uses.
+        self.curve = CURVE
+        server_secret, client_secret = (z85.encode(_derive(key, "curve/" + who)) for who in ("server", "client"))
+        self._server_keys = (zmq.curve_public(server_secret), server_secret)
+        self._client_keys = (zmq.curve_public(client_secret), client_secret)
         self.ctx = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
         self.sock: zmq.Socket | None = None
         self.mon: zmq.Socket | None = None
         self.poller = zmq.Poller()
@@ -139,14 +255,45 @@ class _Endpoint:
         self.busy_since: float | None = None
         self._lost: str | None = None  # why a peer was lost: raised again by every later recv
 
-    def _open(self, kind: int, host: str) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a control message for want of queue space
-        sock.setsockopt(zmq.RCVHWM, 0)
+    @property
+    def dropped(self) -> int:
+        """Messages (and refused connections) dropped so far, for any reason."""
+        return sum(self.drops.values())
+
+    def _drop(self, reason: str) -> None:
+        with self._drops_lock:
+            self.drops[reason] += 1
+            now = time.monotonic()
+            if now - self._warned_at < WARN_EVERY_S:
+                return
+            self._warned_at = now
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.drops.items()))
+        log.warning("rank %d: dropped control traffic that is not this job's, or replayed (%s so far)",
+                    self.rank, counts)
+
+    def _secure(self, sock: zmq.Socket, server: bool, host: str) -> None:
+        """Bounds, CURVE and address family, before the socket binds or connects."""
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_WIRE_FRAME)
         sock.setsockopt(zmq.LINGER, 0)
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
-        self.mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if not self.curve:
+            return
+        if server:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._server_keys[1])
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, never admit everyone
+        else:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._server_keys[0])
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self._client_keys[0])
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._client_keys[1])
+
+    def _open(self, kind: int, host: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.SNDHWM, 0)  # a send never fails for want of queue space (see Bounds)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        self._secure(sock, kind == zmq.ROUTER, host)
+        self.mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED)
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.mon, zmq.POLLIN)
         self.sock = sock
@@ -155,9 +302,8 @@ class _Endpoint:
     def _pulse_socket(self, kind: int, host: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.SNDHWM, PULSE_HWM)
-        sock.setsockopt(zmq.LINGER, 0)
-        if ":" in host:
-            sock.setsockopt(zmq.IPV6, 1)
+        sock.setsockopt(zmq.RCVHWM, PULSE_HWM)
+        self._secure(sock, kind == zmq.ROUTER, host)
         return sock
 
     def _lose(self, reason: str) -> TransportError:
@@ -166,24 +312,37 @@ class _Endpoint:
             self._lost = reason
         return TransportError(self._lost)
 
-    def _pack(self, kind: str, body) -> list[bytes]:
-        payload = json.dumps([self.rank, kind, body], separators=(",", ":")).encode()
-        return [hmac.new(self.key, payload, hashlib.sha256).digest()[:TAG_BYTES], payload]
+    def _is_peer(self, sender: int, identity: bytes | None) -> bool:
+        raise NotImplementedError
 
-    def _unpack(self, tag: bytes, payload: bytes):
-        """``(sender, kind, body)``, or None for a message that is not from this job."""
-        want = hmac.new(self.key, payload, hashlib.sha256).digest()[:TAG_BYTES]
-        if not hmac.compare_digest(want, tag):
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("rank %d: dropped %d control message(s) not signed by this job", self.rank, self.dropped)
+    def _open_message(self, frames: list, signer: _Signer, identity: bytes | None = None):
+        """``(sender, kind, body)`` of a message of this job, or None (dropped and counted).
+        ``identity``: the ROUTER's peer identity, which must name the signed sender."""
+        msg = signer.unpack(frames)
+        if isinstance(msg, str):
+            self._drop(msg)
             return None
-        try:
-            sender, kind, body = json.loads(payload)
-        except ValueError:
-            self.dropped += 1
+        sender, number, kind, body = msg
+        if not self._is_peer(sender, identity):
+            self._drop("identity")
+            return None
+        if not signer.take(sender, number):
+            self._drop("replay")
             return None
         return sender, kind, body
+
+    def _incoming(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES):
+        """The messages waiting on the socket, as frames, up to ``max_messages`` or ``max_bytes``
+        (at least one): whatever arrives, one call ends, and what is left stays queued in order."""
+        for _ in range(max_messages):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            yield frames
+            max_bytes -= sum(len(f) for f in frames)
+            if max_bytes <= 0:
+                return
 
     def wait(self, timeout_s: float, fd: int | None = None) -> None:
         """Block until a message, a monitor event or input on ``fd`` may be there, at most ``timeout_s``."""
@@ -202,6 +361,8 @@ class _Endpoint:
             event = parse_monitor_message(self.mon.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 fds.append(int(event["value"]))
+            elif event["event"] & _HANDSHAKE_FAILED:
+                self._drop("handshake")
         return fds
 
     def close(self, linger_s: float = 0.0) -> None:
@@ -219,6 +380,9 @@ class _Endpoint:
         if self.mon is not None:
             self.mon.close(linger=0)
             self.mon = None
+        if self.auth is not None:  # its sockets live in the context: before term()
+            self.auth.stop()
+            self.auth = None
         self.ctx.term()
 
 
@@ -229,6 +393,15 @@ class ControlServer(_Endpoint):
         super().__init__(0, key, timeout_s)
         self.world_size = world_size
         try:
+            if self.curve:  # bound before the ports are: no connection is ever let in unchecked
+                self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("adadecode.control.zap"))
+                self.auth.start()
+                self.auth.configure_curve_callback("*", _ZapPolicy(self._client_keys[0]))
+            else:
+                log.warning(
+                    "libzmq was built without CURVE: the control plane cannot refuse a connection without "
+                    "the job's key, only its messages (install pyzmq's wheels, which bundle it)"
+                )
             sock = self._open(zmq.ROUTER, host)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished rank raises instead of vanishing
             port = sock.bind_to_random_port(_tcp(host))
@@ -251,6 +424,9 @@ class ControlServer(_Endpoint):
         self._fd_rank: dict[int, int] = {}
         self._backlog: list[tuple[int, str, object]] = []
         self._errors: dict[int, str] = {}  # rank -> the error it reported before exiting
+
+    def _is_peer(self, sender: int, identity: bytes | None) -> bool:
+        return 0 < sender < self.world_size and identity == b"rank%d" % sender
 
     def describe(self, rank: int) -> str:
         p = self.peers.get(rank)
@@ -275,7 +451,7 @@ class ControlServer(_Endpoint):
 
     def send(self, rank: int, kind: str, body=None) -> None:
         try:
-            self.sock.send_multipart([b"rank%d" % rank, *self._pack(kind, body)], flags=zmq.NOBLOCK)
+            self.sock.send_multipart([b"rank%d" % rank, *self.signer.pack(kind, body)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise TransportError(f"{self.describe(rank)} is unreachable on the control plane: {e}") from e
 
@@ -293,8 +469,8 @@ class ControlServer(_Endpoint):
         gone = [self._fd_rank.get(fd) for fd in self._disconnected_fds()]
         if self._errors and not gone and self.mon.poll(100):
             gone = [self._fd_rank.get(fd) for fd in self._disconnected_fds()]  # a death behind the error?
-        if gone:
-            out += self._drain()  # a goodbye, or an error naming the cause, may be queued still
+        if gone:  # a goodbye, or an error naming the cause, may be queued still
+            out += self._drain(LAST_WORDS * self.world_size, float("inf"))
         # The first cause wins: a rank that died unannounced, else a rank's own error report
         # (which is often the consequence: "receiving from rank 1 failed").
         for rank in gone:
@@ -315,23 +491,16 @@ class ControlServer(_Endpoint):
                 )
         return out
 
-    def _drain(self) -> list[tuple[int, str, object]]:
+    def _drain(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES) -> list[tuple]:
         out = []
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return out
-            if len(frames) != 3:
-                self.dropped += 1
+        for frames in self._incoming(max_messages, max_bytes):
+            if len(frames) < 3:
+                self._drop("frames")
                 continue
-            msg = self._unpack(frames[1].bytes, frames[2].bytes)
+            msg = self._open_message(frames[1:], self.signer, frames[0].bytes)
             if msg is None:
                 continue
             sender, kind, body = msg
-            if frames[0].bytes != b"rank%d" % sender or not 0 < sender < self.world_size:
-                self.dropped += 1  # signed, but claims another rank's identity
-                continue
             if kind == "hello":
                 self.peers[sender] = {"pid": body["pid"], "host": body["host"]}
                 try:  # the connection's fd, to name the rank when the monitor reports its disconnect
@@ -344,6 +513,7 @@ class ControlServer(_Endpoint):
                 self._errors.setdefault(sender, body)
             else:
                 out.append((sender, kind, body))
+        return out
 
     def abort(self, reason: str) -> None:
         """Tell every rank still there to stop; best effort, never raises."""
@@ -373,11 +543,27 @@ class ControlClient(_Endpoint):
         self.pulse = _Pulse(self, pulse, None)
         self.send("hello", {"pid": os.getpid(), "host": socket.gethostname()})
 
+    def _is_peer(self, sender: int, identity: bytes | None) -> bool:
+        return sender == 0  # rank 0 is the only peer a DEALER has
+
     def send(self, kind: str, body=None) -> None:
         try:
-            self.sock.send_multipart(self._pack(kind, body), flags=zmq.NOBLOCK)
+            self.sock.send_multipart(self.signer.pack(kind, body), flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise TransportError(f"rank {self.rank}: sending to rank 0 failed: {e}") from e
+
+    def _drain(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES) -> list[tuple[str, object]]:
+        out = []
+        for frames in self._incoming(max_messages, max_bytes):
+            msg = self._open_message(frames, self.signer)
+            if msg is None:
+                continue
+            _, kind, body = msg
+            if kind == "abort":
+                self._lost = f"stopped by rank 0: {body}"
+                raise JobAborted(self._lost)
+            out.append((kind, body))
+        return out
 
     def recv(self, timeout_s: float = 0.0) -> list[tuple[str, object]]:
         """Messages from rank 0 (waiting up to ``timeout_s`` for the first); raises when it is lost."""
@@ -385,24 +571,9 @@ class ControlClient(_Endpoint):
             raise TransportError(self._lost)
         if timeout_s > 0:
             self.wait(timeout_s)
-        out = []
-        while True:
-            try:
-                tag, payload = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except ValueError:  # not two frames
-                self.dropped += 1
-                continue
-            msg = self._unpack(tag, payload)
-            if msg is None or msg[0] != 0:
-                continue
-            _, kind, body = msg
-            if kind == "abort":
-                self._lost = f"stopped by rank 0: {body}"
-                raise JobAborted(self._lost)
-            out.append((kind, body))
+        out = self._drain()
         if self._disconnected_fds():
+            self._drain(LAST_WORDS, float("inf"))  # an abort naming the cause may be queued still
             raise self._lose("rank 0 (the coordinator) closed its control connection: the process died")
         # Rank 0's pulse beats between generations too: its silence always counts.
         silent = time.monotonic() - max(self.pulse.last_seen.get(0, 0.0), self._started)
@@ -426,6 +597,7 @@ class _Pulse:
 
     def __init__(self, endpoint: _Endpoint, sock: zmq.Socket, peers: list[bytes] | None):
         self.ep, self.sock, self.peers = endpoint, sock, peers
+        self.signer = _Signer(endpoint.key, "pulse", endpoint.rank)  # used by the thread only
         self.last_seen: dict[int, float] = {}  # written by the thread only
         self.busy_for: dict[int, float] = {}
         self._stop = threading.Event()
@@ -449,7 +621,7 @@ class _Pulse:
 
     def _beat(self, now: float) -> None:
         since = self.ep.busy_since
-        frames = self.ep._pack("hb", 0.0 if since is None else round(now - since, 3))
+        frames = self.signer.pack("hb", 0.0 if since is None else round(now - since, 3))
         for peer in self.peers if self.peers is not None else [None]:
             try:
                 self.sock.send_multipart(frames if peer is None else [peer, *frames], flags=zmq.NOBLOCK)
@@ -457,23 +629,26 @@ class _Pulse:
                 pass
 
     def _drain(self) -> None:
-        while True:
+        for _ in range(DRAIN_MESSAGES):  # then beat: a flood must not stop this rank's heartbeats
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != (3 if self.peers is not None else 2):
-                self.ep.dropped += 1
+            identity = None
+            if self.peers is not None:
+                if len(frames) < 3:
+                    self.ep._drop("frames")
+                    continue
+                identity, frames = frames[0], frames[1:]
+            msg = self.ep._open_message(frames, self.signer, identity)
+            if msg is None:
                 continue
-            msg = self.ep._unpack(frames[-2], frames[-1])
-            if msg is None or msg[1] != "hb":
-                continue
-            sender = msg[0]
-            if self.peers is not None and frames[0] != b"rank%d" % sender or self.peers is None and sender != 0:
-                self.ep.dropped += 1  # signed, but claims another rank's identity
+            sender, kind, body = msg
+            if kind != "hb" or not isinstance(body, (int, float)):
+                self.ep._drop("malformed")
                 continue
             self.last_seen[sender] = time.monotonic()
-            self.busy_for[sender] = float(msg[2])
+            self.busy_for[sender] = float(body)
 
     def stop(self) -> None:
         """End the thread (it closes its socket); a few tenths of a second at most. Should it be
