@@ -33,7 +33,7 @@ from adadecode.runtime.sim_fit import calibrate, fit_costs
 from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
 
 from .errors import report_error
-from .sim_profiles import exit_scenario
+from .sim_profiles import exit_scenario, scaled_layer
 
 PROJECT_STAGES = (1, 2, 4, 8, 16)
 
@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=CPU_PROFILE, choices=[CPU_PROFILE, *GPU_MODELS],
                    help=f"costs to simulate with (default {CPU_PROFILE}: fitted on this project's CPU)")
     p.add_argument("--link", choices=list(LINKS), help="GPU profiles: the link between stages (default nvlink)")
-    p.add_argument("--exits", default="measured", choices=["measured", "paper"],
-                   help="exit statistics: the bundled heads' (measured here) or AdaDecode's reported ones")
+    p.add_argument("--exits", default="measured", metavar="measured|paper|DIR",
+                   help="exit statistics: the bundled heads' (measured here), AdaDecode's reported ones, or a heads "
+                        "directory's (`train-heads --out DIR`: its per-token outcomes where it has them, else its "
+                        "calibration table), at --exit-layers and --thresholds (default: its defaults), mapped to "
+                        "the same relative depths of the profile's model")
+    p.add_argument("--thresholds", default="", metavar="T,T", help="with --exits DIR: a threshold per exit layer, or one")
     p.add_argument("--stages", type=int, default=1, metavar="P")
     p.add_argument("--early-exit", default="off", choices=["off", "eager", "deferred", "wait"],
                    help="wait: deferred, but later stages hold a parked backfill for the next token (simulated only)")
@@ -59,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=8, metavar="N", help="generations simulated")
     p.add_argument("--project", action="store_true", help="speedup over plain pipeline greedy at P = 1, 2, 4, 8, 16")
     p.add_argument("--plot", metavar="FILE", help="with --project: a PNG of the projection")
-    p.add_argument("--design", action="store_true", help="the design comparisons (README, Simulator)")
+    p.add_argument("--design", action="store_true", help="the design comparisons (docs/results.md)")
+    p.add_argument("--requirements", action="store_true",
+                   help="how good heads must be: the exit rate per head that reaches 1.5x and 2x of plain pipeline "
+                        "greedy, per model, stage count, precision and max_inflight (heads at 1/4, 1/2, 3/4 depth)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -86,7 +93,10 @@ class Setting:
             self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
         self.depth = self.model.layers
 
-    def exits(self, scenario: str) -> ExitStats:
+    def exits(self, scenario: str | tuple[ExitStats, int]) -> ExitStats:
+        """A named scenario, or ``(stats, depth)`` of some heads: mapped to this model's depth."""
+        if isinstance(scenario, tuple):
+            return exit_scenario("measured", self.depth, *scenario)
         return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
 
     def costs(self, stages: int) -> Costs:
@@ -97,7 +107,42 @@ class Setting:
         return partition_layers(self.depth, stages, last_extra=c.lm_head_s / c.layer(1))
 
 
-def run(setting: Setting, stages: int, mode: str, scenario: str = "measured", max_inflight: int = 2,
+def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[float]) -> tuple[ExitStats, int]:
+    """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
+    (one per layer, or one for all; default: its defaults), and the depth of its model: counted
+    token by token where train-heads recorded the outcomes, else from its calibration table."""
+    from adadecode.runtime.auto_heads import conditional_exits, exact_exits, exit_table
+    from adadecode.runtime.exit_heads import read_manifest, read_outcomes
+
+    where = Path(path).parent if Path(path).name == "manifest.json" else Path(path)
+    manifest = read_manifest(where)
+    layers = list(layers or manifest["default_layers"])
+    missing = [l for l in layers if l not in manifest["layers"]]
+    if missing:
+        raise ValueError(f"--exit-layers: {where} has no heads at {missing}; it has {manifest['layers']}")
+    if not thresholds:
+        thresholds = [float(manifest["default_thresholds"][str(l)]) for l in layers]
+    elif len(thresholds) == 1:
+        thresholds = list(thresholds) * len(layers)
+    if len(thresholds) != len(layers):
+        raise ValueError(f"--thresholds: {len(thresholds)} values for {len(layers)} exit layers; give one per layer, "
+                         "or one for all")
+    selection = dict(zip(layers, thresholds))
+    outcomes = read_outcomes(where, manifest)
+    if outcomes is not None:
+        if (lacking := sorted(set(layers) - set(outcomes))):
+            raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
+                             "train-heads` into it")
+        return exact_exits(selection, outcomes), manifest["base_model"]["num_layers"]
+    table = exit_table(manifest)
+    off_table = {l: t for l, t in selection.items() if all(r[0] != t for r in table[l])}
+    if off_table:
+        raise ValueError(f"--thresholds: {where} has no per-token outcomes and its calibration table has no row "
+                         f"for {off_table}; use thresholds of its sweep {[r[0] for r in table[layers[0]]]}")
+    return conditional_exits(selection, table), manifest["base_model"]["num_layers"]
+
+
+def run(setting: Setting, stages: int, mode: str, scenario: str | tuple = "measured", max_inflight: int = 2,
         layers: Sequence[int] | None = None, concurrency: int = 1, prompt_tokens: int = 64, new_tokens: int = 128,
         sequences: int = 8, seed: int = 0, early_exit_below: int | None = None) -> dict:
     """Simulate one setting; the simulator's summary."""
@@ -182,6 +227,38 @@ def design() -> list[dict]:
     return rows
 
 
+REQUIREMENT_RATES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def requirements(profiles=("llama-3.1-8b", "llama-3.1-70b"), stage_counts=(4, 8, 16), precisions=(0.8, 0.9, 0.95),
+                 targets=(1.5, 2.0)) -> list[dict]:
+    """For each model, P, precision and max_inflight (2, and P): the smallest exit rate per head
+    (three heads at 1/4, 1/2 and 3/4 of the depth, each exiting that share of the tokens that
+    reach it) at which eager or deferred reaches each target speedup over plain pipeline greedy;
+    None: not at any rate up to 0.9. Short runs (2 sequences x 64 tokens): a design answer."""
+    rows = []
+    for profile in profiles:
+        setting = Setting(profile)
+        heads = sorted({scaled_layer(l, 4, setting.depth) for l in (1, 2, 3)})
+        for stages in stage_counts:
+            short = {"sequences": 2, "new_tokens": 64}
+            off = run(setting, stages, "off", **short)["tokens_per_s"]
+            for inflight in sorted({2, stages}):
+                for precision in precisions:
+                    curve = {}
+                    for rate in REQUIREMENT_RATES:
+                        stats = (ExitStats(dict.fromkeys(heads, rate), dict.fromkeys(heads, precision)), setting.depth)
+                        curve[rate] = max(run(setting, stages, mode, stats, inflight, **short)["tokens_per_s"] / off
+                                          for mode in ("eager", "deferred"))
+                    row = {"model": GPU_MODELS[profile].name, "stages": stages, "max_inflight": inflight,
+                           "precision": precision, "best": round(max(curve.values()), 3)}
+                    for target in targets:
+                        row[f"rate_for_{target}x"] = next((r for r in REQUIREMENT_RATES if curve.get(r, 0) >= target),
+                                                          None)
+                    rows.append(row)
+    return rows
+
+
 def projection_table(rows: list[dict]) -> str:
     """One line per model, link and exit scenario; a cell per P: `eager / deferred` speedup
     (plain pipeline tokens/s), in italics where the weights do not fit."""
@@ -189,7 +266,8 @@ def projection_table(rows: list[dict]) -> str:
              "|---|---|" + "---|" * len(PROJECT_STAGES)]
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        groups.setdefault((r["profile"] + ("" if r["link"] == "-" else f", {r['link']}"), r["exits"]), {})[r["stages"]] = r
+        where = r["profile"] + ("" if r["link"] == "-" else f", {r['link']}")
+        groups.setdefault((where, r["exits"]), {})[r["stages"]] = r
     for (where, exits), by_p in groups.items():
         cells = []
         for p in PROJECT_STAGES:
@@ -243,7 +321,8 @@ def _from_trace(a) -> int:
     print(f"costs fitted on {a.trace}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in costs.to_dict().items()))
     print("| mode | measured (tokens/s) | predicted (tokens/s) | error |\n|---|---|---|---|")
     for mode, r in result.items():
-        print(f"| {mode} | {r['measured_tokens_per_s']:.2f} | {r['predicted_tokens_per_s']:.2f} | {100 * r['error']:+.1f}% |")
+        print(f"| {mode} | {r['measured_tokens_per_s']:.2f} | {r['predicted_tokens_per_s']:.2f} "
+              f"| {100 * r['error']:+.1f}% |")
     return 0
 
 
@@ -269,7 +348,20 @@ def check_args(a) -> None:
     try:
         a.layers = [int(x) for x in a.exit_layers.split(",") if x] or None
     except ValueError:
-        raise ValueError(f"--exit-layers {a.exit_layers}: give layer numbers separated by commas, e.g. 8,16,24") from None
+        raise ValueError(
+            f"--exit-layers {a.exit_layers}: give layer numbers separated by commas, e.g. 8,16,24"
+        ) from None
+    try:
+        a.threshold_list = [float(x) for x in a.thresholds.split(",") if x]
+    except ValueError:
+        raise ValueError(f"--thresholds {a.thresholds}: give numbers separated by commas, e.g. 0.5,0.8") from None
+    if a.exits not in ("measured", "paper"):
+        if not Path(a.exits).exists():
+            raise ValueError(f"--exits {a.exits}: give measured, paper, or a heads directory (`train-heads --out DIR`)")
+        a.exits = heads_exits(a.exits, a.layers, a.threshold_list)
+        a.layers = None  # chosen inside the heads' statistics, and mapped to the profile's depth with them
+    elif a.thresholds:
+        raise ValueError("--thresholds applies to --exits DIR (a heads directory); the named scenarios fix theirs")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -286,6 +378,18 @@ def main(argv: Sequence[str]) -> int:
                 print(json.dumps(rows))
             else:
                 print(projection_table(rows))
+            return 0
+        if a.requirements:
+            rows = requirements()
+            if a.json:
+                print(json.dumps(rows))
+            else:
+                print("| model (H100, NVLink) | P | max_inflight | precision | exit rate per head for 1.5x | for 2x "
+                      "| best simulated |\n|---|---|---|---|---|---|---|")
+                for r in rows:
+                    cells = [("-" if r[k] is None else f"{r[k]:.2f}") for k in ("rate_for_1.5x", "rate_for_2.0x")]
+                    print(f"| {r['model']} | {r['stages']} | {r['max_inflight']} | {r['precision']} | "
+                          f"{cells[0]} | {cells[1]} | {r['best']}x |")
             return 0
         if a.design:
             rows = design()

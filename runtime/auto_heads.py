@@ -12,11 +12,15 @@ heads are chosen for the setting at start-up:
   here, scaled to the model's size and dtype; on CUDA, whatever the GPU, the
   derived costs of H100s joined by NVLink), the stage split and whether the
   stages are ranks (stages in one process run one after another: one stage);
-- exit statistics: the heads' own calibration table (``validation_calibration``
-  in the manifest: exit rate and precision per head and threshold, on prompts
-  never trained on). A head's chance to exit when it is reached is estimated by
-  assuming that a token confident at one head is confident at the later heads
-  too (so it counts exits the table's rates already gave earlier heads once);
+- exit statistics, on the heads' validation prompts (never trained on): where
+  ``train-heads`` recorded each validation token's confidence and correctness at
+  every head (``outcomes.safetensors``), a selection's exits are counted exactly:
+  a token exits at the first selected head whose confidence passes its threshold,
+  and is right or wrong as that head was (``exact_exits``). Heads trained before
+  that record only a calibration table (exit rate and precision per head and
+  threshold); a head's chance to exit when reached is then estimated by assuming
+  that a token confident at one head is confident at the later heads too
+  (``conditional_exits``), which overrates many early, imprecise heads;
 - the objective: the simulated speedup over early exit off, with the real Stage
   and Coordinator (runtime/simulator.py) and the setting's policy and
   ``max_inflight``;
@@ -24,7 +28,7 @@ heads are chosen for the setting at start-up:
   keeping whatever raises the simulated speedup.
 
 If the best choice is not predicted at least ``MARGIN`` faster than off — the
-largest error the simulator showed against measurement (README, Simulator) —
+largest error the simulator showed against measurement (docs/results.md, Simulator: calibration) —
 no head is used and early exit runs as off, with a note saying so. Choices are
 deterministic, so every rank of a job chooses the same heads.
 """
@@ -37,7 +41,9 @@ from functools import lru_cache
 from .sim_costs import ModelShape, setting_costs
 from .simulator import ExitStats, SimSpec, simulate
 
-THRESHOLDS = (0.7, 0.8, 0.9, 0.95, 0.98)
+# Down to where a wrong guess costs about an idle stage's time: on ranks a rejected early token
+# mostly costs work a stage would otherwise not have had (the hand-tuned 2-rank config runs 0.5).
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 MARGIN = 1.07  # the simulator's largest calibration error here was 6.9% (3 ranks, off)
 PROMPTS = [(48, 96)] * 4  # the simulated benchmark each candidate is scored on
 
@@ -77,19 +83,43 @@ def conditional_exits(selection: dict[int, float], table) -> ExitStats:
     return ExitStats(rate, precision)
 
 
+def exact_exits(selection: dict[int, float], outcomes) -> ExitStats:
+    """``{layer: threshold}`` as the simulator's per-head rates, from each validation token's
+    outcome at every head: it exits at the first head above its threshold (the runtime evaluates
+    no later head for it), right or wrong as that head was. ``outcomes``: {layer: (confidence
+    per token, agreed per token)}. A head no token reaches has rate 0."""
+    rate, precision = {}, {}
+    reaching = None
+    for l in sorted(selection):
+        conf, agree = outcomes[l]
+        if reaching is None:
+            reaching = [True] * len(conf)
+        exits = [i for i, alive in enumerate(reaching) if alive and conf[i] > selection[l]]
+        reached = sum(reaching)
+        rate[l] = len(exits) / reached if reached else 0.0
+        precision[l] = sum(agree[i] for i in exits) / len(exits) if exits else 1.0
+        for i in exits:
+            reaching[i] = False
+    return ExitStats(rate, precision)
+
+
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
-           element_size: int, max_inflight: int, ranks: bool = True) -> HeadChoice:
+           element_size: int, max_inflight: int, ranks: bool = True, outcomes=None) -> HeadChoice:
     """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
-    False: the stages run one after another in one process, which times like one stage."""
+    False: the stages run one after another in one process, which times like one stage.
+    ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them."""
     shape = ModelShape.from_config(config)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table)
+    exact = None if outcomes is None else tuple(
+        (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact)
 
 
 @lru_cache(maxsize=16)
-def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows) -> HeadChoice:
+def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact) -> HeadChoice:
     table = dict(rows)
+    per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
     costs = setting_costs(shape, device_type, stages, element_size)
     layers = [l for l in sorted(table) if l < shape.layers]
@@ -97,7 +127,7 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
     def speedup(selection: dict[int, float]) -> float:
         if not selection:
             return 1.0
-        exits = conditional_exits(selection, table)
+        exits = conditional_exits(selection, table) if per_token is None else exact_exits(selection, per_token)
         spec = SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, exits=exits,
                        head_layers=exits.layers, early_exit=policy, max_inflight=max_inflight, prompts=PROMPTS)
         return simulate(spec).tokens_per_s / off
@@ -106,7 +136,8 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
     best, best_speedup = {}, 1.0
     for l in layers:
         improved = None
-        for t in (t for t in THRESHOLDS if any(r[0] == t for r in table[l])):
+        candidates = THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
+        for t in candidates:
             s = speedup({**best, l: t})
             if s > best_speedup:
                 improved, best_speedup = {**best, l: t}, s

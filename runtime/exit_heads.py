@@ -53,6 +53,7 @@ from .hf_adapter import rms_norm
 FORMAT = "adadecode-exit-heads"
 FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
+OUTCOMES_FILE = "outcomes.safetensors"  # per validation token: each head's confidence and whether it was right
 MANIFEST_FILE = "manifest.json"
 HEAD_TYPES = ("linear",)
 
@@ -139,7 +140,9 @@ class ExitHeads:
         ids = self.vocab_ids[index].long() if self.vocab_ids is not None else index
         return ids, confidence
 
-    def select(self, layers: Iterable[int] | None = None, thresholds: float | Mapping[int, float] | None = None) -> ExitHeads:
+    def select(
+        self, layers: Iterable[int] | None = None, thresholds: float | Mapping[int, float] | None = None
+    ) -> ExitHeads:
         """The heads at ``layers`` (None: the manifest's default layers) with ``thresholds``
         (None: the manifest's defaults; a float: the same for all; a dict: per layer, the
         others keep their defaults). Shares the tensors; ``self`` is unchanged."""
@@ -154,7 +157,9 @@ class ExitHeads:
         if isinstance(thresholds, Mapping):
             unknown = sorted(set(int(l) for l in thresholds) - set(layers))
             if unknown:
-                raise ValueError(f"thresholds given for layer(s) {unknown}, which are not among the selected {list(layers)}")
+                raise ValueError(
+                    f"thresholds given for layer(s) {unknown}, which are not among the selected {list(layers)}"
+                )
             chosen.update({int(l): float(t) for l, t in thresholds.items()})
         elif thresholds is not None:
             chosen = {l: float(thresholds) for l in layers}
@@ -188,8 +193,8 @@ def read_manifest(path: str | Path) -> dict:
     except ValueError as e:  # also a UnicodeDecodeError: a garbled file
         raise ValueError(f"exit heads {file} is not valid JSON ({e}); {_rewrite_hint(path)}") from e
     if not isinstance(manifest, dict):
-        raise ValueError(  # noqa: TRY004 - a user error, reported in one line (launcher/errors.py)
-            f"exit heads {file} is not a JSON object; {_rewrite_hint(path)}")
+        # ValueError, not TypeError: a user error, reported in one line (launcher/errors.py)
+        raise ValueError(f"exit heads {file} is not a JSON object; {_rewrite_hint(path)}")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{file} is not an exit-heads manifest of format {FORMAT} v{FORMAT_VERSION} (found "
@@ -263,22 +268,28 @@ def save_exit_heads(
     vocab_ids: torch.Tensor | None,
     manifest: dict,
     dtype: torch.dtype = torch.float16,
+    outcomes: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``heads.safetensors`` (``T`` stored in ``dtype``) and then ``manifest.json``, with the
-    tensors' checksum, into ``path``; each replaces its old version atomically (module docstring).
-    Raises ValueError naming ``path`` when the disk refuses (full, read-only, no permission)."""
+    """Write ``heads.safetensors`` (``T`` stored in ``dtype``), ``outcomes.safetensors`` when given
+    (per validation token, each head's confidence and whether it agreed with the final layer:
+    what the head choice counts exits on, runtime/auto_heads.py) and then ``manifest.json``, with
+    the files' checksums, into ``path``; each replaces its old version atomically (module
+    docstring). Raises ValueError naming ``path`` when the disk refuses (full, read-only, no permission)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {f"T.{l}": t.detach().to(dtype).contiguous() for l, t in transforms.items()}
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
+    files = {HEADS_FILE: tensors, OUTCOMES_FILE: outcomes} if outcomes else {HEADS_FILE: tensors}
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with atomic_io.replacing(path / HEADS_FILE, mode=0o644) as tmp:  # 0o644: heads are meant to be shared
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-            record = {"bytes": tmp.stat().st_size, "sha256": atomic_io.sha256_file(tmp)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": {HEADS_FILE: record}}
+        records = {}
+        for name, content in files.items():
+            with atomic_io.replacing(path / name, mode=0o644) as tmp:  # 0o644: heads are meant to be shared
+                save_file({k: v.contiguous() for k, v in content.items()}, str(tmp), metadata={"format": FORMAT})
+                records[name] = {"bytes": tmp.stat().st_size, "sha256": atomic_io.sha256_file(tmp)}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": records}
         atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O failures as SafetensorError
         raise ValueError(f"cannot write exit heads into {path} ({e}); free space or fix permissions there, "
@@ -361,14 +372,24 @@ def load_exit_heads(
     return heads.select()
 
 
-def _read_heads_file(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    """The tensors of ``path/heads.safetensors``, first checked against the manifest's size and
-    sha256 where it records them (a manifest of an older version does not: safetensors' own
-    header check is then what catches a truncated file)."""
+def read_outcomes(path: str | Path, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per head layer: (confidence [N] float32, agreed with the final layer [N] bool) of every
+    validation token, from ``outcomes.safetensors``; None for heads trained without it."""
+    if OUTCOMES_FILE not in manifest.get("files", {}):
+        return None
+    tensors = _read_heads_file(Path(path), manifest, OUTCOMES_FILE)
+    layers = sorted(int(k.rsplit(".", 1)[1]) for k in tensors if k.startswith("confidence."))
+    return {l: (tensors[f"confidence.{l}"].float(), tensors[f"agrees.{l}"].bool()) for l in layers}
+
+
+def _read_heads_file(path: Path, manifest: dict, name: str = HEADS_FILE) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/name``, first checked against the manifest's size and sha256 where
+    it records them (a manifest of an older version does not: safetensors' own header check is
+    then what catches a truncated file)."""
     from safetensors.torch import load_file
 
-    file = path / HEADS_FILE
-    record = manifest.get("files", {}).get(HEADS_FILE)
+    file = path / name
+    record = manifest.get("files", {}).get(name)
     try:
         if record is not None:
             size = file.stat().st_size

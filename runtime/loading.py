@@ -4,7 +4,7 @@
 split into stages, where and in which dtype each stage computes, the KV cache
 size and the exit heads. ``Engine.load`` builds every stage from it in one
 process; ``load_rank`` builds only rank ``i``'s stage from the same spec, so a
-rank never materialises another stage's weights (DESIGN.md invariant 5). Every
+rank never materialises another stage's weights (docs/design.md, invariant 5). Every
 rank computes the same plan: ``plan_stages`` is a pure function.
 
     spec = LoadSpec("bundled:smollm2-135m-instruct", stages=2, dtype="bfloat16")
@@ -112,7 +112,7 @@ def build_stage(
     """Load stage ``index`` of ``ranges`` onto ``device`` and only its weights: what one rank holds.
 
     A stage loads the final norm and LM head when it is the last, or when one of the exit
-    heads it evaluates (layers in ``(a, b]``) needs them (DESIGN.md invariant 5). ``ranks``:
+    heads it evaluates (layers in ``(a, b]``) needs them (docs/design.md, invariant 5). ``ranks``:
     each stage is a rank of its own (else all run in this process), for the heads' choice.
     """
     t0 = time.perf_counter()
@@ -132,8 +132,10 @@ def build_stage(
         auto = spec.auto_heads_for not in (None, "off") and not spec.exit_layers and not spec.thresholds
         if auto and calibration_table(manifest) is not None:  # heads without one keep their defaults
             element_size = torch.empty((), dtype=dtype).element_size()
+            from .exit_heads import read_outcomes
+
             choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size,
-                            spec.max_chunk - 1, ranks=ranks)
+                            spec.max_chunk - 1, ranks=ranks, outcomes=read_outcomes(heads_path, manifest))
             layers, thresholds = list(choice.layers), choice.thresholds
         mine = [l for l in layers if a < l <= b and l < args.num_layers]
     modules = load_stage_modules(

@@ -78,7 +78,7 @@ def test_train_heads_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     for layer in ("2", "4"):
         head = table["heads"][layer]
         assert 0.0 <= head["top1_agreement"] <= 1.0
-        assert [r["threshold"] for r in head["sweep"]] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
+        assert [r["threshold"] for r in head["sweep"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
         rates = [r["exit_rate"] for r in head["sweep"]]
         assert rates == sorted(rates, reverse=True)
         losses = manifest["training"]["loss_per_epoch"][layer]
@@ -90,6 +90,18 @@ def test_train_heads_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     assert heads.available_layers == (2, 4) and heads.layers == tuple(manifest["default_layers"])
     token, conf = heads.select([2, 4]).predict(2, torch.randn(D))
     assert token in heads.vocab_ids.tolist() and 0.0 < conf <= 1.0
+
+    # each validation token's outcome at every head, which the head choice counts exits on
+    from adadecode.runtime.exit_heads import read_outcomes
+
+    outcomes = read_outcomes(out, manifest)
+    assert sorted(outcomes) == [2, 4]
+    val = manifest["validation_calibration"]
+    for layer, (conf, agree) in outcomes.items():
+        assert conf.shape == agree.shape == (val["tokens"],) and agree.dtype == torch.bool
+        row = next(r for r in val["heads"][str(layer)]["sweep"] if r["threshold"] == 0.5)
+        assert (conf > 0.5).float().mean().item() == pytest.approx(row["exit_rate"], abs=2e-3)
+        assert agree.float().mean().item() == pytest.approx(val["heads"][str(layer)]["top1_agreement"], abs=1e-3)
 
     # same seed, same heads
     assert main([*argv[:-1], str(tmp_path / "again")]) == 0

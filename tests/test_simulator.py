@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from adadecode.launcher.sim_profiles import build_cpu_profile
 from adadecode.launcher.simulate import main as simulate_main
 from adadecode.launcher.trace_export import chrome_trace, read_trace
-from adadecode.runtime.auto_heads import MARGIN, choose, conditional_exits, exit_table
+from adadecode.runtime.auto_heads import MARGIN, choose, conditional_exits, exact_exits, exit_table
 from adadecode.runtime.sim_costs import load_cpu_profile
 from adadecode.runtime.sim_fit import calibrate, exit_stats, fit_costs
 from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
@@ -171,6 +172,20 @@ def test_a_token_counts_once_across_heads():
     assert s.precision == {4: 0.7, 9: 0.9, 12: 0.95}
 
 
+def test_exact_exits_count_the_first_confident_head_per_token():
+    """Token by token: 0 exits at 4 (wrong), 1 at 9 (right: 4 was not confident), 2 at 9 too
+    (right), 3 at no head; so 4 exits 1 of 4, 9 exits 2 of the 3 that reach it, 12 none of 1."""
+    outcomes = {4: ([0.9, 0.1, 0.2, 0.1], [False, True, True, True]),
+                9: ([0.95, 0.9, 0.85, 0.3], [True, True, True, False]),
+                12: ([0.99, 0.99, 0.99, 0.5], [True, True, True, True])}
+    s = exact_exits({4: 0.8, 9: 0.8, 12: 0.8}, outcomes)
+    assert s.rate == {4: 0.25, 9: pytest.approx(2 / 3), 12: 0.0}
+    assert s.precision == {4: 0.0, 9: 1.0, 12: 1.0}
+    # the table's assumption would have let 12 exit nothing too, but it cannot see that 4's exit was wrong
+    loose = exact_exits({4: 0.05, 12: 0.4}, outcomes)
+    assert loose.rate == {4: 1.0, 12: 0.0}
+
+
 def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
     manifest = _bundled_manifest()
     assert exit_table(manifest)
@@ -211,3 +226,38 @@ def test_an_engine_whose_setting_no_head_pays_in_runs_early_exit_as_off(tmp_path
     res = engine.generate([1, 2, 3], max_new_tokens=12, early_exit="deferred")
     assert res.tokens == plain.tokens
     assert res.stats["early_emitted"] == 0 and res.stats["early_exit"] == "off"
+
+
+def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, capsys):
+    """--exits DIR: the bundled heads (a calibration table only) and a copy that carries
+    per-token outcomes; the outcomes are what is counted when they are there."""
+    import shutil
+
+    import torch
+    from adadecode.runtime.exit_heads import OUTCOMES_FILE, bundled_heads_path, read_manifest
+    from safetensors.torch import save_file
+
+    base = ["--stages", "2", "--early-exit", "eager", "--sequences", "2", "--new-tokens", "32", "--json"]
+    bundled = str(bundled_heads_path())
+    assert simulate_main([*base, "--exits", bundled, "--exit-layers", "19,25", "--thresholds", "0.5"]) == 0
+    from_table = json.loads(capsys.readouterr().out)
+    assert from_table["vs_off"] > 1.0 and from_table["acceptance_rate"] > 0
+    assert simulate_main([*base, "--exits", bundled, "--exit-layers", "19", "--thresholds", "0.55"]) == 2
+    assert "no row" in capsys.readouterr().err
+
+    heads = tmp_path / "heads"
+    shutil.copytree(bundled, heads)
+    manifest = read_manifest(heads)
+    n = 100  # every token confident and right at 19: all exit there
+    outcomes = {"confidence.19": torch.ones(n, dtype=torch.float16), "agrees.19": torch.ones(n, dtype=torch.uint8)}
+    save_file(outcomes, str(heads / OUTCOMES_FILE))
+    manifest["files"][OUTCOMES_FILE] = {"bytes": (heads / OUTCOMES_FILE).stat().st_size,
+                                        "sha256": hashlib.sha256((heads / OUTCOMES_FILE).read_bytes()).hexdigest()}
+    (heads / "manifest.json").write_text(json.dumps(manifest))
+    assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "19", "--thresholds", "0.55"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert exact["acceptance_rate"] == 1.0 and exact["vs_off"] > from_table["vs_off"]
+    assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "7"]) == 2  # in the manifest, no outcomes
+    assert "per-token outcomes have no heads at [7]" in capsys.readouterr().err
+    assert simulate_main([*base, "--exits", str(tmp_path / "nothing")]) == 2
+    assert "give measured, paper, or a heads directory" in capsys.readouterr().err

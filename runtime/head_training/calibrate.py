@@ -10,7 +10,7 @@ import torch
 
 from .collect import Split
 
-THRESHOLD_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+THRESHOLD_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
 
 def head_outcomes(heads, split: Split, chunk: int = 4096) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -45,3 +45,13 @@ def calibration_table(outcomes, split: Split, sweep: Sequence[float] = THRESHOLD
             })
         heads[str(l)] = {"top1_agreement": round(float(agree.float().mean()), 4), "sweep": rows}
     return {"split": split.name, "file": split.file, "prompts": split.prompts, "tokens": split.tokens, "heads": heads}
+
+
+def outcome_tensors(outcomes) -> dict[str, torch.Tensor]:
+    """``head_outcomes`` as the tensors of ``outcomes.safetensors``: per head, each token's
+    confidence (fp16: thresholds are two-digit) and whether the head agreed with the final layer."""
+    tensors = {}
+    for l, (conf, agree) in outcomes.items():
+        tensors[f"confidence.{l}"] = conf.to(torch.float16)
+        tensors[f"agrees.{l}"] = agree.to(torch.uint8)
+    return tensors

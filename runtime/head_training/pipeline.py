@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..device import check_placement, dtype_name
-from .calibrate import calibration_table, head_outcomes
+from .calibrate import calibration_table, head_outcomes, outcome_tensors
 from .collect import collect, encode, eos_ids, make_split
 from .cost_model import CostModel, choose_defaults, expected_saving
 from .cost_model import eval_cost as estimated_eval_cost
@@ -233,7 +233,8 @@ def train_heads(
         },
     }
     host_ids = vocab_ids.cpu() if vocab_ids is not None else None
-    save_exit_heads(out, {l: t.cpu() for l, t in transforms.items()}, host_ids, manifest, dtype=save_dt)
+    save_exit_heads(out, {l: t.cpu() for l, t in transforms.items()}, host_ids, manifest, dtype=save_dt,
+                    outcomes=outcome_tensors(outcomes["validation"]))
     log(f"wrote {out}: heads at {layers}, defaults {default}")
     return manifest
 
