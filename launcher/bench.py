@@ -16,7 +16,7 @@ so a speedup never hides a parity break; this runtime's rows also report each
 stage's busy fraction and its merged / idle-backfill counts, and early-exit
 modes the exit rate and precision per head, the acceptance rate, the rollbacks
 and the fraction of compute they discarded (runtime/run_stats.py, as the
-generate command's summary). ``--trace DIR`` records the timed runs (README, Traces).
+generate command's summary). ``--trace DIR`` records the timed runs (docs/generating.md, Traces).
 
 With ``--temperature`` > 0 the contenders sample (runtime/sampling.py) and the
 reference is plain sampling of this runtime, ``off`` (always timed; transformers
@@ -36,12 +36,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from adadecode.runtime.prompts import select_prompts
 from adadecode.runtime.run_stats import RunTotals
 
 from .config import RunConfig, load_spec, sampling_params
+
+if TYPE_CHECKING:
+    from adadecode.runtime.engine import Engine
 
 
 def first_divergence(ours: list[int], ref: list[int]) -> int | None:
@@ -83,7 +87,7 @@ class _Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_bench(args, cfg: RunConfig, engine=None) -> int:
+def run_bench(args, cfg: RunConfig, engine: Engine | None = None) -> int:
     """``engine``: the stages to time (default: built from ``cfg`` in this process; on a
     multi-rank pipeline, rank 0's ``PipelineEngine``)."""
     from transformers import AutoModelForCausalLM
@@ -141,7 +145,9 @@ def run_bench(args, cfg: RunConfig, engine=None) -> int:
             at = first_divergence(res.tokens, ref)
             t.matches += at is None
             if at is not None and (params is None or params.mode == "seeded"):  # speculative: not a parity check
-                t.divergences.append({"prompt": n, "position": at, "ours": res.tokens[at : at + 1], "reference": ref[at : at + 1]})
+                t.divergences.append(
+                    {"prompt": n, "position": at, "ours": res.tokens[at : at + 1], "reference": ref[at : at + 1]}
+                )
         for k in hf_ks:
             out, secs = hf_generate(hf, ids, d.max_new_tokens, eos, assistant_early_exit=k)
             t = tally[f"hf-ee-{k}"]

@@ -15,7 +15,7 @@ stages simulated in one process, any config key overridden from the CLI:
     adadecode generate --model ~/models/Qwen2.5-0.5B-Instruct --stages 3 --prompt "..." \\
         --model.max_seq_len=4096 --pipeline.threads=2
 
-One rank per stage (README, "Pipeline across processes"): `--stages N` alone spawns N local gloo
+One rank per stage (docs/distributed.md): `--stages N` alone spawns N local gloo
 ranks and supervises them; under torchrun, Slurm's srun or the DeepSpeed
 launcher each process is one rank (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR
 from launcher/dist_env.py), rank 0 prints:
@@ -34,7 +34,7 @@ speculative (heads' draws kept with probability min(1, p/q)):
     adadecode generate --prompt "..." --temperature 0.8 --top-p 0.95 --seed 1 --early-exit deferred
     adadecode generate --prompt "..." --temperature 0.8 --sampling speculative --early-exit eager
 
-A timeline of every stage and the coordinator (README, Traces): DIR/trace.json opens in
+A timeline of every stage and the coordinator (docs/generating.md, Traces): DIR/trace.json opens in
 Perfetto (https://ui.perfetto.dev), DIR/trace.png is a Gantt chart; works on every launch path:
 
     adadecode generate --prompt "..." --early-exit deferred --stages 2 --trace traces/run1
@@ -43,18 +43,18 @@ Speed against transformers' `generate`, same process, same threads:
 
     adadecode bench --prompts data/prompts/heldout.jsonl --num-prompts 8 --pipeline.threads=2
 
-This runtime's schedule on simulated time (launcher/simulate.py; README, Simulator): fitted
+This runtime's schedule on simulated time (launcher/simulate.py; docs/simulator.md): fitted
 on a bench trace, or projected to GPUs:
 
     adadecode simulate --trace traces/bench/trace.json
     adadecode simulate --profile llama-3.1-70b --link ib --stages 8 --early-exit deferred
 
-An OpenAI-compatible server (launcher/server.py; README, Serving): in process, on N
+An OpenAI-compatible server (launcher/server.py; docs/serving.md): in process, on N
 spawned local ranks, or under torchrun / Slurm (rank 0 serves, the others run their stages):
 
     adadecode serve --port 8000                                           # one process
     adadecode serve --stages 2 --port 8000 --serve.max_num_seqs=8         # 2 local ranks
-    torchrun --nproc-per-node 2 --no-python adadecode serve --stages 2 --host 0.0.0.0
+    ADADECODE_API_KEY=... torchrun --nproc-per-node 2 --no-python adadecode serve --stages 2 --host 0.0.0.0
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
         -d '{"prompt": "The capital of France is", "max_tokens": 16}'
 
@@ -79,6 +79,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import (
     RunConfig,
@@ -89,6 +90,9 @@ from .config import (
     sampling_params,
 )
 from .errors import EXIT_INTERRUPTED, report_error
+
+if TYPE_CHECKING:
+    from adadecode.runtime.engine import Engine
 
 # Short flags for the keys users change most; each maps onto a config key.
 SHORTCUTS = {
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", metavar="FILE", help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout instead of text")
     gen.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable; decoding.stop)")
-    gen.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the launch plan and stage split as JSON, load nothing")
     gen.add_argument("--trace", metavar="DIR", help=TRACE_HELP)
     _add_config_flags(gen)
 
@@ -164,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a key: GET /metrics answers without it (serve.metrics_public)")
     srv.add_argument("--served-model-name", metavar="NAME",
                      help="model name clients send and /v1/models lists (serve.served_model_name)")
-    srv.add_argument("--dry-run", action="store_true", help="print the launch plan and stage split as JSON, load nothing")
+    srv.add_argument("--dry-run", action="store_true",
+                     help="print the launch plan and stage split as JSON, load nothing")
     srv.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
     srv.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
     srv.add_argument("--max-new-tokens", type=int, metavar="N", help="max_tokens of a request that sends none")
@@ -323,7 +329,7 @@ def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()
         return serve_requests(frontend, load_engine(cfg), cfg)
 
 
-def generate_all(args: argparse.Namespace, cfg: RunConfig, engine, prompts) -> int:
+def generate_all(args: argparse.Namespace, cfg: RunConfig, engine: Engine, prompts) -> int:
     """Generate every prompt with ``engine`` and print each result (text or JSON), then the
     run's summary on stderr (and, with ``--trace``, write the trace)."""
     from adadecode.runtime.run_stats import RunTotals, summary_lines

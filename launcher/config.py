@@ -125,7 +125,7 @@ class PipelineConfig:
     """Multi-rank runs: pin local rank i to its own cores (threads per rank each) when the node has enough."""
 
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (README, Results)."""
+    """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (docs/results.md)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -145,7 +145,8 @@ class PipelineConfig:
         if len(sp) != self.stages - 1:
             raise _invalid(
                 "pipeline.split_points", sp,
-                f"{self.stages - 1} entries for pipeline.stages = {self.stages} (the first layer of each stage after the first)",
+                f"{self.stages - 1} entries for pipeline.stages = {self.stages} "
+                "(the first layer of each stage after the first)",
                 f"set `--pipeline.stages={len(sp) + 1}` to match, change the split points, "
                 "or use `--pipeline.split_points=[]` for an automatic split",
             )
@@ -177,7 +178,8 @@ class DecodingConfig:
     """Exit heads directory (from `adadecode train-heads`); auto: the heads shipped for the bundled model; none."""
 
     exit_layers: list[int] = field(default_factory=list)
-    """Head layers to use, a subset of the heads' layers; empty: chosen per setting (auto_heads) or the heads' defaults."""
+    """Head layers to use, a subset of the heads' layers; empty: chosen per setting (auto_heads) or the
+    heads' defaults."""
 
     thresholds: list[float] = field(default_factory=list)
     """Confidence thresholds: one for every head, or one per exit layer; empty: as exit_layers."""
@@ -209,7 +211,8 @@ class DecodingConfig:
         for t in self.thresholds:
             if not 0.0 <= t < 1.0:
                 raise _invalid(
-                    "decoding.thresholds", self.thresholds, "confidences in [0, 1) (a head emits when its top probability exceeds it)",
+                    "decoding.thresholds", self.thresholds,
+                    "confidences in [0, 1) (a head emits when its top probability exceeds it)",
                     "set e.g. `--decoding.thresholds=0.9` or one value per exit layer",
                 )
         if self.thresholds and self.exit_layers and len(self.thresholds) not in (1, len(self.exit_layers)):
@@ -271,7 +274,8 @@ class TransportConfig:
     """How stages talk to each other."""
 
     backend: Literal["inprocess", "gloo", "nccl", "auto"] = "auto"
-    """inprocess: all stages in one process; gloo / nccl: one CPU / GPU rank per stage; auto: inprocess for 1 stage, else gloo."""
+    """inprocess: all stages in one process; gloo / nccl: one CPU / GPU rank per stage; auto: inprocess for
+    1 stage, else gloo."""
 
     timeout_s: float = 60.0
     """Every wait on another rank gives up after this many seconds; a rank silent for 80% of it is declared hung."""
@@ -324,10 +328,12 @@ class ServeConfig:
     """Requests waiting for a slot beyond max_num_seqs; past it a request gets HTTP 429."""
 
     served_model_name: str = ""
-    """Model name clients send and /v1/models lists; empty: the bundled name, or the model directory's or file's name (never its path)."""
+    """Model name clients send and /v1/models lists; empty: the bundled name, or the model directory's or
+    file's name (never its path)."""
 
     api_key: str = ""
-    """Key every request but GET /health must send as `Authorization: Bearer <key>`; empty: $ADADECODE_API_KEY, else none (the variable keeps it out of `ps`)."""
+    """Key every request but GET /health must send as `Authorization: Bearer <key>`; empty:
+    $ADADECODE_API_KEY, else none (the variable keeps it out of `ps`)."""
 
     metrics_public: bool = False
     """With an API key: GET /metrics answers without it too."""
@@ -342,10 +348,12 @@ class ServeConfig:
     """A client that reads nothing of its response for this many seconds is dropped and its request cancelled."""
 
     early_exit_below: int = 0
-    """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no more); 0: the stage count, at least 2."""
+    """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no
+    more); 0: the stage count, at least 2."""
 
     batching: Literal["exact", "fused"] = "exact"
-    """Sequences at one layer range run as one call. exact: each gets the bits it gets alone; fused: faster, last bits may differ."""
+    """Sequences at one layer range run as one call. exact: each gets the bits it gets alone; fused: faster,
+    last bits may differ."""
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -157,7 +157,9 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
     elif env.get("SLURM_JOB_ID", "").strip():
         port = _PORT_BASE + _int(env, "SLURM_JOB_ID", "slurm") % _PORT_SPAN
     elif world > 1:
-        raise DistEnvError(f"neither MASTER_PORT nor SLURM_JOB_ID is set for a {world}-task Slurm job; export MASTER_PORT")
+        raise DistEnvError(
+            f"neither MASTER_PORT nor SLURM_JOB_ID is set for a {world}-task Slurm job; export MASTER_PORT"
+        )
     else:
         port = 0
     local_world = None

@@ -1,8 +1,9 @@
 """The `adadecode serve` command: start-up checks, the HTTP front end, serving until stopped.
 
 ``cmd_serve`` (launcher/cli.py) runs, in order: ``check_cache_memory`` (before
-anything loads or spawns), then on the serving process ``http_frontend`` (listening, HTTP 503 while the model loads), the model
-(``load_engine`` in process, or ``run_rank`` under torchrun / ``--stages N``), and
+anything loads or spawns), then on the serving process ``http_frontend``
+(listening, HTTP 503 while the model loads), the model (``load_engine`` in
+process, or ``run_rank`` under torchrun / ``--stages N``), and
 ``serve_requests`` until a signal or a lost rank. The HTTP layer itself is
 launcher/server.py.
 """
@@ -19,14 +20,20 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adadecode.runtime.sampling import SamplingParams
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .server import Frontend, HttpLimits, HttpServer, ServeDefaults, build_app
 
+if TYPE_CHECKING:
+    from adadecode.runtime.engine import Engine
 
-def serve_requests(frontend: Frontend, engine, cfg) -> int:
+    from .distributed import LaunchPlan
+
+
+def serve_requests(frontend: Frontend, engine: Engine, cfg: RunConfig) -> int:
     """Main thread, once ``engine`` is loaded: run the ``ServingLoop`` until a signal or a lost rank.
 
     SIGTERM ends serving gracefully (status 0; a pipeline's other ranks are shut down in
@@ -36,7 +43,8 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
     from adadecode.runtime.transport.errors import TransportError
 
     s, d = cfg.serve, cfg.decoding
-    if d.early_exit != "off" and not engine.early_exit_off_here and not any(st.heads is not None for st in engine.stages):
+    heads_loaded = any(st.heads is not None for st in engine.stages)
+    if d.early_exit != "off" and not engine.early_exit_off_here and not heads_loaded:
         raise ValueError(
             f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded; "
             "set decoding.heads (`adadecode train-heads`) or use --early-exit off"
@@ -62,7 +70,7 @@ def serve_requests(frontend: Frontend, engine, cfg) -> int:
 
 
 @contextlib.contextmanager
-def http_frontend(cfg):
+def http_frontend(cfg: RunConfig):
     """Listen (HTTP 503 while the model loads), print the address; stop the server on the way out."""
     s, d = cfg.serve, cfg.decoding
     name = s.served_model_name or served_name(cfg.model.source)
@@ -122,7 +130,7 @@ def defer_sigterm_to_rank0(rank: int) -> None:
         signal.signal(signal.SIGTERM, note)
 
 
-def load_engine(cfg):
+def load_engine(cfg: RunConfig) -> Engine:
     """An ``Engine`` with every stage in this process, ``serve.max_num_seqs`` cache slots each."""
     from adadecode.runtime.engine import Engine
 
@@ -157,7 +165,7 @@ def free_memory(device) -> tuple[int, str] | None:
         return None
 
 
-def check_cache_memory(cfg, plan, ranges, free: Callable = free_memory) -> None:
+def check_cache_memory(cfg: RunConfig, plan: LaunchPlan, ranges, free: Callable = free_memory) -> None:
     """Refuse to start when the KV cache of ``serve.max_num_seqs`` slots cannot fit free memory.
 
     The stages this process (or, with ``--stages N``, this node) will hold are summed per

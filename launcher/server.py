@@ -46,6 +46,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.serving import (
@@ -53,6 +54,7 @@ from adadecode.runtime.serving import (
     QueueFull,
     Request,
     RequestTooLong,
+    ServingLoop,
     ServingStopped,
     TextDelta,
 )
@@ -86,6 +88,9 @@ from .openai_api import (
     now,
 )
 
+if TYPE_CHECKING:
+    from adadecode.runtime.engine import Engine
+
 log = logging.getLogger("adadecode.server")
 
 
@@ -97,7 +102,8 @@ class ServeDefaults:
     max_tokens: int  # decoding.max_new_tokens: a request without max_tokens, capped to what fits
     early_exit: str = "off"  # decoding.early_exit
     stop: tuple[str, ...] = ()  # decoding.stop: a request without `stop`
-    sampling: SamplingParams = field(default_factory=SamplingParams)  # the sampling section: each field a request leaves out
+    # the sampling section: each field a request leaves out
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     max_seq_len: int = 2048  # model.max_seq_len, for /v1/models and the body size limit
     failed_linger_s: float = 5.0  # after a rank is lost: keep answering 503 this long, then exit
     api_key: str = ""  # serve.api_key / ADADECODE_API_KEY: every route but /health needs it; empty: none
@@ -121,7 +127,7 @@ class Frontend:
 
     # --- main thread ------------------------------------------------------------------------
 
-    def attach(self, engine, loop) -> None:
+    def attach(self, engine: Engine, loop: ServingLoop) -> None:
         """Serve with ``engine`` through the started ``loop``: /health turns 200."""
         self.engine, self.loop = engine, loop
         self.metrics.serving_started()
@@ -289,7 +295,8 @@ def build_app(frontend: Frontend) -> FastAPI:
     d = frontend.defaults
     app.add_middleware(BodyLimit, max_bytes=max(1 << 20, 64 * d.max_seq_len))
     if d.api_key:  # added last: the outermost layer, so nothing runs for a request without the key
-        app.add_middleware(ApiKeyAuth, key=d.api_key, public=("/health", "/metrics") if d.metrics_public else ("/health",),
+        public = ("/health", "/metrics") if d.metrics_public else ("/health",)
+        app.add_middleware(ApiKeyAuth, key=d.api_key, public=public,
                            on_refused=lambda: frontend.metrics.rejected.labels("401").inc())
 
     def error_response(e: ApiError) -> JSONResponse:
@@ -448,7 +455,9 @@ _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "to
 
 def _sampling(body, default: SamplingParams) -> SamplingParams | None:
     """The request's sampling: its own fields over the server's; None when that is greedy."""
-    given = {ours: getattr(body, theirs) for theirs, ours in _SAMPLING_FIELDS.items() if getattr(body, theirs) is not None}
+    given = {
+        ours: getattr(body, theirs) for theirs, ours in _SAMPLING_FIELDS.items() if getattr(body, theirs) is not None
+    }
     try:
         params = dataclasses.replace(default, **given)
     except ValueError as e:  # it names the parameter (sampling_mode is checked by its schema already)

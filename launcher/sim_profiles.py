@@ -3,7 +3,7 @@
 Exit statistics, two scenarios: ``measured`` — the bundled heads' exit rate and
 precision per head, measured on held-out prompts here, at the same relative
 depths; ``paper`` — AdaDecode's reported operating point on Llama-3.1-8B: heads
-at layers 8/16/24 of 32, about 5.5% of early tokens rejected (DESIGN.md, Prior
+at layers 8/16/24 of 32, about 5.5% of early tokens rejected (docs/design.md, Prior
 art). The paper's per-head exit rate is not in our summary of it; 0.35 per head
 is assumed, which makes one simulated H100 with deferred backfill 1.30x faster
 than plain decoding, inside the paper's reported 1.14-1.73x.
@@ -29,7 +29,7 @@ def build_cpu_profile(one_rank: str | Path, ranks: str | Path) -> dict:
     r_events, _, r_other = read_trace(ranks)
     pipeline = fit_costs(r_events, r_other)
     return {
-        "note": "fitted by launcher/sim_profiles.build_cpu_profile on data/traces (README, Simulator)",
+        "note": "fitted by launcher/sim_profiles.build_cpu_profile on data/traces (docs/simulator.md)",
         "traces": [Path(one_rank).name, Path(ranks).name],
         "num_layers": other["num_layers"],
         "threads": other.get("threads"),

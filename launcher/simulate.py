@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory's (`train-heads --out DIR`: its per-token outcomes where it has them, else its "
                         "calibration table), at --exit-layers and --thresholds (default: its defaults), mapped to "
                         "the same relative depths of the profile's model")
-    p.add_argument("--thresholds", default="", metavar="T,T", help="with --exits DIR: a threshold per exit layer, or one")
+    p.add_argument("--thresholds", default="", metavar="T,T",
+                   help="with --exits DIR: a threshold per exit layer, or one")
     p.add_argument("--stages", type=int, default=1, metavar="P")
     p.add_argument("--early-exit", default="off", choices=["off", "eager", "deferred", "wait"],
                    help="wait: deferred, but later stages hold a parked backfill for the next token (simulated only)")

@@ -27,9 +27,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adadecode.runtime import atomic_io
 from adadecode.runtime.trace import COMPUTE_KINDS, COORDINATOR, EVENT_FIELDS, as_dict
+
+if TYPE_CHECKING:
+    from adadecode.runtime.engine import Engine
 
 COLOURS = {
     "plain": "#4c72b0",
@@ -165,7 +169,7 @@ def write_trace(directory: str | Path, events: Sequence[tuple], stages: Sequence
     return json_path, png_path
 
 
-def save_trace(directory: str | Path, engine, summary: dict | None = None, extra: dict | None = None) -> None:
+def save_trace(directory: str | Path, engine: Engine, summary: dict | None = None, extra: dict | None = None) -> None:
     """Write ``engine``'s recorded trace (``--trace DIR``) and say where, on stderr. ``extra``: more
     for ``otherData`` (``bench``: each timed generation's sequence, mode and time)."""
     other = {"clock_rtt_ns": [getattr(s, "clock_rtt_ns", 0) for s in engine.stages], "summary": summary,
@@ -175,7 +179,7 @@ def save_trace(directory: str | Path, engine, summary: dict | None = None, extra
     print(f"[trace: {json_path} (open in https://ui.perfetto.dev), {png_path}]", file=sys.stderr)
 
 
-def _element_size(engine) -> int:
+def _element_size(engine: Engine) -> int:
     """Bytes per element of the activations a stage sends (its model's dtype)."""
     import torch
 

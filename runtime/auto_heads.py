@@ -136,7 +136,9 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
     best, best_speedup = {}, 1.0
     for l in layers:
         improved = None
-        candidates = THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
+        candidates = (
+            THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
+        )
         for t in candidates:
             s = speedup({**best, l: t})
             if s > best_speedup:

@@ -5,7 +5,7 @@ their launch cost dominates; CUDA graphs (``mode="reduce-overhead"``) remove
 it, gpt-fast's recipe. On the CPU the matmuls dominate, and ATen's GEMV runs
 bf16 far below the memory bandwidth; inductor with frozen weights and its C++
 GEMM template (``max_autotune``) packs each weight once and streams it at the
-bandwidth (README, Results: fp32 and bf16, compiled against eager). One
+bandwidth (docs/results.md, Devices: fp32 and bf16, compiled against eager). One
 mechanism serves both: compile the layer loop.
 
 How.
@@ -13,7 +13,7 @@ How.
 - Segments: the stage's layers are cut at its exit-head layers, the only
   places where the Stage may stop an item, and each segment is one compiled
   function. The cut is the same with early exit on or off, so early exit
-  changes which segments run when, never their code: DESIGN.md invariant 4
+  changes which segments run when, never their code: invariant 4 of docs/design.md
   holds compiled as it does eager.
 - Shapes: one graph per segment and chunk size ``S`` in ``1..max_chunk``
   (``max_inflight + 1``, the largest merged chunk); larger chunks (prefills)

@@ -44,10 +44,13 @@ from .events import (
     DONE,
     EARLY_EXIT_MODES,
     WAITING,
+    Command,
     EarlyPrediction,
     FinalPrediction,
+    Prediction,
     ProtocolError,
     Rollback,
+    Sentinel,
     SequenceFinished,
     StepRequest,
     Verified,
@@ -100,7 +103,7 @@ class Sequence:
     max_inflight: int = 0
     stop_checker: StopChecker = field(init=False, repr=False)  # decodes each verified token once
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.stop_checker = self.criteria.checker()
 
     @property
@@ -116,14 +119,14 @@ class Coordinator:
         are running; at or above it each new item goes without heads (early exit off for that
         token), whatever its sequence's mode. Once several sequences fill the pipeline, a
         stage no longer idles, so the work a wrong early token throws away is no longer free
-        (README, Serving). An item already under way keeps its mode; a deferred backfill it
-        parked still merges with the next token, which merges whatever its own mode. None:
-        always the sequence's mode.
+        (docs/serving.md, Early exit under load). An item already under way keeps its mode; a
+        deferred backfill it parked still merges with the next token, which merges whatever its
+        own mode. None: always the sequence's mode.
         """
         self.max_inflight = max_inflight
         self.early_exit_below = early_exit_below
         self.sequences: dict[int, Sequence] = {}
-        self._actions: deque = deque()
+        self._actions: deque[Command] = deque()
 
     def add_sequence(
         self,
@@ -179,7 +182,7 @@ class Coordinator:
             raise ProtocolError(f"sequence {seq} is {s.state.name}, not finished: it cannot be removed")
         del self.sequences[seq]
 
-    def receive(self, event) -> None:
+    def receive(self, event: Prediction) -> None:
         """Record a prediction from a stage."""
         if not hasattr(event, "seq"):
             raise ProtocolError(
@@ -208,7 +211,7 @@ class Coordinator:
         if s.state is not SeqState.FINISHED:
             s.state = allowed[type(event)]
 
-    def next_action(self):
+    def next_action(self) -> Command | Sentinel:
         """The next command to carry out, or ``WAITING`` / ``DONE``."""
         if self._actions:
             return self._actions.popleft()

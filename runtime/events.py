@@ -156,3 +156,11 @@ class Verified:
     seq: int
     pos: int
     tokens: tuple[int, ...]
+
+
+# --- what each machine takes and hands out (for annotations) ----------------------
+
+StageInput = StepRequest | Activations | Rollback | SequenceFinished | Shutdown
+StageOutput = Activations | EarlyPrediction | FinalPrediction
+Prediction = FinalPrediction | EarlyPrediction  # what the Coordinator takes
+Command = StepRequest | Rollback | Verified | SequenceFinished  # what the Coordinator hands out

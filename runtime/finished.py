@@ -19,7 +19,7 @@ class FinishedSeqs:
     sequence still running and the set holds only those that finished out of order.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.floor = 0
         self._above: set[int] = set()
 

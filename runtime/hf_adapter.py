@@ -4,7 +4,7 @@
 - ``load_stage_modules``: builds transformers' own modules for a layer range on
   the meta device and reads from safetensors only the tensors of that range
   (plus embeddings / final norm / LM head where the stage needs them), so a
-  rank never materialises the whole model (DESIGN.md invariant 5).
+  rank never materialises the whole model (docs/design.md, invariant 5).
 - ``decoder_layer_forward``: drives one of transformers' decoder-layer modules
   with our KV cache. It performs the same torch ops in the same order as the
   module's own ``forward`` (``tests/test_hf_adapter.py`` checks bit equality

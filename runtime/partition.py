@@ -83,7 +83,8 @@ def _check_split_points(num_layers: int, stages: int, split_points: Sequence[int
     for a, b in zip(points, points[1:]):
         if b <= a:
             raise PartitionError(
-                f"split_points={points}: {a} then {b} is not strictly increasing, which would leave a stage empty; {fix}"
+                f"split_points={points}: {a} then {b} is not strictly increasing, "
+                f"which would leave a stage empty; {fix}"
             )
     return [0, *points, num_layers]
 

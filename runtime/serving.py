@@ -36,6 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .coordinator import Coordinator, SeqState
 from .detokenize import TextStream
@@ -43,6 +44,9 @@ from .events import EARLY_EXIT_MODES, Verified
 from .kv_cache import CacheOverflowError
 from .sampling import SamplingParams
 from .stopping import StopCriteria
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("adadecode.serving")
 
@@ -106,7 +110,7 @@ class Counters:
 
 
 class ServingLoop:
-    def __init__(self, engine, *, max_num_seqs: int | None = None, max_queue: int = 64,
+    def __init__(self, engine: Engine, *, max_num_seqs: int | None = None, max_queue: int = 64,
                  early_exit_below: int | None = None):
         """``engine``: an ``Engine`` (or rank 0's ``PipelineEngine``) whose stages have at least
         ``max_num_seqs`` cache slots (``LoadSpec.num_slots``). ``early_exit_below``: requests'
@@ -271,7 +275,8 @@ class ServingLoop:
             )
             pending: list[str] = []
             seq = e.new_sequence_id()
-            self._active[seq] = _Active(rid, request, on_event, TextStream(e._decode, request.stop, pending.append), pending)
+            stream = TextStream(e._decode, request.stop, pending.append)
+            self._active[seq] = _Active(rid, request, on_event, stream, pending)
             self._seq_of[rid] = seq
             mode = self.engine.early_exit_for(request.early_exit)
             coord.add_sequence(seq, list(request.prompt), criteria, early_exit=mode,

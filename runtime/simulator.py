@@ -6,7 +6,7 @@ run unchanged; only the model, the exit heads and the clock are simulated.
 
 - ``SimModel`` keeps the StageModel interface the Stage uses. Its hidden state is
   a row ``[token, pos]`` per position; it keeps each layer's cache length (so
-  DESIGN.md invariant 1 is still checked) and charges each call's cost to its
+  invariant 1 of docs/design.md is still checked) and charges each call's cost to its
   rank's clock. The final layer predicts ``truth(pos + 1)``: a fixed token per
   position, so every simulated decode is checked against plain greedy.
 - ``SimHeads`` decide per ``(layer, pos, token)`` from a hash: a head exits with
@@ -163,7 +163,9 @@ class SimModel:
         lengths = self._len[slot]
         for layer in range(first, last):
             if lengths[layer - self.start] != pos:
-                raise AssertionError(f"simulated layer {layer} holds {lengths[layer - self.start]} positions, not {pos}")
+                raise AssertionError(
+                    f"simulated layer {layer} holds {lengths[layer - self.start]} positions, not {pos}"
+                )
             lengths[layer - self.start] = pos + hidden.shape[0]
         out = hidden.clone()
         out[:, 1] = torch.arange(pos, pos + hidden.shape[0])

@@ -35,9 +35,9 @@ Rules:
   position ``p`` first truncates the sequence's cache to ``p`` and discards
   queued and parked work of older epochs — the rollback it implies — so the
   result never depends on whether the ``Rollback`` or the data arrives first
-  (DESIGN.md, Transport).
+  (docs/design.md, invariant 7).
 - Positions only move forward within an epoch: at every layer an item starts
-  exactly at the cache's valid length (DESIGN.md invariant 1).
+  exactly at the cache's valid length (docs/design.md, invariant 1).
 - ``SequenceFinished`` frees the sequence's slot, in any state but SHUTDOWN
   (cleanup after a failure must still free it); its outputs not handed out
   yet are dropped, and later items are stale. ``finished`` remembers every finished id in bounded memory: ids
@@ -53,6 +53,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,13 +66,20 @@ from .events import (
     FinalPrediction,
     ProtocolError,
     Rollback,
+    Sentinel,
     SequenceFinished,
     Shutdown,
+    StageInput,
+    StageOutput,
     StepRequest,
 )
 from .finished import FinishedSeqs
 from .model_runner import StageModel
 from .sampling import Proposal, SamplingParams
+
+if TYPE_CHECKING:  # for annotations only: the Stage does not load heads or write traces
+    from .exit_heads import ExitHeads
+    from .trace import TraceRecorder
 
 BACKFILL_POLICIES = EARLY_EXIT_MODES
 
@@ -134,7 +142,7 @@ class Stage:
         index: int,
         num_stages: int,
         model: StageModel,
-        heads=None,
+        heads: ExitHeads | None = None,
         policy: str = "off",
         max_batch: int | None = None,
         exact_batches: bool = True,
@@ -163,8 +171,8 @@ class Stage:
         self.stats = StageStats()
         self._work: deque[_Work] = deque()
         self._parked: dict[int, dict[int, _Work]] = {}  # seq -> {layer: deferred backfill}
-        self._out: deque = deque()
-        self.trace = None  # a runtime.trace.TraceRecorder, set by the runner; None: not traced
+        self._out: deque[StageOutput] = deque()
+        self.trace: TraceRecorder | None = None  # set by the runner; None: not traced
 
     @property
     def head_layers(self) -> tuple[int, ...]:
@@ -192,14 +200,14 @@ class Stage:
         """Deferred backfills parked until the next token of their sequence (or an idle moment)."""
         return sum(len(items) for items in self._parked.values())
 
-    def is_stale(self, event) -> bool:
+    def is_stale(self, event: _Work | StageOutput) -> bool:
         """Whether ``event`` (an item, or an output of this stage) is of a finished sequence or an
         older epoch than this stage has seen: work every stage drops, so a runner need not send it."""
         return event.seq in self.finished or event.epoch < self.epochs.get(event.seq, 0)
 
     # --- input ---------------------------------------------------------------------
 
-    def receive(self, event) -> None:
+    def receive(self, event: StageInput) -> None:
         """Record an event; compute happens in ``next_action()``."""
         if type(event) not in TRANSITIONS[self.state]:
             raise self._error(f"{type(event).__name__} is illegal (sequence {getattr(event, 'seq', '-')})")
@@ -218,7 +226,10 @@ class Stage:
             hidden = self.model.embed(event.tokens)
             last = event.pos + len(event.tokens) - 1
             self._enqueue(
-                _Work(event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy, sampling=event.sampling)
+                _Work(
+                    event.seq, event.epoch, event.pos, self.start, hidden, last, policy=policy,
+                    sampling=event.sampling,
+                )
             )
         else:  # Activations
             if event.layer != self.start:
@@ -241,7 +252,7 @@ class Stage:
         state, self.state = self.state, StageState.ERROR
         return ProtocolError(f"stage {self.index} in state {state.name}: {what}")
 
-    def _policy_of(self, event) -> str:
+    def _policy_of(self, event: StepRequest | Activations) -> str:
         if event.early_exit is None:
             return self.policy
         if event.early_exit not in BACKFILL_POLICIES:
@@ -299,7 +310,7 @@ class Stage:
 
     # --- output ----------------------------------------------------------------------
 
-    def next_action(self):
+    def next_action(self) -> StageOutput | Sentinel:
         """Run work until an event is ready; return it, or ``WAITING`` / ``DONE``.
 
         Fresh items run first; parked (deferred) backfills only when there is none.
@@ -324,7 +335,7 @@ class Stage:
         first = self._work.popleft()
         batch = [first]
         if self.max_batch > 1 and self._work:
-            seqs, rest = {first.seq}, deque()
+            seqs, rest = {first.seq}, deque[_Work]()
             for w in self._work:
                 if len(batch) < self.max_batch and w.layer == first.layer and w.seq not in seqs:
                     batch.append(w)
@@ -453,13 +464,15 @@ class Stage:
         return self.trace.head(self.index, w, self._try_exit)  # the same call, timed and recorded
 
     def _try_exit(self, w: _Work) -> bool:
+        heads = self.heads
+        assert heads is not None  # only a layer of _head_layers gets here, and without heads there is none
         if w.sampling is None:
-            token, prob = self.heads.predict(w.layer, w.hidden[-1])
+            token, prob = heads.predict(w.layer, w.hidden[-1])
             proposal = None
         else:  # the draw for position end_pos, with that position's noise
-            token, prob, proposal = self.heads.propose(w.layer, w.hidden[-1], w.sampling, w.end_pos)
+            token, prob, proposal = heads.propose(w.layer, w.hidden[-1], w.sampling, w.end_pos)
         self.stats.head_evals += 1
-        if prob <= self.heads.thresholds[w.layer]:
+        if prob <= heads.thresholds[w.layer]:
             return False
         w.emitted = True
         if proposal is not None:  # rides with the item to the last stage, which accepts or resamples

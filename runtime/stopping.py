@@ -1,7 +1,7 @@
 """When a sequence stops: EOS, a stop string, or ``max_new_tokens``.
 
 Checked by the Coordinator on verified tokens only, so an early (unverified)
-token can never end a generation (DESIGN.md invariant 3). ``StopCriteria`` is
+token can never end a generation (docs/design.md, invariant 3). ``StopCriteria`` is
 what the caller asks for; ``StopChecker`` follows one sequence as its verified
 tokens come in, decoding each token once (runtime/detokenize.py), not the
 whole output each time.
@@ -22,7 +22,7 @@ class StopCriteria:
     stop_strings: tuple[str, ...] = ()
     decode: Callable[[Sequence[int]], str] | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.stop_strings and self.decode is None:
@@ -43,7 +43,7 @@ class StopChecker:
     def __init__(self, criteria: StopCriteria):
         self.criteria = criteria
         self.count = 0
-        self.detok = IncrementalDetokenizer(criteria.decode) if criteria.stop_strings else None
+        self.detok = IncrementalDetokenizer(criteria.decode) if criteria.stop_strings and criteria.decode else None
         # Text already checked that a stop string completed by new text may still begin in.
         self.keep = max((len(s) for s in criteria.stop_strings), default=1) - 1
         self.tail = ""

@@ -1,4 +1,4 @@
-"""Token parity of the runtime against transformers' greedy `generate`, on the bundled model.
+r"""Token parity of the runtime against transformers' greedy `generate`, on the bundled model.
 
 For each stage count and early-exit mode, every prompt's tokens are compared with
 `generate(do_sample=False)`'s. `off` and `eager` must be identical; `deferred`
@@ -8,7 +8,8 @@ logit gap between them there.
 
     python scripts/parity.py --num-prompts 18 --max-new-tokens 128 --stages 1 2 3
     python scripts/parity.py --num-prompts 32 --max-new-tokens 256 --stages 1 --early-exit eager deferred --chat
-    python scripts/parity.py --dtype bfloat16 --num-prompts 16 --max-new-tokens 128 --stages 1 2 3 --early-exit off eager
+    python scripts/parity.py --dtype bfloat16 --num-prompts 16 --max-new-tokens 128 --stages 1 2 3 \
+        --early-exit off eager
 """
 
 import argparse

@@ -3,12 +3,13 @@ of positions against the final layer's (processed) distribution p.
 
 At each position (held-out prompts: the first `--positions` positions of each prompt's greedy
 continuation where p keeps at least `--min-support` tokens, so that there is a distribution to
-test; where top-p leaves one token every sampler agrees) the exit head at each `--head-layers` layer proposes for every seed (threshold 0: it always
-proposes, so every draw goes through the min(1, p/q) test or the residual), and the final layer
-accepts or resamples. The draws are made with the runtime's own functions on the hidden states
-of one prefill (`ExitHeads.propose`, `sampling.speculative_token`: what the heads and the last
-stage call); `--engine-draws` of them are repeated through `Engine.generate` on the whole
-pipeline, which must give the same tokens.
+test; where top-p leaves one token every sampler agrees) the exit head at each `--head-layers`
+layer proposes for every seed (threshold 0: it always proposes, so every draw goes through the
+min(1, p/q) test or the residual), and the final layer accepts or resamples. The draws are
+made with the runtime's own functions on the hidden states of one prefill
+(`ExitHeads.propose`, `sampling.speculative_token`: what the heads and the last stage call);
+`--engine-draws` of them are repeated through `Engine.generate` on the whole pipeline, which
+must give the same tokens.
 
 Reported per position and head layer: the support of p, the acceptance rate, KL(empirical || p)
 for speculative draws and, as the baseline of what finite sampling gives, for the same number
@@ -121,7 +122,8 @@ def main() -> int:
                     "prompt": n, "offset": offset, "position": pos, "head_layer": layer, "draws": args.draws,
                     "support_p": int((p > 0).sum()), "acceptance": round(accepted / args.draws, 4),
                     "kl_speculative": round(kl(spec, p), 5), "kl_plain": round(kl(plain, p), 5),
-                    "tv_speculative": round(tv(spec / spec.sum(), p), 4), "tv_plain": round(tv(plain / plain.sum(), p), 4),
+                    "tv_speculative": round(tv(spec / spec.sum(), p), 4),
+                    "tv_plain": round(tv(plain / plain.sum(), p), 4),
                     "tv_head_q": round(tv(q, p), 4), "chi2_p_speculative": round(chi_square_p_value(spec, p), 4),
                     "chi2_p_plain": round(chi_square_p_value(plain, p), 4),
                 }
@@ -131,7 +133,8 @@ def main() -> int:
     print(f"{len(rows)} (position, head) pairs, {args.draws} draws each: mean KL(speculative || p) = "
           f"{mean['kl_speculative']:.5f} nats, mean KL(plain || p) = {mean['kl_plain']:.5f} nats (finite sampling), "
           f"mean acceptance {mean['acceptance']:.3f}, mean TV(q, p) {mean['tv_head_q']:.3f}; "
-          f"pipeline draws differing from the direct ones: {mismatches}/{len(rows) * min(args.engine_draws, args.draws)}")
+          f"pipeline draws differing from the direct ones: "
+          f"{mismatches}/{len(rows) * min(args.engine_draws, args.draws)}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"rows": rows, "mean": mean, "pipeline_mismatches": mismatches}, f)

@@ -170,7 +170,7 @@ def main() -> int:
                 with open(f"{a.out}.rank0", "w") as f:
                     json.dump(held(stage, runner), f)
             return 0
-    except (KeyboardInterrupt, Exception) as e:
+    except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - every rank names itself and the cause
         return report_error(e, f"rank {env.rank}: ")
 
 

@@ -32,7 +32,7 @@ def mix(*xs: int) -> int:
 
 
 class FakeCacheError(AssertionError):
-    """The fake's own check of DESIGN.md invariant 1 (a chunk starts at the cache length)."""
+    """The fake's own check of invariant 1 of docs/design.md (a chunk starts at the cache length)."""
 
 
 class FakeStageModel:

@@ -5,7 +5,7 @@
   sequence grows: positions are tensors and the attended length is dynamic.
 - Compiled by inductor (the real kernels; autotuning off to keep the test short), early exit
   must still change nothing: the segments are cut at the head layers whether early exit is on
-  or off (DESIGN.md invariant 4).
+  or off (docs/design.md, invariant 4).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.stopping import StopCriteria
-from helpers import InProcessPipeline, save_tiny_model
+from helpers import InProcessPipeline
 from torch._dynamo.utils import counters
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [1, 2], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
 HEAD_LAYERS = [2, 3, 5]
+TINY_MODEL_SEED = 2  # the weights of conftest.model_dir
 
 
 def random_heads(stages, seed: int = 0, threshold: float = 0.05) -> ExitHeads:
@@ -61,14 +62,9 @@ def pipeline(path, ranges, heads: bool, compiled: str | None, max_chunk: int = 3
     return pipe
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", seed=2)
-
-
-def test_traced_step_gives_the_eager_tokens_and_never_recompiles(tiny):
-    eager = pipeline(tiny, [(0, 6)], heads=True, compiled=None)
-    traced = pipeline(tiny, [(0, 6)], heads=True, compiled="eager")
+def test_traced_step_gives_the_eager_tokens_and_never_recompiles(model_dir):
+    eager = pipeline(model_dir, [(0, 6)], heads=True, compiled=None)
+    traced = pipeline(model_dir, [(0, 6)], heads=True, compiled="eager")
     for policy in ("off", "eager", "deferred"):
         assert decode(traced, policy) == decode(eager, policy), policy
     assert sum(s.stats.merged for s in traced.stages) > 0  # 2- and 3-row chunks were compiled too
@@ -78,45 +74,45 @@ def test_traced_step_gives_the_eager_tokens_and_never_recompiles(tiny):
     assert longer == decode(eager, "deferred", max_new_tokens=40)
 
 
-def test_traced_pipeline_of_three_stages(tiny):
+def test_traced_pipeline_of_three_stages(model_dir):
     ranges = [(0, 2), (2, 4), (4, 6)]
-    eager = pipeline(tiny, ranges, heads=True, compiled=None)
-    traced = pipeline(tiny, ranges, heads=True, compiled="eager")
+    eager = pipeline(model_dir, ranges, heads=True, compiled=None)
+    traced = pipeline(model_dir, ranges, heads=True, compiled="eager")
     assert decode(traced, "eager") == decode(eager, "eager")
 
 
-def test_segments_follow_the_head_layers(tiny):
-    pipe = pipeline(tiny, [(0, 3), (3, 6)], heads=True, compiled="eager")
+def test_segments_follow_the_head_layers(model_dir):
+    pipe = pipeline(model_dir, [(0, 3), (3, 6)], heads=True, compiled="eager")
     assert pipe.stages[0].model.step.segments == [(0, 2), (2, 3)]  # local layers: cut at head 2
     assert pipe.stages[1].model.step.segments == [(0, 2), (2, 3)]  # global 3..5, cut at head 5
     with pytest.raises(RuntimeError, match="do not fall on the compiled segments"):
         pipe.stages[0].model.step(torch.zeros(1, 64), 0, 0, 1, 0)
 
 
-def test_prefills_longer_than_the_largest_chunk_run_eagerly(tiny):
-    pipe = pipeline(tiny, [(0, 6)], heads=False, compiled="eager", max_chunk=2)
+def test_prefills_longer_than_the_largest_chunk_run_eagerly(model_dir):
+    pipe = pipeline(model_dir, [(0, 6)], heads=False, compiled="eager", max_chunk=2)
     step = pipe.stages[0].model.step
     assert step.handles(2) and not step.handles(3)
     decode(pipe, "off", max_new_tokens=3)
     assert {s for _, s in step._seen} <= {1, 2}
 
 
-def test_auto_compiles_on_cuda_only(tiny):
-    pipe = InProcessPipeline(tiny, [(0, 6)])
+def test_auto_compiles_on_cuda_only(model_dir):
+    pipe = InProcessPipeline(model_dir, [(0, 6)])
     model = pipe.stages[0].model
     assert not maybe_compile(model, "auto") and model.step is None  # CPU: the exact eager path
     assert not maybe_compile(model, "off")
     assert maybe_compile(model, "on") and isinstance(model.step, CompiledStep)
 
 
-def test_inductor_early_exit_changes_nothing(tiny):
+def test_inductor_early_exit_changes_nothing(model_dir):
     """Invariant 4 with real compiled kernels: eager backfill gives the tokens of early exit off
     on the same compiled stages (the segment cut is the same either way)."""
-    pipe = pipeline(tiny, [(0, 6)], heads=True, compiled="inductor", max_chunk=1)
+    pipe = pipeline(model_dir, [(0, 6)], heads=True, compiled="inductor", max_chunk=1)
     off = decode(pipe, "off", max_new_tokens=12)
     assert decode(pipe, "eager", max_new_tokens=12) == off
     assert sum(s.stats.early_exits.get(l, 0) for s in pipe.stages for l in HEAD_LAYERS) > 0
     assert pipe.stages[0].model.step.compile_s > 0
-    eager = decode(pipeline(tiny, [(0, 6)], heads=False, compiled=None), "off", max_new_tokens=12)
+    eager = decode(pipeline(model_dir, [(0, 6)], heads=False, compiled=None), "off", max_new_tokens=12)
     # fused kernels round differently: on this tiny fp32 model the tokens still agree
     assert sum(a == b for x, y in zip(off, eager) for a, b in zip(x, y)) >= 0.9 * sum(map(len, eager))

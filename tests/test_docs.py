@@ -103,11 +103,15 @@ def test_relative_links_and_anchors_resolve(path):
 
 def test_the_readme_fits_on_a_front_page():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
-    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/ (at most {README_MAX_LINES})"
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines; move detail into docs/ (at most {README_MAX_LINES})"
+    )
 
 
 def test_every_docs_page_is_linked_from_the_readme():
-    targets = {(ROOT / t.partition("#")[0]).resolve() for _, t in links(ROOT / "README.md") if not t.startswith(EXTERNAL)}
+    targets = {
+        (ROOT / t.partition("#")[0]).resolve() for _, t in links(ROOT / "README.md") if not t.startswith(EXTERNAL)
+    }
     missing = [p.name for p in PAGES[1:] if p.resolve() not in targets]
     assert not missing, f"docs pages the README does not link: {missing}"
 
@@ -118,9 +122,15 @@ def test_every_docs_page_is_linked_from_the_readme():
         ("Quick start", "quick-start"),
         ("One machine: `--stages N`", "one-machine---stages-n"),
         ("Heads per setting (defaults that never lose)", "heads-per-setting-defaults-that-never-lose"),
-        ("Devices: dtype and the compiled step (1 stage, 1 thread)", "devices-dtype-and-the-compiled-step-1-stage-1-thread"),
+        (
+            "Devices: dtype and the compiled step (1 stage, 1 thread)",
+            "devices-dtype-and-the-compiled-step-1-stage-1-thread",
+        ),
         ("Early exit (AdaDecode)", "early-exit-adadecode"),
-        ("Pipeline (2 ranks, 1 thread each, pinned one per core)", "pipeline-2-ranks-1-thread-each-pinned-one-per-core"),
+        (
+            "Pipeline (2 ranks, 1 thread each, pinned one per core)",
+            "pipeline-2-ranks-1-thread-each-pinned-one-per-core",
+        ),
         ("runtime/", "runtime"),
         ("Simulator: calibration", "simulator-calibration"),
     ],

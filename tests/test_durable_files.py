@@ -28,7 +28,6 @@ from adadecode.runtime.exit_heads import (
     read_manifest,
     save_exit_heads,
 )
-from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
 from adadecode.runtime.model_source import ENTRY_MARKER, fingerprint_dir, resolve_model
 from helpers import save_tiny_model
 
@@ -44,10 +43,9 @@ def _kill(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny"))
-    config = load_hf_config(path)
-    modules = load_stage_modules(path, config, 6, 6, embed=False, head=True)
+def tiny(head_stage):
+    """conftest.head_stage and the model's fingerprint."""
+    path, config, modules = head_stage
     return path, config, modules, fingerprint_dir(path)
 
 

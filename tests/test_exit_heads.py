@@ -15,17 +15,9 @@ from adadecode.runtime.exit_heads import (
 )
 from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
 from adadecode.runtime.model_source import fingerprint_dir
-from helpers import bundled_model_dir, save_tiny_model
+from helpers import bundled_model_dir
 
 D, V = 64, 96  # tests/helpers.py TINY
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny"))
-    config = load_hf_config(path)
-    modules = load_stage_modules(path, config, 6, 6, embed=False, head=True)
-    return path, config, modules
 
 
 def _manifest(fingerprint: str, layers=(2, 4), default=(4,)) -> dict:
@@ -45,8 +37,8 @@ def _heads(modules, transforms, vocab_ids=None, thresholds=0.5):
     return ExitHeads(transforms, modules.norm, weight, vocab_ids, {l: thresholds for l in transforms}, manifest)
 
 
-def test_identity_head_is_the_final_norm_and_lm_head(tiny):
-    _, _, m = tiny
+def test_identity_head_is_the_final_norm_and_lm_head(head_stage):
+    _, _, m = head_stage
     hidden = torch.randn(5, D) * 3
     heads = _heads(m, {3: torch.eye(D)})
     with torch.inference_mode():
@@ -62,8 +54,8 @@ def test_identity_head_is_the_final_norm_and_lm_head(tiny):
     assert torch.allclose(conf, probs.max(-1).values)
 
 
-def test_restricted_vocabulary_returns_full_vocabulary_ids(tiny):
-    _, _, m = tiny
+def test_restricted_vocabulary_returns_full_vocabulary_ids(head_stage):
+    _, _, m = head_stage
     torch.manual_seed(1)
     t = torch.eye(D) + 0.05 * torch.randn(D, D)
     hidden = torch.randn(40, D) * 3
@@ -85,8 +77,8 @@ def test_restricted_vocabulary_returns_full_vocabulary_ids(tiny):
     assert ids.tolist() == [restricted.predict(2, h)[0] for h in hidden]
 
 
-def test_save_load_round_trip_and_select(tiny, tmp_path):
-    path, config, m = tiny
+def test_save_load_round_trip_and_select(head_stage, tmp_path):
+    path, config, m = head_stage
     fp = fingerprint_dir(path)
     torch.manual_seed(2)
     transforms = {2: torch.eye(D) + 0.1 * torch.randn(D, D), 4: torch.eye(D) + 0.1 * torch.randn(D, D)}
@@ -118,8 +110,8 @@ def test_save_load_round_trip_and_select(tiny, tmp_path):
     assert torch.allclose(half.transforms[2], transforms[2], atol=1e-3)
 
 
-def test_heads_for_another_model_are_refused(tiny, tmp_path):
-    path, config, m = tiny
+def test_heads_for_another_model_are_refused(head_stage, tmp_path):
+    path, config, m = head_stage
     fp = fingerprint_dir(path)
     save_exit_heads(tmp_path, {2: torch.eye(D), 4: torch.eye(D)}, None, _manifest("f" * 64))
     with pytest.raises(ValueError) as e:

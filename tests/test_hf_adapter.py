@@ -65,7 +65,7 @@ def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type, d
                 hidden,
                 cos_table[rows][None, :, None],
                 sin_table[rows][None, :, None],
-                lambda k, v, li=li: ours.update(li, 0, pos, k, v),
+                lambda k, v, li=li, pos=pos: ours.update(li, 0, pos, k, v),
                 mask,
             )
             b = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=_HFCacheShim(theirs, pos))

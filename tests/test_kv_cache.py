@@ -1,7 +1,7 @@
 """The KV cache: explicit-position writes, length-move rollback, and chunked compute.
 
 The first half drives ``KVCache`` with hand-made tensors; the second runs a real
-tiny ``StageModel`` and checks the invariants of DESIGN.md (1 and 2): a chunk at
+tiny ``StageModel`` and checks invariants 1 and 2 of docs/design.md: a chunk at
 any position sees exactly what plain decoding would, and after any
 accept/rollback sequence the cache below the write pointer equals a from-scratch
 prefill of the same tokens.
@@ -16,7 +16,6 @@ import torch
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.kv_cache import CacheOverflowError, KVCache
 from adadecode.runtime.model_runner import StageModel
-from helpers import save_tiny_model
 
 LAYERS, SLOTS, KV_HEADS, MAX_LEN, HEAD_DIM = 3, 2, 2, 16, 4
 
@@ -168,11 +167,7 @@ def test_slots_are_independent():
 # --- with a real tiny StageModel --------------------------------------------------------------
 
 TOKENS = [5, 17, 3, 42, 8, 61, 2, 30, 11]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+TINY_MODEL_SEED = 3  # the weights of conftest.model_dir
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +203,7 @@ def valid_prefix(model: StageModel, slot: int = 0) -> list[tuple[torch.Tensor, t
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    # chunk shapes change the floating-point reduction order (DESIGN.md invariant 4), so
+    # chunk shapes change the floating-point reduction order (docs/design.md, invariant 4), so
     # differently chunked runs agree to float32 rounding, not bit for bit (hidden states
     # here reach ~10, so 1e-4 is a few ulps of the largest entries)
     assert a.shape == b.shape

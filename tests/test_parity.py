@@ -32,6 +32,7 @@ def reference():
     return engine, cases
 
 
+@pytest.mark.slow  # the bundled model, for many tokens
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_tokens_equal_transformers_generate(reference, stages):
     engine, cases = reference
@@ -44,6 +45,7 @@ def test_tokens_equal_transformers_generate(reference, stages):
         assert at is None, f"{stages} stages: diverges at token {at}: {ours[at:at + 3]} vs {ref[at:at + 3]}"
 
 
+@pytest.mark.slow  # the bundled model, for many tokens
 def test_eos_and_length_stops(reference):
     engine, cases = reference
     for ids, ref in cases:
@@ -56,6 +58,7 @@ def test_eos_and_length_stops(reference):
     assert short.tokens == cases[0][1][:1] and short.finish_reason in ("length", "eos")
 
 
+@pytest.mark.slow  # the bundled model, for many tokens
 def test_stop_string_ends_generation_and_is_not_output(reference):
     engine, _ = reference
     full = engine.generate("List three colours:\n1.", max_new_tokens=30)
@@ -66,6 +69,7 @@ def test_stop_string_ends_generation_and_is_not_output(reference):
     assert res.tokens == full.tokens[: len(res.tokens)]
 
 
+@pytest.mark.slow  # the bundled model, for many tokens
 def test_streamed_text_equals_the_result(reference):
     engine, cases = reference
     chunks: list[str] = []
@@ -98,6 +102,7 @@ def bf16_cases():
     return cases
 
 
+@pytest.mark.slow  # the bundled model, for many tokens
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_bf16_off_and_eager_equal_transformers_generate_in_bf16(bf16_cases, stages):
     engine = Engine.load(
@@ -110,6 +115,8 @@ def test_bf16_off_and_eager_equal_transformers_generate_in_bf16(bf16_cases, stag
         for mode in ("off", "eager"):
             res = engine.generate(ids, max_new_tokens=MAX_NEW_TOKENS, early_exit=mode)
             at = first_divergence(res.tokens, ref)
-            assert at is None, f"bf16, {stages} stages, {mode}: diverges at {at}: {res.tokens[at:at + 3]} vs {ref[at:at + 3]}"
+            assert at is None, (
+                f"bf16, {stages} stages, {mode}: diverges at {at}: {res.tokens[at:at + 3]} vs {ref[at:at + 3]}"
+            )
             early += res.stats["early_emitted"]
     assert early > 0  # the premise: early tokens were emitted (and some rolled back)

@@ -2,7 +2,7 @@
 layer that reorders whatever the transport may reorder, with exit heads that are confident
 and often wrong.
 
-The transport's guarantees (DESIGN.md, Transport) are all the harness keeps:
+The transport's guarantees (docs/design.md, Runners and transports) are all the harness keeps:
 
 - the data plane between two neighbouring stages is FIFO;
 - control from the coordinator to one stage (StepRequest, Rollback, SequenceFinished) is FIFO;
@@ -71,8 +71,8 @@ class Run:
         seqs = {s: (list(p), c.max_new_tokens, sorted(c.eos_token_ids)) for s, (p, c, _) in self.sequences.items()}
         return (
             f"run {self.seed} ({self.num_stages} stages, {self.policy}): layers {self.ranges}, heads at "
-            f"{self.head_layers}, max_inflight {self.max_inflight}, early_exit_below {self.early_exit_below}, p_wrong {self.p_wrong}, weights "
-            f"{self.weights}, sequences {seqs}"
+            f"{self.head_layers}, max_inflight {self.max_inflight}, early_exit_below {self.early_exit_below}, "
+            f"p_wrong {self.p_wrong}, weights {self.weights}, sequences {seqs}"
         )
 
 
@@ -304,7 +304,7 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
     for i, stage in enumerate(stages):
         if stage.state is not StageState.RUNNING or stage.slots:
             fail(f"stage {i} ends {stage.state.name} holding slots {stage.slots}")
-    for seq, (prompt, criteria, ref) in run.sequences.items():
+    for seq, (_, criteria, ref) in run.sequences.items():
         s = coord.sequences[seq]
         if s.generated != ref or shown[seq] != ref:
             fail(f"sequence {seq}: generated {s.generated}, shown {shown[seq]}, greedy {ref}")

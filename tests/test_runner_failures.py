@@ -27,16 +27,12 @@ from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.runners.routing import ActionRouter
 from adadecode.runtime.stopping import StopCriteria
 from adadecode.runtime.transport.errors import TransportError
-from helpers import build_stages, make_engine, save_tiny_model
+from helpers import build_stages, make_engine
 
 PROMPT = [5, 17, 3, 42, 8, 11]
 MAX_NEW = 16
 THREE = [(0, 2), (2, 4), (4, 6)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+TINY_MODEL_SEED = 3  # the weights of conftest.model_dir
 
 
 @pytest.fixture(scope="module")

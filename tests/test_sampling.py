@@ -28,8 +28,8 @@ from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
-from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, SAMPLING_MODES
+from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.stage import Stage
 from adadecode.runtime.stopping import StopCriteria
@@ -178,8 +178,9 @@ def reference_processing(logits: torch.Tensor, p: SamplingParams) -> torch.Tenso
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(0.8, top_p=0.95), SamplingParams(1.0, top_p=0.999),
-     SamplingParams(2.0, top_p=0.9, top_k=300, min_p=0.01), SamplingParams(0.5, min_p=0.2)],
+    [SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(0.8, top_p=0.95),
+     SamplingParams(1.0, top_p=0.999), SamplingParams(2.0, top_p=0.9, top_k=300, min_p=0.01),
+     SamplingParams(0.5, min_p=0.2)],
     ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}",
 )
 def test_processing_keeps_the_support_the_filters_define(params):
@@ -212,17 +213,14 @@ def test_a_head_draws_with_the_noise_entries_of_its_own_ids():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"), "llama", seed=5)
-
-
-@pytest.fixture(scope="module")
 def engines(model_dir):
     """Untrained heads at every inner layer (helpers.build_stages): mostly wrong, many rollbacks."""
-    return {n: make_engine(model_dir, r) for n, r in {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}.items()}
+    splits = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
+    return {n: make_engine(model_dir, r) for n, r in splits.items()}
 
 
 PROMPT = [5, 17, 33, 2, 9, 41, 7]
+TINY_MODEL_SEED = 5  # the weights of conftest.model_dir
 
 
 def test_temperature_zero_is_the_greedy_path(engines):
@@ -266,7 +264,8 @@ def test_speculative_is_deterministic_and_independent_of_the_stage_split(engines
     assert merged() > before  # the premise: deferred merged parked items (and their proposals)
     # Without proposals, speculative is plain seeded sampling.
     off = engines[2].generate(PROMPT, max_new_tokens=20, sampling=params).tokens
-    assert off == engines[2].generate(PROMPT, max_new_tokens=20, sampling=dataclasses.replace(params, mode="seeded")).tokens
+    seeded = dataclasses.replace(params, mode="seeded")
+    assert off == engines[2].generate(PROMPT, max_new_tokens=20, sampling=seeded).tokens
 
 
 def test_generate_refuses_bad_parameters(engines):
@@ -372,7 +371,8 @@ def test_the_sampler_cannot_fail_on_any_logits(kind, mode):
         "nan": x.index_fill(0, torch.tensor([3, 9]), math.nan), "all-inf": torch.full((1000,), math.inf),
         "all-nan": torch.full((1000,), math.nan), "neg-inf": torch.full((1000,), -math.inf),
     }[kind]
-    for params in (SamplingParams(MIN_TEMPERATURE, mode=mode), SamplingParams(MAX_TEMPERATURE, top_k=MAX_TOP_K, mode=mode),
+    for params in (SamplingParams(MIN_TEMPERATURE, mode=mode),
+                   SamplingParams(MAX_TEMPERATURE, top_k=MAX_TOP_K, mode=mode),
                    SamplingParams(1.0, top_p=1e-9, min_p=1.0, seed=MAX_SEED, mode=mode)):
         token = sampling.sample_token(logits, params, pos=5)
         assert 0 <= token < 1000

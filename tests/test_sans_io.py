@@ -1,7 +1,7 @@
 """The state machines do no I/O: their import statements name no transport, thread or clock.
 
 Checked on the source with ``ast`` (not by importing), so an import hidden inside a
-function counts too. Runners and transports are where I/O belongs (STYLE.md §1, §3).
+function counts too. Runners and transports are where I/O belongs (docs/design.md, Architecture).
 """
 
 from __future__ import annotations

@@ -26,17 +26,12 @@ from adadecode.runtime.events import (
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.stage import FinishedSeqs, Stage, StageState
-from helpers import hf_greedy, save_tiny_model
+from helpers import hf_greedy
 
 PROMPT = (5, 17, 3, 42, 8)
 P = len(PROMPT)
 D = 64  # helpers.TINY hidden_size
 TWO = [(0, 3), (3, 6)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @functools.cache

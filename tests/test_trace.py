@@ -12,21 +12,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from adadecode.launcher.trace_export import chrome_trace, discarded_positions, keep_lengths, write_trace
 from adadecode.runtime.run_stats import STAGE_COUNTERS, RunTotals, stage_counters
 from adadecode.runtime.trace import COORDINATOR, TraceRecorder, as_dict, shift
-from helpers import make_engine, save_identity_heads, save_tiny_chat_model, save_tiny_model
+from helpers import make_engine, save_identity_heads, save_tiny_chat_model
 
 RANGES = [(0, 3), (3, 6)]
 PROMPT = [5, 17, 33, 2, 9, 41, 7]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +141,9 @@ def test_chrome_trace_and_png_are_written(engine, tmp_path):
     assert {e["name"] for e in tracks[0]} >= {"start", "early", "final", "rollback", "finished"}
     assert doc["otherData"]["stages"] == [list(r) for r in RANGES]
     # in one process, a receive follows its send on the one clock
-    sends = {(e["args"]["seq"], e["args"]["epoch"], e["args"]["pos"]): e["ts"] for e in tracks[1] if e["name"] == "send"}
+    sends = {
+        (e["args"]["seq"], e["args"]["epoch"], e["args"]["pos"]): e["ts"] for e in tracks[1] if e["name"] == "send"
+    }
     recvs = [e for e in tracks[2] if e["name"] == "recv"]
     assert recvs and all(e["ts"] >= sends[e["args"]["seq"], e["args"]["epoch"], e["args"]["pos"]] for e in recvs)
 
@@ -206,7 +202,9 @@ def test_two_spawned_ranks_write_one_aligned_trace(tmp_path, capfd):
     # aligned clocks: rank 1 never receives an item before rank 0 sent it, up to the measurement's
     # error bound (half its round trip) and the export's rounding to 1 ns
     tolerance_us = doc["otherData"]["clock_rtt_ns"][1] / 2000 + 0.002
-    sends = {(e["args"]["seq"], e["args"]["epoch"], e["args"]["pos"]): e["ts"] for e in tracks[1] if e["name"] == "send"}
+    sends = {
+        (e["args"]["seq"], e["args"]["epoch"], e["args"]["pos"]): e["ts"] for e in tracks[1] if e["name"] == "send"
+    }
     recvs = [e for e in tracks[2] if e["name"] == "recv"]
     assert recvs
     for e in recvs:

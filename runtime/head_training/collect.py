@@ -41,7 +41,8 @@ def encode(tokenizer, prompt: str | list[dict]) -> list[int]:
 def eos_ids(model, tokenizer) -> list[int]:
     """Every EOS id the model's config, generation config or tokenizer names, sorted."""
     ids = set()
-    config_ids = getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id
+    config_ids = (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+                  tokenizer.eos_token_id)
     for c in config_ids:
         ids.update([c] if isinstance(c, int) else (c or []))
     if not ids:

@@ -19,7 +19,7 @@ output at a time:
 Draining before every ``next_action()`` matters: a stage runs deferred work
 only when it has nothing fresh, so it must see fresh work as soon as it exists.
 ``(seq, epoch)`` on every event makes the order in which the two planes
-deliver irrelevant (DESIGN.md, Transport). A sequence's early-exit mode rides
+deliver irrelevant (docs/design.md, Runners and transports). A sequence's early-exit mode rides
 on its items, so nothing is relayed between generations.
 
 Tracing (``trace=True`` on every rank): each rank records into its own
@@ -217,7 +217,8 @@ class DistributedRunner:
             elif time.monotonic() - last_progress > self.timeout_s:
                 raise ProtocolError(
                     f"pipeline stalled: no stage produced anything for {self.timeout_s:g} s while the "
-                    "coordinator waits, no rank is computing, yet every rank is alive (a dropped item or a protocol bug)"
+                    "coordinator waits, no rank is computing, yet every rank is alive "
+                    "(a dropped item or a protocol bug)"
                 )
 
     def _computing(self) -> bool:
@@ -330,7 +331,9 @@ class DistributedRunner:
                 got[sender] = body
                 waiting.discard(sender)
             if waiting and time.monotonic() > deadline:
-                raise TransportError(f"ranks {sorted(waiting)} did not describe their stage within {self.timeout_s:g} s")
+                raise TransportError(
+                    f"ranks {sorted(waiting)} did not describe their stage within {self.timeout_s:g} s"
+                )
         return got
 
     def close(self) -> None:

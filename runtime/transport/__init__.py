@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .control import ControlClient, ControlServer
 from .errors import JobAborted, TransportError
-from .p2p import DataPlane, make_links
+from .p2p import CPU, DataPlane, make_links
 
 __all__ = ["JobAborted", "Transport", "TransportError", "open_transport", "route_address"]
 
@@ -74,7 +74,7 @@ def open_transport(
     timeout_s: float = 60.0,
     hidden_size: int,
     dtype: torch.dtype,
-    stage_device: torch.device = torch.device("cpu"),
+    stage_device: torch.device = CPU,
     control_addr: str = "",
 ) -> Iterator[Transport]:
     """Join the job and yield this rank's ``Transport``; tear everything down on exit.
@@ -219,7 +219,7 @@ def _report(control, exc: BaseException) -> None:
             control.abort(reason)
         elif isinstance(control, ControlClient) and not isinstance(exc, JobAborted):
             control.send("err", reason)
-    except Exception:  # best effort: the peer may be gone already
+    except Exception:  # noqa: BLE001 - best effort while tearing down: the peer may be gone already
         pass
 
 

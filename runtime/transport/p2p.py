@@ -65,6 +65,8 @@ from ..events import EARLY_EXIT_MODES, Activations
 from ..sampling import SAMPLING_MODES, Proposal, SamplingParams
 from .errors import TransportError
 
+CPU = torch.device("cpu")  # a stage's default device (a module constant: devices are immutable)
+
 HEADER_FIELDS = (
     "seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit",
     "temperature", "top_p", "top_k", "min_p", "seed", "sampling", "proposals", "kind",
@@ -120,7 +122,8 @@ def decode_header(header: torch.Tensor) -> dict:
         raise TransportError(f"data-plane header has {len(values)} fields, expected {len(HEADER_FIELDS)}")
     head = dict(zip(HEADER_FIELDS, values))
     if not -1 <= head["early_exit"] < len(EARLY_EXIT_MODES):
-        raise TransportError(f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
+        raise TransportError(
+            f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
     if not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0:
         raise TransportError(f"malformed sampling fields in a data-plane header: {head}")
     fields = [head.pop(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")]
@@ -182,7 +185,7 @@ class DataPlane:
         timeout_s: float,
         recv_group=None,
         send_group=None,
-        stage_device: torch.device = torch.device("cpu"),
+        stage_device: torch.device = CPU,
     ):
         """``device``: where the link's tensors live (a GPU for NCCL); ``stage_device``:
         where received hidden states are handed over (the stage's compute device)."""
@@ -255,7 +258,8 @@ class DataPlane:
                 proposals = None
                 if head["proposals"]:
                     proposals = torch.empty(head["proposals"], dtype=torch.float64, device=self.device)
-                    proposals_work = dist.irecv(proposals, src=self.prev_rank, group=self.recv_group, tag=_TAG_PROPOSALS)
+                    proposals_work = dist.irecv(proposals, src=self.prev_rank, group=self.recv_group,
+                                                tag=_TAG_PROPOSALS)
                 header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
                 header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
                 self._complete(hidden_work)
@@ -280,7 +284,7 @@ class DataPlane:
                         sampling=head["sampling"], proposals=proposals or (),
                     )
                 )
-        except BaseException as e:  # handed to the rank's loop, which raises it
+        except BaseException as e:  # noqa: BLE001 - handed to the rank's loop, which raises it
             if not self._closing:
                 self._deliver(e)
 
@@ -378,7 +382,7 @@ class DataPlane:
                             dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag).wait()
                 else:
                     self._complete(item[1])
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - kept for the rank's next send, which raises it
                 if not self._closing:
                     self._send_error = e
                 return
