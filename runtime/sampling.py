@@ -228,10 +228,6 @@ def propose(
     return token, confidence, proposal
 
 
-def by_position(proposals: Sequence[Proposal]) -> dict[int, Proposal]:
-    return {p.pos: p for p in proposals}
-
-
 def sample_rows(
     logits: torch.Tensor, params: SamplingParams, positions: Sequence[int], proposals: Mapping[int, Proposal]
 ) -> list[int]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -349,7 +349,3 @@ def _is_transport_error(exc: BaseException) -> bool:
     from .transport.errors import TransportError
 
     return isinstance(exc, TransportError)
-
-
-def greedy_request(prompt: Sequence[int], max_new_tokens: int, **kw) -> Request:
-    return Request(tuple(prompt), max_new_tokens, **kw)
