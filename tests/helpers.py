@@ -190,3 +190,18 @@ def save_identity_heads(model_dir: Path, out: Path, thresholds: dict[int, float]
                 "default_thresholds": {str(l): t for l, t in thresholds.items()}}
     eye = torch.eye(config.hidden_size)
     return save_exit_heads(out, {l: eye.clone() for l in thresholds}, None, manifest, dtype=torch.float32)
+
+
+def write_gguf(path: Path, arch: str = "llama") -> Path:
+    """A minimal GGUF file of architecture ``arch`` (one tiny tensor): enough for the conversion
+    cache, whose tests replace the conversion itself."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -13,7 +13,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -29,7 +28,7 @@ from adadecode.runtime.exit_heads import (
     save_exit_heads,
 )
 from adadecode.runtime.model_source import ENTRY_MARKER, fingerprint_dir, resolve_model
-from helpers import save_tiny_model
+from helpers import save_tiny_model, write_gguf
 
 D = 64  # tests/helpers.py TINY
 
@@ -247,18 +246,6 @@ def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path):
 
 # --- the GGUF conversion cache --------------------------------------------------------------------
 
-def _write_gguf(path: Path) -> Path:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture
 def conversions(monkeypatch):
     """The ~20 s transformers conversion replaced by writing a tiny model; counts calls."""
@@ -279,7 +266,7 @@ def _truncate(file: Path) -> None:
 
 @pytest.mark.parametrize("entry", ["sealed, then a file truncated", "no marker, a file truncated", "marker garbled"])
 def test_half_cache_entry_is_never_used_but_converted_again(tmp_path, conversions, entry):
-    src, cache = _write_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
+    src, cache = write_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
     first = resolve_model(str(src), cache_dir=cache)
     if entry != "marker garbled":
         _truncate(first.path / "model.safetensors")
@@ -295,7 +282,7 @@ def test_half_cache_entry_is_never_used_but_converted_again(tmp_path, conversion
 
 
 def test_whole_entry_of_an_older_version_is_sealed_not_converted_again(tmp_path, conversions):
-    src, cache = _write_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
+    src, cache = write_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache"
     first = resolve_model(str(src), cache_dir=cache)
     (first.path / ENTRY_MARKER).unlink()
     assert resolve_model(str(src), cache_dir=cache) == first
@@ -316,7 +303,7 @@ def test_entry_is_sealed_and_fsynced_before_it_is_published(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    r = resolve_model(str(_write_gguf(tmp_path / "tiny.gguf")), cache_dir=tmp_path / "cache")
+    r = resolve_model(str(write_gguf(tmp_path / "tiny.gguf")), cache_dir=tmp_path / "cache")
     publish = events.index(("rename", r.path.name))
     assert events[:publish].count("fsync") >= 3 and "fsync" in events[publish + 1:]  # files, then the cache dir
     assert set(json.loads((r.path / ENTRY_MARKER).read_text())["files"]) >= {"config.json", "model.safetensors"}
@@ -330,7 +317,7 @@ def test_dead_converters_temporary_directories_are_removed(tmp_path, conversions
         (d / "model.safetensors").write_bytes(b"half")
     with open(cache / ".live-4567-v1.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a converter in another process, at work
-        resolve_model(str(_write_gguf(tmp_path / "tiny.gguf")), cache_dir=cache)
+        resolve_model(str(write_gguf(tmp_path / "tiny.gguf")), cache_dir=cache)
     assert not dead.exists() and live.exists()
 
 
@@ -345,7 +332,7 @@ def test_without_locks_only_old_temporary_directories_are_removed(tmp_path, monk
         d.mkdir(parents=True)
     days_ago = time.time() - 2 * model_source.STALE_TMP_S
     os.utime(old, (days_ago, days_ago))
-    resolve_model(str(_write_gguf(tmp_path / "tiny.gguf")), cache_dir=cache)
+    resolve_model(str(write_gguf(tmp_path / "tiny.gguf")), cache_dir=cache)
     assert not old.exists() and recent.exists()
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
 from adadecode.runtime import model_source
@@ -21,6 +20,7 @@ from adadecode.runtime.model_source import (
     fingerprint_dir,
     resolve_model,
 )
+from helpers import write_gguf
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 
@@ -29,18 +29,6 @@ def tiny_llama_dir(path, seed=0, **save_kwargs):
                          num_key_value_heads=2, vocab_size=128)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path, **save_kwargs)
-    return path
-
-
-def write_gguf(path, arch):
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return path
 
 
