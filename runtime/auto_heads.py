@@ -38,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
+
 from .sim_costs import ModelShape, setting_costs
 from .simulator import ExitStats, SimSpec, simulate
 
@@ -89,17 +91,16 @@ def exact_exits(selection: dict[int, float], outcomes) -> ExitStats:
     no later head for it), right or wrong as that head was. ``outcomes``: {layer: (confidence
     per token, agreed per token)}. A head no token reaches has rate 0."""
     rate, precision = {}, {}
-    reaching = None
+    reaching = None  # [N] bool: the tokens no earlier selected head let out
     for l in sorted(selection):
-        conf, agree = outcomes[l]
+        conf, agree = (torch.as_tensor(x) for x in outcomes[l])
         if reaching is None:
-            reaching = [True] * len(conf)
-        exits = [i for i, alive in enumerate(reaching) if alive and conf[i] > selection[l]]
-        reached = sum(reaching)
-        rate[l] = len(exits) / reached if reached else 0.0
-        precision[l] = sum(agree[i] for i in exits) / len(exits) if exits else 1.0
-        for i in exits:
-            reaching[i] = False
+            reaching = torch.ones(len(conf), dtype=torch.bool)
+        exits = reaching & (conf > selection[l])
+        reached, exited = int(reaching.sum()), int(exits.sum())
+        rate[l] = exited / reached if reached else 0.0
+        precision[l] = float(agree.bool()[exits].float().mean()) if exited else 1.0
+        reaching &= ~exits
     return ExitStats(rate, precision)
 
 
