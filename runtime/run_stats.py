@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .stage import StageStats
+from .stage_stats import StageStats
 
 STAGE_COUNTERS = (
     "items", "positions", "computed", "discarded", "merged", "idle_backfills", "batched", "head_evals", "dropped_stale",

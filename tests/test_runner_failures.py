@@ -42,7 +42,7 @@ def reference(model_dir) -> list[int]:
 
 def assert_all_free(engine: Engine, seqs: int) -> None:
     for stage in engine.stages:
-        assert stage.slots == {} and stage.epochs == {} and not stage._work and not stage._parked, stage.index
+        assert stage.slots == {} and stage.epochs == {} and not stage.queued and not stage.parked, stage.index
         assert stage.finished.floor == seqs and len(stage.finished) == 0
 
 

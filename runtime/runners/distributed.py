@@ -62,7 +62,8 @@ from ..events import (
     Shutdown,
     Verified,
 )
-from ..stage import Stage, StageStats
+from ..stage import Stage
+from ..stage_stats import StageStats
 from ..trace import TraceRecorder
 from ..transport import Transport, TransportError
 from ..transport.control import decode_event, encode_event
