@@ -1,4 +1,4 @@
-"""Simulator scenarios and the CPU profile's provenance (the costs themselves: runtime/sim_costs.py).
+"""Simulator scenarios and the CPU profile's provenance (the costs themselves: runtime/sim/costs.py).
 
 Exit statistics, two scenarios: ``measured`` — the bundled heads' exit rate and
 precision per head, measured on held-out prompts here, at the same relative
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adadecode.runtime.sim_costs import RUNNER_FIELDS
-from adadecode.runtime.sim_fit import exit_stats, fit_costs
-from adadecode.runtime.simulator import ExitStats
+from adadecode.runtime.sim.costs import RUNNER_FIELDS
+from adadecode.runtime.sim.fit import exit_stats, fit_costs
+from adadecode.runtime.sim.simulator import ExitStats
 
 
 def build_cpu_profile(one_rank: str | Path, ranks: str | Path) -> dict:

@@ -6,8 +6,8 @@
     adadecode simulate --project --plot speedup.png              # speedup over plain pipeline, P = 1..16
     adadecode simulate --design                                  # heads, max_inflight, policies, sequences
 
-The simulator (runtime/simulator.py) runs the real Stage and Coordinator; the
-costs come from a trace (runtime/sim_fit.py) or a profile (launcher/sim_profiles.py).
+The simulator (runtime/sim/simulator.py) runs the real Stage and Coordinator; the
+costs come from a trace (runtime/sim/fit.py) or a profile (launcher/sim_profiles.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adadecode.runtime.partition import partition_layers
-from adadecode.runtime.sim_costs import (
+from adadecode.runtime.sim.costs import (
     CPU_PROFILE,
     GPU_MODELS,
     H100,
@@ -29,8 +29,8 @@ from adadecode.runtime.sim_costs import (
     load_cpu_profile,
     setting_costs,
 )
-from adadecode.runtime.sim_fit import calibrate, fit_costs
-from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
+from adadecode.runtime.sim.fit import calibrate, fit_costs
+from adadecode.runtime.sim.simulator import Costs, ExitStats, SimSpec, simulate
 
 from .errors import report_error
 from .sim_profiles import exit_scenario, scaled_layer
@@ -112,8 +112,8 @@ def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[fl
     """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
     (one per layer, or one for all; default: its defaults), and the depth of its model: counted
     token by token where train-heads recorded the outcomes, else from its calibration table."""
-    from adadecode.runtime.auto_heads import conditional_exits, exact_exits, exit_table
     from adadecode.runtime.exit_heads import read_manifest, read_outcomes
+    from adadecode.runtime.sim.heads import conditional_exits, exact_exits, exit_table
 
     where = Path(path).parent if Path(path).name == "manifest.json" else Path(path)
     manifest = read_manifest(where)

@@ -73,15 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab-coverage", type=float, default=d["vocab_coverage"], metavar="F",
                        help="instead of --vocab-size: the fewest tokens covering this share of the greedy "
                             "outputs on the train prompts (e.g. 0.99)")
-    p.add_argument("--eval-cost", type=float, default=d["eval_cost"], metavar="C",
-                   help="cost of one head evaluation in decode steps, for choosing the defaults "
-                        "(default: estimated from K, see runtime/head_training/cost_model.py eval_cost())")
-    p.add_argument("--merge-cost", type=float, default=d["merge_cost"], metavar="C",
-                   help="cost of a 2-row chunk through the layers relative to one row (deferred backfill), "
-                        "for choosing the defaults")
-    p.add_argument("--rollback-cost", type=_rollback_cost, default=d["rollback_cost"], metavar="C|structural",
-                   help="decode steps wasted by a rejected early token, for choosing the defaults; structural: "
-                        "only the next token's pass up to the head (see CostModel)")
+    p.add_argument("--defaults-for", type=int, default=d["defaults_for"], metavar="RANKS",
+                   help="the manifest's default heads are those chosen for this many ranks (runtime/sim/heads.py); "
+                        "at run time heads are chosen per setting unless decoding.auto_heads is false")
+    p.add_argument("--defaults-policy", choices=["eager", "deferred"], default=d["defaults_policy"],
+                   help="the backfill policy the default heads are chosen for")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=d["save_dtype"],
                    help="dtype of the stored T matrices (calibration uses the stored values)")
     p.add_argument("--device", default=d["device"], metavar="auto|cpu|cuda|cuda:N",
@@ -125,15 +121,6 @@ def _vocab_size(value: str) -> str:
     if value != "full" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer or `full`")
     return value
-
-
-def _rollback_cost(value: str) -> float | None:
-    if value == "structural":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number or `structural`") from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ takes plain arguments, so the launcher maps each config section onto them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,16 +21,18 @@ from pathlib import Path
 from .coordinator import Coordinator
 from .detokenize import TextStream
 from .device import check_placement
-from .events import EARLY_EXIT_MODES
 from .hf_adapter import ModelArgs
-from .kv_cache import CacheOverflowError
-from .loading import LoadSpec, build_stage, prepare
+from .loading import LoadedStage, LoadSpec, build_stage, prepare
 from .model_source import ResolvedModel
+from .params import EARLY_EXIT_MODES, SamplingParams, check_request
 from .run_stats import RunTotals, counters_since, stage_counters
 from .runners.inprocess import LocalRunner
-from .sampling import SamplingParams
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
+
+log = logging.getLogger("adadecode.engine")
+
+DEFAULT_MAX_INFLIGHT = 2  # where it is not chosen with the heads
 
 
 @dataclass
@@ -43,46 +46,53 @@ class GenerationResult:
 
 
 class Engine:
+    """Tokenizer, coordinator and a runner over the pipeline's stages (``LocalRunner``: all in this
+    process; ``DistributedRunner``: stage 0 here, the rest on other ranks)."""
+
     def __init__(
-        self, resolved: ResolvedModel, config, tokenizer, stages: list[Stage], max_seq_len: int, max_inflight: int = 2,
+        self, resolved: ResolvedModel, config, tokenizer, runner, max_seq_len: int, max_inflight: int = 2,
         heads_choice=None,
     ):
         self.resolved = resolved
         self.config = config
         self.args = ModelArgs.from_hf_config(config)
         self.tokenizer = tokenizer
-        self.stages = stages
+        self.runner = runner
+        self.stages: list[Stage] = runner.stages
         self.max_seq_len = max_seq_len
-        self.runner = LocalRunner(stages)
         self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
         self.max_inflight = max_inflight
-        # The heads chosen for this setting (runtime/auto_heads.py), or None: the config's / manifest's.
+        # The heads chosen for this setting (runtime/sim/heads.py), or None: the config's / manifest's.
         # A choice of none means no head pays here, and early exit runs as off.
         self.heads_choice = heads_choice
         self._next_seq = 0
 
     @classmethod
-    def load(cls, source: str | LoadSpec = "bundled:smollm2-135m-instruct", *, max_inflight: int = 2, **spec) -> Engine:
-        """Resolve the model, split its layers into stages and load every stage in this process.
+    def load(cls, source: str | LoadSpec = "bundled:smollm2-135m-instruct", **spec) -> Engine:
+        """Resolve the model, split its layers into stages, choose the heads and load every stage in this process.
 
         ``source`` is a ``LoadSpec`` or a model source; keyword arguments are ``LoadSpec`` fields:
         ``stages``, ``split_points``, ``device`` (auto, cpu, cuda, cuda:N), ``dtype`` (auto:
         bfloat16 on CUDA, float32 on the CPU), ``max_seq_len``, ``cache_dir``, ``heads`` (a
         directory of exit heads, ``"auto"``: the heads shipped for the bundled model, or None),
         ``exit_layers`` / ``thresholds`` (override the heads' defaults: one threshold for all, or
-        one per layer), ``compile`` (auto, on, off). ``max_inflight`` caps unverified early
-        tokens per sequence.
+        one per layer), ``compile`` (auto, on, off), ``max_inflight`` (unverified early tokens
+        per sequence; 0: chosen with the heads).
         """
         from transformers import AutoTokenizer
 
-        spec.setdefault("max_chunk", max_inflight + 1)
         spec = source.replace(**spec) if isinstance(source, LoadSpec) else LoadSpec(source, **spec)
         device, dtype = check_placement(spec.device, spec.dtype, "inprocess")
         resolved, config, ranges = prepare(spec)
+        spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=False)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
-        return cls(resolved, config, tokenizer, [b.stage for b in built], spec.max_seq_len, max_inflight,
-                   heads_choice=built[0].heads_choice)
+        return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
+                   spec.max_inflight, heads_choice=choice)
+
+    @property
+    def heads_loaded(self) -> bool:
+        return any(stage.heads is not None for stage in self.stages)
 
     @property
     def early_exit_off_here(self) -> bool:
@@ -141,24 +151,13 @@ class Engine:
             raise ValueError(f"give sampling=SamplingParams(...) or its fields ({', '.join(given)}), not both")
         if sampling is None and given:
             sampling = SamplingParams(**given)
-        if early_exit not in EARLY_EXIT_MODES:
-            raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
-        early_exit = self.early_exit_for(early_exit)
-        if early_exit != "off" and not any(stage.heads is not None for stage in self.stages):
-            raise ValueError(
-                f"early_exit `{early_exit}` needs exit heads and {self.resolved.origin} has none loaded; "
-                "train them with `adadecode train-heads` and set decoding.heads, or use early_exit `off`"
-            )
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             ids = list(prompt)
         else:
             ids = self.encode(prompt, chat)
-        need = len(ids) + max_new_tokens
-        if need > self.max_seq_len:
-            raise CacheOverflowError(
-                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} positions "
-                f"but the KV cache holds {self.max_seq_len}; raise model.max_seq_len or shorten the request"
-            )
+        early_exit = self.early_exit_for(early_exit)
+        check_request(len(ids), max_new_tokens, early_exit, sampling, max_seq_len=self.max_seq_len,
+                      heads_loaded=self.heads_loaded, model=self.resolved.origin)
         criteria = StopCriteria(
             max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos_token_ids,
@@ -254,6 +253,39 @@ def _eos_ids(path: Path, config, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+# --- one rank of a multi-process pipeline (runners/distributed.py) ----------------------------
+
+
+def load_rank(
+    spec: LoadSpec, *, rank: int, backend: str = "gloo", local_rank: int = 0, local_world_size: int = 1
+) -> tuple[ResolvedModel, object, list[tuple[int, int]], LoadedStage]:
+    """What rank ``rank`` of a ``spec.stages``-rank pipeline loads: ``(resolved, config, ranges, its
+    stage)``, the heads chosen for the setting first (every rank chooses the same: it is deterministic)."""
+    device, dtype = check_placement(
+        spec.device, spec.dtype, backend, local_rank=local_rank, local_world_size=local_world_size
+    )
+    resolved, config, ranges = prepare(spec)
+    spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=True)
+    loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
+    loaded.heads_choice, loaded.max_inflight = choice, spec.max_inflight
+    return resolved, config, ranges, loaded
+
+
+def _plan(spec: LoadSpec, resolved, config, ranges, device, dtype, *, ranks: bool):
+    """The heads for this setting, and ``max_inflight`` where it is left to them (0), before any
+    weight is loaded (runtime/sim/heads.py)."""
+    choice = None
+    if spec.auto_heads_for not in (None, "off"):
+        from .sim.heads import plan_heads
+
+        spec, choice = plan_heads(spec, resolved, config, ranges, device, dtype, ranks=ranks)
+        if choice is not None:  # a user who turned early exit on is told when it stays off
+            (log.info if choice.layers else log.warning)("%s", choice.note)
+    if spec.max_inflight == 0:
+        spec = spec.replace(max_inflight=choice.max_inflight if choice is not None else DEFAULT_MAX_INFLIGHT)
+    return spec, choice
+
+
 # --- rank 0 of a multi-process pipeline (runners/distributed.py) ----------------------------
 
 
@@ -270,5 +302,4 @@ class PipelineEngine(Engine):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        super().__init__(resolved, config, tokenizer, runner.stages, max_seq_len, max_inflight, heads_choice)
-        self.runner = runner
+        super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice)

@@ -272,7 +272,7 @@ def save_exit_heads(
 ) -> Path:
     """Write ``heads.safetensors`` (``T`` stored in ``dtype``), ``outcomes.safetensors`` when given
     (per validation token, each head's confidence and whether it agreed with the final layer:
-    what the head choice counts exits on, runtime/auto_heads.py) and then ``manifest.json``, with
+    what the head choice counts exits on, runtime/sim/heads.py) and then ``manifest.json``, with
     the files' checksums, into ``path``; each replaces its old version atomically (module
     docstring). Raises ValueError naming ``path`` when the disk refuses (full, read-only, no permission)."""
     from safetensors.torch import save_file

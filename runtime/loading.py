@@ -3,12 +3,12 @@
 ``LoadSpec`` is the single description of a pipeline's weights: the model, its
 split into stages, where and in which dtype each stage computes, the KV cache
 size and the exit heads. ``Engine.load`` builds every stage from it in one
-process; ``load_rank`` builds only rank ``i``'s stage from the same spec, so a
+process; ``load_rank`` (engine.py) builds only rank ``i``'s stage from the same spec, so a
 rank never materialises another stage's weights (docs/design.md, invariant 5). Every
 rank computes the same plan: ``plan_stages`` is a pure function.
 
     spec = LoadSpec("bundled:smollm2-135m-instruct", stages=2, dtype="bfloat16")
-    loaded = load_rank(spec, rank=1)          # (resolved, config, ranges, stage)
+    resolved, config, ranges = prepare(spec)  # then, per stage i: build_stage(spec, resolved, config, ranges, i, ...)
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .auto_heads import calibration_table, choose
-from .device import check_placement, dtype_name
+from .device import dtype_name
 from .hf_adapter import ModelArgs, load_hf_config, load_stage_modules
 from .model_runner import StageModel
 from .model_source import ResolvedModel, resolve_model
@@ -50,11 +49,13 @@ class LoadSpec:
     exit_layers: tuple[int, ...] = ()
     thresholds: tuple[float, ...] = ()
     compile: str = "auto"  # the compiled layer loop: auto (on for CUDA), on, off (runtime/compiled_step.py)
-    max_chunk: int = 3  # the largest chunk compiled: max_inflight + 1 (a merged deferred backfill)
+    # unverified early tokens per sequence (chunks of up to max_inflight + 1 rows get compiled);
+    # 0: chosen with the heads before loading (runtime/engine.py), 2 where nothing is chosen
+    max_inflight: int = 2
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
-    # Choose the heads for this setting and this early-exit policy (runtime/auto_heads.py) when
-    # exit_layers and thresholds are empty; None: the heads' manifest defaults.
+    # Before loading, choose the heads for this setting and this early-exit policy (runtime/sim/heads.py,
+    # plan_heads) when exit_layers and thresholds are empty; None: the heads' manifest defaults.
     auto_heads_for: str | None = None
 
     def __post_init__(self) -> None:
@@ -77,7 +78,8 @@ class LoadedStage:
     seconds: float
     weight_bytes: int
     peak_host_mb: float  # host memory (RSS) the load added at its peak, file pages included; -1: unknown
-    heads_choice: object = None  # the auto_heads.HeadChoice made for this setting, if one was
+    heads_choice: object = None  # the sim.heads.HeadChoice made for this setting before loading, if one was
+    max_inflight: int = 2  # as planned with the heads (the Coordinator's)
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
@@ -106,14 +108,13 @@ def build_stage(
     *,
     device: torch.device,
     dtype: torch.dtype,
-    policy: str = "off",
-    ranks: bool = False,
 ) -> LoadedStage:
     """Load stage ``index`` of ``ranges`` onto ``device`` and only its weights: what one rank holds.
 
     A stage loads the final norm and LM head when it is the last, or when one of the exit
-    heads it evaluates (layers in ``(a, b]``) needs them (docs/design.md, invariant 5). ``ranks``:
-    each stage is a rank of its own (else all run in this process), for the heads' choice.
+    heads it evaluates (layers in ``(a, b]``) needs them (docs/design.md, invariant 5). The
+    heads are ``spec.exit_layers`` (else the manifest's defaults): choosing them for the
+    setting happens before loading (runtime/sim/heads.py, ``plan_heads``).
     """
     t0 = time.perf_counter()
     rss0 = _reset_peak_rss()
@@ -122,21 +123,11 @@ def build_stage(
     args = ModelArgs.from_hf_config(config)
     heads_path = resolve_heads(spec.heads, resolved)
     mine: list[int] = []
-    choice = None
-    thresholds = spec.thresholds
+    layers: list[int] = []
     if heads_path is not None:
         from .exit_heads import read_manifest
 
-        manifest = read_manifest(heads_path)
-        layers = list(spec.exit_layers) or list(manifest["default_layers"])
-        auto = spec.auto_heads_for not in (None, "off") and not spec.exit_layers and not spec.thresholds
-        if auto and calibration_table(manifest) is not None:  # heads without one keep their defaults
-            element_size = torch.empty((), dtype=dtype).element_size()
-            from .exit_heads import read_outcomes
-
-            choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size,
-                            spec.max_chunk - 1, ranks=ranks, outcomes=read_outcomes(heads_path, manifest))
-            layers, thresholds = list(choice.layers), choice.thresholds
+        layers = list(spec.exit_layers) or list(read_manifest(heads_path)["default_layers"])
         mine = [l for l in layers if a < l <= b and l < args.num_layers]
     modules = load_stage_modules(
         resolved.path, config, a, b, embed=index == 0, head=last or bool(mine), dtype=dtype, device=device
@@ -148,12 +139,14 @@ def build_stage(
         stage_heads = load_exit_heads(
             heads_path, fingerprint=resolved.fingerprint, config=config,
             norm=modules.norm, lm_head_weight=modules.lm_head.weight,
-        ).select(layers=mine, thresholds=_thresholds_for(layers, thresholds, mine))
+        ).select(layers=mine, thresholds=_thresholds_for(layers, spec.thresholds, mine))
     model = StageModel(modules, args, spec.max_seq_len, num_slots=spec.num_slots)
+    if spec.max_inflight < 1:
+        raise ValueError(f"max_inflight {spec.max_inflight}: choose it before loading (runtime/engine.py) or give >= 1")
     if spec.compile != "off":
         from .compiled_step import maybe_compile
 
-        maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_chunk)
+        maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_inflight + 1)
     params = {  # by storage: a tied LM head is the embedding
         p.data_ptr(): p.numel() * p.element_size()
         for m in (modules.layers, modules.embed, modules.norm, modules.lm_head) if m is not None
@@ -161,18 +154,15 @@ def build_stage(
     }
     weight_bytes = sum(params.values())
     loaded = LoadedStage(
-        Stage(index, len(ranges), model, heads=stage_heads, policy=policy, exact_batches=spec.exact_batches),
+        Stage(index, len(ranges), model, heads=stage_heads, exact_batches=spec.exact_batches),
         seconds=time.perf_counter() - t0,
         weight_bytes=weight_bytes,
         peak_host_mb=(_peak_rss() - rss0) / 1e6 if rss0 >= 0 else -1.0,
-        heads_choice=choice,
     )
     log.info(
         "stage %d: layers [%d, %d) on %s in %s, %.0f MB of weights, loaded in %.1f s; host memory peak +%.0f MB",
         index, a, b, device, dtype_name(dtype), weight_bytes / 1e6, loaded.seconds, loaded.peak_host_mb,
     )
-    if choice is not None and index == 0:  # a user who turned early exit on is told when it stays off
-        (log.info if choice.layers else log.warning)("%s", choice.note)
     return loaded
 
 
@@ -193,18 +183,6 @@ def _peak_rss() -> int:
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith(key + ":")))
-
-
-def load_rank(
-    spec: LoadSpec, *, rank: int, backend: str = "gloo", local_rank: int = 0, local_world_size: int = 1
-) -> tuple[ResolvedModel, object, list[tuple[int, int]], LoadedStage]:
-    """What rank ``rank`` of a ``spec.stages``-rank pipeline loads: ``(resolved, config, ranges, its stage)``."""
-    device, dtype = check_placement(
-        spec.device, spec.dtype, backend, local_rank=local_rank, local_world_size=local_world_size
-    )
-    resolved, config, ranges = prepare(spec)
-    loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype, ranks=True)
-    return resolved, config, ranges, loaded
 
 
 def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | None:

@@ -2,7 +2,7 @@
 
 For each setting (stages x threads) it runs, on a prompt mix of code, chat and plain text that
 nothing was tuned on (data/prompts/mix.jsonl), one `adadecode bench` per early-exit mode with
-the defaults (heads chosen for the setting, runtime/auto_heads.py), and one with the heads'
+the defaults (heads chosen for the setting, runtime/sim/heads.py), and one with the heads'
 manifest defaults (``--decoding.auto_heads=false``) for comparison; each run interleaves off
 and the mode per prompt. One thread per rank unless the setting says otherwise, pinned.
 

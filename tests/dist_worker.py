@@ -33,7 +33,8 @@ import torch
 from adadecode.launcher.dist_env import read_dist_env
 from adadecode.launcher.errors import report_error
 from adadecode.runtime.coordinator import Coordinator
-from adadecode.runtime.loading import LoadSpec, load_rank
+from adadecode.runtime.engine import load_rank
+from adadecode.runtime.loading import LoadSpec
 from adadecode.runtime.runners.distributed import DistributedRunner
 from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.stopping import StopCriteria

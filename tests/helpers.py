@@ -155,7 +155,7 @@ def make_engine(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64):
 
     resolved = SimpleNamespace(path=model_dir, origin="tiny")
     stages = build_stages(model_dir, ranges, num_slots, max_seq_len)
-    return Engine(resolved, load_hf_config(model_dir), FakeTokenizer(), stages, max_seq_len)
+    return Engine(resolved, load_hf_config(model_dir), FakeTokenizer(), LocalRunner(stages), max_seq_len)
 
 
 # --- the HTTP server (tests/test_server.py) ----------------------------------------------------

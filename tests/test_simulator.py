@@ -8,13 +8,14 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from adadecode.launcher.sim_profiles import build_cpu_profile
 from adadecode.launcher.simulate import main as simulate_main
 from adadecode.launcher.trace_export import chrome_trace, read_trace
-from adadecode.runtime.auto_heads import MARGIN, choose, conditional_exits, exact_exits, exit_table
-from adadecode.runtime.sim_costs import load_cpu_profile
-from adadecode.runtime.sim_fit import calibrate, exit_stats, fit_costs
-from adadecode.runtime.simulator import Costs, ExitStats, SimSpec, simulate
+from adadecode.runtime.sim.costs import load_cpu_profile
+from adadecode.runtime.sim.fit import calibrate, exit_stats, fit_costs
+from adadecode.runtime.sim.heads import INFLIGHT, MARGIN, choose, conditional_exits, exact_exits, exit_table
+from adadecode.runtime.sim.simulator import Costs, ExitStats, SimSpec, simulate
 
 TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 EXITS = ExitStats({3: 0.3, 5: 0.4, 8: 0.5}, {3: 0.6, 5: 0.8, 8: 0.95})
@@ -196,6 +197,44 @@ def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
     assert choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2) == two  # every rank agrees
 
 
+def test_max_inflight_is_chosen_with_the_heads_when_left_open():
+    """max_inflight 0: the heads chosen at 2, then the fewest in-flight tokens within 1% of the best
+    for them; never predicted slower than the same heads at 2."""
+    manifest = _bundled_manifest()
+    fixed = choose(manifest, _Config, [(0, 19), (19, 30)], "deferred", "cpu", 4, 2)
+    open_ = choose(manifest, _Config, [(0, 19), (19, 30)], "deferred", "cpu", 4, 0)
+    assert fixed.max_inflight == 2 and open_.max_inflight in INFLIGHT
+    assert open_.layers == fixed.layers and open_.speedup >= fixed.speedup / 1.01
+    assert f"max_inflight {open_.max_inflight}" in open_.note
+
+
+def test_heads_are_chosen_before_loading_and_loading_never_imports_the_simulator():
+    """plan_heads turns a request for heads per setting into explicit layers and thresholds (or
+    no heads at all) that the loader takes as given; the loader's import graph has no simulator."""
+    import subprocess
+    import sys
+
+    from adadecode.runtime.loading import LoadSpec, prepare
+    from adadecode.runtime.sim.heads import plan_heads
+
+    code = "import sys, adadecode.runtime.loading; print(sorted(m for m in sys.modules if '.runtime.sim' in m))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
+
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    one = LoadSpec(stages=1, auto_heads_for="deferred")
+    spec, choice = plan_heads(one, *prepare(one), cpu, fp32, ranks=False)
+    assert choice is not None and choice.layers == () and spec.heads is None and spec.auto_heads_for is None
+    two = LoadSpec(stages=2, auto_heads_for="eager", max_inflight=0)
+    spec, choice = plan_heads(two, *prepare(two), cpu, fp32, ranks=True)
+    assert choice.layers and spec.exit_layers == choice.layers and spec.thresholds == choice.thresholds
+    assert spec.max_inflight == choice.max_inflight >= 1
+    given = two.replace(exit_layers=(19,), thresholds=(0.5,))
+    assert plan_heads(given, *prepare(given), cpu, fp32, ranks=True) == (given, None)  # explicit heads win
+    off = two.replace(auto_heads_for=None)
+    assert plan_heads(off, *prepare(off), cpu, fp32, ranks=True) == (off, None)
+
+
 # --- the command -----------------------------------------------------------------------------------
 
 
@@ -216,7 +255,7 @@ def test_simulate_refuses_an_impossible_stage_count(capsys):
 
 
 def test_an_engine_whose_setting_no_head_pays_in_runs_early_exit_as_off(tmp_path):
-    from adadecode.runtime.auto_heads import HeadChoice
+    from adadecode.runtime.sim.heads import HeadChoice
     from helpers import make_engine, save_tiny_model
 
     engine = make_engine(save_tiny_model(tmp_path / "m"), [(0, 2), (2, 4)])

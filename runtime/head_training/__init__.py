@@ -11,7 +11,8 @@
                    ``lm_head(final_norm(T_l h_l))`` the student (Adam, warmup + cosine);
 4. calibrate.py    each head's confidence and agreement with the final layer on prompts it
                    never trained on, and the exit-rate / precision table per threshold;
-5. cost_model.py   the default layers and thresholds, chosen by expected saving per token.
+5. the default layers and thresholds: the runtime's own per-setting head choice
+                   (runtime/sim/heads.py) for ``defaults_for`` ranks, on the validation outcomes.
 
 pipeline.py wires them together and writes the manifest. ``adadecode train-heads``
 (launcher/train_heads.py) is the command-line face of ``train_heads``.

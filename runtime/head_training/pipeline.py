@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from ..device import check_placement, dtype_name
+from ..loading import plan_stages
+from ..sim.heads import choose
 from .calibrate import calibration_table, head_outcomes, outcome_tensors
 from .collect import collect, encode, eos_ids, make_split
-from .cost_model import CostModel, choose_defaults, expected_saving
-from .cost_model import eval_cost as estimated_eval_cost
 from .train import train
 from .vocab import DEFAULT_VOCAB_SIZE, choose_vocabulary, coverage, soft_counts
 
@@ -39,9 +39,8 @@ def train_heads(
     warmup: float = 0.05,
     vocab_size: int | str | None = None,
     vocab_coverage: float | None = None,
-    eval_cost: float | None = None,
-    merge_cost: float = 1.1,
-    rollback_cost: float | None = 1.0,
+    defaults_for: int = 2,
+    defaults_policy: str = "eager",
     save_dtype: str = "float16",
     device: str = "auto",
     dtype: str = "auto",
@@ -56,8 +55,10 @@ def train_heads(
     head layers, or "auto" (every L/10 layers from 0.13 L to L-2). ``prompts`` minus every
     ``val_every``-th prompt trains; those validation prompts choose the defaults; ``heldout`` is
     only evaluated. ``vocab_size`` (an int or "full") or ``vocab_coverage`` sets the restricted
-    vocabulary (default ``DEFAULT_VOCAB_SIZE``); ``eval_cost`` (None: estimated), ``merge_cost``
-    and ``rollback_cost`` (None: structural) are the ``CostModel``'s. ``device`` (auto, cpu, cuda,
+    vocabulary (default ``DEFAULT_VOCAB_SIZE``). The manifest's default heads are those the
+    runtime's own choice (runtime/sim/heads.py) makes for ``defaults_for`` ranks on this device
+    with ``defaults_policy`` backfill; at run time heads are chosen per setting anyway unless
+    ``decoding.auto_heads`` is false. ``device`` (auto, cpu, cuda,
     cuda:N) and ``dtype`` (auto, float32, bfloat16, float16) place the base model; the heads train
     in float32 there and are stored in ``save_dtype``. ``threads`` > 0 sets torch's threads.
     ``argv``: the command-line arguments, recorded in the manifest (None: not a command).
@@ -77,6 +78,10 @@ def train_heads(
         raise ValueError("give vocab_size or vocab_coverage, not both")
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
+    if defaults_policy not in ("eager", "deferred"):
+        raise ValueError(f"--defaults-policy {defaults_policy!r}: expected eager or deferred")
+    if defaults_for < 1:
+        raise ValueError(f"--defaults-for {defaults_for}: expected a number of ranks >= 1")
     dev, dt = check_placement(device, dtype, "inprocess")
     if threads > 0:
         torch.set_num_threads(threads)
@@ -157,18 +162,15 @@ def train_heads(
                       {"default_layers": [], "default_thresholds": {}})
     outcomes = {name: head_outcomes(heads, splits[name]) for name in ("validation", "heldout")}  # on the host
 
-    # --- 5. the defaults, by the cost model ---
+    # --- 5. the defaults: the runtime's own head choice (runtime/sim/heads.py) for one setting ---
     choice_split = "validation"
-    per_token = sum(p.numel() for p in base.model.layers.parameters()) + lm_head.numel()  # weights read per step
-    cost = CostModel(
-        num_layers=num_layers,
-        eval_cost=eval_cost if eval_cost is not None else estimated_eval_cost(k, d, per_token),
-        merge_cost=merge_cost,
-        rollback_cost=rollback_cost,
-    )
-    default, per_head = choose_defaults(outcomes[choice_split], cost)
-    estimate = {name: expected_saving(o, default, cost) for name, o in outcomes.items()}
-    log(f"defaults: {default} ({cost}); expected: {estimate}")
+    tables = {"validation_calibration": calibration_table(outcomes["validation"], splits["validation"])}
+    ranges = plan_stages(config, defaults_for)
+    choice = choose(tables, config, ranges, defaults_policy, dev.type, torch.empty((), dtype=dt).element_size(),
+                    max_inflight=2, ranks=True, outcomes=outcomes[choice_split], alone=True)
+    default = dict(zip(choice.layers, choice.thresholds))
+    per_head = dict(choice.alone)
+    log(f"defaults: {default} ({choice.note})")
 
     manifest = {
         "base_model": {
@@ -191,24 +193,20 @@ def train_heads(
         },
         "choice": {
             "note": (
-                f"Defaults chosen on the validation prompts (every {every}-th train prompt, never trained on)"
-                " by coordinate ascent over each head's threshold (off or one of the sweep), maximising the "
-                "expected saving per token on one device with deferred backfill: a token exits at the first "
-                "head above its threshold; an accepted exit at layer l saves (2 - merge_cost)(L-l)/L of a "
-                "decode step (its last layers run merged with the next token's), a rejected one costs "
-                "rollback_cost (null: the next token's pass, l/L + (merge_cost - 1)(L-l)/L), and each "
-                f"head evaluation costs eval_cost (T_l plus K={k} LM-head rows over the weights of a decode "
-                "step, plus 0.2% for the call; matches in-situ timings on one CPU thread). Heads outside the "
-                "defaults carry the threshold best for them alone."
+                f"Defaults chosen on the validation prompts (every {every}-th train prompt, never trained on) "
+                "by the runtime's per-setting head choice (runtime/sim/heads.py) for the setting below: the "
+                "simulated speedup over early exit off, each token exiting at the first head above its threshold "
+                "(counted token by token), none where none is predicted to pay. Heads outside the defaults "
+                "carry the threshold best for them alone in that setting."
             ),
             "split": choice_split,
-            "cost_model": {"eval_cost": round(cost.eval_cost, 5), "merge_cost": cost.merge_cost,
-                           "rollback_cost": cost.rollback_cost},
-            "expected": estimate,
-            "alone": {str(l): expected_saving(outcomes[choice_split], {l: t}, cost) for l, t in per_head.items()},
+            "setting": {"stages": defaults_for, "ranks": True, "policy": defaults_policy, "device": dev.type,
+                        "dtype": dtype_name(dt), "max_inflight": 2},
+            "simulated_speedup": choice.speedup,
+            "summary": choice.note,
         },
         "calibration": calibration_table(outcomes["heldout"], splits["heldout"]),
-        "validation_calibration": calibration_table(outcomes["validation"], splits["validation"]),
+        **tables,
         "training": {
             "command": shlex.join(["adadecode", "train-heads", *argv]) if argv is not None else None,
             "argv": list(argv) if argv is not None else None,

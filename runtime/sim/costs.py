@@ -1,6 +1,6 @@
 """Costs for the simulator: the bundled model on this CPU (fitted), any Llama-shaped model on H100 (derived).
 
-Theory of operation. The simulator (runtime/simulator.py) needs ``Costs``.
+Theory of operation. The simulator (runtime/sim/simulator.py) needs ``Costs``.
 For the bundled model they are fitted on traces recorded on this project's CPU
 machine and shipped as ``runtime/assets/sim/smollm2-135m-cpu.json`` (written
 by ``launcher/sim_profiles.build_cpu_profile`` from ``data/traces``; a test
@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
-from .hf_adapter import ModelArgs, decoder_layer_params
+from ..hf_adapter import ModelArgs, decoder_layer_params
 from .simulator import Costs
 
 

@@ -30,8 +30,8 @@ import bisect
 import statistics
 from collections import defaultdict
 
+from ..trace import COORDINATOR, as_dict
 from .simulator import Costs, ExitStats, SimSpec, simulate
-from .trace import COORDINATOR, as_dict
 
 MAX_CHUNK = 4  # chunk sizes tabulated per row count; larger ones (prefill) give the cost per extra row
 
@@ -229,7 +229,7 @@ def calibrate(raw_events: list[tuple], stages: list[tuple[int, int]], other: dic
     for mode in dict.fromkeys(g["mode"] for g in generations):
         gens = [g for g in generations if g["mode"] == mode]
         seqs = {g["seq"] for g in gens}
-        ran_as = gens[0].get("ran_as", mode.split(":")[0])  # off where no head paid (runtime/auto_heads.py)
+        ran_as = gens[0].get("ran_as", mode.split(":")[0])  # off where no head paid (runtime/sim/heads.py)
         exits = exit_stats(raw_events, seqs) if ran_as != "off" else None
         if exits is not None and not exits.layers:  # heads loaded, none on the path: nothing exits
             exits, ran_as = None, "off"

@@ -8,7 +8,7 @@ next token into stage 0 while later stages finish, and the same heads pay. So
 when the config leaves ``decoding.exit_layers`` and ``thresholds`` empty, the
 heads are chosen for the setting at start-up:
 
-- costs: runtime/sim_costs.py for the setting's device (the CPU costs fitted
+- costs: runtime/sim/costs.py for the setting's device (the CPU costs fitted
   here, scaled to the model's size and dtype; on CUDA, whatever the GPU, the
   derived costs of H100s joined by NVLink), the stage split and whether the
   stages are ranks (stages in one process run one after another: one stage);
@@ -22,10 +22,13 @@ heads are chosen for the setting at start-up:
   that a token confident at one head is confident at the later heads too
   (``conditional_exits``), which overrates many early, imprecise heads;
 - the objective: the simulated speedup over early exit off, with the real Stage
-  and Coordinator (runtime/simulator.py) and the setting's policy and
+  and Coordinator (runtime/sim/simulator.py) and the setting's policy and
   ``max_inflight``;
 - the search: heads in order of depth, each off or at one of ``THRESHOLDS``,
   keeping whatever raises the simulated speedup.
+
+``plan_heads`` makes the choice before any weight is loaded (Engine.load, load_rank) and
+hands the loader explicit layers and thresholds, so loading never runs the simulator.
 
 If the best choice is not predicted at least ``MARGIN`` faster than off — the
 largest error the simulator showed against measurement (docs/results.md, Simulator: calibration) —
@@ -40,12 +43,15 @@ from functools import lru_cache
 
 import torch
 
-from .sim_costs import ModelShape, setting_costs
+from ..loading import LoadSpec, resolve_heads
+from ..model_source import ResolvedModel
+from .costs import ModelShape, setting_costs
 from .simulator import ExitStats, SimSpec, simulate
 
 # Down to where a wrong guess costs about an idle stage's time: on ranks a rejected early token
 # mostly costs work a stage would otherwise not have had (the hand-tuned 2-rank config runs 0.5).
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+INFLIGHT = (1, 2, 3, 4)  # max_inflight candidates when the config leaves it to the choice (0)
 MARGIN = 1.07  # the simulator's largest calibration error here was 6.9% (3 ranks, off)
 PROMPTS = [(48, 96)] * 4  # the simulated benchmark each candidate is scored on
 
@@ -56,6 +62,34 @@ class HeadChoice:
     thresholds: tuple[float, ...]
     speedup: float  # simulated, over early exit off
     note: str
+    # With choose(alone=True): every head's threshold, the chosen one or else the best for that head alone
+    alone: tuple[tuple[int, float], ...] = ()
+    max_inflight: int = 2  # unverified early tokens per sequence: given, or chosen with the heads
+
+
+def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tuple[int, int]],
+               device: torch.device, dtype: torch.dtype, *, ranks: bool) -> tuple[LoadSpec, HeadChoice | None]:
+    """``spec`` with the heads chosen for its setting, and the choice; ``(spec, None)`` where there
+    is nothing to choose (early exit off, heads given explicitly, or heads without a calibration).
+    A choice of no head loads none (``heads=None``): early exit runs as off. ``ranks``: one rank
+    per stage; False: the stages run one after another in one process."""
+    if spec.auto_heads_for in (None, "off") or spec.exit_layers or spec.thresholds:
+        return spec, None
+    path = resolve_heads(spec.heads, resolved)
+    if path is None:
+        return spec, None
+    from ..exit_heads import read_manifest, read_outcomes
+
+    manifest = read_manifest(path)
+    if calibration_table(manifest) is None:  # heads without one keep their defaults
+        return spec, None
+    element_size = torch.empty((), dtype=dtype).element_size()
+    choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
+                    ranks=ranks, outcomes=read_outcomes(path, manifest))
+    if not choice.layers:
+        return spec.replace(heads=None, auto_heads_for=None), choice
+    return spec.replace(exit_layers=choice.layers, thresholds=choice.thresholds, auto_heads_for=None,
+                        max_inflight=choice.max_inflight), choice
 
 
 def calibration_table(manifest: dict) -> dict | None:
@@ -105,55 +139,72 @@ def exact_exits(selection: dict[int, float], outcomes) -> ExitStats:
 
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
-           element_size: int, max_inflight: int, ranks: bool = True, outcomes=None) -> HeadChoice:
+           element_size: int, max_inflight: int, ranks: bool = True, outcomes=None, alone: bool = False) -> HeadChoice:
     """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
     False: the stages run one after another in one process, which times like one stage.
-    ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them."""
+    ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them. ``alone``: also
+    a threshold for every head (train-heads writes them in the manifest)."""
     shape = ModelShape.from_config(config)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
     exact = None if outcomes is None else tuple(
         (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact)
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone)
 
 
 @lru_cache(maxsize=16)
-def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact) -> HeadChoice:
+def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact,
+            alone: bool) -> HeadChoice:
     table = dict(rows)
     per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
     costs = setting_costs(shape, device_type, stages, element_size)
     layers = [l for l in sorted(table) if l < shape.layers]
+    off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
 
-    def speedup(selection: dict[int, float]) -> float:
+    def speedup(selection: dict[int, float], inflight: int) -> float:
         if not selection:
             return 1.0
         exits = conditional_exits(selection, table) if per_token is None else exact_exits(selection, per_token)
         spec = SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, exits=exits,
-                       head_layers=exits.layers, early_exit=policy, max_inflight=max_inflight, prompts=PROMPTS)
+                       head_layers=exits.layers, early_exit=policy, max_inflight=inflight, prompts=PROMPTS)
         return simulate(spec).tokens_per_s / off
 
-    off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
-    best, best_speedup = {}, 1.0
-    for l in layers:
-        improved = None
-        candidates = (
-            THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
-        )
-        for t in candidates:
-            s = speedup({**best, l: t})
-            if s > best_speedup:
-                improved, best_speedup = {**best, l: t}, s
-        if improved is not None:
-            best = improved
+    def candidates(l: int) -> list[float]:
+        return THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
+
+    def search(inflight: int) -> tuple[dict[int, float], float]:
+        best, best_speedup = {}, 1.0
+        for l in layers:
+            improved = None
+            for t in candidates(l):
+                s = speedup({**best, l: t}, inflight)
+                if s > best_speedup:
+                    improved, best_speedup = {**best, l: t}, s
+            if improved is not None:
+                best = improved
+        return best, best_speedup
+
+    # max_inflight: the given one; else the heads are chosen at the default 2 and then the fewest
+    # in-flight tokens within 1% of the best for them (each more is more work thrown away at a
+    # rollback, for a gain the simulator cannot resolve). One search, not one per candidate: start-up.
+    best, best_speedup = search(max_inflight or 2)
+    inflight = max_inflight or 2
+    if not max_inflight and best:
+        speeds = {m: best_speedup if m == 2 else speedup(best, m) for m in INFLIGHT}
+        inflight = min(m for m, x in speeds.items() if x >= max(speeds.values()) / 1.01)
+        best_speedup = speeds[inflight]
     where = f"{stages} stage{'s' if stages > 1 else ''} on {device_type}, {policy} backfill"
-    if best_speedup < MARGIN:
+    paying = best_speedup >= MARGIN
+    each = () if not alone else tuple(
+        (l, best[l] if paying and l in best else max(candidates(l), key=lambda t: (speedup({l: t}, inflight), t)))
+        for l in layers if candidates(l))
+    if not paying:
         return HeadChoice((), (), round(best_speedup, 3),
                           f"no exit head setting is predicted to pay for {where} (best {best_speedup:.2f}x of off, "
                           f"under the {MARGIN:.2f}x margin): early exit runs as off; set decoding.exit_layers and "
-                          "decoding.thresholds to use heads anyway")
+                          "decoding.thresholds to use heads anyway", each, inflight)
     chosen = tuple(sorted(best))
     return HeadChoice(chosen, tuple(best[l] for l in chosen), round(best_speedup, 3),
-                      f"exit heads for {where}: layers {list(chosen)}, thresholds {[best[l] for l in chosen]} "
-                      f"(simulated {best_speedup:.2f}x of off)")
-
+                      f"exit heads for {where}: layers {list(chosen)}, thresholds {[best[l] for l in chosen]}, "
+                      f"max_inflight {inflight} (simulated {best_speedup:.2f}x of off)", each, inflight)

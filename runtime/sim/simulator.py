@@ -24,7 +24,7 @@ per compute call, per head evaluation, per LM-head call, per runner step, and
 the links. ``shared_bus`` models ranks that share one memory bus (CPU ranks on
 one node): a step that starts while ``k`` other ranks compute takes
 ``1 + shared_bus * k`` times as long. Fitting them from a trace is
-runtime/sim_fit.py's job; profiles of other hardware are launcher/simulate.py's.
+runtime/sim/fit.py's job; profiles of other hardware are launcher/simulate.py's.
 
 The ``wait`` policy exists only here, for the design comparison: a rank after the
 first holds a parked deferred backfill for up to ``wait_s`` for the next token
@@ -40,8 +40,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .coordinator import Coordinator
-from .events import (
+from ..coordinator import Coordinator
+from ..events import (
     DONE,
     WAITING,
     Activations,
@@ -49,10 +49,10 @@ from .events import (
     FinalPrediction,
     Verified,
 )
-from .run_stats import RunTotals, counters_since, stage_counters
-from .runners.routing import ActionRouter
-from .stage import Stage
-from .stopping import StopCriteria
+from ..run_stats import RunTotals, counters_since, stage_counters
+from ..runners.routing import ActionRouter
+from ..stage import Stage
+from ..stopping import StopCriteria
 
 VOCAB = 1 << 20
 
