@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 from .events import (
     DONE,
-    EARLY_EXIT_MODES,
     WAITING,
     Command,
     EarlyPrediction,
@@ -55,6 +54,7 @@ from .events import (
     StepRequest,
     Verified,
 )
+from .params import check_early_exit
 from .sampling import SamplingParams
 from .stopping import StopChecker, StopCriteria
 
@@ -147,8 +147,7 @@ class Coordinator:
             raise ProtocolError(f"sequence {seq} already exists")
         if not prompt:
             raise ValueError(f"sequence {seq}: the prompt is empty; give at least one token")
-        if early_exit is not None and early_exit not in EARLY_EXIT_MODES:
-            raise ValueError(f"early_exit `{early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+        check_early_exit(early_exit)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams or None, not {type(sampling).__name__}")
         if sampling is not None and sampling.greedy:

@@ -15,12 +15,12 @@ Every error names the setting, the value and the fix.
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 
+from .params import DEVICE_PATTERN
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 class PlacementError(ValueError):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .params import EARLY_EXIT_MODES  # noqa: F401 - the sequence's modes, as events carry them
 from .sampling import Proposal, SamplingParams
 
 
@@ -38,7 +39,6 @@ WAITING = Sentinel.WAITING
 DONE = Sentinel.DONE
 
 # off: no exit head is evaluated; eager / deferred: the backfill policy (runtime/stage.py).
-EARLY_EXIT_MODES = ("off", "eager", "deferred")
 
 
 class ProtocolError(RuntimeError):

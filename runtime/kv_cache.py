@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import torch
 
-
-class CacheOverflowError(RuntimeError):
-    """A sequence needs more positions than the cache was built for."""
+from .params import CacheOverflowError
 
 
 class KVCache:

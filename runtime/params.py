@@ -16,10 +16,14 @@ a ``ValueError`` naming the parameter, before it reaches a rank.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 SAMPLING_MODES = ("seeded", "speculative")
-EARLY_EXIT_MODES = ("off", "eager", "deferred")
+EarlyExitMode = Literal["off", "eager", "deferred"]  # the config's type; the tuple below for everything else
+EARLY_EXIT_MODES: tuple[str, ...] = get_args(EarlyExitMode)
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")  # runtime/device.py resolves these
 
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
@@ -79,3 +83,41 @@ def _invalid(name: str, value: object, expected: str) -> ValueError:
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return ValueError(f"sampling parameter {name} = {shown} is invalid: expected {expected}")
+
+
+class CacheOverflowError(RuntimeError):
+    """More positions than a KV cache holds (runtime/kv_cache.py raises it mid-run too)."""
+
+
+class RequestTooLong(CacheOverflowError, ValueError):
+    """A request whose prompt plus new tokens cannot fit the KV cache, refused before it runs."""
+
+
+def check_early_exit(mode: str | None) -> None:
+    if mode is not None and mode not in EARLY_EXIT_MODES:
+        raise ValueError(f"early_exit `{mode}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
+
+
+def check_request(prompt_tokens: int, max_new_tokens: int, early_exit: str, sampling: object, *, max_seq_len: int,
+                  heads_loaded: bool, tokens_name: str = "max_new_tokens", model: str = "this model") -> None:
+    """One request's checks, for every entry point (Engine.generate, ServingLoop.submit): each
+    names the field and the fix. ``early_exit``: the mode the request runs with here (an unknown
+    one is refused); ``tokens_name``: what the caller calls ``max_new_tokens``."""
+    if prompt_tokens < 1:
+        raise ValueError("the prompt is empty; give at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"{tokens_name} must be >= 1, got {max_new_tokens}")
+    need = prompt_tokens + max_new_tokens
+    if need > max_seq_len:
+        raise RequestTooLong(
+            f"the prompt ({prompt_tokens} tokens) plus {tokens_name} ({max_new_tokens}) needs {need} positions "
+            f"but the KV cache holds {max_seq_len}; shorten the prompt, lower {tokens_name} or raise model.max_seq_len"
+        )
+    check_early_exit(early_exit)
+    if early_exit != "off" and not heads_loaded:
+        raise ValueError(
+            f"early_exit `{early_exit}` needs exit heads and {model} has none loaded; train them with "
+            "`adadecode train-heads` and set decoding.heads, or use early_exit `off`"
+        )
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams or None, not {type(sampling).__name__}")

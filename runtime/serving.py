@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING
 
 from .coordinator import Coordinator, SeqState
 from .detokenize import TextStream
-from .events import EARLY_EXIT_MODES, Verified
-from .kv_cache import CacheOverflowError
-from .sampling import SamplingParams
+from .events import Verified
+from .params import RequestTooLong, SamplingParams, check_request  # noqa: F401 - RequestTooLong: submit's error
 from .stopping import StopCriteria
 
 if TYPE_CHECKING:
@@ -53,10 +52,6 @@ log = logging.getLogger("adadecode.serving")
 
 class QueueFull(RuntimeError):
     """The request queue is full (serve.max_queue): try again later."""
-
-
-class RequestTooLong(CacheOverflowError, ValueError):
-    """The prompt plus max_new_tokens cannot fit the KV cache."""
 
 
 class ServingStopped(RuntimeError):
@@ -203,24 +198,11 @@ class ServingLoop:
             }
 
     def _check(self, request: Request) -> None:
+        # refused here, on the caller's thread, not by the Coordinator on the loop's, where it would fail every request
         e = self.engine
-        if not request.prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
-        need = len(request.prompt) + request.max_new_tokens
-        if need > e.max_seq_len:
-            raise RequestTooLong(
-                f"the prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_new_tokens}) needs "
-                f"{need} positions but the KV cache holds {e.max_seq_len}; shorten the prompt or lower max_tokens"
-            )
-        if request.early_exit not in EARLY_EXIT_MODES:
-            raise ValueError(f"early_exit `{request.early_exit}` is unknown; use one of {', '.join(EARLY_EXIT_MODES)}")
-        if e.early_exit_for(request.early_exit) != "off" and not any(s.heads is not None for s in e.stages):
-            raise ValueError(f"early_exit `{request.early_exit}` needs exit heads and this server has none loaded")
-        if request.sampling is not None and not isinstance(request.sampling, SamplingParams):
-            # refused here, not by the Coordinator on the loop's thread, where it would fail every request
-            raise ValueError(f"sampling must be a SamplingParams or None, not {type(request.sampling).__name__}")
+        check_request(len(request.prompt), request.max_new_tokens, e.early_exit_for(request.early_exit),
+                      request.sampling, max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded,
+                      tokens_name="max_tokens", model="this server")
 
     # --- the loop's thread: the runner's feed ------------------------------------------------------
 

@@ -67,7 +67,7 @@ def test_bad_parameters_are_refused_naming_the_parameter(kw, name, expected):
 
 @pytest.mark.parametrize("kw, name, expected", [b for b in BAD if not isinstance(next(iter(b[0].values())), str)])
 def test_the_config_refuses_what_sampling_params_refuses(kw, name, expected):
-    """launcher/config.py repeats the ranges (loading a config imports no torch): they must agree."""
+    """The config checks sampling values through runtime/params.py: the same refusals, named by key."""
     ((key, value),) = kw.items()
     if key == "temperature" and value == float("inf"):
         value = "inf"
