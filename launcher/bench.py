@@ -36,13 +36,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from adadecode.runtime.prompts import select_prompts
 from adadecode.runtime.run_stats import RunTotals
 
-from .config import RunConfig, load_spec, sampling_params
+from .config import RunConfig, sampling_params
 
 if TYPE_CHECKING:
     from adadecode.runtime.engine import Engine
@@ -87,31 +88,39 @@ class _Tally:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_bench(args, cfg: RunConfig, engine: Engine | None = None) -> int:
-    """``engine``: the stages to time (default: built from ``cfg`` in this process; on a
-    multi-rank pipeline, rank 0's ``PipelineEngine``)."""
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class BenchPlan:
+    """What `bench` times, checked before any model loads."""
 
-    d = cfg.decoding
+    runs: list[tuple[str, str, object]]  # (name, early_exit, SamplingParams or None), from ``contenders``
+    hf_ks: list[int]  # transformers generate(assistant_early_exit=K) for each K
+    sampling: object  # SamplingParams, or None: greedy
+    prompts: list
+
+
+def plan_bench(args, cfg: RunConfig) -> BenchPlan:
+    """The contenders and prompts of ``args``; a bad flag or prompt file raises here (a user error)."""
     modes = [m for m in args.modes.split(",") if m]
     hf_ks = [int(k) for k in args.hf_early_exit.split(",") if k]
     sampling = sampling_params(cfg.sampling)
     runs = contenders(modes, sampling, getattr(args, "sampling_modes", ""))
     if sampling is not None and hf_ks:
         raise ValueError("--hf-early-exit compares greedy decoding; drop it, or --temperature")
-    prompts = select_prompts(args.prompts, args.num_prompts)
-    if engine is None:
-        from adadecode.runtime.engine import Engine
+    return BenchPlan(runs, hf_ks, sampling, select_prompts(args.prompts, args.num_prompts))
 
-        engine = Engine.load(load_spec(cfg), max_inflight=d.max_inflight)
+
+def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
+    """Time ``plan`` on ``engine``: the stages in this process, or rank 0's ``PipelineEngine``."""
+    from transformers import AutoModelForCausalLM
+
+    d = cfg.decoding
+    runs, hf_ks, sampling, prompts = plan.runs, plan.hf_ks, plan.sampling, plan.prompts
     hf = None
     if sampling is None:
         stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
         hf = AutoModelForCausalLM.from_pretrained(str(engine.resolved.path), dtype=stage0.dtype)
         hf = hf.to(stage0.device).eval()
-    trace = getattr(args, "trace", None)
-    if trace and engine.runner.trace is None:  # stages in this process; ranks trace from start-up
-        engine.runner.set_trace(True)
+    trace = getattr(args, "trace", None)  # recording since start-up (launcher/launch.py)
     eos = sorted(engine.eos_token_ids)
     encoded = [engine.encode(p, d.chat or isinstance(p, list)) for p in prompts]
 
@@ -195,7 +204,8 @@ def run_bench(args, cfg: RunConfig, engine: Engine | None = None) -> int:
         from .trace_export import save_trace
 
         save_trace(trace, engine, {name: tally[name].totals.summary() for name in names},
-                   {"generations": generations, "threads": torch.get_num_threads(), "max_inflight": d.max_inflight})
+                   {"generations": generations, "threads": torch.get_num_threads(),
+                    "max_inflight": engine.max_inflight})
     exact = [name for name, mode, params in runs if mode != "deferred" and (params is None or params.mode == "seeded")]
     return 0 if all(tally[name].matches == len(encoded) for name in exact) else 1
 

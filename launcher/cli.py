@@ -49,7 +49,7 @@ on a bench trace, or projected to GPUs:
     adadecode simulate --trace traces/bench/trace.json
     adadecode simulate --profile llama-3.1-70b --link ib --stages 8 --early-exit deferred
 
-An OpenAI-compatible server (launcher/server.py; docs/serving.md): in process, on N
+An OpenAI-compatible server (launcher/serve/; docs/serving.md): in process, on N
 spawned local ranks, or under torchrun / Slurm (rank 0 serves, the others run their stages):
 
     adadecode serve --port 8000                                           # one process
@@ -79,6 +79,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from .config import (
@@ -86,7 +87,6 @@ from .config import (
     config_help,
     dump_yaml,
     load_config,
-    load_spec,
     sampling_params,
 )
 from .errors import EXIT_INTERRUPTED, report_error
@@ -119,7 +119,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
     p.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="decoding.early_exit")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (decoding.chat)")
-    # Sampling: values are checked by the config (launcher/config.py), so a bad one is a one-line error.
+    # Sampling: values are checked by the config (launcher/config/, through runtime/params.py), so a bad one
+    # is a one-line error.
     p.add_argument("--temperature", metavar="T", help="sampling.temperature (0: greedy)")
     p.add_argument("--top-p", metavar="P", help="sampling.top_p, in (0, 1]")
     p.add_argument("--top-k", metavar="K", help="sampling.top_k (0: off)")
@@ -232,101 +233,39 @@ def setup_process(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.pipeline.threads)
 
 
-def build_engine(cfg: RunConfig):
-    """An Engine with every stage in this process."""
-    from adadecode.runtime.engine import Engine
-
-    return Engine.load(load_spec(cfg), max_inflight=cfg.decoding.max_inflight)
-
-
 def cmd_generate(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
+    """`adadecode generate`: every prompt through the pipeline, on whichever process gets the engine."""
     from adadecode.runtime.prompts import read_prompts
 
-    from .dist_env import read_dist_env
-    from .distributed import check_devices, plan_launch, run_rank, spawn_local
+    from .launch import launch
 
-    plan = plan_launch(cfg, read_dist_env())
-    if args.dry_run:
-        return dry_run(cfg, plan)
-    if args.prompt is None and args.prompts is None:
-        raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    check_devices(cfg, plan)  # once, here, not in N processes
-    if plan.mode == "spawn":  # N local ranks of this same command; rank 0 prints
-        stage_ranges(cfg)  # a bad model or split fails here, once, not in N processes
-        return spawn_local(argv, cfg, plan)
-    if plan.mode == "rank":
-        return run_rank(cfg, plan, lambda engine: generate_all(args, cfg, engine, prompts), trace=bool(args.trace))
-    engine = build_engine(cfg)
-    if args.trace:
-        engine.runner.set_trace(True)
-    return generate_all(args, cfg, engine, prompts)
-
-
-def stage_ranges(cfg: RunConfig) -> list[tuple[int, int]]:
-    """The layer range of each stage; resolves (and, for a GGUF, converts once) the model, loads no weights."""
-    from adadecode.runtime.hf_adapter import load_hf_config
-    from adadecode.runtime.loading import plan_stages
-    from adadecode.runtime.model_source import resolve_model
-
-    m, p = cfg.model, cfg.pipeline
-    config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)
-    return plan_stages(config, p.stages, p.split_points)
-
-
-def dry_run(cfg: RunConfig, plan) -> int:
-    """Print the launch plan and the stage split (no weights are loaded) as JSON."""
-    from .distributed import describe_plan
-
-    print(json.dumps(describe_plan(plan, cfg, stage_ranges(cfg))))
-    return 0
+    prompts = None
+    if not args.dry_run:
+        if args.prompt is None and args.prompts is None:
+            raise ValueError("give a prompt: --prompt TEXT, or --prompts FILE (JSONL)")
+        prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    return launch(cfg, argv, nullcontext(lambda engine: generate_all(args, cfg, engine, prompts)),
+                  trace=bool(args.trace), dry_run=args.dry_run)
 
 
 def cmd_bench(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
     """`adadecode bench`: on the stages in this process, or on N ranks like `generate` (rank 0 measures)."""
-    from .bench import run_bench
-    from .dist_env import read_dist_env
-    from .distributed import check_devices, plan_launch, run_rank, spawn_local
+    from .bench import plan_bench, run_bench
+    from .launch import launch
 
     timed = [m for m in args.modes.split(",") if m in ("eager", "deferred")]  # bench refuses the others
     if cfg.decoding.early_exit == "off" and timed:  # heads are chosen for a policy: the first one timed
         cfg.decoding.early_exit = timed[0]
-    plan = plan_launch(cfg, read_dist_env())
-    check_devices(cfg, plan)
-    if plan.mode == "spawn":
-        stage_ranges(cfg)
-        return spawn_local(argv, cfg, plan)
-    if plan.mode == "rank":
-        return run_rank(cfg, plan, lambda engine: run_bench(args, cfg, engine), trace=bool(args.trace))
-    return run_bench(args, cfg)
+    bench = plan_bench(args, cfg)  # a bad flag or prompt file fails before anything loads
+    return launch(cfg, argv, nullcontext(lambda engine: run_bench(args, cfg, bench, engine)), trace=bool(args.trace))
 
 
 def cmd_serve(args: argparse.Namespace, cfg: RunConfig, argv: Sequence[str] = ()) -> int:
     """`adadecode serve`: rank 0 (or the one process) serves HTTP; other ranks run their stages."""
-    from .dist_env import read_dist_env
-    from .distributed import check_devices, plan_launch, run_rank, spawn_local
-    from .serve import (
-        check_cache_memory,
-        defer_sigterm_to_rank0,
-        http_frontend,
-        load_engine,
-        serve_requests,
-    )
+    from .launch import launch
+    from .serve.command import check_cache_memory, serving
 
-    plan = plan_launch(cfg, read_dist_env())
-    if args.dry_run:
-        return dry_run(cfg, plan)
-    check_devices(cfg, plan)
-    check_cache_memory(cfg, plan, stage_ranges(cfg))  # before anything loads or spawns
-    if plan.mode == "spawn":
-        return spawn_local(argv, cfg, plan)
-    if plan.mode == "rank" and plan.env.rank != 0:
-        defer_sigterm_to_rank0(plan.env.rank)
-        return run_rank(cfg, plan, lambda engine: 0, serving=True)  # serves its stage until rank 0 stops
-    with http_frontend(cfg) as frontend:  # listening: /health answers 503 while the model loads
-        if plan.mode == "rank":
-            return run_rank(cfg, plan, lambda engine: serve_requests(frontend, engine, cfg), serving=True)
-        return serve_requests(frontend, load_engine(cfg), cfg)
+    return launch(cfg, argv, serving(cfg), serving=True, dry_run=args.dry_run, check=check_cache_memory)
 
 
 def generate_all(args: argparse.Namespace, cfg: RunConfig, engine: Engine, prompts) -> int:

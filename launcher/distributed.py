@@ -1,4 +1,4 @@
-"""Multi-rank runs of `adadecode generate`: which way to start, and one rank's life.
+"""Multi-rank runs: which way to start, and one rank's life.
 
 ``plan_launch`` picks the mode from ``transport.backend`` and the launcher
 environment (``launcher/dist_env.py``):
@@ -10,10 +10,11 @@ environment (``launcher/dist_env.py``):
   of this same command line (``launcher/spawn.py``) and supervise them;
 - ``gloo``/``nccl`` with one stage: a one-rank job in this process.
 
-``run_rank`` is one rank: pin its threads, load only its own stage
-(``adadecode.runtime.loading.load_rank``), join the transport, then rank 0 runs the
-prompts through a ``PipelineEngine`` and prints, while every other rank serves
-its stage until rank 0 shuts the pipeline down.
+``launcher/launch.py`` acts on the plan, for every command. ``run_rank`` is one rank:
+pin its threads, load only its own stage (``adadecode.runtime.loading.load_rank``),
+join the transport, then rank 0 hands its ``PipelineEngine`` to the command (which
+generates, benchmarks or serves), while every other rank serves its stage until
+rank 0 shuts the pipeline down.
 
 Threads and pinning: a rank uses ``pipeline.threads`` torch threads (1 when
 0). With ``pipeline.pin_cpus`` (default), local rank i is pinned with
@@ -136,21 +137,20 @@ def spawn_local(argv: Sequence[str], cfg: RunConfig, plan: LaunchPlan) -> int:
 
 
 def run_rank(
-    cfg: RunConfig, plan: LaunchPlan, generate_all: Callable[[object], int], *, serving: bool = False,
+    cfg: RunConfig, plan: LaunchPlan, use_engine: Callable[[object], int] | None, *, serving: bool = False,
     trace: bool = False,
 ) -> int:
-    """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``generate_all``.
+    """This process as one rank; rank 0 hands its ``PipelineEngine`` to ``use_engine`` (other ranks take None).
 
     ``serving`` (`adadecode serve`): every rank's stage gets ``serve.max_num_seqs`` cache slots.
     ``trace`` (``--trace``, on every rank alike): record events; rank 0's runner ends up with all.
     """
     import torch
-    from adadecode.runtime.engine import PipelineEngine
-    from adadecode.runtime.loading import load_rank
+    from adadecode.runtime.engine import PipelineEngine, load_rank
     from adadecode.runtime.runners.distributed import DistributedRunner
     from adadecode.runtime.transport import open_transport
 
-    env, m, p, d = plan.env, cfg.model, cfg.pipeline, cfg.decoding
+    env, m, p = plan.env, cfg.model, cfg.pipeline
     rank = env.rank
     threads = p.threads or 1
     if p.pin_cpus and plan.world_size > 1:
@@ -173,9 +173,9 @@ def run_rank(
             if rank != 0:
                 runner.serve()
                 return 0
-            engine = PipelineEngine(resolved, config, runner, m.max_seq_len, max_inflight=d.max_inflight,
+            engine = PipelineEngine(resolved, config, runner, m.max_seq_len, max_inflight=loaded.max_inflight,
                                     heads_choice=loaded.heads_choice)
-            code = generate_all(engine)
+            code = use_engine(engine)
             runner.close()
             return code
     except (KeyboardInterrupt, Exception) as e:  # noqa: BLE001 - every rank names itself and the cause

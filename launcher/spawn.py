@@ -1,6 +1,6 @@
 """Start N local ranks of a command and supervise them, as torchrun does on one node.
 
-``adadecode generate --stages N`` (not under another launcher) re-runs its own
+``adadecode generate|bench|serve --stages N`` (not under another launcher) re-runs its own
 command line as N child processes with ``RANK`` / ``WORLD_SIZE`` /
 ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` set,
 the environment torchrun would give them, and waits:
@@ -11,7 +11,7 @@ the environment torchrun would give them, and waits:
   ``transport.timeout_s``); whoever is left after that is sent SIGTERM, then
   SIGKILL;
 - SIGTERM to this process is passed on to every rank, as torchrun does (each
-  rank decides how to end: `serve` ends in order, see launcher/serve.py), and
+  rank decides how to end: `serve` ends in order, see launcher/launch.py), and
   the ranks are waited for as usual;
 - every child is waited for before this returns, and on Linux a child also
   gets SIGTERM if this process dies first (``PR_SET_PDEATHSIG``), so no rank

@@ -2,9 +2,9 @@
 
 For each rank count it runs ``adadecode bench --stages N --modes off,eager,deferred --trace``
 with the heads' manifest defaults (the modes interleaved per prompt, one thread per rank,
-pinned), fits the simulator's costs
-on that trace (runtime/sim_fit.py) and simulates every mode with each mode's own exit
-statistics; it prints measured and predicted tokens/s side by side. ``--keep DIR`` keeps the
+pinned), then ``adadecode simulate --trace``, which fits the simulator's costs on that trace
+(runtime/sim/fit.py) and simulates every mode with each mode's own exit statistics; it
+prints measured and predicted tokens/s of every rank count in one table. ``--keep DIR`` keeps the
 traces (``DIR/ranks-N/trace.json``); tests/data holds a gzipped set recorded this way.
 
     python scripts/bench_simulate.py --ranks 1 2 3 --num-prompts 4 --max-new-tokens 48 --keep /tmp/sim-traces
@@ -18,9 +18,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-from adadecode.launcher.trace_export import read_trace
-from adadecode.runtime.sim_fit import calibrate, fit_costs
 
 
 def main() -> None:
@@ -44,12 +41,13 @@ def main() -> None:
             cmd = ["taskset", "-c", "0", *cmd, "--pipeline.threads=1"]
         print("$", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        events, stages, other = read_trace(out / "trace.json")
-        costs = fit_costs(events, other)
-        for mode, r in calibrate(events, stages, other, costs=costs).items():
+        fit = ["adadecode", "simulate", "--trace", str(out / "trace.json"), "--json"]
+        print("$", " ".join(fit), file=sys.stderr)
+        fitted = json.loads(subprocess.run(fit, check=True, stdout=subprocess.PIPE, text=True).stdout)
+        for mode, r in fitted["calibration"].items():
             rows.append({"ranks": n, "mode": mode, **{k: r[k] for k in ("measured_tokens_per_s",
                                                                          "predicted_tokens_per_s", "error")}})
-        print(json.dumps({"ranks": n, "costs": costs.to_dict()}), file=sys.stderr)
+        print(json.dumps({"ranks": n, "costs": fitted["costs"]}), file=sys.stderr)
     print("| ranks | mode | measured (tokens/s) | predicted (tokens/s) | error |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -7,8 +7,9 @@ For each concurrency ``c`` (in the order given) and, within it, each early-exit 
 (the same server, the mode sent per request as the ``early_exit`` extension field, so that
 off and on share every other condition of the run), ``c`` clients send ``--requests`` streamed
 greedy requests in all (held-out prompts, the same ones for every point, ``--max-tokens`` each)
-through scripts/load_test.py's client. Reported per point: output tokens/s, its ratio to
-concurrency 1 in the same mode, and the early-exit mode's ratio to off at the same concurrency.
+through the load-test client (launcher/serve/load_test.py). Reported per point: output
+tokens/s, its ratio to concurrency 1 in the same mode, and the early-exit mode's ratio to off
+at the same concurrency.
 A point with a failed request makes the exit status 1.
 
 With ``--repeats R`` the whole sweep runs R times, interleaved, and each point reports the
@@ -24,9 +25,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx
-import load_test
+from adadecode.launcher.serve import load_test
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_point(url: str, prompts, model: str, clients: int, requests: int, max_tokens: int, mode: str,
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per point, split over its clients")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--prompts", default=str(load_test.ROOT / "data/prompts/heldout.jsonl"))
+    p.add_argument("--prompts", default=str(ROOT / "data/prompts/heldout.jsonl"))
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--json-out", metavar="FILE")
     args = p.parse_args(argv)

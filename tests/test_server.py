@@ -1,4 +1,4 @@
-"""The HTTP server (launcher/server.py, launcher/serve.py) on a tiny random model that speaks text
+"""The HTTP server (launcher/serve/) on a tiny random model that speaks text
 (the bundled SmolLM2's tokenizer and chat template over random weights of its vocabulary size).
 
 - In process (a ServingLoop over a 2-stage Engine, uvicorn on loopback): /health answers 503
@@ -96,7 +96,8 @@ def assert_all_slots_free(url: str, slots: int) -> dict:
 def inproc(tiny):
     """A 2-stage in-process engine (4 slots, 64 positions, early exit at layer 3) behind a real
     uvicorn on loopback; the greedy reference is decoded on the same engine before serving."""
-    from adadecode.launcher.server import Frontend, HttpServer, ServeDefaults, build_app
+    from adadecode.launcher.serve.app import Frontend, ServeDefaults, build_app
+    from adadecode.launcher.serve.http_server import HttpServer
     from adadecode.runtime.engine import Engine
     from adadecode.runtime.serving import ServingLoop
 
@@ -116,7 +117,8 @@ def inproc(tiny):
 
 
 def test_health_is_503_while_loading_and_requests_are_refused():
-    from adadecode.launcher.server import Frontend, HttpServer, ServeDefaults, build_app
+    from adadecode.launcher.serve.app import Frontend, ServeDefaults, build_app
+    from adadecode.launcher.serve.http_server import HttpServer
 
     frontend = Frontend(ServeDefaults("tiny", max_tokens=8))
     http = HttpServer(build_app(frontend), "127.0.0.1", 0).start()
@@ -259,7 +261,7 @@ def test_fuzz_1000_hostile_requests_crash_nothing_and_leak_no_slot(inproc):
     m = assert_all_slots_free(url, 4)
     assert m['adadecode:requests_finished_total{finished_reason=cancelled}'] > 0  # the clients that vanished
     for stage in engine.stages:
-        assert stage.slots == {} and not stage._work, stage.index
+        assert stage.slots == {} and not stage.queued, stage.index
     after = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 8}, timeout=30).json()
     assert after["choices"][0]["text"] == reference.text
     assert after["usage"]["completion_tokens"] == len(reference.tokens)
@@ -294,7 +296,7 @@ def test_idle_connections_and_clients_that_never_read_do_not_stop_a_normal_reque
             sock.close()
     assert_all_slots_free(url, 4)
     for stage in engine.stages:
-        assert stage.slots == {} and not stage._work, stage.index
+        assert stage.slots == {} and not stage.queued, stage.index
 
 
 def test_a_full_queue_answers_429_and_the_rest_are_served(inproc):
@@ -325,17 +327,19 @@ def test_the_kv_cache_is_checked_against_free_memory():
     from adadecode.launcher.config import ConfigError, load_config
     from adadecode.launcher.dist_env import read_dist_env
     from adadecode.launcher.distributed import plan_launch
-    from adadecode.launcher.serve import check_cache_memory
+    from adadecode.launcher.launch import stage_split
+    from adadecode.launcher.serve.command import check_cache_memory
 
     cfg = load_config(["--pipeline.stages=2", "--serve.max_num_seqs=16", "--model.device=cpu"])
     plan = plan_launch(cfg, read_dist_env())
+    config, _ = stage_split(cfg)
     ranges = [(0, 19), (19, 30)]
-    check_cache_memory(cfg, plan, ranges, free=lambda device: (1 << 40, "plenty"))
+    check_cache_memory(cfg, plan, config, ranges, free=lambda device: (1 << 40, "plenty"))
     # SmolLM2-135M: 30 layers x 2 x 3 heads x 64 x 2048 positions x 4 bytes = 94 MiB per slot
     expected = (r"serve.max_num_seqs = 16 needs 1.41 GiB of KV cache on cpu \(2 stage\(s\), 16 slots x 2048 positions "
                 r"in float32\), but only 0.50 GiB is free \(test\); lower --serve.max_num_seqs \(at most 5 fit\)")
     with pytest.raises(ConfigError, match=expected):
-        check_cache_memory(cfg, plan, ranges, free=lambda device: (1 << 29, "test"))
+        check_cache_memory(cfg, plan, config, ranges, free=lambda device: (1 << 29, "test"))
 
 
 # --------------------------------------------------------------------------- processes

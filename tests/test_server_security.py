@@ -1,5 +1,5 @@
 """The server's own defences, without a model: the API key, the start-up warning, the default
-served name, and the connection deadlines (launcher/server.py, launcher/serve.py).
+served name, and the connection deadlines (launcher/serve/).
 
 The tests with a model behind the server (the hostile fuzz of a 2-rank server, idle and
 never-reading clients beside a normal request, sampling bounds over HTTP) are in
@@ -15,8 +15,9 @@ import time
 import httpx
 import pytest
 from adadecode.launcher.config import load_config
-from adadecode.launcher.serve import http_frontend, is_loopback, served_name
-from adadecode.launcher.server import Frontend, HttpLimits, HttpServer, ServeDefaults, build_app
+from adadecode.launcher.serve.app import Frontend, ServeDefaults, build_app
+from adadecode.launcher.serve.command import http_frontend, is_loopback, served_name
+from adadecode.launcher.serve.http_server import HttpLimits, HttpServer
 
 KEY = "sk-test-0123456789"
 

@@ -76,7 +76,7 @@ def assert_all_free(loop: ServingLoop) -> None:
     m = loop.metrics()
     assert m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0
     for stage in loop.engine.stages:
-        assert stage.slots == {} and not stage._work and not stage._parked, stage.index
+        assert stage.slots == {} and not stage.queued and not stage.parked, stage.index
 
 
 @pytest.mark.parametrize("below", [None, 2], ids=["heads-always", "heads-below-2"])
@@ -124,9 +124,9 @@ def test_the_load_rule_turns_heads_off_while_the_pipeline_is_full(model_dir, alo
 
 
 def test_where_no_head_pays_early_exit_requests_are_served_as_off(model_dir, alone):
-    """A per-setting head choice of none (runtime/auto_heads.py): requests asking for early
+    """A per-setting head choice of none (runtime/sim/heads.py): requests asking for early
     exit are taken and decoded as off, not refused."""
-    from adadecode.runtime.auto_heads import HeadChoice
+    from adadecode.runtime.sim.heads import HeadChoice
 
     engine = make_engine(model_dir, THREE, num_slots=2)
     engine.heads_choice = HeadChoice((), (), 0.95, "no exit head setting is predicted to pay")

@@ -19,7 +19,7 @@ Extensions (top-level fields; the ``openai`` client sends them with ``extra_body
 and ``early_exit_thresholds`` (refused: per-request thresholds are not supported
 by the runtime yet; the server's ``decoding.thresholds`` apply).
 
-No decoding logic lives here: launcher/server.py turns a validated request into
+No decoding logic lives here: launcher/serve/app.py turns a validated request into
 a ``runtime.serving.Request``.
 """
 

@@ -1,11 +1,10 @@
-"""The `adadecode serve` command: start-up checks, the HTTP front end, serving until stopped.
+"""The `adadecode serve` command: the start-up memory check, the HTTP front end, serving until stopped.
 
-``cmd_serve`` (launcher/cli.py) runs, in order: ``check_cache_memory`` (before
-anything loads or spawns), then on the serving process ``http_frontend``
-(listening, HTTP 503 while the model loads), the model (``load_engine`` in
-process, or ``run_rank`` under torchrun / ``--stages N``), and
-``serve_requests`` until a signal or a lost rank. The HTTP layer itself is
-launcher/server.py.
+``cmd_serve`` (launcher/cli.py) hands ``launcher.launch.launch`` two things from here:
+``check_cache_memory`` (run before anything loads or spawns) and ``serving``, which the
+process that gets the engine enters before the model loads: ``http_frontend`` listens
+(HTTP 503 while the model loads), then ``serve_requests`` runs until a signal or a lost
+rank. The app is launcher/serve/app.py, uvicorn launcher/serve/http_server.py.
 """
 
 from __future__ import annotations
@@ -18,19 +17,27 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adadecode.runtime.sampling import SamplingParams
 
-from .config import ConfigError, RunConfig
-from .server import Frontend, HttpLimits, HttpServer, ServeDefaults, build_app
+from ..config import ConfigError, RunConfig
+from .app import Frontend, ServeDefaults, build_app
+from .http_server import HttpLimits, HttpServer
 
 if TYPE_CHECKING:
     from adadecode.runtime.engine import Engine
 
-    from .distributed import LaunchPlan
+    from ..distributed import LaunchPlan
+
+
+@contextlib.contextmanager
+def serving(cfg: RunConfig) -> Iterator[Callable[[Engine], int]]:
+    """Listen before the model loads (``/health`` answers 503 meanwhile); yield what serves with the engine."""
+    with http_frontend(cfg) as frontend:
+        yield lambda engine: serve_requests(frontend, engine, cfg)
 
 
 def serve_requests(frontend: Frontend, engine: Engine, cfg: RunConfig) -> int:
@@ -117,28 +124,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def defer_sigterm_to_rank0(rank: int) -> None:
-    """A serving rank other than 0 outlives a SIGTERM: the launcher (torchrun, `--stages N`,
-    Slurm's scancel) sends it to every rank at once, and rank 0, which got it too, ends
-    serving in order and then stops this rank. Were this rank to die first, rank 0 would see
-    a lost rank and fail the requests in flight. Rank 0 gone for good is found by the control
-    plane's timeout, as always. For the rest of the process: it ends with serving."""
-    def note(*_):
-        print(f"adadecode: rank {rank}: SIGTERM: serving ends when rank 0 ends it", file=sys.stderr, flush=True)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, note)
-
-
-def load_engine(cfg: RunConfig) -> Engine:
-    """An ``Engine`` with every stage in this process, ``serve.max_num_seqs`` cache slots each."""
-    from adadecode.runtime.engine import Engine
-
-    from .config import load_spec
-
-    return Engine.load(load_spec(cfg, serving=True), max_inflight=cfg.decoding.max_inflight)
-
-
 # --------------------------------------------------------------------- memory at start-up
 
 
@@ -165,18 +150,16 @@ def free_memory(device) -> tuple[int, str] | None:
         return None
 
 
-def check_cache_memory(cfg: RunConfig, plan: LaunchPlan, ranges, free: Callable = free_memory) -> None:
+def check_cache_memory(cfg: RunConfig, plan: LaunchPlan, config, ranges, free: Callable = free_memory) -> None:
     """Refuse to start when the KV cache of ``serve.max_num_seqs`` slots cannot fit free memory.
 
-    The stages this process (or, with ``--stages N``, this node) will hold are summed per
-    device: every CPU stage shares host RAM; a GPU holds its own rank's stage.
+    ``config``: the model's HF config; ``ranges``: each stage's layers. The stages this process
+    (or, with ``--stages N``, this node) will hold are summed per device: every CPU stage
+    shares host RAM; a GPU holds its own rank's stage.
     """
     from adadecode.runtime.device import check_placement, dtype_name
-    from adadecode.runtime.hf_adapter import load_hf_config
-    from adadecode.runtime.model_source import resolve_model
 
     m, s = cfg.model, cfg.serve
-    config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)
     if plan.mode == "spawn":
         mine = [(r, r, plan.world_size) for r in range(plan.world_size)]
     elif plan.mode == "rank":
