@@ -11,7 +11,12 @@ module reads them, in this order, and nowhere else in the project does:
    of ``SLURM_JOB_NODELIST`` (``node[01-04,07]`` is expanded here, no
    ``scontrol`` needed) as the master unless ``MASTER_ADDR`` is set, and a port
    from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` so that two jobs on one
-   node do not collide;
+   node do not collide — in a task that ``srun`` started (``SLURM_STEP_ID`` is a
+   job step's). A batch script's own shell (no ``SLURM_STEP_ID``) and an
+   interactive allocation's shell (``salloc``'s interactive step) carry
+   ``SLURM_PROCID=0`` and the allocation's task count too, but they are no rank
+   of anything: what they run without ``srun`` is a single process, and
+   ``--stages N`` there spawns N local ranks as on any machine;
 3. otherwise a single process: rank 0 of 1.
 
     env = read_dist_env()          # os.environ
@@ -57,9 +62,21 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env or "WORLD_SIZE" in env:
         return _from_torchrun(env)
-    if "SLURM_PROCID" in env:
+    if "SLURM_PROCID" in env and _srun_task(env):
         return _from_slurm(env)
     return DistEnv(0, 1, 0, "127.0.0.1", 0, "none", 1)
+
+
+# Step ids Slurm gives to what is not a step that srun launched (slurm.h: SLURM_PENDING_STEP,
+# SLURM_EXTERN_CONT, SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP; 0xfffffff0 and up are reserved).
+_SPECIAL_STEP_IDS = 0xFFFFFFF0
+
+
+def _srun_task(env: Mapping[str, str]) -> bool:
+    """Whether this process is a task of a job step that srun started: only those have a rank.
+    The batch script's shell sets no step id; salloc's interactive step has a reserved one."""
+    raw = (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or "").strip()
+    return raw.isdigit() and int(raw) < _SPECIAL_STEP_IDS
 
 
 def _int(env: Mapping[str, str], name: str, source: str) -> int:

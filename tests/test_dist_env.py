@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 from adadecode.launcher.config import ConfigError, load_config
 from adadecode.launcher.dist_env import (
@@ -21,9 +25,9 @@ DEEPSPEED = {  # what deepspeed/launcher/launch.py sets
     "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2",
     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "CROSS_RANK": "0", "CROSS_SIZE": "1",
 }
-SLURM = {
+SLURM = {  # a task of `srun` (step 0) in a 4-node job
     "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "4",
-    "SLURM_JOB_NODELIST": "gpu-node[07-09,12]", "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu-node[07-09,12]", "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0",
 }
 
 
@@ -68,9 +72,27 @@ def test_slurm_master_and_port_from_the_environment_win():
 def test_slurm_older_variable_names_and_single_node():
     env = read_dist_env({
         "SLURM_PROCID": "0", "SLURM_NPROCS": "2", "SLURM_LOCALID": "0", "SLURM_NNODES": "1",
-        "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "7",
+        "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "7", "SLURM_STEPID": "2",
     })
     assert (env.world_size, env.master_addr, env.master_port, env.local_world_size) == (2, "localhost", 15007, 2)
+
+
+# What Slurm 22.05 sets in a batch script's shell (sbatch -n2) and in salloc's interactive step
+# (LaunchParameters=use_interactive_step), as printed on the local cluster (tests/test_slurm.py).
+SBATCH_SHELL = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_LOCALID": "0",
+                "SLURM_NODEID": "0", "SLURM_JOB_ID": "19", "SLURM_JOB_NODELIST": "vm", "SLURM_TASK_PID": "3247"}
+SALLOC_SHELL = {**SBATCH_SHELL, "SLURM_STEP_ID": "4294967290", "SLURM_STEPID": "4294967290",
+                "SLURM_STEP_NUM_TASKS": "1"}
+
+
+@pytest.mark.parametrize("environ", [SBATCH_SHELL, SALLOC_SHELL], ids=["sbatch-shell", "salloc-interactive-step"])
+def test_a_slurm_shell_is_not_a_rank(environ):
+    """`sbatch --wrap "adadecode generate --stages 2"` or the same typed in an interactive
+    allocation: no srun, so no rank of a Slurm job (it used to wait for a rank 1 that never
+    came, or refuse --stages 2 with WORLD_SIZE=1): a single process, which spawns its ranks."""
+    env = read_dist_env(environ)
+    assert env == DistEnv(0, 1, 0, "127.0.0.1", 0, "none", 1) and not env.under_launcher
+    assert plan_launch(load_config(["--pipeline.stages=2"]), env).mode == "spawn"
 
 
 def test_slurm_different_job_ids_get_different_ports():
@@ -168,3 +190,61 @@ def test_plan_under_a_launcher_is_one_rank():
         plan_launch(load_config(["--pipeline.stages=2"]), env)
     with pytest.raises(ConfigError, match=r"transport.backend = 'inprocess'.*WORLD_SIZE=4"):
         plan_launch(load_config(["--pipeline.stages=4", "--transport.backend=inprocess"]), env)
+
+
+# ------------------------------------------- the sbatch script's rendezvous address
+
+SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm" / "adadecode.sbatch"
+FAKE_SLURM = {  # stand-ins that record their calls: the script's logic without a cluster
+    "scontrol": 'echo "scontrol $*" >>"$CALLS"; echo n1; echo n2',
+    "srun": 'echo "srun $*" >>"$CALLS"\ncase " $* " in *" hostname "*) echo "$HEAD_ADDRS" ;;'
+            ' *) echo "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT" ;; esac',
+}
+
+
+def run_sbatch_script(tmp_path: Path, nodes: int, head_addrs: str, **env: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    slurm = {"SLURM_JOB_NODELIST": "n[1-2]" if nodes > 1 else "n1", "SLURM_JOB_NUM_NODES": str(nodes),
+             "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "1"}
+    environ = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls"),
+               "HEAD_ADDRS": head_addrs, **slurm, **env}
+    return subprocess.run(["bash", str(SBATCH_SCRIPT), "--prompt", "hi"], capture_output=True, text=True,
+                          env=environ, timeout=30)
+
+
+@pytest.mark.parametrize(
+    "nodes, head_addrs, master",
+    [
+        (2, "10.0.0.5", "10.0.0.5"),
+        (2, "127.0.1.1 10.0.0.5", "10.0.0.5"),  # the first address that is not loopback
+        (1, "127.0.0.1", "127.0.0.1"),  # one node: loopback reaches every rank
+    ],
+)
+def test_sbatch_script_exports_the_head_nodes_address(tmp_path, nodes, head_addrs, master):
+    proc = run_sbatch_script(tmp_path, nodes, head_addrs)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"MASTER_ADDR={master} MASTER_PORT=15007"
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[1] == "srun --nodes=1 --ntasks=1 -w n1 hostname --ip-address"
+    assert "adadecode generate" in calls[-1] and calls[-1].endswith("--prompt hi")
+
+
+def test_sbatch_script_refuses_a_loopback_head_address_across_nodes(tmp_path):
+    """Several nodes whose head resolves its own name to 127.0.1.1: the other ranks could never
+    reach it (they used to wait TIMEOUT_S and fail); the script says so and starts nothing."""
+    proc = run_sbatch_script(tmp_path, 2, "127.0.1.1")
+    assert proc.returncode == 2
+    assert "n1 resolves its own name to 127.0.1.1, a loopback address" in proc.stderr
+    assert "export MASTER_ADDR=" in proc.stderr
+    assert not any("adadecode" in c for c in (tmp_path / "calls").read_text().splitlines())
+
+
+def test_sbatch_script_uses_a_given_master_addr_as_is(tmp_path):
+    proc = run_sbatch_script(tmp_path, 2, "127.0.1.1", MASTER_ADDR="10.9.8.7", MASTER_PORT="29400")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "MASTER_ADDR=10.9.8.7 MASTER_PORT=29400"
+    assert not any("hostname" in c for c in (tmp_path / "calls").read_text().splitlines())
