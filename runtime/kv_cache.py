@@ -25,6 +25,12 @@ import torch
 from .params import CacheOverflowError
 
 
+def kv_bytes_per_position(num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """Bytes one layer's cache holds per position: a key and a value per KV head (the one formula
+    that serve's memory check and the simulator's costs use)."""
+    return 2 * num_kv_heads * head_dim * itemsize
+
+
 class KVCache:
     def __init__(self) -> None:
         self.k: list[torch.Tensor] = []

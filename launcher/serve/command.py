@@ -130,9 +130,10 @@ def is_loopback(host: str) -> bool:
 def kv_cache_bytes(config, ranges, slots: int, max_seq_len: int, itemsize: int) -> list[int]:
     """KV cache bytes of each stage: keys and values of every layer, slot and position."""
     from adadecode.runtime.hf_adapter import ModelArgs
+    from adadecode.runtime.kv_cache import kv_bytes_per_position
 
     args = ModelArgs.from_hf_config(config)
-    per_layer = 2 * slots * args.num_kv_heads * max_seq_len * args.head_dim * itemsize
+    per_layer = slots * max_seq_len * kv_bytes_per_position(args.num_kv_heads, args.head_dim, itemsize)
     return [(b - a) * per_layer for a, b in ranges]
 
 

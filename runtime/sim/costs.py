@@ -39,6 +39,7 @@ from functools import cache
 from importlib import resources
 
 from ..hf_adapter import ModelArgs, decoder_layer_params
+from ..kv_cache import kv_bytes_per_position
 from .simulator import Costs
 
 
@@ -66,7 +67,7 @@ class ModelShape:
 
     def kv_bytes(self, element: int = 2) -> int:
         """Per layer and position: keys and values."""
-        return 2 * self.kv_heads * self.head_dim * element
+        return kv_bytes_per_position(self.kv_heads, self.head_dim, element)
 
 
 @dataclass(frozen=True)
