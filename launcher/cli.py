@@ -97,6 +97,7 @@ if TYPE_CHECKING:
 # Short flags for the keys users change most; each maps onto a config key.
 SHORTCUTS = {
     "model": "model.source",
+    "revision": "model.revision",
     "max_new_tokens": "decoding.max_new_tokens",
     "stages": "pipeline.stages",
     "early_exit": "decoding.early_exit",
@@ -114,7 +115,9 @@ TRACE_HELP = "record every stage's and the coordinator's events: DIR/trace.json 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
-    p.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
+    p.add_argument("--model", metavar="SOURCE",
+                   help="Hugging Face directory, .gguf file or Hub id org/name (model.source)")
+    p.add_argument("--revision", metavar="REV", help="a Hub id's branch, tag or commit (model.revision)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="decoding.max_new_tokens")
     p.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
     p.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="decoding.early_exit")
@@ -173,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dry-run", action="store_true",
                      help="print the launch plan and stage split as JSON, load nothing")
     srv.add_argument("--config", metavar="FILE", help="YAML config (default: configs/smollm2-135m.yaml's values)")
-    srv.add_argument("--model", metavar="PATH", help="Hugging Face directory or .gguf file (model.source)")
+    srv.add_argument("--model", metavar="SOURCE",
+                     help="Hugging Face directory, .gguf file or Hub id org/name (model.source)")
+    srv.add_argument("--revision", metavar="REV", help="a Hub id's branch, tag or commit (model.revision)")
     srv.add_argument("--max-new-tokens", type=int, metavar="N", help="max_tokens of a request that sends none")
     srv.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
     srv.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="a request's default early exit")
@@ -286,9 +291,9 @@ def generate_all(args: argparse.Namespace, cfg: RunConfig, engine: Engine, promp
             on_text=stream,
             sampling=sampling_params(cfg.sampling),
         )
-        totals.add(len(result.tokens), result.stats)
+        totals.add(len(result.tokens), result.counters)
         if args.json:
-            record = {"prompt": prompt, **result.__dict__}
+            record = {"prompt": prompt, **result.as_dict()}
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
             sys.stdout.write("\n")

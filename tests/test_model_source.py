@@ -129,10 +129,12 @@ def test_missing_bundled_package_gives_pip_command(tmp_path, monkeypatch):
         resolve_model("bundled:ghost", cache_dir=tmp_path)
 
 
-def test_missing_path_and_other_file_types(tmp_path):
+def test_missing_path_and_other_file_types(tmp_path, monkeypatch):
     with pytest.raises(ModelSourceError, match="does not exist.*accepted"):
         resolve_model(str(tmp_path / "nope"))
-    with pytest.raises(ModelSourceError, match="never downloaded"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE is set"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     (tmp_path / "weights.txt").write_text("hi")
     with pytest.raises(ModelSourceError, match="unsupported type"):
@@ -232,3 +234,67 @@ def test_bundled_gguf_converts_once_then_hits_cache(tmp_path):
     second = resolve_model("bundled:smollm2-135m-instruct", cache_dir=tmp_path)
     assert time.perf_counter() - start < 2.0
     assert second.path == first.path and second.fingerprint == first.fingerprint
+
+
+# --- Hub ids, through huggingface_hub's cache -----------------------------------------------------
+
+
+def hub_cache_with(cache, repo_id: str, model_dir, commit: str = "a" * 40, refs=("main",)):
+    """``model_dir`` as huggingface_hub caches a download of ``repo_id`` at ``commit``: content-addressed
+    blobs, a snapshot directory of links to them, and refs naming the commit."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def test_a_hub_id_resolves_from_the_cache_offline(tmp_path, monkeypatch):
+    from huggingface_hub import scan_cache_dir
+
+    local = tiny_llama_dir(tmp_path / "m")
+    cache = tmp_path / "hub"
+    snapshot = hub_cache_with(cache, "tiny-org/tiny-llama", local)
+    assert [r.repo_id for r in scan_cache_dir(cache).repos] == ["tiny-org/tiny-llama"]  # huggingface_hub's layout
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    r = resolve_model("tiny-org/tiny-llama")
+    assert r.path == snapshot and r.origin == f"hub:tiny-org/tiny-llama@{'a' * 40}"
+    assert r.fingerprint == fingerprint_dir(local)  # the same weights as the directory
+    assert resolve_model("tiny-org/tiny-llama", revision="a" * 40).path == snapshot  # a commit
+
+    with pytest.raises(ModelSourceError, match=rf"'tiny-org/tiny-llama' at revision 'v2' is not in the Hugging "
+                                               rf"Face cache at {cache}; HF_HUB_OFFLINE is set.*hf download"):
+        resolve_model("tiny-org/tiny-llama", revision="v2")
+    with pytest.raises(ModelSourceError, match=rf"'nobody/nothing' is not in the Hugging Face cache at {cache}"):
+        resolve_model("nobody/nothing")
+    with pytest.raises(ModelSourceError, match="applies to a Hub id"):
+        resolve_model(str(local), revision="main")
+
+
+def test_generate_by_hub_id_matches_the_directory(tmp_path, monkeypatch):
+    """`--model org/name --revision REV` end to end: the same tokens as the model's directory."""
+    from adadecode.runtime.engine import Engine
+    from helpers import save_char_tokenizer, save_tiny_model, tiny_config
+
+    local = save_tiny_model(tmp_path / "m")
+    save_char_tokenizer(local, tiny_config().vocab_size)
+    cache = tmp_path / "hub"
+    hub_cache_with(cache, "tiny-org/tiny", local, commit="b" * 40, refs=("main", "v1"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prompt = [3, 5, 7, 11]
+    want = Engine.load(str(local), heads=None, max_seq_len=64).generate(prompt, max_new_tokens=8).tokens
+    got = Engine.load("tiny-org/tiny", revision="v1", heads=None, max_seq_len=64).generate(prompt, max_new_tokens=8)
+    assert got.tokens == want

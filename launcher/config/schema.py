@@ -52,6 +52,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     """KV cache capacity in positions, prompt plus generated tokens."""
 
+    revision: str = ""
+    """A Hub id's branch, tag or commit (model.source org/name); empty: main."""
+
     cache_dir: str = ""
     """Where converted GGUF weights are kept; empty means $ADADECODE_CACHE or ~/.cache/adadecode."""
 
