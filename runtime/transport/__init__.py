@@ -101,7 +101,8 @@ def open_transport(
                 rank, stage_device,
             )
     timeout = datetime.timedelta(seconds=timeout_s)
-    control = data = None
+    control: ControlServer | ControlClient | None = None
+    data: DataPlane | None = None
     try:
         _init_process_group(backend, rank, world_size, master_addr, master_port, timeout)
         hosts = [socket.gethostname()]
@@ -109,17 +110,20 @@ def open_transport(
             gathered: list = [None] * world_size
             dist.all_gather_object(gathered, socket.gethostname())
             hosts = list(gathered)
+            server: ControlServer | None = None
+            shared: list[object] = [None, None, None]
             if rank == 0:
                 host = control_addr or ("127.0.0.1" if len(set(hosts)) == 1 else route_address(master_addr))
-                control = ControlServer(world_size, secrets.token_bytes(32), host, timeout_s)
-                shared = [control.key, control.endpoint, control.pulse_endpoint]
-            else:
-                shared = [None, None, None]
+                control = server = ControlServer(world_size, secrets.token_bytes(32), host, timeout_s)
+                shared = [server.key, server.endpoint, server.pulse_endpoint]
             dist.broadcast_object_list(shared, src=0)
-            if rank != 0:
-                control = ControlClient(rank, shared[1], shared[0], timeout_s, pulse_endpoint=shared[2])
+            if server is None:
+                key, endpoint, pulse_endpoint = shared
+                if not (isinstance(key, bytes) and isinstance(endpoint, str) and isinstance(pulse_endpoint, str)):
+                    raise TransportError(f"rank {rank}: rank 0 handed out a malformed control-plane endpoint")
+                control = ControlClient(rank, endpoint, key, timeout_s, pulse_endpoint=pulse_endpoint)
             else:
-                control.wait_for_peers()
+                server.wait_for_peers()
         links = make_links(world_size, backend)
         data = DataPlane(
             rank - 1 if rank > 0 else None,
@@ -138,7 +142,9 @@ def open_transport(
         _teardown(data, control, rank, linger_s=1.0, deadline_s=max(1.0, min(5.0, timeout_s / 10)))
 
 
-def _init_process_group(backend, rank, world_size, master_addr, master_port, timeout) -> None:
+def _init_process_group(
+    backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout: datetime.timedelta
+) -> None:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
     if not agent_store and master_port == 0:
         if world_size > 1:
@@ -157,7 +163,9 @@ def _init_process_group(backend, rank, world_size, master_addr, master_port, tim
         ) from e
 
 
-def _rendezvous_store(rank, world_size, master_addr, master_port, timeout) -> dist.TCPStore:
+def _rendezvous_store(
+    rank: int, world_size: int, master_addr: str, master_port: int, timeout: datetime.timedelta
+) -> dist.TCPStore:
     """The job's TCPStore, as torch's ``tcp://`` rendezvous makes it, except where rank 0 listens.
 
     torch's store listens on every interface, whatever MASTER_ADDR says; anyone who reaches
@@ -183,7 +191,9 @@ def store_address(master_addr: str) -> str | None:
     except ValueError:
         pass
     if master_addr.lower() == "localhost":  # the address the ranks' own lookup tries first
-        return socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)[0][4][0]
+        addr = socket.getaddrinfo(master_addr, None, type=socket.SOCK_STREAM)[0][4][0]
+        assert isinstance(addr, str), "an AF_INET or AF_INET6 address starts with its host, a str"
+        return addr
     log.info("MASTER_ADDR=%s is a host name: the rendezvous store listens on every interface "
              "(set MASTER_ADDR to rank 0's IP address to listen on that one only)", master_addr)
     return None
@@ -211,7 +221,7 @@ def _listen(addr: str, port: int) -> tuple[int | None, int]:
     return sock.detach(), port
 
 
-def _report(control, exc: BaseException) -> None:
+def _report(control: ControlServer | ControlClient | None, exc: BaseException) -> None:
     """Tell the others why this rank stops; never raises."""
     reason = "interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
     try:
@@ -223,7 +233,9 @@ def _report(control, exc: BaseException) -> None:
         pass
 
 
-def _teardown(data, control, rank: int, linger_s: float, deadline_s: float) -> None:
+def _teardown(
+    data: DataPlane | None, control: ControlServer | ControlClient | None, rank: int, linger_s: float, deadline_s: float
+) -> None:
     """Stop the p2p threads, close zmq, destroy the process group; a hard exit if that hangs."""
     budget = deadline_s + linger_s + 2.0
 

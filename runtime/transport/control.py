@@ -85,7 +85,9 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import fields
+from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -105,8 +107,11 @@ from .errors import JobAborted, TransportError
 
 log = logging.getLogger("adadecode.control")
 
-CONTROL_EVENTS = (StepRequest, Rollback, SequenceFinished, Shutdown, FinalPrediction, EarlyPrediction)
-_BY_NAME = {cls.__name__: cls for cls in CONTROL_EVENTS}
+ControlEvent = StepRequest | Rollback | SequenceFinished | Shutdown | FinalPrediction | EarlyPrediction
+CONTROL_EVENTS: tuple[type[ControlEvent], ...] = (
+    StepRequest, Rollback, SequenceFinished, Shutdown, FinalPrediction, EarlyPrediction
+)
+_BY_NAME: dict[str, type[ControlEvent]] = {cls.__name__: cls for cls in CONTROL_EVENTS}
 TAG_BYTES = 16
 SILENCE_FRACTION = 0.8  # of timeout_s; the rest is left for the orderly exit
 PULSE_HWM = 4  # heartbeats queued for a peer that is not there are dropped, not hoarded
@@ -125,22 +130,25 @@ CURVE = zmq.has("curve")  # pyzmq's wheels bundle it; a libzmq built without it 
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+# Why an endpoint's sockets and pulse are there when used: both constructors make them or raise,
+# and only close() takes them away, after which the endpoint is not used.
+_CLOSED = "the control plane is used between its constructor and close()"
 
 
-def encode_event(event) -> list:
+def encode_event(event: ControlEvent) -> list[object]:
     cls = type(event)
     if _BY_NAME.get(cls.__name__) is not cls:
         raise TypeError(f"{cls.__name__} has no control-plane encoding; add it to CONTROL_EVENTS")
     return [cls.__name__, *(_encode_value(getattr(event, f.name)) for f in fields(cls))]
 
 
-def _encode_value(value):
+def _encode_value(value: object) -> object:
     if isinstance(value, SamplingParams):
         return {"SamplingParams": [getattr(value, f.name) for f in fields(SamplingParams)]}
     return value
 
 
-def _decode_value(value):
+def _decode_value(value: object) -> object:
     if isinstance(value, list):
         return tuple(value)
     if isinstance(value, dict):
@@ -153,11 +161,14 @@ def _decode_value(value):
     return value
 
 
-def decode_event(item: list):
+def decode_event(item: object) -> ControlEvent:
     if not isinstance(item, list) or not item or item[0] not in _BY_NAME:
         raise TransportError(f"unknown control-plane event {item!r:.80}")
     cls = _BY_NAME[item[0]]
-    return cls(*(_decode_value(v) for v in item[1:]))
+    # Values from the wire: their types are not checked against the event's fields (nor were
+    # they ever: a dataclass does not check them either), so they go in as Any.
+    values: list[Any] = [_decode_value(v) for v in item[1:]]
+    return cls(*values)
 
 
 def _tcp(host: str) -> str:
@@ -183,7 +194,7 @@ class _Signer:
         self._numbers = itertools.count(1)
         self.last: dict[int, int] = {}
 
-    def pack(self, kind: str, body) -> list[bytes]:
+    def pack(self, kind: str, body: object) -> list[bytes]:
         """``[tag, *payload frames]``."""
         payload = json.dumps([self.rank, next(self._numbers), kind, body], separators=(",", ":")).encode()
         tag = hmac.new(self.key, payload, hashlib.sha256).digest()[:TAG_BYTES]
@@ -315,7 +326,9 @@ class _Endpoint:
     def _is_peer(self, sender: int, identity: bytes | None) -> bool:
         raise NotImplementedError
 
-    def _open_message(self, frames: list, signer: _Signer, identity: bytes | None = None):
+    def _open_message(
+        self, frames: list, signer: _Signer, identity: bytes | None = None
+    ) -> tuple[int, str, object] | None:
         """``(sender, kind, body)`` of a message of this job, or None (dropped and counted).
         ``identity``: the ROUTER's peer identity, which must name the signed sender."""
         msg = signer.unpack(frames)
@@ -331,12 +344,16 @@ class _Endpoint:
             return None
         return sender, kind, body
 
-    def _incoming(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES):
+    def _incoming(
+        self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES
+    ) -> Iterator[list[zmq.Frame]]:
         """The messages waiting on the socket, as frames, up to ``max_messages`` or ``max_bytes``
         (at least one): whatever arrives, one call ends, and what is left stays queued in order."""
+        sock = self.sock
+        assert sock is not None, _CLOSED
         for _ in range(max_messages):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             yield frames
@@ -447,15 +464,17 @@ class ControlServer(_Endpoint):
 
     def busy_for(self, rank: int) -> float:
         """Seconds ``rank`` has been inside its current stage step, as of its last heartbeat (0: idle)."""
+        assert self.pulse is not None, _CLOSED
         return self.pulse.busy_for.get(rank, 0.0)
 
-    def send(self, rank: int, kind: str, body=None) -> None:
+    def send(self, rank: int, kind: str, body: object = None) -> None:
+        assert self.sock is not None, _CLOSED
         try:
             self.sock.send_multipart([b"rank%d" % rank, *self.signer.pack(kind, body)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise TransportError(f"{self.describe(rank)} is unreachable on the control plane: {e}") from e
 
-    def broadcast(self, kind: str, body=None) -> None:
+    def broadcast(self, kind: str, body: object = None) -> None:
         for r in range(1, self.world_size):
             self.send(r, kind, body)
 
@@ -467,8 +486,10 @@ class ControlServer(_Endpoint):
             self.wait(timeout_s)
         out, self._backlog = self._backlog + self._drain(), []
         gone = [self._fd_rank.get(fd) for fd in self._disconnected_fds()]
-        if self._errors and not gone and self.mon.poll(100):
-            gone = [self._fd_rank.get(fd) for fd in self._disconnected_fds()]  # a death behind the error?
+        if self._errors and not gone:
+            assert self.mon is not None, _CLOSED
+            if self.mon.poll(100):
+                gone = [self._fd_rank.get(fd) for fd in self._disconnected_fds()]  # a death behind the error?
         if gone:  # a goodbye, or an error naming the cause, may be queued still
             out += self._drain(LAST_WORDS * self.world_size, float("inf"))
         # The first cause wins: a rank that died unannounced, else a rank's own error report
@@ -481,6 +502,7 @@ class ControlServer(_Endpoint):
         if self._errors:
             rank, reason = next(iter(self._errors.items()))
             raise self._lose(f"{self.describe(rank)} failed: {reason}")
+        assert self.pulse is not None, _CLOSED
         now = time.monotonic()
         for r in self.peers:
             silent = now - max(self.pulse.last_seen.get(r, 0.0), self._ready_at)
@@ -491,8 +513,10 @@ class ControlServer(_Endpoint):
                 )
         return out
 
-    def _drain(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES) -> list[tuple]:
-        out = []
+    def _drain(
+        self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES
+    ) -> list[tuple[int, str, object]]:
+        out: list[tuple[int, str, object]] = []
         for frames in self._incoming(max_messages, max_bytes):
             if len(frames) < 3:
                 self._drop("frames")
@@ -502,6 +526,7 @@ class ControlServer(_Endpoint):
                 continue
             sender, kind, body = msg
             if kind == "hello":
+                assert isinstance(body, dict), "a signed hello is a rank's {pid, host} (ControlClient.__init__)"
                 self.peers[sender] = {"pid": body["pid"], "host": body["host"]}
                 try:  # the connection's fd, to name the rank when the monitor reports its disconnect
                     self._fd_rank[frames[0].get(zmq.SRCFD)] = sender
@@ -510,7 +535,7 @@ class ControlServer(_Endpoint):
             elif kind == "bye":
                 self.said_bye.add(sender)
             elif kind == "err":
-                self._errors.setdefault(sender, body)
+                self._errors.setdefault(sender, str(body))  # a str from the rank; only ever formatted
             else:
                 out.append((sender, kind, body))
         return out
@@ -546,14 +571,15 @@ class ControlClient(_Endpoint):
     def _is_peer(self, sender: int, identity: bytes | None) -> bool:
         return sender == 0  # rank 0 is the only peer a DEALER has
 
-    def send(self, kind: str, body=None) -> None:
+    def send(self, kind: str, body: object = None) -> None:
+        assert self.sock is not None, _CLOSED
         try:
             self.sock.send_multipart(self.signer.pack(kind, body), flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise TransportError(f"rank {self.rank}: sending to rank 0 failed: {e}") from e
 
     def _drain(self, max_messages: int = DRAIN_MESSAGES, max_bytes: float = DRAIN_BYTES) -> list[tuple[str, object]]:
-        out = []
+        out: list[tuple[str, object]] = []
         for frames in self._incoming(max_messages, max_bytes):
             msg = self._open_message(frames, self.signer)
             if msg is None:
@@ -576,6 +602,7 @@ class ControlClient(_Endpoint):
             self._drain(LAST_WORDS, float("inf"))  # an abort naming the cause may be queued still
             raise self._lose("rank 0 (the coordinator) closed its control connection: the process died")
         # Rank 0's pulse beats between generations too: its silence always counts.
+        assert self.pulse is not None, _CLOSED
         silent = time.monotonic() - max(self.pulse.last_seen.get(0, 0.0), self._started)
         if silent > self.silence_s:
             raise self._lose(

@@ -167,9 +167,16 @@ def _link_error(what: str, peer: int | None, exc: BaseException) -> TransportErr
     return TransportError(f"{what} rank {peer} failed: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
-def make_links(world_size: int, backend: str) -> list:
+def make_links(world_size: int, backend: str) -> list[dist.ProcessGroup]:
     """One two-rank process group per neighbouring pair (every rank must call this, in order)."""
     return [dist.new_group([i, i + 1], timeout=LINK_TIMEOUT, backend=backend) for i in range(world_size - 1)]
+
+
+def _posted(work: dist.Work | None) -> dist.Work:
+    """The handle of an ``isend`` / ``irecv`` on a link; torch returns None only to a rank
+    outside the link's group, and a link's group is the two ranks that use it."""
+    assert work is not None, "this rank is a member of its link's two-rank group"
+    return work
 
 
 class DataPlane:
@@ -183,8 +190,8 @@ class DataPlane:
         dtype: torch.dtype,
         device: torch.device,
         timeout_s: float,
-        recv_group=None,
-        send_group=None,
+        recv_group: dist.ProcessGroup | None = None,
+        send_group: dist.ProcessGroup | None = None,
         stage_device: torch.device = CPU,
     ):
         """``device``: where the link's tensors live (a GPU for NCCL); ``stage_device``:
@@ -199,13 +206,15 @@ class DataPlane:
         self.bytes_sent = 0
         self._closing = False
         self._stop_sent = False
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Received items: an Activations, None (the upstream neighbour's goodbye) or the error
+        # that ended the receive thread.
+        self._inbox: queue.SimpleQueue[Activations | BaseException | None] = queue.SimpleQueue()
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         self._sends: deque[float] = deque()  # start times of sends in flight, oldest first
         self._send_q: queue.SimpleQueue = queue.SimpleQueue()
         self._send_error: BaseException | None = None
-        self._threads = []
+        self._threads: list[threading.Thread] = []
         if prev_rank is not None:
             self._threads.append(threading.Thread(target=self._receive_loop, name="adadecode-recv", daemon=True))
         if next_rank is not None:
@@ -235,10 +244,11 @@ class DataPlane:
                 side = torch.cuda.Stream()  # header reads and uploads never wait behind compute
             host_header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, pin_memory=cuda_link)
             header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
-            header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
+            header_work = _posted(dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER))
             while True:
                 self._complete(header_work)
                 if cuda_link:
+                    assert side is not None, "made above for a CUDA link"
                     with torch.cuda.stream(side):
                         host_header.copy_(header, non_blocking=True)
                     side.synchronize()
@@ -254,41 +264,44 @@ class DataPlane:
                 hidden = torch.empty(
                     head["S"], self.hidden_size, dtype=self.dtype, device=self.device, pin_memory=pinned
                 )
-                hidden_work = dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN)
-                proposals = None
+                hidden_work = _posted(dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN))
+                incoming: tuple[torch.Tensor, dist.Work] | None = None  # the proposals, and their receive
                 if head["proposals"]:
-                    proposals = torch.empty(head["proposals"], dtype=torch.float64, device=self.device)
-                    proposals_work = dist.irecv(proposals, src=self.prev_rank, group=self.recv_group,
-                                                tag=_TAG_PROPOSALS)
+                    packed = torch.empty(head["proposals"], dtype=torch.float64, device=self.device)
+                    incoming = packed, _posted(dist.irecv(packed, src=self.prev_rank, group=self.recv_group,
+                                                          tag=_TAG_PROPOSALS))
                 header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
-                header_work = dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER)
+                header_work = _posted(dist.irecv(header, src=self.prev_rank, group=self.recv_group, tag=_TAG_HEADER))
                 self._complete(hidden_work)
                 if pinned:  # gloo into pinned host memory, then up to the stage's GPU
+                    assert side is not None, "made above for a stage on a GPU"
                     with torch.cuda.stream(side):
                         hidden = hidden.to(self.stage_device, non_blocking=True)
                     side.synchronize()
                     hidden.record_stream(torch.cuda.default_stream(self.stage_device))  # compute reads it there
                 else:
                     hidden = hidden.to(self.stage_device)  # no-op when the link is on the stage's device
-                if proposals is not None:  # the host needs them (the last stage's decision)
+                proposals: tuple[Proposal, ...] = ()
+                if incoming is not None:  # the host needs them (the last stage's decision)
+                    packed, proposals_work = incoming
                     self._complete(proposals_work)
                     if cuda_link:
                         with torch.cuda.stream(side):
-                            proposals = proposals.cpu()
-                    proposals = decode_proposals(proposals)
+                            packed = packed.cpu()
+                    proposals = decode_proposals(packed)
                 self._deliver(
                     Activations(
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
                         predict_from=head["predict_from"], emitted=bool(head["emitted"]),
                         early_exit=None if head["early_exit"] < 0 else EARLY_EXIT_MODES[head["early_exit"]],
-                        sampling=head["sampling"], proposals=proposals or (),
+                        sampling=head["sampling"], proposals=proposals,
                     )
                 )
         except BaseException as e:  # noqa: BLE001 - handed to the rank's loop, which raises it
             if not self._closing:
                 self._deliver(e)
 
-    def _deliver(self, item) -> None:
+    def _deliver(self, item: Activations | BaseException | None) -> None:
         self._inbox.put(item)
         try:
             os.write(self._wfd, b"\0")
@@ -324,7 +337,9 @@ class DataPlane:
         self.reap()
         hidden = act.hidden.contiguous()
         proposals = encode_proposals(act.proposals) if act.proposals else None
-        self.bytes_sent += hidden.numel() * hidden.element_size() + (proposals.numel() * 8 if act.proposals else 0)
+        self.bytes_sent += hidden.numel() * hidden.element_size()
+        if proposals is not None:
+            self.bytes_sent += proposals.numel() * 8
         header = encode_header(act, 0 if proposals is None else proposals.numel())
         if self._staging:
             # gloo and a GPU stage: the send thread copies to pinned memory once the compute
@@ -379,7 +394,7 @@ class DataPlane:
                         done.synchronize()  # the copy to pinned memory, not the whole device
                     for tensor, tag in ((header, _TAG_HEADER), (staged, _TAG_HIDDEN), (proposals, _TAG_PROPOSALS)):
                         if tensor is not None:
-                            dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag).wait()
+                            _posted(dist.isend(tensor, dst=self.next_rank, group=self.send_group, tag=tag)).wait()
                 else:
                     self._complete(item[1])
             except BaseException as e:  # noqa: BLE001 - kept for the rank's next send, which raises it
