@@ -36,6 +36,8 @@ def report_error(exc: BaseException, where: str = "") -> int:
         print(f"adadecode: {where}interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     if is_user_error(exc):
+        if where and str(exc).startswith(where):  # the error names its rank already
+            where = ""
         print(f"adadecode: error: {where}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     traceback.print_exception(exc, file=sys.stderr)

@@ -128,9 +128,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     procs.clear()
 
 
-def launch(node: Node, argv: list[str], log: Path, **env: str) -> subprocess.Popen:
-    """``argv`` in ``node``'s namespace under its own host name; stdout to ``log``.out, stderr
-    to ``log``.err. ``ip netns exec``, ``unshare`` and ``sh`` exec in turn: the pid is argv's."""
+def launch(node: Node, argv: list[str], log: Path, host: str | None = None, **env: str) -> subprocess.Popen:
+    """``argv`` in ``node``'s namespace under its own host name (or ``host``); stdout to ``log``.out,
+    stderr to ``log``.err. ``ip netns exec``, ``unshare`` and ``sh`` exec in turn: the pid is argv's."""
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("SLURM_", "TORCHELASTIC_"))
              and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -139,7 +139,7 @@ def launch(node: Node, argv: list[str], log: Path, **env: str) -> subprocess.Pop
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
         proc = subprocess.Popen(
             ["ip", "netns", "exec", node.ns, "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
-             node.host, *argv],
+             host or node.host, *argv],
             stdout=out, stderr=err, cwd=ROOT, env={**clean, **env},
         )
     node.procs.append(proc)
@@ -203,6 +203,8 @@ def _veth_bytes(node: Node) -> int:
 
 @pytest.mark.timeout(300)
 def test_torchrun_on_two_nodes_gives_one_stages_tokens_and_binds_the_routed_address(nodes, reference, tmp_path):
+    """Both nodes under the same host name, as cluster images can be: the ranks tell hosts apart
+    by their addresses towards MASTER_ADDR, so rank 0 does not take them for one host (loopback)."""
     a, b = nodes
     sent = _veth_bytes(a)
     generate = ["adadecode", "generate", "--stages", "2", "--prompt", PROMPT, "--chat",
@@ -212,7 +214,7 @@ def test_torchrun_on_two_nodes_gives_one_stages_tokens_and_binds_the_routed_addr
         agents = [
             launch(n, [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                        "--node-rank", str(i), "--master-addr", a.addr, "--master-port", str(MASTER_PORT),
-                       "--no-python", *generate], tmp_path / f"node{i}")
+                       "--no-python", *generate], tmp_path / f"node{i}", host=a.host)
             for i, n in enumerate((a, b))
         ]
         rank0 = None

@@ -22,7 +22,7 @@ import secrets
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -107,16 +107,20 @@ def open_transport(
         _init_process_group(backend, rank, world_size, master_addr, master_port, timeout)
         hosts = [socket.gethostname()]
         if world_size > 1:
+            # One host when every rank has the same name AND the same address towards MASTER_ADDR:
+            # nodes of a cluster (or namespaces) may share a host name, never an address.
             gathered: list = [None] * world_size
-            dist.all_gather_object(gathered, socket.gethostname())
-            hosts = list(gathered)
+            _collective(rank, "exchanging host names", dist.all_gather_object, gathered,
+                        (socket.gethostname(), route_address(master_addr)))
+            hosts = [name for name, _ in gathered]
             server: ControlServer | None = None
             shared: list[object] = [None, None, None]
             if rank == 0:
-                host = control_addr or ("127.0.0.1" if len(set(hosts)) == 1 else route_address(master_addr))
+                one_host = len(set(gathered)) == 1
+                host = control_addr or ("127.0.0.1" if one_host else route_address(master_addr))
                 control = server = ControlServer(world_size, secrets.token_bytes(32), host, timeout_s)
                 shared = [server.key, server.endpoint, server.pulse_endpoint]
-            dist.broadcast_object_list(shared, src=0)
+            _collective(rank, "receiving rank 0's control-plane endpoint", dist.broadcast_object_list, shared, src=0)
             if server is None:
                 key, endpoint, pulse_endpoint = shared
                 if not (isinstance(key, bytes) and isinstance(endpoint, str) and isinstance(pulse_endpoint, str)):
@@ -140,6 +144,15 @@ def open_transport(
         raise
     else:
         _teardown(data, control, rank, linger_s=1.0, deadline_s=max(1.0, min(5.0, timeout_s / 10)))
+
+
+def _collective(rank: int, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """A set-up collective; a peer that died or cannot be reached is the user's to know, not a bug."""
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:  # DistNetworkError, DistBackendError, gloo's connection errors
+        raise TransportError(f"rank {rank}: {what} with the other ranks failed: {e}; another rank has "
+                             "probably died (its own output says why) or cannot be reached") from e
 
 
 def _init_process_group(
