@@ -1,10 +1,16 @@
 """Exit heads: early next-token predictions from an intermediate layer.
 
 The head at layer ``l`` reads the hidden state entering layer ``l`` (the output
-of layers ``0..l-1``) and computes ``lm_head(final_norm(T_l h))`` with a learned
-``d x d`` matrix ``T_l`` (trained by ``adadecode train-heads``, identity at
-initialisation) and the base model's own frozen final norm and LM head. Its
-confidence is the top softmax probability; a Stage emits the token when the
+of layers ``0..l-1``) and computes ``lm_head(final_norm(f_l(h)))`` with the base
+model's own frozen final norm and LM head and a learned ``f_l`` (trained by
+``adadecode train-heads``) of one of two types (``HEAD_TYPES``, ``head_transform``):
+
+- ``linear``, the paper's: ``f(h) = T h``, a ``d x d`` matrix (identity at start);
+- ``mlp``: ``f(h) = T h + W2 silu(W1 rmsnorm(h; g))`` with a small hidden size
+  (``W2`` zero at start, so it starts as the linear head). It exits more tokens
+  at the same precision (docs/results.md) for about 1.6x a linear head's time.
+
+Its confidence is the top softmax probability; a Stage emits the token when the
 confidence exceeds the head's threshold.
 
 Why a restricted vocabulary: the tied LM head of the bundled model is about a
@@ -23,12 +29,14 @@ full-vocabulary id. Its distribution ``q`` is over its ``K`` tokens: every
 token outside them has ``q = 0``, which speculative acceptance accounts for
 (they are reached through the residual ``max(0, p - q)``).
 
-On disk (a directory): ``heads.safetensors`` holds ``T.<layer>`` ([D, D]) and,
-for a restricted head, ``vocab_ids`` ([K], int32); ``manifest.json`` records
-the base model's fingerprint, the default layers and thresholds, the training
-command and data, the calibration table, and the size and sha256 of
-``heads.safetensors``. Both files are replaced atomically, the manifest last
-(runtime/atomic_io.py), and the tensors are checked against its checksum on load:
+On disk (a directory): ``heads.safetensors`` holds ``T.<layer>`` ([D, D]), for
+MLP heads also ``W1.<layer>`` ([H, D]), ``W2.<layer>`` ([D, H]) and ``g.<layer>``
+([D]), and for a restricted head ``vocab_ids`` ([K], int32); ``manifest.json``
+records ``head_type`` (absent: linear, as in heads written before MLP heads) and
+``mlp_hidden`` H, the base model's fingerprint, the default layers and
+thresholds, the training command and data, the calibration table, and the size
+and sha256 of ``heads.safetensors``. Both files are replaced atomically, the
+manifest last (runtime/atomic_io.py), and the tensors are checked against its checksum on load:
 an interrupted rerun of ``train-heads`` leaves the old pair, or a pair that is
 refused by name, never tensors that half load. Heads for another base model are
 refused too; a manifest of an older version, without the checksum, still loads.
@@ -55,15 +63,35 @@ FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
 OUTCOMES_FILE = "outcomes.safetensors"  # per validation token: each head's confidence and whether it was right
 MANIFEST_FILE = "manifest.json"
-HEAD_TYPES = ("linear",)
+# each type's tensors, stored as ``<name>.<layer>``
+HEAD_TENSORS = {"linear": ("T",), "mlp": ("T", "W1", "W2", "g")}
+HEAD_TYPES = tuple(HEAD_TENSORS)
 
 
-def head_logits(transform: torch.Tensor, hidden: torch.Tensor, norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """``weight @ final_norm(transform @ h)`` for each row; differentiable (training uses it too).
+def head_transform(head: Mapping[str, torch.Tensor], hidden: torch.Tensor, eps: float) -> torch.Tensor:
+    """``f(h)``, before the final norm: ``T h``, plus ``W2 silu(W1 rmsnorm(h; g))`` for an MLP
+    head (one that has ``W1``). The one definition of the math: the runtime, ``train-heads`` and
+    the head families (head_training/families.py) all call it; differentiable.
 
-    # transform: [D, D]; hidden: [N, D] or [D]; weight: [K, D] -> [N, K] or [K]
+    # T: [D, D]; W1: [H, D]; W2: [D, H]; g: [D]; hidden: [N, D] or [D] -> the same shape
     """
-    return F.linear(rms_norm(F.linear(hidden, transform), norm), weight)
+    out = F.linear(hidden, head["T"])
+    if "W1" in head:
+        # the norm in float32, as the model's own (hf_adapter.rms_norm): bfloat16 heads would drift
+        x = hidden.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype) * head["g"]
+        out = out + F.linear(F.silu(F.linear(x, head["W1"])), head["W2"])
+    return out
+
+
+def head_logits(head: Mapping[str, torch.Tensor], hidden: torch.Tensor, norm: nn.Module,
+                weight: torch.Tensor) -> torch.Tensor:
+    """``weight @ final_norm(f(h))`` for each row (``head``: one layer's tensors, see
+    ``head_transform``; its own norm takes the final norm's eps); differentiable.
+
+    # hidden: [N, D] or [D]; weight: [K, D] -> [N, K] or [K]
+    """
+    return F.linear(rms_norm(head_transform(head, hidden, norm.variance_epsilon), norm), weight)
 
 
 class ExitHeads:
@@ -71,7 +99,7 @@ class ExitHeads:
 
     def __init__(
         self,
-        transforms: Mapping[int, torch.Tensor],
+        params: Mapping[int, torch.Tensor | Mapping[str, torch.Tensor]],
         norm: nn.Module,
         weight: torch.Tensor,
         vocab_ids: torch.Tensor | None,
@@ -79,17 +107,21 @@ class ExitHeads:
         manifest: dict,
         layers: Iterable[int] | None = None,
     ):
-        """``weight``: the LM-head rows the heads score ([K, D]: restricted, or the full head when
-        ``vocab_ids`` is None); ``thresholds``: a threshold for every layer in ``transforms``."""
-        self.transforms = dict(transforms)
+        """``params``: per layer, the head's tensors by name (``HEAD_TENSORS``), or a bare [D, D]
+        tensor: a linear head's ``T``. ``weight``: the LM-head rows the heads score ([K, D]:
+        restricted, or the full head when ``vocab_ids`` is None); ``thresholds``: a threshold for
+        every layer in ``params``."""
+        self.params: dict[int, dict[str, torch.Tensor]] = {
+            l: {"T": p} if isinstance(p, torch.Tensor) else dict(p) for l, p in params.items()
+        }
         self.norm = norm
         self.weight = weight
         self.vocab_ids = vocab_ids
         self._vocab_list = vocab_ids.tolist() if vocab_ids is not None else None
         self._vocab_cpu = vocab_ids.cpu() if vocab_ids is not None else None  # ids for the host-side noise
         self.manifest = manifest
-        self.available_layers: tuple[int, ...] = tuple(sorted(self.transforms))
-        self.layers: tuple[int, ...] = tuple(sorted(self.transforms if layers is None else layers))
+        self.available_layers: tuple[int, ...] = tuple(sorted(self.params))
+        self.layers: tuple[int, ...] = tuple(sorted(self.params if layers is None else layers))
         self.thresholds: dict[int, float] = {l: float(thresholds[l]) for l in self.layers}
 
     @property
@@ -101,6 +133,11 @@ class ExitHeads:
         """Tokens a head can predict: K for a restricted head, the full vocabulary otherwise."""
         return self.weight.shape[0]
 
+    def _logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The head at ``layer``, in float32 (the softmax of every caller runs in float32).
+        # hidden: [D] or [N, D] -> [K] or [N, K]"""
+        return head_logits(self.params[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+
     @torch.inference_mode()
     def predict(self, layer: int, hidden: torch.Tensor) -> tuple[int, float]:
         """The head at ``layer`` on one position: (token id in the full vocabulary, confidence).
@@ -111,7 +148,7 @@ class ExitHeads:
         """
         from .model_runner import to_host
 
-        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+        logits = self._logits(layer, hidden)
         top, index = logits.max(dim=0)
         # top softmax probability = 1 / sum(exp(logits - max)): no [K] division, no second max
         confidence = 1.0 / torch.exp(logits - top).sum()
@@ -127,14 +164,14 @@ class ExitHeads:
 
         # hidden: [D]
         """
-        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+        logits = self._logits(layer, hidden)
         return sampling.propose(logits, self._vocab_cpu, params, pos)
 
     @torch.inference_mode()
     def predict_batch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict`` on many positions, for calibration. # hidden: [N, D] -> ids [N], confidence [N]"""
         # the softmax in float32, as in predict: bfloat16 heads would otherwise calibrate on rounded confidences
-        logits = head_logits(self.transforms[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+        logits = self._logits(layer, hidden)
         probs = torch.softmax(logits, dim=-1)
         confidence, index = probs.max(dim=-1)
         ids = self.vocab_ids[index].long() if self.vocab_ids is not None else index
@@ -147,7 +184,7 @@ class ExitHeads:
         (None: the manifest's defaults; a float: the same for all; a dict: per layer, the
         others keep their defaults). Shares the tensors; ``self`` is unchanged."""
         layers = self.default_layers if layers is None else tuple(sorted(set(int(l) for l in layers)))
-        missing = [l for l in layers if l not in self.transforms]
+        missing = [l for l in layers if l not in self.params]
         if missing:
             raise ValueError(
                 f"no exit head at layer(s) {missing}; these heads exist at layers {list(self.available_layers)} "
@@ -166,7 +203,7 @@ class ExitHeads:
         for l, t in chosen.items():
             if not (0.0 <= t < 1.0) or math.isnan(t):
                 raise ValueError(f"threshold {t} for the head at layer {l} is outside [0, 1)")
-        return ExitHeads(self.transforms, self.norm, self.weight, self.vocab_ids, chosen, self.manifest, layers)
+        return ExitHeads(self.params, self.norm, self.weight, self.vocab_ids, chosen, self.manifest, layers)
 
     def __repr__(self) -> str:
         th = ", ".join(f"{l}: {self.thresholds[l]:g}" for l in self.layers)
@@ -200,6 +237,13 @@ def read_manifest(path: str | Path) -> dict:
             f"{file} is not an exit-heads manifest of format {FORMAT} v{FORMAT_VERSION} (found "
             f"{manifest.get('format')!r} v{manifest.get('format_version')!r}); retrain with `adadecode train-heads`"
         )
+    head_type = manifest.get("head_type", "linear")  # absent: written before MLP heads, all linear
+    if head_type not in HEAD_TYPES:
+        raise ValueError(
+            f"exit heads {file}: head type {head_type!r} is not one this version of adadecode runs "
+            f"({', '.join(HEAD_TYPES)}); retrain them with `adadecode train-heads --head-type linear` (or mlp), "
+            f"or use the adadecode version that wrote them"
+        )
     bad = _malformed_keys(manifest)
     if bad:
         raise ValueError(f"exit heads {file}: missing or malformed {', '.join(bad)}; {_rewrite_hint(path)}")
@@ -218,6 +262,9 @@ def _malformed_keys(manifest: dict) -> list[str]:
         "files": isinstance(files, dict) and _is_file_record(files.get(HEADS_FILE)),
         "validation_calibration": _is_calibration(manifest.get("validation_calibration")),
         "calibration": _is_calibration(manifest.get("calibration")),
+        # the shapes of an MLP head's tensors follow from it (load_exit_heads checks them)
+        "mlp_hidden": manifest.get("head_type") != "mlp"
+        or (_is_int(manifest.get("mlp_hidden")) and manifest["mlp_hidden"] > 0),
     }
     return [key for key, ok in checks.items() if not ok]
 
@@ -264,13 +311,15 @@ def _rewrite_hint(path: str | Path) -> str:
 
 def save_exit_heads(
     path: str | Path,
-    transforms: Mapping[int, torch.Tensor],
+    params: Mapping[int, torch.Tensor | Mapping[str, torch.Tensor]],
     vocab_ids: torch.Tensor | None,
     manifest: dict,
     dtype: torch.dtype = torch.float16,
     outcomes: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``heads.safetensors`` (``T`` stored in ``dtype``), ``outcomes.safetensors`` when given
+    """Write ``heads.safetensors`` (``params`` as ``ExitHeads`` takes them, each tensor as
+    ``<name>.<layer>`` in ``dtype``; ``manifest`` names their ``head_type`` and, for MLP heads,
+    ``mlp_hidden``), ``outcomes.safetensors`` when given
     (per validation token, each head's confidence and whether it agreed with the final layer:
     what the head choice counts exits on, runtime/sim/heads.py) and then ``manifest.json``, with
     the files' checksums, into ``path``; each replaces its old version atomically (module
@@ -278,7 +327,10 @@ def save_exit_heads(
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {f"T.{l}": t.detach().to(dtype).contiguous() for l, t in transforms.items()}
+    tensors = {
+        f"{name}.{l}": t.detach().to(dtype).contiguous()
+        for l, p in params.items() for name, t in ({"T": p} if isinstance(p, torch.Tensor) else p).items()
+    }
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.to(torch.int32).contiguous()
     files = {HEADS_FILE: tensors, OUTCOMES_FILE: outcomes} if outcomes else {HEADS_FILE: tensors}
@@ -338,22 +390,10 @@ def load_exit_heads(
             )
     if tuple(lm_head_weight.shape) != (vocab, hidden):
         raise ValueError(f"LM head weight has shape {tuple(lm_head_weight.shape)}, expected ({vocab}, {hidden})")
-    if manifest.get("head_type", "linear") not in HEAD_TYPES:
-        raise ValueError(f"exit heads {path}: head type {manifest.get('head_type')!r} is unknown; known: {HEAD_TYPES}")
-
     tensors = _read_heads_file(path, manifest)
-    dtype = lm_head_weight.dtype
-    transforms = {}
-    for name, t in tensors.items():
-        if not name.startswith("T."):
-            continue
-        if not name[2:].isdigit():
-            raise ValueError(f"exit heads {path / HEADS_FILE}: tensor {name!r} is not T.<layer>; {_rewrite_hint(path)}")
-        layer = int(name[2:])
-        if tuple(t.shape) != (hidden, hidden) or not 0 < layer < num_layers:
-            raise ValueError(f"exit heads {path}: tensor {name} of shape {tuple(t.shape)} does not fit a "
-                             f"{num_layers}-layer model of hidden size {hidden}")
-        transforms[layer] = t.to(device=lm_head_weight.device, dtype=dtype).contiguous()
+    params = {l: {name: t.to(device=lm_head_weight.device, dtype=lm_head_weight.dtype).contiguous()
+                  for name, t in p.items()}
+              for l, p in _head_params(path, manifest, tensors, num_layers, hidden).items()}
     vocab_ids = tensors.get("vocab_ids")
     if vocab_ids is not None:
         vocab_ids = vocab_ids.long().to(lm_head_weight.device)
@@ -364,12 +404,43 @@ def load_exit_heads(
     else:
         weight = lm_head_weight.detach()
     thresholds = {int(l): float(t) for l, t in manifest["default_thresholds"].items()}
-    missing = [l for l in transforms if l not in thresholds]
-    if missing or set(manifest["default_layers"]) - set(transforms):
+    missing = [l for l in params if l not in thresholds]
+    if missing or set(manifest["default_layers"]) - set(params):
         raise ValueError(f"exit heads {path}: the manifest's default layers/thresholds do not match the "
-                         f"heads in {HEADS_FILE} (layers {sorted(transforms)})")
-    heads = ExitHeads(transforms, norm, weight, vocab_ids, thresholds, manifest)
+                         f"heads in {HEADS_FILE} (layers {sorted(params)})")
+    heads = ExitHeads(params, norm, weight, vocab_ids, thresholds, manifest)
     return heads.select()
+
+
+def _head_params(path: Path, manifest: dict, tensors: Mapping[str, torch.Tensor], num_layers: int,
+                 hidden: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer, the tensors of the manifest's head type, each checked for its shape; ValueError
+    for a tensor of another name or shape, or a head missing one (a pair that does not belong
+    together, or a damaged file)."""
+    head_type = manifest.get("head_type", "linear")  # read_manifest checked it
+    h = manifest.get("mlp_hidden")
+    shapes = {"T": (hidden, hidden), "W1": (h, hidden), "W2": (hidden, h), "g": (hidden,)}
+    names = HEAD_TENSORS[head_type]
+    what = f"a {num_layers}-layer model of hidden size {hidden}" + (f" with MLP heads of hidden size {h}"
+                                                                    if head_type == "mlp" else "")
+    params: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key == "vocab_ids":
+            continue
+        name, _, layer = key.partition(".")
+        if name not in names or not layer.isdigit():
+            expected = ", ".join(f"{n}.<layer>" for n in names)
+            raise ValueError(f"exit heads {path / HEADS_FILE}: tensor {key!r} is not one of {head_type} heads "
+                             f"({expected}, as {MANIFEST_FILE} says) or vocab_ids; {_rewrite_hint(path)}")
+        if tuple(t.shape) != shapes[name] or not 0 < int(layer) < num_layers:
+            raise ValueError(f"exit heads {path}: tensor {key} of shape {tuple(t.shape)} does not fit {what} "
+                             f"(expected {shapes[name]}, layers 1..{num_layers - 1}); {_rewrite_hint(path)}")
+        params.setdefault(int(layer), {})[name] = t
+    incomplete = sorted(f"{n}.{l}" for l, p in params.items() for n in names if n not in p)
+    if incomplete:
+        raise ValueError(f"exit heads {path / HEADS_FILE}: {head_type} heads lack {', '.join(incomplete)}; "
+                         f"{_rewrite_hint(path)}")
+    return params
 
 
 def read_outcomes(path: str | Path, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:

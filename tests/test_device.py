@@ -7,7 +7,7 @@ for the few Python-level methods that need a real CUDA device guard). A tensor l
 raises ``FakeTensorDeviceMismatchError`` when it meets a CUDA tensor, and a host sync (``.item()``,
 ``.tolist()``, a branch on a tensor's value) raises ``DataDependentOutputException``. So a stage
 built and driven under the mode proves that its weights, KV cache, RoPE tables, masks and heads
-live on the device, and that the only host syncs are the ones routed through
+live on the device (linear and MLP heads alike), and that the only host syncs are the ones routed through
 ``model_runner.to_host`` (stubbed here and counted): one per head evaluation, one per item
 that reaches the final layer.
 """
@@ -168,8 +168,10 @@ def host_syncs(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_stage_runs_entirely_on_cuda_with_host_syncs_only_at_decisions(tmp_path, monkeypatch, host_syncs, dtype):
+@pytest.mark.parametrize("dtype,head_type", [(torch.bfloat16, "linear"), (torch.float32, "linear"),
+                                             (torch.bfloat16, "mlp")])
+def test_a_stage_runs_entirely_on_cuda_with_host_syncs_only_at_decisions(tmp_path, monkeypatch, host_syncs, dtype,
+                                                                          head_type):
     path = save_tiny_model(tmp_path, "llama")
     config = load_hf_config(path)
     args = ModelArgs.from_hf_config(config)
@@ -180,8 +182,11 @@ def test_a_stage_runs_entirely_on_cuda_with_host_syncs_only_at_decisions(tmp_pat
         cuda = torch.device("cuda", 0)
         assert all(p.device == cuda and p.dtype == dtype for p in modules.layers.parameters())
         assert model.cache.k[0].device == cuda and model.cos.device == cuda and modules.embed.weight.device == cuda
-        eye = torch.eye(args.hidden_size, dtype=dtype, device="cuda:0")
-        heads = ExitHeads({3: eye}, modules.norm, modules.lm_head.weight, None, {3: 0.5},
+        d, on = args.hidden_size, {"dtype": dtype, "device": "cuda:0"}
+        head = {"T": torch.eye(d, **on)}
+        if head_type == "mlp":  # its own norm (in float32, cast back) and MLP, all on the device
+            head |= {"W1": torch.randn(16, d, **on), "W2": torch.randn(d, 16, **on), "g": torch.ones(d, **on)}
+        heads = ExitHeads({3: head}, modules.norm, modules.lm_head.weight, None, {3: 0.5},
                           {"default_layers": [3], "default_thresholds": {"3": 0.5}})
         stage = Stage(0, 1, model, heads=heads, policy="eager")
 

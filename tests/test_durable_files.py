@@ -107,7 +107,7 @@ def test_kill_during_the_heads_write_keeps_the_old_heads(tiny, tmp_path, monkeyp
     with pytest.raises(Killed):
         save_exit_heads(out, _transforms(1), None, _manifest(tiny[3]), dtype=torch.float32)
     heads = _load(tiny, out)
-    assert all(torch.equal(heads.transforms[l], old[l]) for l in old)
+    assert all(torch.equal(heads.params[l]["T"], old[l]) for l in old)
     assert sorted(p.name for p in out.iterdir()) == [HEADS_FILE, MANIFEST_FILE]  # no temporary file left
 
 
@@ -152,7 +152,7 @@ def test_manifest_without_checksum_loads_and_a_damaged_file_is_still_named(tiny,
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     manifest.pop("files", None)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert torch.equal(_load(tiny, out).transforms[2], old[2])
+    assert torch.equal(_load(tiny, out).params[2]["T"], old[2])
     data = (out / HEADS_FILE).read_bytes()
     (out / HEADS_FILE).write_bytes(data[: len(data) // 2] if damage == "half" else data[:8] + b"{" * 16 + data[24:])
     _refused(tiny, out, str(out / HEADS_FILE))

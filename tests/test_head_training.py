@@ -1,6 +1,6 @@
 """Training exit heads (runtime/head_training/, `adadecode train-heads`) on a tiny random model:
-the greedy pass, the whole pipeline end to end, the base model's device and dtype, and the
-refusals of bad arguments."""
+the greedy pass, the whole pipeline end to end (linear and MLP heads, and decoding with the MLP
+heads it wrote), the base model's device and dtype, and the refusals of bad arguments."""
 
 from __future__ import annotations
 
@@ -111,6 +111,69 @@ def test_train_heads_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
                                                   load_file(str(tmp_path / "again" / "heads.safetensors")).values()))
 
 
+@pytest.fixture(scope="module")
+def mlp_heads(tiny_run, tmp_path_factory):
+    """`train-heads --head-type mlp` on the tiny model: the directory it wrote."""
+    from adadecode.launcher.cli import main
+
+    model, flags = tiny_run
+    out = tmp_path_factory.mktemp("mlp") / "heads"
+    assert main(["train-heads", *flags, "--head-type", "mlp", "--mlp-hidden", "16", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_heads_writes_loadable_mlp_heads(tiny_run, mlp_heads):
+    model, _ = tiny_run
+    manifest = json.loads((mlp_heads / "manifest.json").read_text())
+    assert (manifest["head_type"], manifest["mlp_hidden"]) == ("mlp", 16)
+    assert "--head-type mlp --mlp-hidden 16" in manifest["training"]["command"]
+    for layer in ("2", "4"):
+        losses = manifest["training"]["loss_per_epoch"][layer]
+        assert len(losses) == 4 and losses[-1] < losses[0]
+        assert manifest["calibration"]["heads"][layer]["sweep"]  # calibrated like linear heads
+    heads = _load(model, mlp_heads)
+    assert heads.available_layers == (2, 4) and heads.layers == tuple(manifest["default_layers"])
+    for layer in (2, 4):
+        p = heads.params[layer]
+        assert {k: tuple(t.shape) for k, t in p.items()} == {"T": (D, D), "W1": (16, D), "W2": (D, 16), "g": (D,)}
+        assert p["W2"].abs().max() > 0  # trained: it starts at zero
+    token, conf = heads.select([2, 4]).predict(4, torch.randn(D))
+    assert token in heads.vocab_ids.tolist() and 0.0 < conf <= 1.0
+    from adadecode.runtime.exit_heads import read_outcomes
+
+    assert sorted(read_outcomes(mlp_heads, manifest)) == [2, 4]
+
+
+def test_decoding_with_trained_mlp_heads_gives_the_tokens_of_early_exit_off(tiny_run, mlp_heads):
+    """Eager and deferred on 1 and 2 stages, the heads at low thresholds: early tokens from both
+    heads, many of them wrong, all verified (for deferred, equal tokens are also the CPU fp32
+    property of tests/test_early_exit.py)."""
+    from helpers import make_engine
+
+    model, _ = tiny_run
+    prompt, seen = [5, 17, 33, 2, 9, 41, 7], {"early": set(), "rollbacks": 0, "accepted": 0, "merged": 0}
+    for ranges in ([(0, 6)], [(0, 3), (3, 6)]):
+        engine = make_engine(model, ranges)
+        last = engine.stages[-1].model.modules
+        heads = load_exit_heads(mlp_heads, fingerprint=fingerprint_dir(model), config=load_hf_config(model),
+                                norm=last.norm, lm_head_weight=last.lm_head.weight)
+        assert heads.params[2].keys() == {"T", "W1", "W2", "g"}
+        for stage in engine.stages:
+            stage.heads = heads.select([2, 4], thresholds={2: 0.5, 4: 0.0})
+        off = engine.generate(prompt, max_new_tokens=24).tokens
+        for mode in ("eager", "deferred"):
+            merged = sum(stage.stats.merged for stage in engine.stages)
+            res = engine.generate(prompt, max_new_tokens=24, early_exit=mode)
+            assert res.tokens == off, (ranges, mode)
+            seen["early"] |= set(res.stats["early_by_layer"])
+            seen["rollbacks"] += res.stats["rollbacks"]
+            seen["accepted"] += res.stats["accepted"]
+            if mode == "deferred":
+                seen["merged"] += sum(stage.stats.merged for stage in engine.stages) - merged
+    # the premises: both heads exited, verification undid work and kept some, deferred merged
+    assert seen["early"] == {2, 4} and seen["rollbacks"] > 5 and seen["accepted"] > 0 and seen["merged"] > 0, seen
+
+
 def test_train_heads_with_an_explicit_device_and_dtype(tiny_run, tmp_path):
     """The base model in bfloat16 on the CPU (the GPU path's dtype); the heads still train in float32."""
     from adadecode.launcher.train_heads import main
@@ -172,7 +235,7 @@ def test_training_on_cuda_never_waits_for_the_device_per_step():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= epochs, [str(w.message) for w in syncs]  # at most the batch order's copy, per epoch
-    assert all(t.device == cuda and t.dtype == torch.float32 for t in transforms.values())
+    assert all(t.device == cuda and t.dtype == torch.float32 for p in transforms.values() for t in p.values())
     assert all(h.shape == (epochs,) and h.device == cuda for h in history.values())
 
 
@@ -207,6 +270,18 @@ def test_train_heads_rejects_bad_layers(tiny_run, tmp_path, capsys):
     _, flags = tiny_run
     assert main([*flags, "--out", str(tmp_path / "o"), "--layers", "0,6"]) == 2
     assert "1..5" in capsys.readouterr().err
+
+
+def test_train_heads_rejects_an_unknown_head_type_and_hidden_size(tiny_run, tmp_path, capsys):
+    from adadecode.launcher.train_heads import main
+
+    _, flags = tiny_run
+    with pytest.raises(SystemExit) as e:
+        main([*flags, "--out", str(tmp_path / "o"), "--head-type", "adapter"])
+    assert e.value.code == 2 and "--head-type: invalid choice: 'adapter'" in capsys.readouterr().err
+    assert main([*flags, "--out", str(tmp_path / "o"), "--head-type", "mlp", "--mlp-hidden", "0"]) == 2
+    assert "--mlp-hidden 0: expected a hidden size >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):

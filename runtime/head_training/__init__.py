@@ -6,9 +6,11 @@
 1. collect.py      the base model answers every prompt greedily, keeping the hidden states
                    that produced each new token;
 2. vocab.py        the restricted vocabulary the heads score (the K most frequent outputs);
-3. train.py        each ``T_l`` (d x d, identity at start) fitted on KL(final || head) over the
-                   generated tokens: the final layer's distribution is the teacher,
-                   ``lm_head(final_norm(T_l h_l))`` the student (Adam, warmup + cosine);
+3. train.py        each head fitted on KL(final || head) over the generated tokens: the final
+                   layer's distribution is the teacher, ``lm_head(final_norm(f_l(h_l)))`` the
+                   student (Adam, warmup + cosine); ``f_l`` is ``T_l h`` (``head_type`` linear,
+                   d x d, identity at start) or ``T_l h`` plus a small MLP (mlp, families.MLPHead,
+                   starting as the linear head), the math of runtime/exit_heads.py;
 4. calibrate.py    each head's confidence and agreement with the final layer on prompts it
                    never trained on, and the exit-rate / precision table per threshold;
 5. the default layers and thresholds: the runtime's own per-setting head choice

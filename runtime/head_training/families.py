@@ -1,9 +1,12 @@
 """Exit-head families: what an exit head at layer ``l`` computes before the frozen final norm and
 LM head, ``logits = W_K final_norm(f(h_l))`` (``W_K``: the restricted vocabulary's LM-head rows).
 
-- ``LinearHead``  the paper's ``f(h) = T h`` (``T`` identity at start): today's heads.
+- ``LinearHead``  the paper's ``f(h) = T h`` (``T`` identity at start).
 - ``MLPHead``     ``f(h) = T h + W2 silu(W1 rmsnorm(h))`` with a small hidden size (``W2`` zero at
                   start, so it starts as the linear head).
+                  These two are the runtime's head types (``train-heads --head-type``): their math
+                  is ``exit_heads.head_transform``, and ``tensors()`` gives their parameters under
+                  its names.
 - ``AdapterHead`` one small decoder block over the exit layer's states, as Kangaroo's adapter:
                   ``x = h + Attn(rmsnorm(h))`` (causal self-attention with RoPE over this
                   sequence's exit-layer states, its own KV cache), ``f = x + MLP(rmsnorm(x))``
@@ -32,6 +35,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..exit_heads import head_transform
 
 FAMILIES = ("linear", "mlp", "adapter")
 
@@ -64,28 +69,33 @@ class ExitHead(nn.Module):
 
 class LinearHead(ExitHead):
     family = "linear"
+    eps = 0.0  # no norm of its own
 
     def __init__(self, d: int, init: torch.Tensor | None = None):
         super().__init__()
         self.T = nn.Parameter(init.clone().float() if init is not None else torch.eye(d))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters under the names of runtime/exit_heads.py (``HEAD_TENSORS``)."""
+        return {"T": self.T}
+
     def transform(self, h, positions=None):
-        return F.linear(h, self.T)
+        return head_transform(self.tensors(), h, self.eps)
 
 
-class MLPHead(ExitHead):
+class MLPHead(LinearHead):
     family = "mlp"
 
-    def __init__(self, d: int, hidden: int = 256, eps: float = 1e-5, init: torch.Tensor | None = None):
-        super().__init__()
+    def __init__(self, d: int, hidden: int = 256, eps: float = 1e-5, init: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(d, init)
         self.eps = eps
-        self.T = nn.Parameter(init.clone().float() if init is not None else torch.eye(d))
-        self.norm = nn.Parameter(torch.ones(d))
-        self.W1 = nn.Parameter(torch.randn(hidden, d) / math.sqrt(d))
+        self.norm = nn.Parameter(torch.ones(d))  # g on disk; `norm` in the study's saved state dicts
+        self.W1 = nn.Parameter(torch.randn(hidden, d, generator=generator) / math.sqrt(d))
         self.W2 = nn.Parameter(torch.zeros(d, hidden))
 
-    def transform(self, h, positions=None):
-        return F.linear(h, self.T) + F.linear(F.silu(F.linear(_rms(h, self.norm, self.eps), self.W1)), self.W2)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"T": self.T, "W1": self.W1, "W2": self.W2, "g": self.norm}
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):

@@ -37,6 +37,8 @@ def train_heads(
     lr: float = 1e-3,
     batch_size: int = 256,
     warmup: float = 0.05,
+    head_type: str = "linear",
+    mlp_hidden: int = 256,
     vocab_size: int | str | None = None,
     vocab_coverage: float | None = None,
     defaults_for: int = 2,
@@ -54,11 +56,12 @@ def train_heads(
     ``model``: bundled:<name>, a Hugging Face directory or a .gguf file. ``layers``: the candidate
     head layers, or "auto" (every L/10 layers from 0.13 L to L-2). ``prompts`` minus every
     ``val_every``-th prompt trains; those validation prompts choose the defaults; ``heldout`` is
-    only evaluated. ``vocab_size`` (an int or "full") or ``vocab_coverage`` sets the restricted
-    vocabulary (default ``DEFAULT_VOCAB_SIZE``). The manifest's default heads are those the
-    runtime's own choice (runtime/sim/heads.py) makes for ``defaults_for`` ranks on this device
-    with ``defaults_policy`` backfill; at run time heads are chosen per setting anyway unless
-    ``decoding.auto_heads`` is false. ``device`` (auto, cpu, cuda,
+    only evaluated. ``head_type``: linear (the paper's ``T h``) or mlp (``T h`` plus an MLP of
+    hidden size ``mlp_hidden``; runtime/exit_heads.py). ``vocab_size`` (an int or "full") or
+    ``vocab_coverage`` sets the restricted vocabulary (default ``DEFAULT_VOCAB_SIZE``). The
+    manifest's default heads are those the runtime's own choice (runtime/sim/heads.py) makes for
+    ``defaults_for`` ranks on this device with ``defaults_policy`` backfill; at run time heads are
+    chosen per setting anyway unless ``decoding.auto_heads`` is false. ``device`` (auto, cpu, cuda,
     cuda:N) and ``dtype`` (auto, float32, bfloat16, float16) place the base model; the heads train
     in float32 there and are stored in ``save_dtype``. ``threads`` > 0 sets torch's threads.
     ``argv``: the command-line arguments, recorded in the manifest (None: not a command).
@@ -68,7 +71,7 @@ def train_heads(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..exit_heads import ExitHeads, save_exit_heads
+    from ..exit_heads import HEAD_TYPES, ExitHeads, save_exit_heads
     from ..hf_adapter import load_hf_config
     from ..model_source import resolve_model
     from ..prompts import read_prompts
@@ -76,6 +79,10 @@ def train_heads(
     t_start = time.perf_counter()
     if vocab_size is not None and vocab_coverage is not None:
         raise ValueError("give vocab_size or vocab_coverage, not both")
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"--head-type {head_type!r}: expected one of {', '.join(HEAD_TYPES)}")
+    if mlp_hidden < 1:
+        raise ValueError(f"--mlp-hidden {mlp_hidden}: expected a hidden size >= 1 (256 by default)")
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     if defaults_policy not in ("eager", "deferred"):
@@ -120,8 +127,9 @@ def train_heads(
     ids = {name: [encode(tokenizer, p) for p in ps] for name, ps in groups.items()}
     eos = eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    kind = f"mlp-{mlp_hidden}" if head_type == "mlp" else head_type
     log(f"{resolved.origin}: {num_layers} layers, hidden {d}, vocab {vocab}; {dev}, {dtype_name(dt)}; "
-        f"candidate heads at {layers}; prompts: {', '.join(f'{k} {len(v)}' for k, v in ids.items())}")
+        f"candidate {kind} heads at {layers}; prompts: {', '.join(f'{k} {len(v)}' for k, v in ids.items())}")
 
     # --- 1. the greedy pass, keeping the hidden states ---
     everything = [x for name in groups for x in ids[name]]
@@ -146,18 +154,18 @@ def train_heads(
     log(f"vocabulary: {k} tokens; coverage of the greedy outputs {covered}")
 
     # --- 3. the heads, in float32 on the device ---
-    transforms, history = train(
+    params, history = train(
         splits["train"], layers, norm, weight, epochs=epochs, lr=lr, batch_size=batch_size,
-        warmup=warmup, seed=seed, progress=progress,
+        warmup=warmup, seed=seed, head_type=head_type, mlp_hidden=mlp_hidden, progress=progress,
     )
     history = {l: h.tolist() for l, h in history.items()}  # [epochs] mean KL per layer
     t_train = time.perf_counter() - t_start - t_collect
     log("KL per epoch: " + "; ".join(f"{l}: {h[0]:.3f} -> {h[-1]:.3f}" for l, h in history.items()))
 
-    # --- 4. calibration of what will run: the matrices as stored (rounded to save_dtype) and cast
+    # --- 4. calibration of what will run: the heads as stored (rounded to save_dtype) and cast
     # to the base model's dtype, as the runtime casts them, with the restricted head ---
     save_dt = getattr(torch, save_dtype)
-    stored = {l: t.to(save_dt).to(dt) for l, t in transforms.items()}
+    stored = {l: {name: t.to(save_dt).to(dt) for name, t in p.items()} for l, p in params.items()}
     heads = ExitHeads(stored, norm, weight, vocab_ids, {l: 0.0 for l in layers},
                       {"default_layers": [], "default_thresholds": {}})
     outcomes = {name: head_outcomes(heads, splits[name]) for name in ("validation", "heldout")}  # on the host
@@ -181,7 +189,8 @@ def train_heads(
             "hidden_size": d,
             "vocab_size": vocab,
         },
-        "head_type": "linear",
+        "head_type": head_type,
+        **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {}),
         "layers": layers,
         "default_layers": sorted(default),
         "default_thresholds": {str(l): t for l, t in per_head.items()},
@@ -219,7 +228,8 @@ def train_heads(
                 "schedule": "linear warmup, cosine to 0", "optimizer": "Adam",
                 "loss": "KL(final || head) over the head's vocabulary",
                 "max_new_tokens": max_new_tokens, "val_every": every, "seed": seed,
-                "save_dtype": save_dtype, "init": "identity",
+                "save_dtype": save_dtype,
+                "init": "identity" if head_type == "linear" else "T identity, W1 random, W2 zero, g ones",
             },
             "loss_per_epoch": {str(l): [round(x, 5) for x in h] for l, h in history.items()},
             "threads": torch.get_num_threads(),
@@ -231,7 +241,8 @@ def train_heads(
         },
     }
     host_ids = vocab_ids.cpu() if vocab_ids is not None else None
-    save_exit_heads(out, {l: t.cpu() for l, t in transforms.items()}, host_ids, manifest, dtype=save_dt,
+    host_params = {l: {name: t.cpu() for name, t in p.items()} for l, p in params.items()}
+    save_exit_heads(out, host_params, host_ids, manifest, dtype=save_dt,
                     outcomes=outcome_tensors(outcomes["validation"]))
     log(f"wrote {out}: heads at {layers}, defaults {default}")
     return manifest

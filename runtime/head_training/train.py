@@ -1,7 +1,8 @@
-"""Fitting the heads: each ``T_l`` (d x d, identity at start) on KL(final || head), by Adam
-with a linear warmup and a cosine decay to 0, all heads in one loop over the same batches.
+"""Fitting the heads: each head (linear: ``T_l``, identity at start; mlp: ``T_l`` plus a small
+MLP whose output starts at zero, families.MLPHead) on KL(final || head), by Adam with a linear
+warmup and a cosine decay to 0, all heads in one loop over the same batches.
 
-The matrices train in float32 on the device that holds the collected states, whatever the
+The heads train in float32 on the device that holds the collected states, whatever the
 base model's dtype: the states and the teacher's logits are cast to float32 per batch (the
 stored states stay in the model's dtype, half the memory in bfloat16).
 """
@@ -16,25 +17,33 @@ import torch.nn.functional as F
 
 from ..exit_heads import head_logits
 from .collect import Split
+from .families import LinearHead, MLPHead
 
 
 def train(split: Split, layers: Sequence[int], norm, weight: torch.Tensor, *, epochs: int, lr: float,
-          batch_size: int, warmup: float, seed: int, progress: bool = True
-          ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Fit ``T_l`` for each layer on KL(final || head) over ``weight``'s rows (the restricted vocabulary).
+          batch_size: int, warmup: float, seed: int, head_type: str = "linear", mlp_hidden: int = 256,
+          progress: bool = True) -> tuple[dict[int, dict[str, torch.Tensor]], dict[int, torch.Tensor]]:
+    """Fit a head of ``head_type`` (linear or mlp, of hidden size ``mlp_hidden``) for each layer on
+    KL(final || head) over ``weight``'s rows (the restricted vocabulary).
 
     ``norm``: the base model's final norm; ``weight``: [K, D] LM-head rows, on ``split``'s device.
-    Returns the matrices ([D, D] float32) and the mean loss of every epoch per layer ([epochs]
-    float64), all on that device: without progress bars the loop never waits for the device.
-    The batches depend on ``seed`` only (a CPU generator), not on the device.
+    Returns each head's tensors (float32, by the names of ``exit_heads.HEAD_TENSORS``) and the
+    mean loss of every epoch per layer ([epochs] float64), all on that device: without progress
+    bars the loop never waits for the device. The batches and an MLP's initial ``W1`` depend on
+    ``seed`` only (CPU generators), not on the device.
     """
     from tqdm.auto import tqdm
 
     device = split.final.device
     weight = weight.float()  # the teacher and the student score in float32
     d = split.final.shape[1]
-    transforms = {l: torch.nn.Parameter(torch.eye(d, device=device)) for l in layers}
-    opt = torch.optim.Adam(transforms.values(), lr=lr)
+    init = torch.Generator().manual_seed(seed)  # each MLP's W1, drawn layer by layer
+
+    def new_head() -> LinearHead:
+        return MLPHead(d, mlp_hidden, norm.variance_epsilon, generator=init) if head_type == "mlp" else LinearHead(d)
+
+    heads = {l: new_head().to(device) for l in layers}
+    opt = torch.optim.Adam([p for head in heads.values() for p in head.parameters()], lr=lr)
     steps_per_epoch = math.ceil(split.tokens / batch_size)
     total = max(1, epochs * steps_per_epoch)
     warm = max(1, int(warmup * total))
@@ -58,7 +67,8 @@ def train(split: Split, layers: Sequence[int], norm, weight: torch.Tensor, *, ep
                 teacher = F.log_softmax(F.linear(split.final[idx].float(), weight), dim=-1)  # [B, K]
             loss = 0.0
             for l in layers:
-                student = F.log_softmax(head_logits(transforms[l], split.hidden[l][idx].float(), norm, weight), dim=-1)
+                logits = head_logits(heads[l].tensors(), split.hidden[l][idx].float(), norm, weight)
+                student = F.log_softmax(logits, dim=-1)
                 loss_l = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
                 sums[l] += loss_l.detach().double() * len(idx)
                 loss = loss + loss_l
@@ -72,4 +82,5 @@ def train(split: Split, layers: Sequence[int], norm, weight: torch.Tensor, *, ep
         for l in layers:
             history[l].append(sums[l] / split.tokens)
     bar.close()
-    return {l: t.detach() for l, t in transforms.items()}, {l: torch.stack(h) for l, h in history.items()}
+    tensors = {l: {name: t.detach() for name, t in head.tensors().items()} for l, head in heads.items()}
+    return tensors, {l: torch.stack(h) for l, h in history.items()}
