@@ -147,7 +147,7 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
             t, st = tally[name], res.stats
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
-            t.totals.add(len(res.tokens), st)
+            t.totals.add(len(res.tokens), res.counters)
             generations.append({"seq": st["seq"], "mode": name, "ran_as": st["early_exit"],
                                 "prompt_tokens": res.prompt_tokens, "tokens": len(res.tokens),
                                 "elapsed_s": round(st["elapsed_s"], 6)})

@@ -25,7 +25,7 @@ from .hf_adapter import ModelArgs
 from .loading import LoadedStage, LoadSpec, build_stage, prepare
 from .model_source import ResolvedModel
 from .params import EARLY_EXIT_MODES, SamplingParams, check_request
-from .run_stats import RunTotals, counters_since, stage_counters
+from .run_stats import GenerationStats, RunTotals
 from .runners.inprocess import LocalRunner
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
@@ -42,7 +42,12 @@ class GenerationResult:
     text: str
     finish_reason: str
     tokens_per_s: float
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # JSON-ready: the counters below, the settings, the derived numbers
+    counters: GenerationStats = field(default_factory=GenerationStats, repr=False)  # typed: add these up (RunTotals)
+
+    def as_dict(self) -> dict:
+        """JSON-ready (``stats`` holds the counters)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counters"}
 
 
 class Engine:
@@ -171,7 +176,7 @@ class Engine:
 
         stream = TextStream(self._decode, stop, on_text)
         busy0 = list(self.runner.busy_s)
-        counters0 = [stage_counters(s.stats) for s in self.stages]
+        stages0 = [st.stats.copy() for st in self.stages]
         compiled0 = self.compile_s
         t0 = time.perf_counter()
         self.runner.run(coord, on_verified=lambda event: stream.push(event.tokens))
@@ -183,38 +188,33 @@ class Engine:
         text = self._decode(tokens)
         if stop:
             text = trim_at_stop_string(text, stop)
-        busy = [b - b0 for b, b0 in zip(self.runner.busy_s, busy0)]
         # Remote stages' counters are as of their `released` answers, which run() waits for.
-        counters = [counters_since(stage_counters(st.stats), c0) for st, c0 in zip(self.stages, counters0)]
-        stats = {
-            "elapsed_s": elapsed,
-            "seq": seq,
-            "stages": self.layer_ranges,
-            "stage_busy_fraction": [b / elapsed if elapsed > 0 else 0.0 for b in busy],
-            "stage_busy_s": busy,
-            "early_emitted": s.stats.early_emitted,
-            "accepted": s.stats.accepted,
-            "rollbacks": s.stats.rollbacks,
-            "early_by_layer": dict(sorted(s.stats.early_by_layer.items())),
-            "accepted_by_layer": dict(sorted(s.stats.accepted_by_layer.items())),
-            "rejected_by_layer": dict(sorted(s.stats.rejected_by_layer.items())),
-            "stage_stats": counters,  # each stage's counters in this call (runtime/run_stats.py)
+        counters = GenerationStats.of(
+            [s.stats], elapsed_s=elapsed, stage_busy_s=[b - b0 for b, b0 in zip(self.runner.busy_s, busy0)],
+            stage_stats=[st.stats - st0 for st, st0 in zip(self.stages, stages0)],
+        )
+        totals = RunTotals().add(len(tokens), counters)
+        stats = {"elapsed_s": elapsed, "seq": seq, "stages": self.layer_ranges,
+                 "stage_busy_fraction": totals.stage_busy_fraction}
+        stats |= counters.as_dict()  # elapsed_s keeps its place; stage_busy_s, the early-exit and stage counters
+        stats |= {
             "early_exit": early_exit,
             "sampling": None if sampling is None or sampling.greedy else dataclasses.asdict(sampling),
             "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
         }
-        derived = RunTotals().add(len(tokens), stats).summary()
-        stats.update({k: derived[k] for k in (
+        derived = totals.summary()
+        stats |= {k: derived[k] for k in (
             "exit_rate_per_head", "precision_per_head", "acceptance_rate", "discarded_fraction", "stage_merged",
             "stage_idle_backfills",
-        )})
+        )}
         return GenerationResult(
             prompt_tokens=len(ids),
             tokens=tokens,
             text=text,
             finish_reason=s.finish_reason,
-            tokens_per_s=len(tokens) / elapsed if elapsed > 0 else 0.0,
+            tokens_per_s=totals.tokens_per_s,
             stats=stats,
+            counters=counters,
         )
 
     def new_sequence_id(self) -> int:

@@ -1,10 +1,12 @@
 """Run statistics: the counters of one generation, totals over many, and what they mean.
 
-One implementation of every derived number (exit rate and precision per head,
-acceptance, the fraction of compute discarded, busy fractions), used per
-generation by ``Engine.generate`` and over a whole run by the CLI's summary
-and ``adadecode bench``, so the three always agree. Only counters are added
-up; rates are computed from the totals, never averaged.
+One implementation of every derived number (tokens/s, exit rate and precision
+per head, acceptance, the fraction of compute discarded, busy fractions), used
+per generation by ``Engine.generate``, over a whole run by the CLI's summary
+and ``adadecode bench``, and by the simulator, so they always agree. Counters
+are typed and add up (``StageStats``, ``GenerationStats``, ``RunTotals``);
+rates are computed from the totals, never averaged. Dicts are for the edges:
+``GenerationStats.as_dict`` (``GenerationResult.stats``) and ``summary()``.
 
 - exit rate of a head: early tokens it started per generated token;
 - precision of a head: of its early tokens that were verified either way, the
@@ -18,88 +20,118 @@ up; rates are computed from the totals, never averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
-from .stage_stats import StageStats
+from .coordinator import SeqStats
+from .stage_stats import StageStats, add_by_layer
 
-STAGE_COUNTERS = (
-    "items", "positions", "computed", "discarded", "merged", "idle_backfills", "batched", "head_evals", "dropped_stale",
-)
-
-
-def stage_counters(stats: StageStats) -> dict:
-    """A stage's counters as a plain dict (JSON-ready; ``early_exits`` by head layer)."""
-    return {**{k: getattr(stats, k) for k in STAGE_COUNTERS}, "early_exits": dict(stats.early_exits)}
+_PerStage = TypeVar("_PerStage", float, StageStats)
 
 
-def counters_since(after: dict, before: dict) -> dict:
-    """What a stage counted between two ``stage_counters`` snapshots."""
-    out = {k: after[k] - before[k] for k in STAGE_COUNTERS}
-    exits = {l: n - before["early_exits"].get(l, 0) for l, n in after["early_exits"].items()}
-    out["early_exits"] = {l: n for l, n in sorted(exits.items()) if n}
-    return out
+@dataclass
+class GenerationStats:
+    """The counters of one generation (or of several added up): its time and its sequences'
+    early-exit counts (the Coordinator's ``SeqStats``), and per stage its busy seconds and
+    what it counted (``StageStats``, this generation's share)."""
+
+    elapsed_s: float = 0.0
+    stage_busy_s: list[float] = field(default_factory=list)
+    early_emitted: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    early_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens started
+    accepted_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens verified
+    rejected_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens rolled back
+    stage_stats: list[StageStats] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, sequences: Iterable[SeqStats], *, elapsed_s: float, stage_busy_s: Sequence[float],
+           stage_stats: Sequence[StageStats]) -> GenerationStats:
+        """One generation's counters: its sequences' counts summed, with its time and its stages'."""
+        out = cls(elapsed_s=elapsed_s, stage_busy_s=list(stage_busy_s), stage_stats=list(stage_stats))
+        for s in sequences:
+            out.early_emitted += s.early_emitted
+            out.accepted += s.accepted
+            out.rollbacks += s.rollbacks
+            out.early_by_layer = add_by_layer(out.early_by_layer, s.early_by_layer)
+            out.accepted_by_layer = add_by_layer(out.accepted_by_layer, s.accepted_by_layer)
+            out.rejected_by_layer = add_by_layer(out.rejected_by_layer, s.rejected_by_layer)
+        return out
+
+    def __add__(self, other: GenerationStats) -> GenerationStats:
+        return GenerationStats(
+            elapsed_s=self.elapsed_s + other.elapsed_s,
+            stage_busy_s=_per_stage(self.stage_busy_s, other.stage_busy_s, 0.0),
+            early_emitted=self.early_emitted + other.early_emitted,
+            accepted=self.accepted + other.accepted,
+            rollbacks=self.rollbacks + other.rollbacks,
+            early_by_layer=add_by_layer(self.early_by_layer, other.early_by_layer),
+            accepted_by_layer=add_by_layer(self.accepted_by_layer, other.accepted_by_layer),
+            rejected_by_layer=add_by_layer(self.rejected_by_layer, other.rejected_by_layer),
+            stage_stats=_per_stage(self.stage_stats, other.stage_stats, StageStats()),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, the keys ``GenerationResult.stats`` has for these counters."""
+        return asdict(self)
 
 
-def _add(into: dict, counts: dict) -> None:
-    for k, n in counts.items():
-        into[k] = into.get(k, 0) + n
+def _per_stage(a: list[_PerStage], b: list[_PerStage], zero: _PerStage) -> list[_PerStage]:
+    """``a + b`` stage by stage; an empty list (no generation yet) counts as zeros."""
+    a, b = a or [zero] * len(b), b or [zero] * len(a)
+    if len(a) != len(b):
+        raise ValueError(f"cannot add the counters of {len(a)} stages to those of {len(b)}")
+    return [x + y for x, y in zip(a, b)]
 
 
 @dataclass
 class RunTotals:
-    """Counters of generations added up (``add`` each generation's ``GenerationResult.stats``)."""
+    """Generations added up (``add`` each one's ``GenerationResult.counters``), and the numbers derived."""
 
     generations: int = 0
     tokens: int = 0
-    elapsed_s: float = 0.0
-    early_emitted: int = 0
-    accepted: int = 0
-    rollbacks: int = 0
-    early_by_layer: dict[int, int] = field(default_factory=dict)
-    accepted_by_layer: dict[int, int] = field(default_factory=dict)
-    rejected_by_layer: dict[int, int] = field(default_factory=dict)
-    stage_busy_s: list[float] = field(default_factory=list)
-    stage_stats: list[dict] = field(default_factory=list)
+    counters: GenerationStats = field(default_factory=GenerationStats)
 
-    def add(self, tokens: int, stats: dict) -> RunTotals:
+    def add(self, tokens: int, counters: GenerationStats) -> RunTotals:
         self.generations += 1
         self.tokens += tokens
-        self.elapsed_s += stats["elapsed_s"]
-        for k in ("early_emitted", "accepted", "rollbacks"):
-            setattr(self, k, getattr(self, k) + stats[k])
-        for k in ("early_by_layer", "accepted_by_layer", "rejected_by_layer"):
-            _add(getattr(self, k), {int(l): n for l, n in stats[k].items()})
-        busy = stats["stage_busy_s"]
-        self.stage_busy_s = [a + b for a, b in zip(self.stage_busy_s, busy)] if self.stage_busy_s else list(busy)
-        if not self.stage_stats:
-            self.stage_stats = [{k: 0 for k in STAGE_COUNTERS} | {"early_exits": {}} for _ in stats["stage_stats"]]
-        for total, counts in zip(self.stage_stats, stats["stage_stats"]):
-            _add(total, {k: counts[k] for k in STAGE_COUNTERS})
-            _add(total["early_exits"], {int(l): n for l, n in counts["early_exits"].items()})
+        self.counters += counters
         return self
 
-    def summary(self) -> dict:
+    @property
+    def tokens_per_s(self) -> float:
+        t = self.counters.elapsed_s
+        return self.tokens / t if t > 0 else 0.0
+
+    @property
+    def stage_busy_fraction(self) -> list[float]:
+        t = self.counters.elapsed_s
+        return [b / t if t > 0 else 0.0 for b in self.counters.stage_busy_s]
+
+    def summary(self) -> dict[str, Any]:
         """The derived numbers (JSON-ready)."""
-        layers = sorted(self.early_by_layer.keys() | self.accepted_by_layer.keys() | self.rejected_by_layer.keys())
-        precision = {}
+        c = self.counters
+        layers = sorted(c.early_by_layer.keys() | c.accepted_by_layer.keys() | c.rejected_by_layer.keys())
+        precision: dict[int, float | None] = {}
         for l in layers:
-            decided = self.accepted_by_layer.get(l, 0) + self.rejected_by_layer.get(l, 0)
-            precision[l] = round(self.accepted_by_layer.get(l, 0) / decided, 4) if decided else None
-        computed = sum(s["computed"] for s in self.stage_stats)
-        discarded = sum(s["discarded"] for s in self.stage_stats)
-        t = self.elapsed_s
+            decided = c.accepted_by_layer.get(l, 0) + c.rejected_by_layer.get(l, 0)
+            precision[l] = round(c.accepted_by_layer.get(l, 0) / decided, 4) if decided else None
+        computed = sum(s.computed for s in c.stage_stats)
+        discarded = sum(s.discarded for s in c.stage_stats)
         return {
             "tokens": self.tokens,
-            "tokens_per_s": round(self.tokens / t, 3) if t > 0 else 0.0,
-            "exit_rate_per_head": {l: round(self.early_by_layer.get(l, 0) / self.tokens, 4) if self.tokens else 0.0
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "exit_rate_per_head": {l: round(c.early_by_layer.get(l, 0) / self.tokens, 4) if self.tokens else 0.0
                                    for l in layers},
             "precision_per_head": precision,
-            "acceptance_rate": round(self.accepted / self.early_emitted, 4) if self.early_emitted else None,
-            "rollbacks": self.rollbacks,
+            "acceptance_rate": round(c.accepted / c.early_emitted, 4) if c.early_emitted else None,
+            "rollbacks": c.rollbacks,
             "discarded_fraction": round(discarded / computed, 4) if computed else 0.0,
-            "stage_busy_fraction": [round(b / t, 4) if t > 0 else 0.0 for b in self.stage_busy_s],
-            "stage_merged": [s["merged"] for s in self.stage_stats],
-            "stage_idle_backfills": [s["idle_backfills"] for s in self.stage_stats],
+            "stage_busy_fraction": [round(f, 4) for f in self.stage_busy_fraction],
+            "stage_merged": [s.merged for s in c.stage_stats],
+            "stage_idle_backfills": [s.idle_backfills for s in c.stage_stats],
         }
 
 

@@ -53,8 +53,8 @@ def test_every_simulated_decode_equals_greedy(seed):
     assert res.mismatches == 0
     assert res.tokens == sum(n for _, n in spec.prompts)
     if mode != "off":
-        assert res.totals.early_emitted > 0
-    assert all(0.0 <= b <= res.elapsed_s + 1e-12 for b in res.totals.stage_busy_s)
+        assert res.totals.counters.early_emitted > 0
+    assert all(0.0 <= b <= res.elapsed_s + 1e-12 for b in res.totals.counters.stage_busy_s)
 
 
 def test_one_stage_off_costs_add_up_exactly():
@@ -80,7 +80,7 @@ def test_early_exit_fills_the_pipeline_and_a_perfect_head_pays():
                    head_layers=(5,), early_exit="eager", prompts=[(8, 40)])
     off = simulate(SimSpec(**{**vars(spec), "early_exit": "off", "exits": None, "head_layers": ()}))
     on = simulate(spec)
-    assert on.totals.accepted == on.totals.early_emitted > 0 and on.totals.rollbacks == 0
+    assert on.totals.counters.accepted == on.totals.counters.early_emitted > 0 and on.totals.counters.rollbacks == 0
     assert on.tokens_per_s > 1.3 * off.tokens_per_s
 
 
@@ -195,6 +195,18 @@ def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
     two = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
     assert two.layers and len(two.thresholds) == len(two.layers) and two.speedup >= MARGIN
     assert choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2) == two  # every rank agrees
+
+
+def test_an_mlp_head_is_priced_by_the_weights_it_reads():
+    """The same exit statistics from a costlier head: never predicted faster than the linear one."""
+    from adadecode.runtime.sim.costs import SMOLLM2_135M, cpu_costs
+
+    manifest = _bundled_manifest()
+    mlp = {**manifest, "head_type": "mlp", "mlp_hidden": 256}
+    extra = 2 * 256 * 576 + 576
+    assert cpu_costs(SMOLLM2_135M, 2, head_extra=extra).head_s > cpu_costs(SMOLLM2_135M, 2).head_s
+    linear = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
+    assert choose(mlp, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2).speedup <= linear.speedup
 
 
 def test_max_inflight_is_chosen_with_the_heads_when_left_open():

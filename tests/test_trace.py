@@ -15,7 +15,8 @@ import sys
 
 import pytest
 from adadecode.launcher.trace_export import chrome_trace, discarded_positions, keep_lengths, write_trace
-from adadecode.runtime.run_stats import STAGE_COUNTERS, RunTotals, stage_counters
+from adadecode.runtime.run_stats import GenerationStats, RunTotals
+from adadecode.runtime.stage_stats import StageStats
 from adadecode.runtime.trace import COORDINATOR, TraceRecorder, as_dict, shift
 from helpers import make_engine, save_identity_heads, save_tiny_chat_model
 
@@ -31,14 +32,14 @@ def engine(model_dir):
 
 
 def traced(engine, mode: str, max_new_tokens: int = 12):
-    """``(result, events, counters before, counters after)`` of one traced generation."""
-    before = [stage_counters(s.stats) for s in engine.stages]
+    """``(result, events, stage counters before, stage counters after)`` of one traced generation."""
+    before = [s.stats.copy() for s in engine.stages]
     recorder = engine.runner.set_trace(True)
     try:
         result = engine.generate(PROMPT, max_new_tokens=max_new_tokens, early_exit=mode)
     finally:
         engine.runner.set_trace(False)
-    return result, recorder.events, before, [stage_counters(s.stats) for s in engine.stages]
+    return result, recorder.events, before, [s.stats.copy() for s in engine.stages]
 
 
 def by_type(events, kind: str, track: int | None = None) -> list[dict]:
@@ -79,22 +80,22 @@ def test_compute_kinds_appear_where_expected(engine, mode, kinds):
 def test_summary_equals_the_counters_and_the_trace(engine, mode):
     result, events, before, after = traced(engine, mode)
     st = result.stats
-    delta = [{k: a[k] - b[k] for k in STAGE_COUNTERS} for a, b in zip(after, before)]
-    assert st["stage_merged"] == [d["merged"] for d in delta]
-    assert st["stage_idle_backfills"] == [d["idle_backfills"] for d in delta]
-    assert [{k: s[k] for k in STAGE_COUNTERS} for s in st["stage_stats"]] == delta
-    computed, discarded = sum(d["computed"] for d in delta), sum(d["discarded"] for d in delta)
+    delta = [a - b for a, b in zip(after, before)]
+    assert result.counters.stage_stats == delta and st["stage_stats"] == [d.as_dict() for d in delta]
+    assert st["stage_merged"] == [d.merged for d in delta]
+    assert st["stage_idle_backfills"] == [d.idle_backfills for d in delta]
+    computed, discarded = sum(d.computed for d in delta), sum(d.discarded for d in delta)
     assert st["discarded_fraction"] == round(discarded / computed, 4) and discarded > 0
     # the trace tells the same story: layer-positions computed and thrown away, head evaluations, exits
     keep = keep_lengths(events)
     for i, d in enumerate(delta):
         mine = [e for e in events if e[0] == "compute" and e[1] == i]
-        assert sum(as_dict(e)["n"] * (as_dict(e)["b"] - as_dict(e)["a"]) for e in mine) == d["computed"]
-        assert sum(discarded_positions(e, keep) * (as_dict(e)["b"] - as_dict(e)["a"]) for e in mine) == d["discarded"]
+        assert sum(as_dict(e)["n"] * (as_dict(e)["b"] - as_dict(e)["a"]) for e in mine) == d.computed
+        assert sum(discarded_positions(e, keep) * (as_dict(e)["b"] - as_dict(e)["a"]) for e in mine) == d.discarded
         heads = by_type(events, "head", i)
-        assert len(heads) == d["head_evals"]
-        assert sum(h["exited"] for h in heads) == sum(after[i]["early_exits"].values()) - sum(
-            before[i]["early_exits"].values())
+        assert len(heads) == d.head_evals
+        assert sum(h["exited"] for h in heads) == sum(after[i].early_exits.values()) - sum(
+            before[i].early_exits.values()) == sum(d.early_exits.values())
     assert len(by_type(events, "rollback", COORDINATOR)) == st["rollbacks"]
     assert len(by_type(events, "early", COORDINATOR)) >= st["early_emitted"]
     if st["early_emitted"]:
@@ -105,8 +106,35 @@ def test_summary_equals_the_counters_and_the_trace(engine, mode):
         if decided:
             assert st["precision_per_head"][layer] == round(st["accepted_by_layer"].get(layer, 0) / decided, 4)
     # totals over generations add counters, never rates
-    twice = RunTotals().add(len(result.tokens), st).add(len(result.tokens), st).summary()
+    twice = RunTotals().add(len(result.tokens), result.counters).add(len(result.tokens), result.counters).summary()
     assert twice["discarded_fraction"] == st["discarded_fraction"] and twice["rollbacks"] == 2 * st["rollbacks"]
+
+
+def test_counters_add_and_subtract_as_snapshots():
+    before = StageStats(items=2, computed=6, early_exits={3: 1})
+    after = before.copy()
+    after.items, after.computed, after.early_exits[3], after.early_exits[1] = 5, 15, 2, 4  # the stage counts on
+    assert before == StageStats(items=2, computed=6, early_exits={3: 1})  # a copy is a snapshot
+    since = after - before
+    assert since == StageStats(items=3, computed=9, early_exits={1: 4, 3: 1})
+    assert list(since.early_exits) == [1, 3] and before + since == after
+    assert (after - after).early_exits == {}  # nothing counted: no layer listed
+    wire = json.loads(json.dumps(since.as_dict()))  # the control plane's JSON: layers as strings
+    assert StageStats.from_dict(wire) == since and list(since.as_dict())[-1] == "early_exits"
+
+    one = GenerationStats(elapsed_s=2.0, stage_busy_s=[1.0, 0.5], early_emitted=4, accepted=3, rollbacks=1,
+                          early_by_layer={3: 4}, accepted_by_layer={3: 3}, rejected_by_layer={3: 1},
+                          stage_stats=[StageStats(computed=10, discarded=1, merged=1), since])
+    totals = RunTotals().add(8, one).add(8, one)
+    assert totals.counters.stage_stats == [StageStats(computed=20, discarded=2, merged=2), since + since]
+    assert one.stage_stats[1] == since  # adding made new counters
+    s = totals.summary()
+    assert (s["tokens_per_s"], s["exit_rate_per_head"], s["precision_per_head"], s["acceptance_rate"]) == (
+        4.0, {3: 0.5}, {3: 0.75}, 0.75)
+    assert s["stage_busy_fraction"] == [0.5, 0.25] and s["stage_merged"] == [2, 0]
+    assert s["discarded_fraction"] == round(2 / (20 + 2 * 9), 4)
+    with pytest.raises(ValueError, match="2 stages"):
+        one + GenerationStats(stage_busy_s=[1.0], stage_stats=[StageStats()])
 
 
 def check_chrome(doc: dict, num_stages: int) -> dict[int, list[dict]]:

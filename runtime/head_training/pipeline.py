@@ -174,7 +174,9 @@ def train_heads(
     choice_split = "validation"
     tables = {"validation_calibration": calibration_table(outcomes["validation"], splits["validation"])}
     ranges = plan_stages(config, defaults_for)
-    choice = choose(tables, config, ranges, defaults_policy, dev.type, torch.empty((), dtype=dt).element_size(),
+    kind_keys = {"head_type": head_type, **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {})}
+    choice = choose({**tables, **kind_keys}, config, ranges, defaults_policy, dev.type,
+                    torch.empty((), dtype=dt).element_size(),
                     max_inflight=2, ranks=True, outcomes=outcomes[choice_split], alone=True)
     default = dict(zip(choice.layers, choice.thresholds))
     per_head = dict(choice.alone)

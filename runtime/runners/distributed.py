@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..coordinator import Coordinator
 from ..events import (
@@ -83,11 +83,6 @@ class RemoteStage:
     heads: tuple[int, ...] | None  # head layers loaded there, None without heads
     stats: StageStats = field(default_factory=StageStats)  # as of the rank's last `released` answer
     clock_rtt_ns: int = 0  # its clock measurement's round trip, tracing: its events' error is at most half
-
-
-def stats_from_wire(body: dict) -> StageStats:
-    """A ``StageStats`` sent as JSON (whose object keys are strings)."""
-    return StageStats(**{**body, "early_exits": {int(l): n for l, n in body.get("early_exits", {}).items()}})
 
 
 class DistributedRunner:
@@ -254,7 +249,7 @@ class DistributedRunner:
                 seq, busy, *extra = body  # [seq, busy seconds, stage counters, trace events or None]
                 self.busy_s[sender] = float(busy)
                 if extra:
-                    self.stages[sender].stats = stats_from_wire(extra[0])
+                    self.stages[sender].stats = StageStats.from_dict(extra[0])
                     if extra[1] and self.trace is not None:
                         self.trace.merge(extra[1])
                 self._unreleased.get(seq, set()).discard(sender)  # a second answer is harmless
@@ -396,7 +391,7 @@ class DistributedRunner:
             self.stage.receive(event)
             if isinstance(event, SequenceFinished):  # the slot is free now: say so, with the counters
                 events = self.trace.drain() if self.trace is not None else None
-                control.send("released", [event.seq, self.busy_s[self.rank], asdict(self.stage.stats), events])
+                control.send("released", [event.seq, self.busy_s[self.rank], self.stage.stats.as_dict(), events])
         for act in self.t.data.poll():
             got = True
             if self.trace is not None:

@@ -110,22 +110,31 @@ def load_cpu_profile() -> dict:
     return json.loads(path.read_text())
 
 
-def cpu_costs(model: ModelShape, stages: int, element_size: int = 4) -> Costs:
+def head_weights(hidden: int, extra: int = 0) -> int:
+    """Weights one head evaluation reads: its d x d map, the 1024 restricted LM-head rows the
+    fitted heads score, and ``extra`` (an MLP head's 2 x hidden x d + d)."""
+    return hidden * hidden + 1024 * hidden + extra
+
+
+def cpu_costs(model: ModelShape, stages: int, element_size: int = 4, head_extra: int = 0) -> Costs:
     """``model`` on this project's CPU: the fitted costs of the bundled model, scaled by weight
-    bytes (per layer; per LM head), with the runner's per-hop costs when there are ranks."""
+    bytes (per layer; per LM head; per head evaluation), with the runner's per-hop costs when
+    there are ranks."""
     profile = load_cpu_profile()
     base = Costs.from_dict(profile["costs"])
     layer = model.layer_params * element_size / (SMOLLM2_135M.layer_params * 4)
     lm = model.vocab * model.hidden * element_size / (SMOLLM2_135M.vocab * SMOLLM2_135M.hidden * 4)
     costs = replace(
         base, layer_s=[t * layer for t in base.layer_s], row_s=None if base.row_s is None else base.row_s * layer,
-        lm_head_s=base.lm_head_s * lm, head_s=base.head_s * model.hidden ** 2 / SMOLLM2_135M.hidden ** 2,
+        lm_head_s=base.lm_head_s * lm,
+        head_s=base.head_s * head_weights(model.hidden, head_extra) / head_weights(SMOLLM2_135M.hidden),
         hidden_bytes=model.hidden * element_size,
     )
     return costs if stages == 1 else replace(costs, **profile["pipeline"])  # ranks: their per-hop costs
 
 
-def gpu_costs(model: ModelShape, device: Device, link: Link, runner: Costs, max_rows: int = 8) -> Costs:
+def gpu_costs(model: ModelShape, device: Device, link: Link, runner: Costs, max_rows: int = 8,
+              head_extra: int = 0) -> Costs:
     """``model`` in bf16 on ``device``, stages joined by ``link``; the runner's own costs from ``runner``."""
     weight_bytes = 2 * model.layer_params
     bw = device.bytes_per_s * device.bandwidth_efficiency
@@ -138,7 +147,7 @@ def gpu_costs(model: ModelShape, device: Device, link: Link, runner: Costs, max_
         layer_s=[layer(n) for n in range(1, max_rows + 1)],
         call_s=device.launch_s,
         kv_s=model.kv_bytes() / bw,
-        head_s=device.head_s + 2 * (model.hidden * model.hidden + 1024 * model.hidden) / bw,
+        head_s=device.head_s + 2 * head_weights(model.hidden, head_extra) / bw,
         lm_head_s=device.launch_s + lm_bytes / bw,
         step_s=runner.step_s,
         link_s=link.latency_s,
@@ -157,9 +166,10 @@ def runner_costs() -> Costs:
 
 
 def setting_costs(model: ModelShape, device_type: str, stages: int, element_size: int = 4,
-                  link: Link = NVLINK) -> Costs:
+                  link: Link = NVLINK, head_extra: int = 0) -> Costs:
     """The costs of ``model`` on ``stages`` ranks of ``device_type`` (``cpu``: this project's CPU;
-    ``cuda``: H100s joined by ``link``, whatever the GPU: a projection, not a measurement)."""
+    ``cuda``: H100s joined by ``link``, whatever the GPU: a projection, not a measurement).
+    ``head_extra``: weights an exit head reads beyond a linear one's (an MLP head's)."""
     if device_type == "cuda":
-        return gpu_costs(model, H100, link, runner_costs())
-    return cpu_costs(model, stages, element_size)
+        return gpu_costs(model, H100, link, runner_costs(), head_extra=head_extra)
+    return cpu_costs(model, stages, element_size, head_extra)

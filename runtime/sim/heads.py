@@ -149,16 +149,19 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
     exact = None if outcomes is None else tuple(
         (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone)
+    extra = 0
+    if manifest.get("head_type") == "mlp":  # its W1, W2 and norm, read at every evaluation
+        extra = 2 * int(manifest["mlp_hidden"]) * shape.hidden + shape.hidden
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone, extra)
 
 
 @lru_cache(maxsize=16)
 def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact,
-            alone: bool) -> HeadChoice:
+            alone: bool, head_extra: int) -> HeadChoice:
     table = dict(rows)
     per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
-    costs = setting_costs(shape, device_type, stages, element_size)
+    costs = setting_costs(shape, device_type, stages, element_size, head_extra=head_extra)
     layers = [l for l in sorted(table) if l < shape.layers]
     off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
 

@@ -49,7 +49,7 @@ from ..events import (
     FinalPrediction,
     Verified,
 )
-from ..run_stats import RunTotals, counters_since, stage_counters
+from ..run_stats import GenerationStats, RunTotals
 from ..runners.routing import ActionRouter
 from ..stage import Stage
 from ..stopping import StopCriteria
@@ -236,11 +236,11 @@ class SimResult:
 
     @property
     def elapsed_s(self) -> float:
-        return self.totals.elapsed_s
+        return self.totals.counters.elapsed_s
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return self.totals.tokens_per_s
 
     def summary(self) -> dict:
         """runtime/run_stats.py's summary: the same derived numbers as a measured run's."""
@@ -385,25 +385,19 @@ def simulate(spec: SimSpec) -> SimResult:
             seqs.append((seq, n))
             seq += 1
         busy0 = [r.busy_s for r in ranks]
-        counters0 = [stage_counters(r.stage.stats) for r in ranks]
+        stages0 = [r.stage.stats.copy() for r in ranks]
         end = run(coord, now)
-        stats = {
-            "elapsed_s": end - now, "early_emitted": 0, "accepted": 0, "rollbacks": 0,
-            "early_by_layer": {}, "accepted_by_layer": {}, "rejected_by_layer": {},
-            "stage_busy_s": [r.busy_s - b for r, b in zip(ranks, busy0)],
-            "stage_stats": [counters_since(stage_counters(r.stage.stats), c) for r, c in zip(ranks, counters0)],
-        }
+        counters = GenerationStats.of(
+            [coord.sequences[s].stats for s, _ in seqs], elapsed_s=end - now,
+            stage_busy_s=[r.busy_s - b for r, b in zip(ranks, busy0)],
+            stage_stats=[r.stage.stats - s0 for r, s0 in zip(ranks, stages0)],
+        )
         now, tokens = end, 0
         for s, n in seqs:
-            st = coord.sequences[s]
-            tokens += len(st.generated)
-            mismatches += sum(t != truth(n + i) for i, t in enumerate(st.generated))
-            for k in ("early_emitted", "accepted", "rollbacks"):
-                stats[k] += getattr(st.stats, k)
-            for k in ("early_by_layer", "accepted_by_layer", "rejected_by_layer"):
-                for l, c in getattr(st.stats, k).items():
-                    stats[k][l] = stats[k].get(l, 0) + c
-        totals.add(tokens, stats)
+            generated = coord.sequences[s].generated
+            tokens += len(generated)
+            mismatches += sum(t != truth(n + i) for i, t in enumerate(generated))
+        totals.add(tokens, counters)
     return SimResult(totals, mismatches)
 
 class _StageHeads:
