@@ -9,7 +9,9 @@ the text a whole decode would. Text is held back while it ends in an incomplete 
 character (U+FFFD); ``pending`` shows it anyway, for stop strings.
 
 ``TextStream`` turns verified token ids into text chunks for the user, holding back what
-may still be the start of a stop string and cutting at the first one.
+may still be the start of a stop string and cutting at the first one (with ``min_tokens``:
+the first that ends past the text of the first ``min_tokens - 1`` tokens, the one
+runtime/stopping.py stops at).
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ class IncrementalDetokenizer:
 class TextStream:
     """Verified token ids in, text chunks out (``on_text``), never showing a stop string."""
 
-    def __init__(self, decode: Decode, stop: Sequence[str], on_text: Callable[[str], None] | None):
+    def __init__(self, decode: Decode, stop: Sequence[str], on_text: Callable[[str], None] | None,
+                 min_tokens: int = 0):
+        """``min_tokens``: stop strings in the text of the first ``min_tokens - 1`` tokens are
+        output (``StopCriteria.min_new_tokens``)."""
         self.on_text = on_text
         self.stop = tuple(stop)
         self.detok = IncrementalDetokenizer(decode)
@@ -61,26 +66,45 @@ class TextStream:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.held = ""
         self.stopped = False
+        self.min_tokens = min_tokens
+        self.count = 0  # tokens pushed
+        self.emitted = 0  # characters handed to on_text
+        self.boundary = 0  # characters of text before min_tokens: no stop string ends in them
 
     def push(self, ids: Sequence[int]) -> None:
-        if self.on_text is not None and not self.stopped:
+        if self.on_text is None or self.stopped:
+            return
+        # Before min_tokens, one token at a time as the stop checker sees them, so that the
+        # boundary falls where its boundary falls.
+        while ids and self.count + 1 < self.min_tokens:
+            self.count += 1
+            self._emit(self.detok.push(ids[:1]), final=False, may_stop=False)
+            ids = ids[1:]
+        if ids:
+            self.count += len(ids)
             self._emit(self.detok.push(ids), final=False)
 
     def flush(self) -> None:
         if self.on_text is not None and not self.stopped:
             self._emit(self.detok.flush(), final=True)
 
-    def _emit(self, new: str, final: bool) -> None:
+    def _emit(self, new: str, final: bool, may_stop: bool = True) -> None:
         text = self.held + new
-        cut = first_stop_string(text, self.stop)
+        cut = -1
+        if may_stop:
+            cut = first_stop_string(text, self.stop, self.boundary - self.emitted)
+        else:
+            self.boundary = self.emitted + len(text)
         if cut >= 0:
             text, final, self.stopped = text[:cut], True, True
         upto = len(text) if final else max(0, len(text) - self.hold)
         if upto:
             self.on_text(text[:upto])
+        self.emitted += upto
         self.held = text[upto:]
 
 
-def first_stop_string(text: str, stop_strings: Sequence[str]) -> int:
-    """Where the first stop string in ``text`` starts, or -1."""
-    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+def first_stop_string(text: str, stop_strings: Sequence[str], after: int = 0) -> int:
+    """Where the first stop string in ``text`` that ends past ``text[:after]`` starts, or -1."""
+    found = (text.find(s, max(0, after - len(s) + 1)) for s in stop_strings)
+    return min((i for i in found if i >= 0), default=-1)

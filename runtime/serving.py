@@ -65,6 +65,8 @@ class Request:
     stop: tuple[str, ...] = ()
     early_exit: str = "off"
     sampling: SamplingParams | None = None  # None or temperature 0: greedy
+    min_tokens: int = 0  # EOS and stop strings do not end it before this many tokens (StopCriteria)
+    ignore_eos: bool = False  # EOS is an ordinary token: it runs to a stop string or max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class ServingLoop:
         check_request(len(request.prompt), request.max_new_tokens, e.early_exit_for(request.early_exit),
                       request.sampling, max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded,
                       tokens_name="max_tokens", model="this server")
+        if not 0 <= request.min_tokens <= request.max_new_tokens:
+            raise ValueError(f"min_tokens ({request.min_tokens}) must be in [0, max_tokens = {request.max_new_tokens}]")
 
     # --- the loop's thread: the runner's feed ------------------------------------------------------
 
@@ -254,10 +258,11 @@ class ServingLoop:
             criteria = StopCriteria(
                 max_new_tokens=request.max_new_tokens, eos_token_ids=e.eos_token_ids,
                 stop_strings=request.stop, decode=e._decode if request.stop else None,
+                min_new_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
             )
             pending: list[str] = []
             seq = e.new_sequence_id()
-            stream = TextStream(e._decode, request.stop, pending.append)
+            stream = TextStream(e._decode, request.stop, pending.append, min_tokens=request.min_tokens)
             self._active[seq] = _Active(rid, request, on_event, stream, pending)
             self._seq_of[rid] = seq
             mode = self.engine.early_exit_for(request.early_exit)

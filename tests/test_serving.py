@@ -322,3 +322,48 @@ def test_a_batched_call_gives_each_sequence_its_own_result(model_dir, dtype):
             if exact:
                 assert torch.equal(batched.cache.k[li], alone.cache.k[li])
                 assert torch.equal(batched.cache.v[li], alone.cache.v[li])
+
+
+@pytest.mark.parametrize("mode", ["off", "eager", "deferred"])
+def test_ignore_eos_and_min_tokens_act_on_verified_tokens(model_dir, alone, mode):
+    """A token of the prompt's output made EOS: it ends the request, unless ``ignore_eos`` (then
+    the request runs to its length) or before ``min_tokens`` (then it is an ordinary token, and
+    so is a stop string before it, which is output). With early tokens emitted and rolled back,
+    every count and text is that rule applied to the tokens the prompt gives alone."""
+    loop = serve(model_dir, THREE, slots=4)
+    try:
+        ref = alone[0]
+        eos = max(ref, key=ref.count)
+        assert ref.count(eos) >= 2  # so that it ends the request after min_tokens too
+        k = ref.index(eos)  # EOS first comes as token k + 1
+        loop.engine.eos_token_ids = frozenset({eos})
+        text, letter = loop.engine._decode(ref), loop.engine._decode([ref[k]])  # one letter per token
+        m = k + 2
+        eos_after_m = next((n for n in range(m, len(ref) + 1) if ref[n - 1] == ref[k]), None)
+        cut = text.find(letter, m - 1)  # a stop string counts when it ends past the first m - 1 tokens' text
+        cases = {
+            "plain": (Request(tuple(PROMPTS[0]), MAX_NEW, early_exit=mode), ("eos", k + 1, text[: k + 1])),
+            "ignore_eos": (Request(tuple(PROMPTS[0]), MAX_NEW, early_exit=mode, ignore_eos=True),
+                           ("length", MAX_NEW, text)),
+            "min_tokens": (Request(tuple(PROMPTS[0]), MAX_NEW, early_exit=mode, min_tokens=m),
+                           ("eos", eos_after_m, text[:eos_after_m]) if eos_after_m else ("length", MAX_NEW, text)),
+            "stop+min_tokens": (Request(tuple(PROMPTS[0]), MAX_NEW, stop=(letter,), early_exit=mode, min_tokens=m,
+                                        ignore_eos=True),
+                                ("stop", cut + 1, text[:cut]) if cut >= 0 else ("length", MAX_NEW, text)),
+        }
+        got = Collector(len(cases))
+        ids = {name: loop.submit(request, got) for name, (request, _) in cases.items()}
+        got.wait()
+        for name, (_, (reason, count, out)) in cases.items():
+            events = got.events[ids[name]]
+            end = got.finished(ids[name])
+            tokens = [t for e in events if isinstance(e, TextDelta) for t in e.tokens]
+            assert (end.reason, end.completion_tokens, tokens) == (reason, count, ref[:count]), name
+            assert "".join(e.text for e in events) == out, name
+        # the rule was put to work: EOS and the stop string come again after min_tokens and stop there
+        assert eos_after_m is not None and cut >= 0 and letter in cases["stop+min_tokens"][1][2]
+        with pytest.raises(ValueError, match=r"min_tokens \(13\) must be in \[0, max_tokens = 12\]"):
+            loop.submit(Request(tuple(PROMPTS[0]), MAX_NEW, min_tokens=13), got)
+        assert_all_free(loop)
+    finally:
+        loop.stop()

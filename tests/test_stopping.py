@@ -127,6 +127,96 @@ def test_criteria_are_frozen():
         c.max_new_tokens = 5
 
 
+# --- ignore_eos and min_new_tokens (vLLM's ignore_eos, min_tokens) ------------------------------
+
+
+def test_ignore_eos_makes_eos_an_ordinary_token():
+    c = StopCriteria(4, frozenset({EOS}), ignore_eos=True)
+    assert first_stop(c, [EOS, 1, EOS, EOS, EOS]) == (4, "length")
+    c = StopCriteria(9, frozenset({EOS}), ("ld",), decode, ignore_eos=True)
+    assert first_stop(c, [EOS, 3, EOS, 4]) == (4, "stop")  # stop strings still stop
+
+
+def test_eos_before_min_new_tokens_is_an_ordinary_token():
+    c = StopCriteria(9, frozenset({EOS}), min_new_tokens=3)
+    assert first_stop(c, [EOS, EOS, 1, EOS]) == (4, "eos")
+    assert first_stop(c, [1, EOS, EOS]) == (3, "eos")  # at min_new_tokens: it stops
+    assert first_stop(StopCriteria(3, frozenset({EOS}), min_new_tokens=3), [EOS, EOS, 1]) == (3, "length")
+
+
+@pytest.mark.parametrize(
+    "stop, min_new, tokens, expected",
+    [
+        (["Hello"], 2, [1, 2, 3, 4], None),  # completed by the first token: ordinary text
+        (["Hello"], 1, [1, 2], (1, "stop")),
+        (["o,"], 2, [1, 2, 3], (2, "stop")),  # completed by the min_new_tokens-th token: it stops
+        (["lo, w"], 2, [1, 2, 3], (3, "stop")),  # begins before, ends after
+        (["Hello"], 2, [1, 2, 1], (3, "stop")),  # a later one stops
+        # a short stop string before min_new_tokens stays in the checker's window (kept for the
+        # long one) for several tokens, and is never taken for a new one
+        (["ll", "zzzzzzzzzz"], 2, [1, 2, 9, 9, 9], None),
+    ],
+)
+def test_stop_strings_before_min_new_tokens_are_ordinary_text(stop, min_new, tokens, expected):
+    assert first_stop(crit(stop=stop) if min_new == 0 else StopCriteria(
+        100, frozenset({EOS}), tuple(stop), decode, min_new_tokens=min_new), tokens) == expected
+
+
+def test_min_new_tokens_is_at_most_max_new_tokens():
+    with pytest.raises(ValueError, match=r"min_new_tokens must be in \[0, max_new_tokens = 3\], got 4"):
+        StopCriteria(3, min_new_tokens=4)
+
+
+def _stops_by_definition(tokens, eos, stop, max_new, min_new, ignore_eos):
+    """The first stop and the output text, by the rule itself on whole decodes: a stop string
+    counts when it ends past the text of the first min_new - 1 tokens."""
+    boundary = len(decode(tokens[: max(0, min_new - 1)]))
+
+    def cut(text):
+        found = [i for s in stop for i in range(len(text)) if text.startswith(s, i) and i + len(s) > boundary]
+        return min(found, default=-1)
+
+    for n in range(1, len(tokens) + 1):
+        text = decode(tokens[:n])
+        reason = None
+        if n >= min_new and not ignore_eos and tokens[n - 1] in eos:
+            reason = "eos"
+        elif n >= min_new and cut(text) >= 0:
+            reason = "stop"
+        elif n >= max_new:
+            reason = "length"
+        if reason:
+            return (n, reason), text if cut(text) < 0 else text[: cut(text)]
+    return None, None
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_checker_and_the_stream_follow_min_new_tokens_and_ignore_eos(seed):
+    """Random tokens, stop strings, min_new_tokens and ignore_eos: the checker stops where the
+    rule says, and the streamed text is the output the rule gives (stop strings before
+    min_new_tokens kept), whatever the streaming steps."""
+    rng = random.Random(seed)
+    tokens = [rng.randrange(len(PIECES)) for _ in range(12)]
+    stop = tuple(rng.sample(["Hello", "ll", "o,", ",", "ld", "\n", "#", "##", " x", "wor", "Hello, world"],
+                            rng.randint(0, 3)))
+    max_new = rng.randint(1, 12)
+    min_new, ignore_eos = rng.randint(0, max_new), rng.random() < 0.5
+    c = StopCriteria(max_new, frozenset({EOS}), stop, decode if stop else None, min_new, ignore_eos)
+    expected, text = _stops_by_definition(tokens, {EOS}, stop, max_new, min_new, ignore_eos)
+    assert first_stop(c, tokens) == expected, (tokens, stop, min_new)
+    if expected is not None:
+        out = tokens[: expected[0]]
+        chunks: list[str] = []
+        s = TextStream(decode, stop, chunks.append, min_tokens=min_new)
+        i = 0
+        while i < len(out):
+            step = rng.randint(1, 4)
+            s.push(out[i : i + step])
+            i += step
+        s.flush()
+        assert "".join(chunks) == text, (tokens, stop, min_new)
+
+
 
 
 def _byte_decode(ids) -> str:

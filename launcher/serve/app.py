@@ -19,14 +19,20 @@ Threads (one process, rank 0):
 
 How events reach the asyncio loop: ``ServingLoop.submit`` takes a callback that the
 serving thread calls with each ``TextDelta`` and the one ``Finished``; the callback
-stamps the time and hands the event to the request's ``asyncio.Queue`` with
+stamps the time and hands the event to its batch's ``asyncio.Queue`` with
 ``call_soon_threadsafe`` (it never blocks and never raises into the loop). ``submit``,
 ``cancel`` and ``metrics`` are the only calls made on the loop from this side.
 
-Cancellation: every submitted request has a task listening for the client's
+One HTTP request is a ``_Batch`` of sequences: ``n`` choices of each of its prompts,
+each submitted to the loop as a request of its own, choice ``j`` of prompt ``i`` at
+index ``i * n + j``; their events arrive, interleaved, on the batch's one queue.
+
+Cancellation: every batch has a task listening for the client's
 ``http.disconnect``; a client that goes away (streaming or not, admitted or still
-queued) is ``cancel``-ed at once, and the loop frees its slot on every stage. A
-stream whose writer is cancelled (Starlette does it on disconnect) cancels too.
+queued) has every sequence of its batch ``cancel``-ed at once, and the loop frees
+their slots on every stage. A stream whose writer is cancelled (Starlette does it on
+disconnect) cancels too, and so does the failure of one sequence of a batch (the
+others would be thrown away).
 
 Failure: when the loop stops with an error (a rank was lost), every request still
 waiting gets an error (HTTP 503, or an error event in a stream), ``/health`` turns 503,
@@ -47,8 +53,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+from adadecode.runtime.params import MAX_SEED
 from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.serving import (
     Finished,
@@ -83,6 +90,7 @@ from .openai_api import (
     ModelList,
     Usage,
     check_supported,
+    choice_seed,
     describe_validation_error,
     finish_reason,
     new_id,
@@ -93,6 +101,9 @@ if TYPE_CHECKING:
     from adadecode.runtime.engine import Engine
 
 log = logging.getLogger("adadecode.server")
+
+T = TypeVar("T")
+IGNORED_HEADER = "X-Adadecode-Ignored-Fields"
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ class Frontend:
                 self.done.set()
                 return
 
-    async def encode(self, fn: Callable[[], list[int]]) -> list[int]:
+    async def encode(self, fn: Callable[[], T]) -> T:
         """Tokenize on the tokenizer thread, once the request is admitted: a full server
         answers 429 before any work, so a burst cannot build an unbounded tokenizer backlog."""
         if (refused := self.health()) is not None:
@@ -185,96 +196,148 @@ class Frontend:
         finally:
             self._encoding -= 1
 
-    async def submit(self, request: Request, http: HttpRequest) -> _Submission:
-        """Queue ``request``; raise ``ApiError`` when it is refused."""
+    def check_batch(self, size: int, param: str) -> None:
+        """Refuse a request of ``size`` sequences (n x prompts) that the queue could never hold
+        (HTTP 400), before any tokenizing."""
         if (refused := self.health()) is not None:
             raise refused
-        sub = _Submission(self, asyncio.get_running_loop())
+        if size > self.loop.max_queue:
+            raise ApiError(400, f"this request asks for {size} sequences (n x prompts) but the server queues at "
+                                f"most {self.loop.max_queue} (serve.max_queue); send fewer choices or prompts", param)
+
+    async def submit(self, requests: list[Request], http: HttpRequest, names: list[str] | None = None) -> _Batch:
+        """Queue every one of ``requests`` (one HTTP request's sequences), or none of them:
+        raise ``ApiError`` when one is refused. ``names``: what to call each in an error."""
+        if (refused := self.health()) is not None:
+            raise refused
+        waiting, limit = self.loop.num_waiting, self.loop.max_queue
+        if waiting + len(requests) > limit:  # all submissions come from this thread: the queue only shrinks
+            raise ApiError(429, f"the server is busy: {waiting} requests are waiting for a slot and this one needs "
+                                f"{len(requests)} places (serve.max_queue = {limit}); try again later",
+                           None, "queue_full")
+        batch = _Batch(self, asyncio.get_running_loop())
         try:
-            sub.rid = self.loop.submit(request, sub.on_event)
-        except RequestTooLong as e:
-            raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", None, "queue_full") from None
-        except ServingStopped as e:
-            raise ApiError(503, f"not serving: {e}") from None
-        except ValueError as e:
-            param = next((p for p in ("early_exit", "max_tokens", "prompt") if p in str(e)), None)
-            raise ApiError(400, str(e), param) from None
-        self._outstanding[sub.rid] = sub
-        sub.watcher = asyncio.create_task(_cancel_on_disconnect(http, sub))
-        return sub
+            for i, request in enumerate(requests):
+                try:
+                    batch.add(self.loop.submit(request, batch.on_event(i)))
+                except (ValueError, QueueFull, ServingStopped) as e:
+                    raise _refusal(e, names[i] if names else None) from None
+        except BaseException:
+            batch.close()
+            raise
+        batch.watcher = asyncio.create_task(_cancel_on_disconnect(http, batch))
+        return batch
 
 
-class _Submission:
-    """One submitted request: its events, in order, as the asyncio side sees them."""
+def _refusal(e: Exception, name: str | None) -> ApiError:
+    """The HTTP error for the loop's refusal of one sequence (``name``: which one, when there are several)."""
+    message = f"{name}: {e}" if name else str(e)
+    if isinstance(e, RequestTooLong):
+        return ApiError(400, message, "max_tokens", "context_length_exceeded")
+    if isinstance(e, QueueFull):
+        return ApiError(429, f"the server is busy: {e}", None, "queue_full")
+    if isinstance(e, ServingStopped):
+        return ApiError(503, f"not serving: {e}")
+    param = next((p for p in ("early_exit", "min_tokens", "max_tokens", "prompt") if p in str(e)), None)
+    return ApiError(400, message, param)
+
+
+class _Batch:
+    """The sequences of one HTTP request, as the asyncio side sees them: their events, each
+    tagged with its choice index, interleaved in arrival order on one queue."""
 
     def __init__(self, frontend: Frontend, aio: asyncio.AbstractEventLoop):
         self.frontend, self.aio = frontend, aio
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.rid = -1
-        self.arrival = time.monotonic()
-        self.finished = False
-        self.closed = False
+        self.subs: list[_Submission] = []
         self.watcher: asyncio.Task | None = None
+        self.closed = False
 
-    def on_event(self, event) -> None:
-        """Called on the serving thread: stamp and hand over; never raises."""
-        t = time.monotonic()
-        try:
-            self.aio.call_soon_threadsafe(self.queue.put_nowait, (t, event))
-        except RuntimeError:  # the event loop has closed: nobody waits for this request any more
-            pass
+    def on_event(self, index: int) -> Callable[[object], None]:
+        """The loop's callback for choice ``index``: called on the serving thread, it stamps and
+        hands over, and never raises."""
 
-    def fail(self, error: str) -> None:
-        """End the request from the asyncio side (the loop stopped without reporting it)."""
-        self.queue.put_nowait((time.monotonic(), Finished(self.rid, "failed", 0, 0, "", error)))
+        def on_event(event) -> None:
+            t = time.monotonic()
+            try:
+                self.aio.call_soon_threadsafe(self.queue.put_nowait, (t, index, event))
+            except RuntimeError:  # the event loop has closed: nobody waits for this request any more
+                pass
 
-    async def events(self) -> AsyncIterator[tuple[float, object]]:
-        """``(time, TextDelta)`` ... ``(time, Finished)``; observes the latency histograms."""
-        m = self.frontend.metrics
-        first = last = None
-        try:
-            while True:
-                t, event = await self.queue.get()
-                if isinstance(event, TextDelta):
-                    if first is None:
-                        first = t
-                        m.ttft.observe(t - self.arrival)
-                    else:
-                        m.itl.observe(t - last)
-                    last = t
-                    yield t, event
-                    continue
-                self.finished = True
-                if event.reason not in ("failed", "cancelled"):
-                    m.e2e.observe(t - self.arrival)
-                    if first is not None and event.completion_tokens > 1:
-                        m.tpot.observe((t - first) / (event.completion_tokens - 1))
-                yield t, event
-                return
-        finally:
-            self.close()
+        return on_event
+
+    def add(self, rid: int) -> None:
+        sub = _Submission(self, len(self.subs), rid)
+        self.subs.append(sub)
+        self.frontend._outstanding[rid] = sub
+
+    async def events(self) -> AsyncIterator[tuple[int, object]]:
+        """``(index, TextDelta)`` ... ``(index, Finished)`` of every choice, interleaved; ends
+        after the last ``Finished``. Observes the latency histograms."""
+        remaining = len(self.subs)
+        while remaining:
+            t, index, event = await self.queue.get()
+            self.subs[index].observe(t, event)
+            remaining -= isinstance(event, Finished)
+            yield index, event
 
     def close(self) -> None:
-        """The response is over: stop watching the client; cancel the request if it has not ended."""
+        """The response is over: stop watching the client; cancel every sequence not ended."""
         if self.closed:
             return
         self.closed = True
         if self.watcher is not None and self.watcher is not asyncio.current_task():
             self.watcher.cancel()
-        self.frontend._outstanding.pop(self.rid, None)
-        if not self.finished and self.frontend.loop is not None:
-            self.frontend.loop.cancel(self.rid)
+        for sub in self.subs:
+            sub.close()
 
 
-async def _cancel_on_disconnect(http: HttpRequest, sub: _Submission) -> None:
-    """Wait for the client to go away (the body was read already); then cancel its request."""
+class _Submission:
+    """One sequence of a batch: its id in the loop, and its latency observations."""
+
+    def __init__(self, batch: _Batch, index: int, rid: int):
+        self.batch, self.index, self.rid = batch, index, rid
+        self.arrival = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.finished = False
+
+    def observe(self, t: float, event) -> None:
+        m = self.batch.frontend.metrics
+        if isinstance(event, TextDelta):
+            if self.first is None:
+                self.first = t
+                m.ttft.observe(t - self.arrival)
+            else:
+                m.itl.observe(t - self.last)
+            self.last = t
+            return
+        self.finished = True
+        self.batch.frontend._outstanding.pop(self.rid, None)  # ended: nothing left to cancel or fail
+        if event.reason not in ("failed", "cancelled"):
+            m.e2e.observe(t - self.arrival)
+            if self.first is not None and event.completion_tokens > 1:
+                m.tpot.observe((t - self.first) / (event.completion_tokens - 1))
+
+    def fail(self, error: str) -> None:
+        """End the sequence from the asyncio side (the loop stopped without reporting it)."""
+        event = Finished(self.rid, "failed", 0, 0, "", error)
+        self.batch.queue.put_nowait((time.monotonic(), self.index, event))
+
+    def close(self) -> None:
+        """Cancel the sequence if it has not ended."""
+        frontend = self.batch.frontend
+        if frontend._outstanding.pop(self.rid, None) is not None and frontend.loop is not None:
+            frontend.loop.cancel(self.rid)
+
+
+async def _cancel_on_disconnect(http: HttpRequest, batch: _Batch) -> None:
+    """Wait for the client to go away (the body was read already); then cancel its sequences."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    if not sub.finished:
-        log.info("client of request %d went away: cancelled", sub.rid)
-        sub.close()
+    if not all(sub.finished for sub in batch.subs):
+        log.info("client of request %s went away: cancelled", ", ".join(str(sub.rid) for sub in batch.subs))
+        batch.close()
 
 
 # ------------------------------------------------------------------------------ the app
@@ -341,39 +404,48 @@ def build_app(frontend: Frontend) -> FastAPI:
         return ModelList(data=[ModelCard(id=d.model_name, created=now(), max_model_len=max_len)])
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(_json_body)])
-    async def completions(body: CompletionRequest, http: HttpRequest):
+    async def completions(body: CompletionRequest, http: HttpRequest, response: Response):
         _check_model(body.model, d.model_name)
         check_supported(body)
         engine = _engine(frontend)
-        if isinstance(body.prompt, str):
-            ids = await frontend.encode(lambda: engine.encode(body.prompt))
-        else:
-            ids = _token_ids(body.prompt, engine.args.vocab_size)
-        sub = await frontend.submit(_request(body, ids, body.max_tokens, frontend), http)
-        rid, created = new_id("cmpl"), now()
+        prompts, n = body.prompts(), body.choices()
+        frontend.check_batch(len(prompts) * n, "n" if n > 1 else "prompt")
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await frontend.encode(lambda: [engine.encode(p) for p in texts]) if texts else [])
+        where = (lambda i: f"prompt[{i}]") if len(prompts) > 1 else (lambda i: "prompt")
+        ids = [next(encoded) if isinstance(p, str) else _token_ids(p, engine.args.vocab_size, where(i))
+               for i, p in enumerate(prompts)]
+        batch = await _submit(frontend, body, ids, body.max_tokens, http, where if len(prompts) > 1 else None)
+        rid, created, headers = new_id("cmpl"), now(), _ignored(body)
 
-        def chunk(text: str, reason: str | None = None) -> str:
-            choice = CompletionChoice(text=text, finish_reason=reason)
-            return _sse(CompletionResponse(id=rid, created=created, model=d.model_name, choices=[choice]))
+        def chunk(i: int, text: str, reason: str | None = None, usage: Usage | None = None) -> str:
+            choice = CompletionChoice(index=i, text=text, finish_reason=reason)
+            return _sse(CompletionResponse(id=rid, created=created, model=d.model_name, choices=[choice], usage=usage))
 
         def usage_chunk(usage: Usage) -> CompletionResponse:
             return CompletionResponse(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
 
         if body.stream:
-            return _stream(sub, chunk, final=lambda reason: chunk("", reason),
-                           usage_chunk=usage_chunk if body.include_usage() else None)
-        text, end = await _collect(sub, frontend)
+            return _stream(batch, chunk, final=lambda i, reason, usage: chunk(i, "", reason, usage),
+                           usage_chunk=usage_chunk if body.include_usage() else None,
+                           continuous=body.continuous_usage(), prompt_tokens=_per_choice(ids, n), n=n,
+                           headers=headers)
+        outs = await _collect(batch, frontend)
+        response.headers.update(headers)
         return CompletionResponse(
             id=rid, created=created, model=d.model_name,
-            choices=[CompletionChoice(text=text, finish_reason=finish_reason(end.reason))],
-            usage=Usage.of(end.prompt_tokens, end.completion_tokens),
+            choices=[CompletionChoice(index=i, text=text, finish_reason=finish_reason(end.reason))
+                     for i, (text, end) in enumerate(outs)],
+            usage=_usage(outs, n),
         )
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(_json_body)])
-    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: HttpRequest, response: Response):
         _check_model(body.model, d.model_name)
         check_supported(body)
         engine = _engine(frontend)
+        n = body.choices()
+        frontend.check_batch(n, "n")
         messages = body.chat_messages()
         try:
             ids = await frontend.encode(lambda: engine.encode(messages, chat=True))
@@ -381,25 +453,31 @@ def build_app(frontend: Frontend) -> FastAPI:
             raise ApiError(400, f"{e}; use /v1/completions", "messages") from None
         except TemplateError as e:  # the template refused these messages (e.g. roles out of order)
             raise ApiError(400, f"the chat template refused these messages: {e}", "messages") from None
-        sub = await frontend.submit(_request(body, ids, body.requested_max_tokens(), frontend), http)
-        rid, created = new_id("chatcmpl"), now()
+        batch = await _submit(frontend, body, [ids], body.requested_max_tokens(), http)
+        rid, created, headers = new_id("chatcmpl"), now(), _ignored(body)
 
-        def chunk(text: str | None, reason: str | None = None, role: bool = False) -> str:
+        def chunk(i: int, text: str | None, reason: str | None = None, usage: Usage | None = None,
+                  role: bool = False) -> str:
             delta = ChatDelta(role="assistant" if role else None, content=text)
-            choice = ChatChunkChoice(delta=delta, finish_reason=reason)
-            return _sse(ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[choice]))
+            choice = ChatChunkChoice(index=i, delta=delta, finish_reason=reason)
+            return _sse(ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[choice], usage=usage))
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
 
         if body.stream:
-            return _stream(sub, chunk, final=lambda reason: chunk(None, reason), opening=chunk("", role=True),
-                           usage_chunk=usage_chunk if body.include_usage() else None)
-        text, end = await _collect(sub, frontend)
+            return _stream(batch, chunk, final=lambda i, reason, usage: chunk(i, None, reason, usage),
+                           opening=lambda i, usage: chunk(i, "", None, usage, role=True),
+                           usage_chunk=usage_chunk if body.include_usage() else None,
+                           continuous=body.continuous_usage(), prompt_tokens=_per_choice([ids], n), n=n,
+                           headers=headers)
+        outs = await _collect(batch, frontend)
+        response.headers.update(headers)
         return ChatCompletionResponse(
             id=rid, created=created, model=d.model_name,
-            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason(end.reason))],
-            usage=Usage.of(end.prompt_tokens, end.completion_tokens),
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=text),
+                                finish_reason=finish_reason(end.reason)) for i, (text, end) in enumerate(outs)],
+            usage=_usage(outs, n),
         )
 
     return app
@@ -423,30 +501,71 @@ def _engine(frontend: Frontend):
     return frontend.engine
 
 
-def _token_ids(prompt: list[int], vocab_size: int) -> list[int]:
+def _token_ids(prompt: list[int], vocab_size: int, where: str = "prompt") -> list[int]:
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise ApiError(400, f"`prompt`: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+        raise ApiError(400, f"`{where}`: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
     return list(prompt)
 
 
-def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend) -> Request:
-    """The loop's request: the body's fields, the server's defaults where the body has none."""
+def _ignored(body) -> dict[str, str]:
+    """The response header naming the fields of ``body`` that were accepted and ignored, if any."""
+    names = body.ignored_fields()
+    return {IGNORED_HEADER: ", ".join(names)} if names else {}
+
+
+async def _submit(frontend: Frontend, body, prompts: list[list[int]], max_tokens: int | None, http: HttpRequest,
+                  where: Callable[[int], str] | None = None) -> _Batch:
+    """Submit ``n`` choices of each prompt, prompt-major (choice j of prompt i at index i * n + j)."""
+    n = body.choices()
+    sampling = _sampling(body, frontend.defaults.sampling)
+    if sampling is not None and choice_seed(sampling.seed, n - 1) > MAX_SEED:
+        raise ApiError(400, f"`seed` = {sampling.seed} with n = {n}: choice j samples with the seed seed + j, and "
+                            f"the last one is past {MAX_SEED}; send a smaller seed", "seed")
+    requests = [_request(body, ids, max_tokens, frontend, sampling, j, where(i) if where else "prompt")
+                for i, ids in enumerate(prompts) for j in range(n)]
+    names = [where(k // n) for k in range(len(requests))] if where else None
+    return await frontend.submit(requests, http, names)
+
+
+def _per_choice(prompts: list[list[int]], n: int) -> list[int]:
+    """The prompt tokens of each choice index."""
+    return [len(ids) for ids in prompts for _ in range(n)]
+
+
+def _usage(outs: list[tuple[str, Finished]], n: int) -> Usage:
+    """Every choice's tokens, and each prompt's once (as vLLM and OpenAI count n > 1)."""
+    return Usage.of(sum(end.prompt_tokens for _, end in outs[::n]), sum(end.completion_tokens for _, end in outs))
+
+
+def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend, sampling: SamplingParams | None,
+             choice: int = 0, where: str = "prompt") -> Request:
+    """The loop's request for choice ``choice`` of the prompt ``ids``: the body's fields, the
+    server's defaults where the body has none; ``sampling``: the request's (``_sampling``)."""
     d, max_len = frontend.defaults, frontend.engine.max_seq_len
     if max_tokens is None:  # as much as the default allows and the cache holds
         if len(ids) >= max_len:
             param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-            raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room for output in the KV cache "
+            raise ApiError(400, f"the {where} ({len(ids)} tokens) leaves no room for output in the KV cache "
                                 f"({max_len} positions); shorten it", param, "context_length_exceeded")
         max_tokens = min(d.max_tokens, max_len - len(ids))
+        if body.min_tokens > max_tokens:
+            raise ApiError(400, f"`min_tokens` = {body.min_tokens} is more than the {max_tokens} tokens the {where} "
+                                "may have (max_tokens absent: the server's default, capped to the cache); send "
+                                "max_tokens too", "min_tokens")
+    elif body.min_tokens > max_tokens:
+        raise ApiError(400, f"`min_tokens` = {body.min_tokens} is more than max_tokens ({max_tokens}); send at most "
+                            "max_tokens", "min_tokens")
     stop = body.stop_strings()
-    sampling = _sampling(body, d.sampling)
     vocab = frontend.engine.args.vocab_size
     if body.top_k is not None and body.top_k > vocab:
         raise ApiError(400, f"`top_k` = {body.top_k} is larger than the vocabulary ({vocab} tokens); "
                             "send at most the vocabulary size, or 0 to keep every token", "top_k")
+    if sampling is not None and choice:
+        sampling = dataclasses.replace(sampling, seed=choice_seed(sampling.seed, choice))
     return Request(tuple(ids), max_tokens, stop=d.stop if stop is None else stop,
-                   early_exit=body.early_exit or d.early_exit, sampling=sampling)
+                   early_exit=body.early_exit or d.early_exit, sampling=sampling,
+                   min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
 
 
 # request field -> SamplingParams field
@@ -473,48 +592,66 @@ def _end_error(end: Finished, frontend: Frontend) -> ApiError:
     return ApiError(503, f"the request was cancelled: {frontend.error or 'the server is shutting down'}")
 
 
-async def _collect(sub: _Submission, frontend: Frontend) -> tuple[str, Finished]:
-    parts, end = [], None
+async def _collect(batch: _Batch, frontend: Frontend) -> list[tuple[str, Finished]]:
+    """Every choice's text and end, by index; the first failed or cancelled one fails the request
+    (and cancels the rest)."""
+    parts: list[list[str]] = [[] for _ in batch.subs]
+    ends: dict[int, Finished] = {}
     try:
-        async for _, event in sub.events():
-            parts.append(event.text)
-            end = event
+        async for i, event in batch.events():
+            parts[i].append(event.text)
+            if isinstance(event, Finished):
+                if event.reason in ("failed", "cancelled"):
+                    raise _end_error(event, frontend)
+                ends[i] = event
     finally:
-        sub.close()
-    if end.reason in ("failed", "cancelled"):
-        raise _end_error(end, frontend)
-    return "".join(parts), end
+        batch.close()
+    return [("".join(p), ends[i]) for i, p in enumerate(parts)]
 
 
-def _stream(sub: _Submission, chunk: Callable[[str], str], *, final: Callable[[str], str],
-            opening: str = "", usage_chunk: Callable[[Usage], object] | None = None) -> StreamingResponse:
-    """Server-sent events: ``opening`` (chat: the role), one ``chunk`` per text delta, the ``final``
-    chunk with the finish reason, the usage (stream_options.include_usage), then ``data: [DONE]``.
-    A request that fails mid-stream ends with an error event, then ``data: [DONE]``."""
+def _stream(batch: _Batch, chunk: Callable[..., str], *, final: Callable[[int, str, Usage | None], str],
+            opening: Callable[[int, Usage | None], str] | None = None,
+            usage_chunk: Callable[[Usage], object] | None = None, continuous: bool = False,
+            prompt_tokens: list[int], n: int, headers: dict[str, str]) -> StreamingResponse:
+    """Server-sent events, the choices interleaved as their tokens come, each chunk naming its
+    choice's ``index``: ``opening`` of each choice (chat: the role), ``chunk`` per text delta, the
+    ``final`` chunk of each choice with its finish reason, the usage of all
+    (stream_options.include_usage), then ``data: [DONE]``. With ``continuous``
+    (stream_options.continuous_usage_stats) every chunk carries its choice's usage so far. A
+    request that fails mid-stream ends with an error event, then ``data: [DONE]``."""
 
     async def events():
+        used = [0] * len(prompt_tokens)  # completion tokens of each choice so far
+
+        def usage(i: int) -> Usage | None:
+            return Usage.of(prompt_tokens[i], used[i]) if continuous else None
+
         try:
-            if opening:
-                yield opening
-            async for _, event in sub.events():
+            if opening is not None:
+                for i in range(len(used)):
+                    yield opening(i, usage(i))
+            async for i, event in batch.events():
                 if isinstance(event, TextDelta):
+                    used[i] += len(event.tokens)
                     if event.text:  # a token that ends inside a character, or may start a stop string
-                        yield chunk(event.text)
+                        yield chunk(i, event.text, None, usage(i))
                     continue
                 if event.reason in ("failed", "cancelled"):
-                    yield f"data: {json.dumps(_end_error(event, sub.frontend).body(), ensure_ascii=False)}\n\n"
-                    continue
+                    yield f"data: {json.dumps(_end_error(event, batch.frontend).body(), ensure_ascii=False)}\n\n"
+                    break
+                used[i] = event.completion_tokens
                 if event.text:
-                    yield chunk(event.text)
-                yield final(finish_reason(event.reason))
+                    yield chunk(i, event.text, None, usage(i))
+                yield final(i, finish_reason(event.reason), usage(i))
+            else:
                 if usage_chunk is not None:
-                    yield _sse(usage_chunk(Usage.of(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(usage_chunk(Usage.of(sum(prompt_tokens[::n]), sum(used))))
             yield "data: [DONE]\n\n"
         finally:
-            sub.close()
+            batch.close()
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
 def _sse(model) -> str:

@@ -1,23 +1,33 @@
 """The OpenAI API as `adadecode serve` speaks it: request and response schemas, and errors.
 
 Pydantic models for ``POST /v1/completions``, ``POST /v1/chat/completions`` and
-``GET /v1/models``, shaped like OpenAI's (and vLLM's). Requests are strict:
+``GET /v1/models``, shaped like OpenAI's (and vLLM's). The rule for fields
+(docs/serving.md#request-fields):
 
-- an unknown field is refused (HTTP 400 naming it), never ignored;
-- a known OpenAI field that changes the answer in a way adadecode does not do
-  (``n > 1``, ``logprobs``, ``echo``, tools, penalties, ...) is refused by
-  ``check_supported`` with a message naming the field and what to send
-  instead; its neutral value (``n: 1``, ``presence_penalty: 0``) is accepted;
+- a field that would change the output and that adadecode does not do (``logprobs``,
+  ``echo``, tools, penalties, ...: ``UNSUPPORTED``) is refused by ``check_supported``
+  with a message naming the field and what to send instead; its neutral value
+  (``presence_penalty: 0``, ``echo: false``) is accepted;
+- a field that cannot change the output (``user``, ``metadata``, ``store``, ...:
+  ``IGNORED``) is accepted whatever its value and named in the response header
+  ``X-Adadecode-Ignored-Fields`` (``ignored_fields``);
+- an unknown field is refused (HTTP 400 naming it): what it would do is unknown;
 - types are not coerced (``"max_tokens": "5"`` is an error, as in OpenAI's API).
+
+``n`` choices of each prompt, and a list of prompts on /v1/completions, are decoded as
+``n`` x prompts sequences, choice ``j`` of prompt ``i`` at index ``i * n + j``; sampled
+choice ``j`` uses the seed ``seed + j`` (``choice_seed``), as vLLM derives it.
 
 Sampling: ``temperature``, ``top_p`` and ``seed``, with the extensions ``top_k``,
 ``min_p`` and ``sampling_mode`` (seeded, speculative); each absent field takes the
 server's ``sampling`` section (temperature 0, greedy, by default).
 
 Extensions (top-level fields; the ``openai`` client sends them with ``extra_body``):
-``early_exit`` (off, eager, deferred; default: the server's ``decoding.early_exit``)
-and ``early_exit_thresholds`` (refused: per-request thresholds are not supported
-by the runtime yet; the server's ``decoding.thresholds`` apply).
+``early_exit`` (off, eager, deferred; default: the server's ``decoding.early_exit``),
+vLLM's ``ignore_eos`` and ``min_tokens`` (they act on verified tokens, in
+runtime/stopping.py) and ``stream_options.continuous_usage_stats``; and
+``early_exit_thresholds`` (refused: per-request thresholds are not supported by the
+runtime yet; the server's ``decoding.thresholds`` apply).
 
 No decoding logic lives here: launcher/serve/app.py turns a validated request into
 a ``runtime.serving.Request``.
@@ -92,6 +102,8 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     """Send one last chunk with the request's usage (and no choices) before ``data: [DONE]``."""
+    continuous_usage_stats: bool = False
+    """Extension (as in vLLM): every chunk with a choice carries that choice's usage so far."""
 
 
 class _GenerationRequest(_Strict):
@@ -117,11 +129,29 @@ class _GenerationRequest(_Strict):
     """Extension (as in vLLM): keep tokens at least min_p times as likely as the top one; absent: sampling.min_p."""
     sampling_mode: Literal["seeded", "speculative"] | None = None
     """Extension: seeded (same tokens with early exit on or off) or speculative; absent: sampling.mode."""
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1)
+    """Choices of each prompt, each its own sequence; sampled choice j uses the seed seed + j."""
+    ignore_eos: bool = False
+    """Extension (as in vLLM): EOS is an ordinary token; the output runs to max_tokens (or a stop string)."""
+    min_tokens: int = Field(default=0, ge=0)
+    """Extension (as in vLLM): EOS and stop strings do not end the output before this many tokens."""
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # Ignored (IGNORED): they cannot change the output.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    request_id: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     early_exit: EarlyExit | None = None
     """Extension: early exit for this request (off, eager, deferred); absent: the server's default."""
     early_exit_thresholds: Any = None
@@ -157,13 +187,22 @@ class _GenerationRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def ignored_fields(self) -> list[str]:
+        """The fields of this request that the server accepts and ignores, in the order of ``IGNORED``."""
+        return [name for name in IGNORED if name in self.model_fields_set]
+
 
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
 
     prompt: Any = Field(...)
-    """A string, or a list of token ids (one prompt; a batch of several is refused)."""
-    best_of: int | None = None
+    """A string, a list of token ids, or a list of prompts (strings or lists of token ids)."""
     echo: bool | None = None
     logprobs: int | None = None
     suffix: str | None = None
@@ -171,7 +210,10 @@ class CompletionRequest(_GenerationRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
-        return _one_prompt(v)
+        return _prompts(v)
+
+    def prompts(self) -> list[str | list[int]]:
+        return self.prompt
 
 
 class TextPart(_Strict):
@@ -198,17 +240,15 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = None
     tools: Any = None
     tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
     response_format: Any = None
     modalities: Any = None
     audio: Any = None
-    prediction: Any = None
     reasoning_effort: Any = None
-    service_tier: Any = None
-    store: Any = None
-    metadata: Any = None
+    # Ignored (IGNORED): they cannot change the output.
+    parallel_tool_calls: bool | None = None
+    prediction: Any = None
 
     def chat_messages(self) -> list[dict]:
         """The messages as the tokenizer's chat template takes them."""
@@ -228,62 +268,76 @@ class ChatCompletionRequest(_GenerationRequest):
         return a if a is not None else b
 
 
-def _one_prompt(v):
-    """A completions prompt: a string or a list of token ids; a one-element batch is unwrapped."""
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]  # a batch of one prompt
-    if isinstance(v, str):
-        return v
-    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        return v
-    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
-        raise ValueError(
-            f"a batch of {len(v)} prompts is not served in one request; send one prompt per request"
-        )
-    raise ValueError("expected a string or a non-empty list of token ids (integers)")
+def _is_token_ids(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
+
+def _prompts(v) -> list:
+    """The completions prompts, as OpenAI takes them: a string, a list of token ids, or a
+    non-empty list of prompts, each a string or a list of token ids."""
+    if isinstance(v, str) or _is_token_ids(v):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(p, str) or isinstance(p, list) for p in v):
+        bad = next((i for i, p in enumerate(v) if not (isinstance(p, str) or _is_token_ids(p))), None)
+        if bad is None:
+            return v
+        raise ValueError(f"prompt {bad} of the list is not a string or a non-empty list of token ids (integers)")
+    raise ValueError("expected a string, a non-empty list of token ids (integers), or a list of such prompts")
+
+
+# Fields accepted whatever their value, and ignored: they cannot change the output. A response
+# to a request that sends any names them in the header X-Adadecode-Ignored-Fields.
+IGNORED = ("user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key", "safety_identifier",
+           "parallel_tool_calls", "prediction")
 
 # What a refused field means, and which of its values are neutral (accepted, since they change nothing).
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "n": (lambda v: v is None or v == 1,
-          "one choice per request is served; send n=1 (or leave it out) and make several requests"),
-    "best_of": (lambda v: v is None or v == 1, "one candidate per request is decoded; leave best_of out"),
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "echo": (lambda v: v is None or v is False, "the prompt is not echoed back; leave echo out"),
     "suffix": (lambda v: v is None, "insertion (suffix) is not supported; leave it out"),
     "logprobs": (lambda v: v is None or v is False, "log probabilities are not returned; leave logprobs out"),
     "top_logprobs": (lambda v: v is None, "log probabilities are not returned; leave top_logprobs out"),
     "frequency_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
     "presence_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
+    "repetition_penalty": (lambda v: v is None or v == 1, "penalties are not supported; send 1 or leave it out"),
     "logit_bias": (lambda v: not v, "logit bias is not supported; leave it out"),
+    "use_beam_search": (lambda v: not v, "beam search is not supported; leave use_beam_search out"),
+    "stop_token_ids": (lambda v: not v, "stop token ids are not supported (EOS and stop strings are); leave it out"),
+    "include_stop_str_in_output": (lambda v: not v, "stop strings are never output; leave it out"),
+    "skip_special_tokens": (lambda v: v is None or v is True,
+                            "special tokens are always skipped in the text; leave skip_special_tokens out"),
     "early_exit_thresholds": (lambda v: v is None, (
         "per-request thresholds are not supported by the runtime yet (the server's decoding.thresholds apply); "
         "leave the field out")),
     "tools": (lambda v: v is None, "tool calling is not supported; leave tools out"),
-    "tool_choice": (lambda v: v is None or v == "none", "tool calling is not supported; leave tool_choice out"),
-    "parallel_tool_calls": (lambda v: v is None, "tool calling is not supported; leave it out"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported; leave tool_choice out"),
     "functions": (lambda v: v is None, "function calling is not supported; leave functions out"),
     "function_call": (lambda v: v is None or v == "none", "function calling is not supported; leave it out"),
     "response_format": (lambda v: v is None or v == {"type": "text"},
                         "structured output (JSON mode, schemas) is not supported; leave response_format out"),
     "modalities": (lambda v: v is None or v == ["text"], "text is the only output modality; leave modalities out"),
     "audio": (lambda v: v is None, "audio output is not supported; leave it out"),
-    "prediction": (lambda v: v is None, "predicted outputs are not supported; leave prediction out"),
     "reasoning_effort": (lambda v: v is None, "reasoning effort is not supported; leave it out"),
-    "service_tier": (lambda v: v is None or v in ("auto", "default"), "service tiers are not supported; leave it out"),
-    "store": (lambda v: v is None or v is False, "stored completions are not supported; leave store out"),
-    "metadata": (lambda v: v is None, "metadata is only kept with store, which is not supported; leave it out"),
 }
 
 
 def check_supported(request: _GenerationRequest) -> None:
     """Raise ``ApiError(400)`` naming the first field this server does not honour."""
-    for name, (neutral, why) in _UNSUPPORTED.items():
+    for name, (neutral, why) in UNSUPPORTED.items():
         if name in type(request).model_fields:
             value = getattr(request, name)
             if not neutral(value):
                 raise ApiError(400, f"`{name}` = {_show(value)} is not supported: {why}", name)
+    if request.best_of is not None and request.best_of != request.choices():
+        raise ApiError(400, f"`best_of` = {request.best_of} is not supported: every candidate decoded is returned; "
+                            "leave best_of out (or send it equal to n)", "best_of")
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The sampling seed of choice ``choice`` (0-based) of a prompt whose request has ``seed``;
+    a request with n = 1 and this seed gives the same choice alone (vLLM derives it so)."""
+    return seed + choice
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -316,8 +370,8 @@ def describe_validation_error(errors: list[dict], endpoint: str) -> ApiError:
     path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if k else str(p)) for k, p in enumerate(loc))
     param = str(loc[0])
     if e.get("type") == "extra_forbidden":
-        return ApiError(400, f"unknown field `{path}`: {endpoint} does not take it (extensions: early_exit); remove it",
-                        param, "unknown_field")
+        return ApiError(400, f"unknown field `{path}`: {endpoint} does not take it (the fields it takes, refuses and "
+                             "ignores: docs/serving.md#request-fields); remove it", param, "unknown_field")
     if e.get("type") == "missing":
         return ApiError(400, f"`{path}` is required", param)
     msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
