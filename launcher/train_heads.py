@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (heads.safetensors, manifest.json)")
     p.add_argument("--layers", default=d["layers"],
                    help="candidate head layers, e.g. 8,12,16 (a head at l reads the input of layer l); "
-                        "auto: every L/10 layers from 0.13 L to L-2 (4,7,..,28 for 30 layers)")
+                        "auto: every L/10 layers from 0.13 L to L-2 and the stage boundaries of 2-4 ranks "
+                        "(4,7,9,10,12,13,16,18,19,22,25,28 for SmolLM2-135M)")
     p.add_argument("--prompts", default=d["prompts"], help="training prompts (JSONL)")
     p.add_argument("--heldout", default=d["heldout"],
                    help="held-out prompts (JSONL), evaluated only: the calibration table")

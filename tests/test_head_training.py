@@ -308,3 +308,13 @@ def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
         for layer in (1, 3):
             assert torch.allclose(item["hidden"][layer], out.hidden_states[layer][0, p - 1 : p - 1 + n], atol=1e-4)
         assert torch.allclose(item["final"], out.hidden_states[-1][0, p - 1 : p - 1 + n], atol=1e-4)
+
+
+def test_auto_layers_add_the_stage_boundaries():
+    """Every L/10 layers, and the first layer of each later stage (an exit there lets the next
+    token in as the stage hands over); boundaries outside 1..L-2 are dropped."""
+    from adadecode.runtime.head_training.pipeline import parse_layers
+
+    assert parse_layers("auto", 30) == [4, 7, 10, 13, 16, 19, 22, 25, 28]
+    assert parse_layers("auto", 30, [19, 12, 25, 9, 18, 28, 29, 0]) == [4, 7, 9, 10, 12, 13, 16, 18, 19, 22, 25, 28]
+    assert parse_layers("3,5", 30, [12]) == [3, 5]  # given layers are taken as given

@@ -54,7 +54,8 @@ def train_heads(
     """Train exit heads for ``model`` and write ``heads.safetensors`` + ``manifest.json`` to ``out``.
 
     ``model``: bundled:<name>, a Hugging Face directory or a .gguf file. ``layers``: the candidate
-    head layers, or "auto" (every L/10 layers from 0.13 L to L-2). ``prompts`` minus every
+    head layers, or "auto" (every L/10 layers from 0.13 L to L-2, and the first layer of every later
+    stage of 2-4 ranks). ``prompts`` minus every
     ``val_every``-th prompt trains; those validation prompts choose the defaults; ``heldout`` is
     only evaluated. ``head_type``: linear (the paper's ``T h``) or mlp (``T h`` plus an MLP of
     hidden size ``mlp_hidden``; runtime/exit_heads.py). ``vocab_size`` (an int or "full") or
@@ -117,7 +118,9 @@ def train_heads(
     resolved = resolve_model(model)
     config = load_hf_config(resolved.path)
     num_layers, d, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    layers = parse_layers(layers, num_layers)
+    # stage boundaries of 2-4 ranks: there an exit lets the next token in as its stage hands over
+    boundaries = [b for p in range(2, 5) if p < num_layers for _, b in plan_stages(config, p)[:-1]]
+    layers = parse_layers(layers, num_layers, boundaries)
     if not resolved.has_tokenizer:
         raise ValueError(f"{resolved.path} has no tokenizer files; train-heads needs one to encode the prompts")
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
@@ -250,10 +253,12 @@ def train_heads(
     return manifest
 
 
-def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
-    """Head layers from ``spec``: "auto", "8,12,16" or a list; each must lie in 1..L-1."""
+def parse_layers(spec: str | Sequence[int], num_layers: int, boundaries: Sequence[int] = ()) -> list[int]:
+    """Head layers from ``spec``: "auto" (every L/10 layers from 0.13 L to L-2, plus ``boundaries``:
+    the first layers of later stages), "8,12,16" or a list; each must lie in 1..L-1."""
     if spec == "auto":
-        layers = list(range(max(1, round(0.13 * num_layers)), num_layers - 1, max(1, round(num_layers / 10))))
+        every = range(max(1, round(0.13 * num_layers)), num_layers - 1, max(1, round(num_layers / 10)))
+        layers = sorted({*every, *(b for b in boundaries if 0 < b < num_layers - 1)})
     else:
         try:
             layers = sorted({int(x) for x in (spec.split(",") if isinstance(spec, str) else spec) if str(x).strip()})
