@@ -11,7 +11,16 @@
   for every supported architecture) while skipping its per-call keyword and
   decorator overhead, which on this CPU costs about a third of a decode step.
   Attention itself goes through transformers' own SDPA function so that kernel
-  choice (GQA packing, masks) is exactly theirs.
+  choice (GQA packing, masks) is exactly theirs; a mixture-of-experts block is
+  called as transformers' own module, so that routing is exactly theirs too.
+
+The families (``SUPPORTED_MODEL_TYPES``) share one layer shape: RMSNorm, attention
+with RoPE (q/k norms for Qwen3), RMSNorm, a gated MLP or a mixture of experts, each
+with a residual. What differs is data: how q/k/v and gate/up are stored (separate,
+or fused as in Phi-3), how much of a head is rotated (Phi-3's partial rotary), and
+whether the MLP is dense or routed (Qwen3-MoE). A family whose layer differs in
+shape (Gemma 3: norms after attention and MLP, sliding and global layers with
+their own RoPE) needs more than data here, and is refused until it has it.
 """
 
 from __future__ import annotations
@@ -149,21 +158,32 @@ def load_stage_modules(
         tied = False
 
     device = torch.device(device)
-    by_file: dict[str, list[tuple[str, nn.Module, str]]] = {}
+    # file -> (source tensor, module, parameter, where in the parameter: () for the whole of it)
+    by_file: dict[str, list[tuple[str, nn.Module, str, tuple]]] = {}
+    stacked: dict[tuple[int, str], torch.Tensor] = {}  # parameters assembled from several tensors
     for prefix, module in wanted.items():
-        for pname, _ in module.named_parameters():
+        for pname, param in module.named_parameters():
             full = prefix + pname
             src = "model.embed_tokens.weight" if tied and full == "lm_head.weight" else full
-            if full not in weight_map:
-                raise ModelSourceError(
-                    f"tensor `{full}` is missing from the weights in {model_dir}; the checkpoint does not "
-                    f"match its config.json ({config.model_type}, {config.num_hidden_layers} layers)"
-                )
-            by_file.setdefault(weight_map[full], []).append((src, module, pname))
+            pieces = [(src, ())] if full in weight_map else _expert_pieces(full, param.shape)
+            for name, _ in pieces:
+                if name not in weight_map:
+                    raise ModelSourceError(
+                        f"tensor `{name}` is missing from the weights in {model_dir}; the checkpoint does not "
+                        f"match its config.json ({config.model_type}, {config.num_hidden_layers} layers)"
+                    )
+            if pieces[0][1] != ():
+                stacked[(id(module), pname)] = torch.empty(param.shape, dtype=dtype, device=device)
+                _set_param(module, pname, stacked[(id(module), pname)])
+            for name, at in pieces:
+                by_file.setdefault(weight_map[name], []).append((name, module, pname, at))
     shared: dict[str, torch.Tensor] = {}
     for fname, entries in by_file.items():
         with safe_open(str(model_dir / fname), framework="pt") as f:
-            for src, module, pname in entries:
+            for src, module, pname, at in entries:
+                if at != ():  # one expert's matrix into its rows of the stacked parameter
+                    stacked[(id(module), pname)][at].copy_(f.get_tensor(src))
+                    continue
                 if src not in shared:  # one tensor at a time from the mmap, cast on its way
                     shared[src] = f.get_tensor(src).to(device=device, dtype=dtype)
                 _set_param(module, pname, shared[src])
@@ -173,7 +193,7 @@ def load_stage_modules(
     rotary = type(base.rotary_emb)(config=config).to(device)  # inv_freq from the CPU, as transformers does
     layers = nn.ModuleList(base.layers[i] for i in range(start, end))
     for layer in layers:
-        _fuse_projections(layer)
+        _fuse_projections(layer, config)
     return StageModules(
         start=start,
         end=end,
@@ -192,33 +212,63 @@ def _set_param(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
-def _fuse_projections(layer: nn.Module) -> None:
+def _expert_pieces(full: str, shape: torch.Size) -> list[tuple[str, tuple]]:
+    """Where a mixture-of-experts parameter comes from when the checkpoint stores one matrix per
+    expert (Qwen3-MoE as released, and as transformers saves it): ``(tensor, index into the
+    parameter)`` per expert. transformers stacks them on load (its ``conversion_mapping``,
+    ``qwen2_moe``): ``experts.gate_up_proj[e] = cat(gate_e, up_e)``, ``experts.down_proj[e] = down_e``.
+    Anything else is returned as itself, for the caller to report missing."""
+    prefix, _, leaf = full.rpartition(".")
+    if not prefix.endswith(".experts") or leaf not in ("gate_up_proj", "down_proj"):
+        return [(full, ())]
+    if leaf == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", (e,)) for e in range(shape[0])]
+    rows = shape[1] // 2
+    return [
+        piece
+        for e in range(shape[0])
+        for piece in ((f"{prefix}.{e}.gate_proj.weight", (e, slice(0, rows))),
+                      (f"{prefix}.{e}.up_proj.weight", (e, slice(rows, 2 * rows))))
+    ]
+
+
+def _fuse_projections(layer: nn.Module, config) -> None:
     """Store q/k/v and gate/up as one matrix each; the modules keep views into it.
 
     One [rows, D] matmul instead of three (or two) saves the per-call overhead;
     each output row is the same dot product, so results are bit-identical
-    (checked in tests for 1..17 rows on the bundled model).
+    (checked in tests for 1..17 rows on the bundled model). Phi-3 stores them fused
+    already (``qkv_proj``, ``gate_up_proj``): those are used as they are. A
+    mixture-of-experts block keeps its own layout (``gate_up_weight`` is None).
     """
     attn, mlp = layer.self_attn, layer.mlp
-    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-    layer.qkv_weight = torch.cat([p.weight for p in projs])
-    layer.qkv_bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
-    row = 0
-    for p in projs:
-        n = p.weight.shape[0]
-        p.weight = nn.Parameter(layer.qkv_weight[row : row + n], requires_grad=False)
-        if layer.qkv_bias is not None:
-            p.bias = nn.Parameter(layer.qkv_bias[row : row + n], requires_grad=False)
-        row += n
-    layer.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-    n = mlp.gate_proj.weight.shape[0]
-    mlp.gate_proj.weight = nn.Parameter(layer.gate_up_weight[:n], requires_grad=False)
-    mlp.up_proj.weight = nn.Parameter(layer.gate_up_weight[n:], requires_grad=False)
-    layer.gate_up_bias = None
-    if mlp.gate_proj.bias is not None:  # Llama's mlp_bias=True
-        layer.gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-        mlp.gate_proj.bias = nn.Parameter(layer.gate_up_bias[:n], requires_grad=False)
-        mlp.up_proj.bias = nn.Parameter(layer.gate_up_bias[n:], requires_grad=False)
+    hd = attn.head_dim
+    layer.qkv_split = (config.num_attention_heads * hd, config.num_key_value_heads * hd)  # rows of q, of k (= v)
+    if hasattr(attn, "qkv_proj"):  # Phi-3
+        layer.qkv_weight, layer.qkv_bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+    else:
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+        layer.qkv_weight = torch.cat([p.weight for p in projs])
+        layer.qkv_bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+        row = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(layer.qkv_weight[row : row + n], requires_grad=False)
+            if layer.qkv_bias is not None:
+                p.bias = nn.Parameter(layer.qkv_bias[row : row + n], requires_grad=False)
+            row += n
+    layer.gate_up_weight = layer.gate_up_bias = None
+    if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):  # Phi-3: [gate; up], no bias
+        layer.gate_up_weight, layer.gate_up_bias = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
+    elif hasattr(mlp, "gate_proj"):
+        layer.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        n = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight = nn.Parameter(layer.gate_up_weight[:n], requires_grad=False)
+        mlp.up_proj.weight = nn.Parameter(layer.gate_up_weight[n:], requires_grad=False)
+        if mlp.gate_proj.bias is not None:  # Llama's mlp_bias=True
+            layer.gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+            mlp.gate_proj.bias = nn.Parameter(layer.gate_up_bias[:n], requires_grad=False)
+            mlp.up_proj.bias = nn.Parameter(layer.gate_up_bias[n:], requires_grad=False)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -241,19 +291,43 @@ def rope_tables(
     elementwise per position, so table rows equal what it computes per call, on the same
     device (a GPU's sin/cos may differ from the CPU's in the last bit).
 
-    # returns cos, sin_folded: [max_len, head_dim]
+    # returns cos, sin_folded: [max_len, rotary_dim] (rotary_dim = head_dim but for partial rotary)
     """
+    check_rope_length(getattr(rotary, "config", None), max_len)
     cos, sin = rotary(torch.empty(1, dtype=dtype, device=device), torch.arange(max_len, device=device)[None])
     cos, sin = cos[0], sin[0]
     half = sin.shape[-1] // 2
     return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
+def check_rope_length(config, max_len: int) -> None:
+    """Refuse tables longer than a ``longrope`` model's original context (Phi-3-mini-128k,
+    Phi-3.5, Phi-4-mini). transformers rotates with the short factors while a call's positions
+    stay within ``original_max_position_embeddings`` and with the long factors beyond it
+    (``dynamic_rope_update``), so the rotation of a position depends on the call; one table
+    row per position matches it only where the short factors always apply."""
+    params = getattr(config, "rope_parameters", None) or {}
+    original = params.get("original_max_position_embeddings")
+    if params.get("rope_type") == "longrope" and original and max_len > original:
+        raise ValueError(
+            f"model.max_seq_len {max_len} exceeds {original}, the original context of this model's longrope "
+            f"RoPE, beyond which transformers switches every position to the long factors; adadecode keeps one "
+            f"rotation per position, so set model.max_seq_len <= {original}"
+        )
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
-    """# x: [B, S, H, hd]; cos, sin_folded: [B, S, 1, hd]"""
+    """RoPE on the first ``rotary_dim`` channels of each head, the rest passed through (Phi-3's
+    partial rotary: transformers rotates ``x[..., :rotary_dim]`` and concatenates the rest).
+
+    # x: [B, S, H, hd]; cos, sin_folded: [B, S, 1, rotary_dim]
+    """
     b, s, h, hd = x.shape
-    swapped = x.view(b, s, h, 2, hd // 2).flip(3).reshape(b, s, h, hd)
-    return (x * cos) + (swapped * sin_folded)
+    rd = cos.shape[-1]
+    rot = x if rd == hd else x[..., :rd]
+    swapped = rot.reshape(b, s, h, 2, rd // 2).flip(3).reshape(b, s, h, rd)
+    out = (rot * cos) + (swapped * sin_folded)
+    return out if rd == hd else torch.cat((out, x[..., rd:]), dim=-1)
 
 
 def causal_chunk_mask(input_pos: int, length: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -277,9 +351,9 @@ def decoder_layer_forward(
     kv_update,
     mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One Llama-family decoder layer; ``kv_update(k, v) -> (k_all, v_all)`` writes the cache.
+    """One decoder layer of a supported family; ``kv_update(k, v) -> (k_all, v_all)`` writes the cache.
 
-    # hidden: [1, S, D]; cos, sin_folded: [1, S, 1, head_dim] (see ``rope_tables``)
+    # hidden: [1, S, D]; cos, sin_folded: [1, S, 1, rotary_dim] (see ``rope_tables``)
     """
     return decoder_layer_forward_ragged(layer, hidden, cos, sin_folded, [(hidden.shape[1], kv_update, mask)])
 
@@ -293,13 +367,12 @@ def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, si
     (measured in fp32 on this CPU; tests/test_serving.py), which is why serving batches
     ``exact`` by default (``StageModel.run_layers_batch``).
 
-    # hidden: [1, N, D] (N = sum of rows); cos, sin_folded: [1, N, 1, head_dim], each row its position's
+    # hidden: [1, N, D] (N = sum of rows); cos, sin_folded: [1, N, 1, rotary_dim], each row its position's
     """
     attn, mlp = layer.self_attn, layer.mlp
     bsz, seqlen, _ = hidden.shape
     hd = attn.head_dim
-    n_q = attn.q_proj.weight.shape[0]
-    n_kv = attn.k_proj.weight.shape[0]
+    n_q, n_kv = layer.qkv_split
 
     x = rms_norm(hidden, layer.input_layernorm)
     qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
@@ -322,5 +395,10 @@ def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, si
     hidden = hidden + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
 
     x = rms_norm(hidden, layer.post_attention_layernorm)
+    if layer.gate_up_weight is None:
+        # a mixture of experts: transformers' own block, so that the router (softmax, top-k, its
+        # normalisation) and the experts' kernel are exactly theirs; it works row by row
+        return hidden + mlp(x)
     gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
-    return hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3's name for it
+    return hidden + F.linear(act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .device import dtype_name
-from .hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from .hf_adapter import ModelArgs, check_rope_length, load_hf_config, load_stage_modules
 from .model_runner import StageModel
 from .model_source import ResolvedModel, resolve_model
 from .partition import partition_layers
@@ -227,6 +227,7 @@ def _check_seq_len(config, args: ModelArgs, max_seq_len: int) -> None:
             f"model.max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
             f"({args.max_position_embeddings}); lower model.max_seq_len"
         )
+    check_rope_length(config, max_seq_len)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and max_seq_len > window:
         raise ValueError(

@@ -47,7 +47,7 @@ class StageModel:
         self.cache.setup(
             self.end - self.start, num_slots, args.num_kv_heads, max_seq_len, args.head_dim, self.dtype, self.device
         )
-        self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, self.dtype, self.device)  # [max_seq_len, hd]
+        self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, self.dtype, self.device)  # [max_len, rotary_dim]
         self.step = None  # a compiled layer loop (runtime/compiled_step.py) replaces run_layers' body
 
     @property

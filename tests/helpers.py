@@ -30,13 +30,23 @@ TINY = dict(
 )
 
 
+# what each family needs beyond TINY to be itself (``overrides`` still win)
+TINY_FAMILY = {
+    "qwen3": dict(head_dim=16),
+    # Phi-4-mini's partial rotary (3/4 of each head); its own token ids lie beyond a 96-token vocabulary
+    "phi3": dict(partial_rotary_factor=0.75, pad_token_id=None, bos_token_id=1, eos_token_id=2),
+    # 4 experts, 2 per token, renormalised (Qwen3-30B-A3B's norm_topk_prob); layer 1 a dense MLP
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=[1]),
+}
+
+
 def tiny_config(model_type: str = "llama", **overrides):
-    """A small HF config of ``model_type`` (llama, mistral, qwen2, qwen3, or any other type)."""
+    """A small HF config of ``model_type`` (llama, mistral, qwen2, qwen3, phi3, qwen3_moe, or any
+    other type)."""
     from transformers import AutoConfig
 
-    kw = {**TINY, **overrides}
-    if model_type == "qwen3":
-        kw.setdefault("head_dim", 16)
+    kw = {**TINY, **TINY_FAMILY.get(model_type, {}), **overrides}
     return AutoConfig.for_model(model_type, **kw)
 
 
@@ -118,13 +128,30 @@ class InProcessPipeline:
         ]
         self.runner = LocalRunner(self.stages)
         self._seq = 0
+        self.last_stats = None  # the Coordinator's counters of the last generation (early tokens, rollbacks)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int] = frozenset()) -> list[int]:
-        coord = Coordinator()
+    def set_random_heads(self, layers: list[int], threshold: float = 0.05, seed: int = 0) -> None:
+        """Linear exit heads ``T = I + 0.5 N(0, 1)`` at ``layers`` on every stage: confident often
+        and mostly wrong, so early tokens flow from every stage and most are rolled back."""
+        from adadecode.runtime.exit_heads import ExitHeads
+
+        last = self.stages[-1].model.modules
+        d = last.norm.weight.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        transforms = {l: torch.eye(d) + 0.5 * torch.randn(d, d, generator=g) for l in layers}
+        manifest = {"default_layers": list(layers), "default_thresholds": {str(l): threshold for l in layers}}
+        heads = ExitHeads(transforms, last.norm, last.lm_head.weight, None, {l: threshold for l in layers}, manifest)
+        for stage in self.stages:
+            stage.heads = heads
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: frozenset[int] = frozenset(),
+                 early_exit: str | None = None) -> list[int]:
+        coord = Coordinator(max_inflight=0 if early_exit in (None, "off") else 2)
         seq = self._seq
         self._seq += 1
-        coord.add_sequence(seq, prompt, StopCriteria(max_new_tokens, eos))
+        coord.add_sequence(seq, prompt, StopCriteria(max_new_tokens, eos), early_exit=early_exit)
         self.runner.run(coord)
+        self.last_stats = coord.sequences[seq].stats
         return coord.sequences[seq].generated
 
 

@@ -17,10 +17,12 @@ from adadecode.runtime.hf_adapter import (
     rope_tables,
 )
 from adadecode.runtime.kv_cache import KVCache
-from adadecode.runtime.model_source import UnsupportedArchitectureError
+from adadecode.runtime.model_source import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from helpers import save_tiny_model, tiny_config
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"]
+# a different architecture, and families near supported ones (a shared expert; Gemma's norms)
+FAMILIES_NOT_SUPPORTED = ["gpt2", "qwen2_moe", "gemma3_text"]
 
 
 class _HFCacheShim:
@@ -33,9 +35,31 @@ class _HFCacheShim:
         return self.cache.update(layer_idx, 0, self.pos, k, v)
 
 
+# Phi-3 with a longrope RoPE (Phi-3.5 / Phi-4-mini), within its original context (check_rope_length)
+LONGROPE = {"original_max_position_embeddings": 64, "rope_parameters": {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [4.0] * 6}}
 LAYER_CASES = [(arch, torch.float32, {}) for arch in ARCHS] + [
     (arch, torch.bfloat16, {}) for arch in ARCHS  # the dtype GPU users get (this CPU has AVX512-BF16)
-] + [("llama", torch.float32, {"mlp_bias": True, "attention_bias": True})]
+] + [
+    ("llama", torch.float32, {"mlp_bias": True, "attention_bias": True}),
+    ("phi3", torch.float32, {"partial_rotary_factor": 1.0}),  # Phi-3-mini: full rotary
+    ("phi3", torch.float32, LONGROPE),
+    # top-k weights as the softmax gives them, not renormalised; layer 0 dense, layer 1 experts
+    ("qwen3_moe", torch.float32, {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+]
+
+
+def _premise(model_type, mods, config):
+    """What the case is there to exercise is really in the modules it runs."""
+    hd = mods.layers[0].self_attn.head_dim
+    if model_type == "phi3":
+        rotary_dim = 2 * mods.rotary.inv_freq.shape[0]
+        factor = config.rope_parameters["partial_rotary_factor"]
+        assert rotary_dim == int(hd * factor) and (rotary_dim < hd) == (factor < 1)
+    if model_type == "qwen3_moe":  # one dense MLP and one mixture of experts among the two layers
+        kinds = sorted(type(layer.mlp).__name__ for layer in mods.layers)
+        assert kinds == ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock"], kinds
 
 
 @pytest.mark.parametrize("model_type,dtype,overrides", LAYER_CASES, ids=lambda c: str(c).replace("torch.", ""))
@@ -45,6 +69,7 @@ def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type, d
     mods = load_stage_modules(path, config, 0, 2, embed=True, head=True, dtype=dtype)
     if overrides.get("mlp_bias"):  # the premise: the biases are there and not zero
         assert mods.layers[0].mlp.down_proj.bias.abs().sum() > 0
+    _premise(model_type, mods, config)
     hd = mods.layers[0].self_attn.head_dim
     kv = config.num_key_value_heads
     ours, theirs = KVCache(), KVCache()
@@ -98,6 +123,27 @@ def test_stage_loads_only_its_range(tmp_path):
     assert first.embed is not None and first.lm_head is None
 
 
+def test_experts_stacked_from_shards_equal_transformers_own_loading(tmp_path):
+    """Qwen3-MoE checkpoints hold one matrix per expert, here spread over several shards; a stage
+    stacks its layers' experts as transformers does when it loads the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path, "qwen3_moe")
+    AutoModelForCausalLM.from_pretrained(str(path)).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    sharded = tmp_path / "sharded"
+    shards = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    experts = {f for n, f in shards.items() if n.startswith("model.layers.3.mlp.experts.")}
+    assert len(experts) > 1  # the premise: one layer's experts lie in more than one file
+    mods = load_stage_modules(sharded, load_hf_config(sharded), 3, 5, embed=False, head=False)
+    theirs = AutoModelForCausalLM.from_pretrained(str(path)).model.layers
+    for i, layer in enumerate(mods.layers):
+        ref = dict(theirs[3 + i].named_parameters())
+        ours = dict(layer.named_parameters())
+        assert sorted(ours) == sorted(ref)
+        for name, p in ours.items():
+            assert torch.equal(p, ref[name]), f"layer {3 + i}: {name}"
+
+
 def test_tied_lm_head_reuses_the_embedding(tmp_path):
     path = save_tiny_model(tmp_path, "llama", tie_word_embeddings=True)
     config = load_hf_config(path)
@@ -105,10 +151,62 @@ def test_tied_lm_head_reuses_the_embedding(tmp_path):
     assert mods.lm_head.weight.data_ptr() == mods.embed.weight.data_ptr()
 
 
-def test_unsupported_architecture_is_named_before_any_weight_is_read(tmp_path):
-    tiny_config("gpt2", n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path)  # no weights at all
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*llama, mistral, qwen2, qwen3"):
+@pytest.mark.parametrize("model_type", FAMILIES_NOT_SUPPORTED)
+def test_unsupported_architecture_is_named_before_any_weight_is_read(tmp_path, model_type):
+    config = tiny_config("gpt2", n_layer=2, n_embd=32, n_head=2) if model_type == "gpt2" else tiny_config(model_type)
+    config.save_pretrained(tmp_path)  # no weights at all
+    with pytest.raises(UnsupportedArchitectureError) as e:
         load_hf_config(tmp_path)
+    assert f"`{model_type}`" in str(e.value) and ", ".join(SUPPORTED_MODEL_TYPES) in str(e.value)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_a_stage_reads_only_its_own_layers_tensors(tmp_path, model_type, monkeypatch):
+    """Invariant 5 per family: the middle stage [2, 4) opens only tensors of layers 2 and 3
+    (Qwen3-MoE: its layers' experts, one matrix per expert, and nothing of another layer)."""
+    import safetensors
+
+    path = save_tiny_model(tmp_path, model_type)
+    config = load_hf_config(path)
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    mods = load_stage_modules(path, config, 2, 4, embed=False, head=False)
+    assert read and all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in read), read
+    assert len(read) == len(set(read))
+    with real_open(str(path / "model.safetensors"), framework="pt") as f:
+        expected = [n for n in f.keys() if n.startswith(("model.layers.2.", "model.layers.3."))]
+    assert sorted(read) == sorted(expected)
+    for p in mods.layers.parameters():
+        assert p.device.type == "cpu"  # nothing left on meta
+
+
+def test_a_longrope_table_beyond_the_original_context_is_refused(tmp_path):
+    path = save_tiny_model(tmp_path, "phi3", **LONGROPE)
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 0, 1, embed=True, head=False)
+    rope_tables(mods.rotary, 64, torch.float32)  # within: the short factors, as transformers uses them
+    with pytest.raises(ValueError, match="max_seq_len 65 exceeds 64, the original context.*<= 64"):
+        rope_tables(mods.rotary, 65, torch.float32)
 
 
 _PEAK_RSS = textwrap.dedent(

@@ -20,7 +20,7 @@ from adadecode.runtime.model_source import (
     fingerprint_dir,
     resolve_model,
 )
-from helpers import write_gguf
+from helpers import save_tiny_model, write_gguf
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 
@@ -79,6 +79,22 @@ def test_unsupported_architecture_refused_before_weights(tmp_path):
     msg = str(e.value)
     assert "'gpt2'" in msg and "GPT2LMHeadModel" in msg
     assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe"])
+def test_the_families_beyond_llama_resolve(tmp_path, model_type):
+    d = save_tiny_model(tmp_path / "m", model_type)
+    assert resolve_model(str(d)).model_type == model_type
+
+
+def test_the_experts_routing_is_in_the_fingerprint(tmp_path):
+    """Heads trained on a mixture of experts do not fit the same weights routed to fewer experts."""
+    d = save_tiny_model(tmp_path / "m", "qwen3_moe")
+    before = fingerprint_dir(d)
+    config = json.loads((d / "config.json").read_text())
+    config["num_experts_per_tok"] = 1
+    (d / "config.json").write_text(json.dumps(config))
+    assert fingerprint_dir(d) != before
 
 
 def test_missing_weights(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from adadecode.launcher.bench import first_divergence, hf_generate
 from adadecode.runtime.engine import Engine
+from adadecode.runtime.model_source import SUPPORTED_MODEL_TYPES
 from adadecode.runtime.prompts import select_prompts
 from helpers import InProcessPipeline, bundled_model_dir, hf_greedy, save_tiny_model
 
@@ -77,13 +78,65 @@ def test_streamed_text_equals_the_result(reference):
     assert "".join(chunks) == res.text and len(chunks) > 1
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_every_architecture_matches_generate_on_any_split(tmp_path, model_type):
-    path = save_tiny_model(tmp_path, model_type, seed=3)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"]  # SUPPORTED_MODEL_TYPES
+SPLITS = ([(0, 6)], [(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)])
+TINY_HEAD_LAYERS = [1, 2, 3, 4, 5]  # every inner layer: heads inside stages and at every boundary
+
+
+def test_the_families_checked_here_are_the_supported_ones():
+    assert sorted(FAMILIES) == sorted(SUPPORTED_MODEL_TYPES)
+
+
+# beyond each family's tiny default (helpers.TINY_FAMILY): Phi-3-mini's full rotary, and experts on
+# every other layer with top-k weights as the softmax gives them
+VARIANTS = [("phi3", {"partial_rotary_factor": 1.0}),
+            ("qwen3_moe", {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": []})]
+
+
+@pytest.mark.parametrize("model_type,overrides", [(f, {}) for f in FAMILIES] + VARIANTS, ids=str)
+def test_every_architecture_matches_generate_on_any_split(tmp_path, model_type, overrides):
+    """Tiny random models of each family: plain decoding, and early exit with heads that are
+    confident often and mostly wrong (eager and deferred backfill, many rollbacks), give
+    transformers' greedy tokens on 1, 2 and 3 stages. For deferred, equality is the CPU fp32
+    property (tests/test_early_exit.py), not a rule."""
+    path = save_tiny_model(tmp_path, model_type, seed=3, **overrides)
     prompt = [5, 17, 33, 2, 9, 41, 7]
     ref = hf_greedy(path, prompt, 24)
-    for ranges in ([(0, 6)], [(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)]):
-        assert InProcessPipeline(path, ranges).generate(prompt, 24) == ref, (model_type, ranges)
+    for ranges in SPLITS:
+        pipe = InProcessPipeline(path, ranges)
+        assert pipe.generate(prompt, 24) == ref, (model_type, ranges)
+        pipe.set_random_heads(TINY_HEAD_LAYERS)
+        for mode in ("eager", "deferred"):
+            assert pipe.generate(prompt, 16, early_exit=mode) == ref[:16], (model_type, ranges, mode)
+            stats = pipe.last_stats
+            assert stats.early_emitted > 0 and stats.rollbacks > 0, (model_type, ranges, mode, stats)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_layer_equals_transformers_hidden_states(tmp_path, model_type):
+    """Layer by layer, stage by stage: each layer's output over a prompt is bit-identical to
+    transformers' own forward (``output_hidden_states``) of the model it loads itself, which
+    also checks that a stage's tensors (Phi-3's fused ones, Qwen3-MoE's per-expert ones
+    stacked at load time) are put where transformers puts them."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model(tmp_path, model_type, seed=4)
+    prompt = [5, 17, 33, 2, 9, 41, 7, 60, 3]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = hf(torch.tensor([prompt]), output_hidden_states=True)
+    theirs = [h[0] for h in out.hidden_states]  # the embedding, then after each layer (the last normed)
+    pipe = InProcessPipeline(path, SPLITS[2])
+    hidden = pipe.stages[0].model.embed(prompt)
+    assert torch.equal(hidden, theirs[0])
+    for stage in pipe.stages:
+        model = stage.model
+        for layer in range(model.start, model.end):
+            hidden = model.run_layers(hidden, 0, layer, layer + 1)
+            if layer + 1 < len(theirs) - 1:
+                assert torch.equal(hidden, theirs[layer + 1]), f"{model_type}: layer {layer}"
+    assert torch.equal(pipe.stages[-1].model.modules.norm(hidden), theirs[-1])
+    assert torch.equal(pipe.stages[-1].model.logits(hidden), out.logits[0])
 
 
 @pytest.fixture(scope="module")
