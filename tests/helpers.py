@@ -164,6 +164,21 @@ def bundled_model_dir() -> Path:
     return resolve_model("bundled:smollm2-135m-instruct").path
 
 
+def bundled_greedy_tokens(prompt: str, max_new_tokens: int) -> list[int]:
+    """The chat prompt's greedy tokens from one in-process stage of the bundled model, on one
+    thread: the reference the multi-process launches (Slurm, two nodes) are compared with."""
+    bundled_model_dir()  # skip without the bundled model
+    from adadecode.runtime.engine import Engine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine.load("bundled:smollm2-135m-instruct", stages=1, heads=None)
+        return engine.generate(prompt, chat=True, max_new_tokens=max_new_tokens).tokens
+    finally:
+        torch.set_num_threads(threads)
+
+
 class FakeTokenizer:
     eos_token_id = None
     chat_template = None

@@ -5,33 +5,15 @@ heads it wrote), the base model's device and dtype, and the refusals of bad argu
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
 from adadecode.runtime.exit_heads import load_exit_heads
 from adadecode.runtime.hf_adapter import load_hf_config, load_stage_modules
 from adadecode.runtime.model_source import fingerprint_dir
-from helpers import save_tiny_model
+from helpers import save_char_tokenizer, save_tiny_model
 
 D, V = 64, 96  # tests/helpers.py TINY
-
-
-def _save_char_tokenizer(path):
-    """A character-level tokenizer for the tiny model (96 ids), with a chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in string.printable[: V - 3]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="</s>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    tok.save_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +21,7 @@ def tiny_run(tmp_path_factory):
     """A tiny model with a tokenizer, 7 train and 2 held-out prompts, and the flags that use them."""
     root = tmp_path_factory.mktemp("train_heads")
     model = save_tiny_model(root / "model", seed=3)
-    _save_char_tokenizer(model)
+    save_char_tokenizer(model, V)
     lines = [{"prompt": p} for p in ("def f(x):", "the cat sat", "1 + 2 =", "hello world", "abc", "SELECT")]
     lines.append({"messages": [{"role": "user", "content": "hi"}]})
     (root / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -28,8 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import bundled_model_dir, save_tiny_chat_model
+from helpers import bundled_greedy_tokens, bundled_model_dir, save_tiny_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH_SCRIPT = ROOT / "scripts" / "slurm" / "adadecode.sbatch"
@@ -156,16 +155,7 @@ def job_of(name: str, deadline_s: float = 30) -> str:
 @pytest.fixture(scope="module")
 def reference() -> list[int]:
     """The prompt's greedy tokens from one in-process stage of the bundled model."""
-    bundled_model_dir()  # skip without the bundled model
-    from adadecode.runtime.engine import Engine
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        engine = Engine.load("bundled:smollm2-135m-instruct", stages=1, heads=None)
-        return engine.generate(PROMPT, chat=True, max_new_tokens=NEW_TOKENS).tokens
-    finally:
-        torch.set_num_threads(threads)
+    return bundled_greedy_tokens(PROMPT, NEW_TOKENS)
 
 
 @pytest.mark.timeout(300)

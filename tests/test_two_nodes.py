@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import bundled_model_dir
+from helpers import bundled_greedy_tokens
 
 pytestmark = pytest.mark.distributed
 
@@ -174,16 +173,7 @@ class Listening:
 @pytest.fixture(scope="module")
 def reference() -> list[int]:
     """The prompt's greedy tokens from one in-process stage of the bundled model."""
-    bundled_model_dir()  # skip without the bundled model
-    from adadecode.runtime.engine import Engine
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        engine = Engine.load("bundled:smollm2-135m-instruct", stages=1, heads=None)
-        return engine.generate(PROMPT, chat=True, max_new_tokens=NEW_TOKENS).tokens
-    finally:
-        torch.set_num_threads(threads)
+    return bundled_greedy_tokens(PROMPT, NEW_TOKENS)
 
 
 def _children(pid: int) -> list[int]:
