@@ -114,10 +114,10 @@ def test_kill_during_the_heads_write_keeps_the_old_heads(tiny, tmp_path, monkeyp
 def test_train_heads_killed_before_its_manifest(tiny, tmp_path, monkeypatch):
     """`adadecode train-heads` rerun into a directory of heads, killed between its two writes."""
     from adadecode.runtime.head_training import train_heads
-    from test_head_training import _save_char_tokenizer
+    from helpers import save_char_tokenizer, tiny_config
 
     model = save_tiny_model(tmp_path / "model")  # the same weights as `tiny`, and a tokenizer
-    _save_char_tokenizer(model)
+    save_char_tokenizer(model, tiny_config().vocab_size)
     assert fingerprint_dir(model) == tiny[3]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("abc", "1 + 2", "x =")))
     out = save_exit_heads(tmp_path / "heads", _transforms(0), None, _manifest(tiny[3]), dtype=torch.float32)
