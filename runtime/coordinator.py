@@ -150,8 +150,8 @@ class Coordinator:
         check_early_exit(early_exit)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams or None, not {type(sampling).__name__}")
-        if sampling is not None and sampling.greedy:
-            sampling = None  # temperature 0 is greedy: the stages' greedy path, bit for bit
+        if sampling is not None and sampling.plain_greedy:
+            sampling = None  # temperature 0 alone is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
         self.sequences[seq] = Sequence(
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
@@ -229,7 +229,8 @@ class Coordinator:
                 f"expects position {pos}"
             )
         s.tokens.append(ev.token)
-        self._actions.append(Verified(s.seq, pos, (ev.token,)))
+        logprobs = () if ev.logprobs is None else (ev.logprobs,)
+        self._actions.append(Verified(s.seq, pos, (ev.token,), logprobs, ev.prompt_logprobs))
         if s.inflight:
             layer = s.inflight_layers.pop(0)
             if s.inflight.pop(0) == ev.token:

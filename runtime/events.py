@@ -14,7 +14,10 @@ stage setting has to be changed, or relayed, between generations. Its sampling
 parameters travel the same way (``sampling``, a ``SamplingParams``; None: greedy),
 and in speculative mode an exit head's draw and distribution ride with the item's
 activations to the last stage (``proposals``), which decides acceptance
-(runtime/sampling.py).
+(runtime/sampling.py). A sequence whose final layer needs its token ids (penalties, the
+prompt's log probabilities: ``SamplingParams.needs_tokens``) has every item carry them
+(``tokens``); the others carry none, and no log probability is computed or sent for a
+sequence that does not ask for it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .params import EARLY_EXIT_MODES  # noqa: F401 - the sequence's modes, as events carry them
-from .sampling import Proposal, SamplingParams
+from .sampling import Proposal, SamplingParams, TokenLogprobs
 
 
 class Sentinel(enum.Enum):
@@ -118,6 +121,7 @@ class Activations:
     early_exit: str | None = None
     sampling: SamplingParams | None = None
     proposals: tuple[Proposal, ...] = ()
+    tokens: tuple[int, ...] = ()  # the token ids of positions pos .. pos+S-1, when sampling.needs_tokens
 
 
 # --- stages -> coordinator ------------------------------------------------------
@@ -126,12 +130,16 @@ class Activations:
 @dataclass(frozen=True)
 class FinalPrediction:
     """The final layer's token for position ``pos`` (computed from position ``pos - 1``): greedy,
-    or sampled under the sequence's ``SamplingParams``."""
+    or sampled under the sequence's ``SamplingParams``. ``logprobs``: its log probabilities, when
+    the sequence asks for them; ``prompt_logprobs``: with the first output token, those of the
+    prompt's tokens ``1 ..`` when asked (the first has none)."""
 
     seq: int
     epoch: int
     pos: int
     token: int
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,11 +159,14 @@ class EarlyPrediction:
 
 @dataclass(frozen=True)
 class Verified:
-    """``tokens`` are final (verified or produced at full depth) and may be shown."""
+    """``tokens`` are final (verified or produced at full depth) and may be shown, with their
+    ``logprobs`` and, with the first, the prompt's (``FinalPrediction``) when the sequence asks."""
 
     seq: int
     pos: int
     tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 # --- what each machine takes and hands out (for annotations) ----------------------

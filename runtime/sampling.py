@@ -31,6 +31,19 @@ last stage and the heads call this module, never the Coordinator.
   probability, which does not look at the noise: a proposal must be a draw of
   ``q`` whatever made the head propose it.
 
+Before the draw (greedy too), vLLM's penalties (``apply_penalties``) change the final layer's
+logits by the sequence's tokens before the predicted position: ``repetition_penalty`` divides
+the positive logits (multiplies the negative ones) of every token in the prompt or the output,
+``frequency_penalty`` subtracts per occurrence in the output, ``presence_penalty`` once per
+token present in it. The tokens are the verified prefix (every earlier position of the chunk is
+verified or rolled back before its successor is), so the seeded guarantee holds with penalties;
+the heads propose without them, and a guess the penalised final choice does not make is rolled
+back like any other.
+
+Log probabilities (``logprobs``) are of the raw final-layer distribution, ``log_softmax`` of the
+logits in float32 before penalties, temperature and filters, as vLLM returns them by default:
+a function of the model and the prefix alone, so the same in every sampling setting.
+
 Same noise on every device: the noise is computed on the CPU, from integer
 hashing of ``(seed, p, id)`` (exact in int64 everywhere: no product exceeds
 2**63) and a float64 ``-log(-log(u))``, then moved to the logits' device. So a
@@ -55,6 +68,25 @@ RESIDUAL = 2  # speculative: the draw from norm(max(0, p - q)) after a rejection
 
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """``token``'s log probability under the final layer's raw distribution, and the ``top``
+    most likely tokens' as ``(id, logprob)``, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenContext:
+    """The sequence's token ids at positions ``0 ..`` (at least up to the one before the last
+    predicted position) and its prompt's length: what penalties and prompt log probabilities read."""
+
+    tokens: Sequence[int]
+    prompt_len: int
 
 
 @dataclass(frozen=True)
@@ -226,6 +258,57 @@ def propose(
     vocab = support.cpu() if ids is None else ids[support.cpu()]
     proposal = Proposal(pos, token, tuple(vocab.tolist()), tuple(q[support].tolist()))
     return token, confidence, proposal
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int],
+                    output: Sequence[int]) -> torch.Tensor:
+    """vLLM's penalties on one row (see the module docstring). # logits: [V] -> [V] float32"""
+    x = logits.float()
+    vocab = x.numel()
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.zeros(vocab, dtype=torch.bool, device=x.device)
+        seen[torch.tensor([*prompt, *output], dtype=torch.long, device=x.device)] = True
+        r = params.repetition_penalty
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    if output and (params.frequency_penalty != 0.0 or params.presence_penalty != 0.0):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(x.device, x.dtype)
+        x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(x.dtype)
+    return x
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int) -> list[TokenLogprobs]:
+    """Each row's ``log_softmax`` (float32) at ``tokens[i]``, with its ``k`` most likely tokens;
+    one transfer. # logits: [S, V]; tokens: S ids"""
+    lp = logits.float().log_softmax(-1)
+    rows = torch.arange(lp.shape[0], device=lp.device)
+    chosen = lp[rows, torch.tensor(list(tokens), dtype=torch.long, device=lp.device)]
+    top = lp.topk(k, dim=-1) if k else None
+    values = chosen.tolist()
+    if top is None:
+        return [TokenLogprobs(t, v) for t, v in zip(tokens, values)]
+    ids, lps = top.indices.tolist(), top.values.tolist()
+    return [TokenLogprobs(t, v, tuple(zip(i, l))) for t, v, i, l in zip(tokens, values, ids, lps)]
+
+
+def choose_rows(
+    logits: torch.Tensor, params: SamplingParams, positions: Sequence[int], proposals: Mapping[int, Proposal],
+    context: TokenContext | None = None,
+) -> list[tuple[int, TokenLogprobs | None]]:
+    """The final layer's token for each row, with its log probabilities when ``params.logprobs`` asks
+    for them: penalised (``context``: the tokens before), then greedy (argmax) or sampled as
+    ``sample_token``. # logits: [S, V]; positions: the S positions the tokens will occupy"""
+    out: list[tuple[int, TokenLogprobs | None]] = []
+    for i, pos in enumerate(positions):
+        x = logits[i]
+        if params.penalised:
+            if context is None:
+                raise ValueError("penalties need the sequence's tokens (a TokenContext); none was given")
+            n = context.prompt_len
+            x = apply_penalties(x, params, context.tokens[:n], context.tokens[n:pos])
+        token = int(x.argmax()) if params.greedy else sample_token(x, params, pos, proposals.get(pos))
+        lp = None if params.logprobs is None else token_logprobs(logits[i : i + 1], [token], params.logprobs)[0]
+        out.append((token, lp))
+    return out
 
 
 def sample_rows(

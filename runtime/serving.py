@@ -17,7 +17,13 @@ make from any thread:
   strings are held back until they cannot match, and a token may end inside a
   character) and one ``Finished`` at the end, whatever
   the end: eos, stop, length, cancelled, or failed (with the error's message).
-  It must return quickly (hand the event to another thread).
+  It must return quickly (hand the event to another thread). A request whose
+  ``sampling`` asks for log probabilities gets them on each ``TextDelta``
+  (``logprobs``, one per token; the prompt's, ``prompt_logprobs``, on the first);
+  ``max_new_tokens`` 0 with ``prompt_logprobs`` runs the prefill only: one
+  ``TextDelta`` with the prompt's log probabilities and no token, then
+  ``Finished("length")`` (the token the prefill's last position predicts is
+  not output).
 - ``cancel(id)``: a client went away. The sequence ends, its slot is freed on
   every stage and its in-flight work is dropped.
 - ``metrics()``: a snapshot of counters and gauges for /metrics and /health.
@@ -42,6 +48,7 @@ from .coordinator import Coordinator, SeqState
 from .detokenize import TextStream
 from .events import Verified
 from .params import RequestTooLong, SamplingParams, check_request  # noqa: F401 - RequestTooLong: submit's error
+from .sampling import TokenLogprobs
 from .stopping import StopCriteria
 
 if TYPE_CHECKING:
@@ -61,7 +68,7 @@ class ServingStopped(RuntimeError):
 @dataclass(frozen=True)
 class Request:
     prompt: tuple[int, ...]  # token ids (chat templates are applied before)
-    max_new_tokens: int
+    max_new_tokens: int  # 0: the prompt's log probabilities only (sampling.prompt_logprobs), no output
     stop: tuple[str, ...] = ()
     early_exit: str = "off"
     sampling: SamplingParams | None = None  # None or temperature 0: greedy
@@ -74,6 +81,8 @@ class TextDelta:
     id: int
     text: str
     tokens: tuple[int, ...]  # the verified tokens behind it (text may lag them)
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token, when the request's sampling asks
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # the prompt's tokens 1 .., on the first delta, when asked
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,10 @@ class ServingLoop:
     def _check(self, request: Request) -> None:
         # refused here, on the caller's thread, not by the Coordinator on the loop's, where it would fail every request
         e = self.engine
-        check_request(len(request.prompt), request.max_new_tokens, e.early_exit_for(request.early_exit),
+        if request.max_new_tokens == 0 and (request.sampling is None or request.sampling.prompt_logprobs is None):
+            raise ValueError("max_tokens must be >= 1, got 0 (0 is for the prompt's log probabilities alone: "
+                             "send it with echo and logprobs)")
+        check_request(len(request.prompt), max(request.max_new_tokens, 1), e.early_exit_for(request.early_exit),
                       request.sampling, max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded,
                       tokens_name="max_tokens", model="this server")
         if not 0 <= request.min_tokens <= request.max_new_tokens:
@@ -255,8 +267,8 @@ class ServingLoop:
                 self._report_finish(coord, seq)
         e = self.engine
         for rid, request, on_event in admitted:
-            criteria = StopCriteria(
-                max_new_tokens=request.max_new_tokens, eos_token_ids=e.eos_token_ids,
+            criteria = StopCriteria(  # max_new_tokens 0: the prefill's one token, not output (_on_verified)
+                max_new_tokens=max(request.max_new_tokens, 1), eos_token_ids=e.eos_token_ids,
                 stop_strings=request.stop, decode=e._decode if request.stop else None,
                 min_new_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
             )
@@ -281,6 +293,11 @@ class ServingLoop:
         a = self._active.get(event.seq)
         if a is None:
             return
+        if a.request.max_new_tokens == 0:  # the prompt's log probabilities only: the prefill's token is not output
+            a.on_event(TextDelta(a.rid, "", (), (), event.prompt_logprobs))
+            self._coord.sequences[event.seq].finish_reason = "length"
+            self._report_finish(self._coord, event.seq)
+            return
         a.completion_tokens += len(event.tokens)
         self.counters.generation_tokens += len(event.tokens)
         a.stream.push(event.tokens)
@@ -288,10 +305,10 @@ class ServingLoop:
         a.pending.clear()
         s = self._coord.sequences[event.seq]
         if s.state is SeqState.FINISHED and event.pos + len(event.tokens) >= len(s.tokens):  # its last token
-            a.on_event(TextDelta(a.rid, text, tuple(event.tokens)))
+            a.on_event(TextDelta(a.rid, text, tuple(event.tokens), event.logprobs, event.prompt_logprobs))
             self._report_finish(self._coord, event.seq)
-        else:
-            a.on_event(TextDelta(a.rid, text, tuple(event.tokens)))  # text may be empty: tokens still count
+        else:  # text may be empty: tokens still count
+            a.on_event(TextDelta(a.rid, text, tuple(event.tokens), event.logprobs, event.prompt_logprobs))
 
     def _report_finish(self, coord: Coordinator, seq: int) -> None:
         """``seq`` has finished (its SequenceFinished is queued): report it with the text still held."""

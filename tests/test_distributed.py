@@ -31,7 +31,7 @@ from adadecode.runtime.events import (
     Shutdown,
     StepRequest,
 )
-from adadecode.runtime.sampling import Proposal, SamplingParams
+from adadecode.runtime.sampling import Proposal, SamplingParams, TokenLogprobs
 from adadecode.runtime.transport.control import (
     ControlClient,
     ControlServer,
@@ -42,6 +42,7 @@ from adadecode.runtime.transport.errors import TransportError
 from adadecode.runtime.transport.p2p import (
     HEADER_FIELDS,
     KIND_ACTIVATIONS,
+    decode_extras,
     decode_header,
     decode_proposals,
     encode_header,
@@ -70,8 +71,8 @@ def test_header_carries_every_activations_field():
     act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True, early_exit="deferred")
     head = decode_header(encode_header(act))
     assert head == {"seq": 7, "epoch": 3, "pos": 41, "layer": 12, "S": 5, "predict_from": 43, "emitted": 1,
-                    "early_exit": 2, "sampling": None, "proposals": 0, "kind": KIND_ACTIVATIONS}
-    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (len(HEADER_FIELDS),) == (16,)
+                    "early_exit": 2, "sampling": None, "proposals": 0, "tokens": 0, "kind": KIND_ACTIVATIONS}
+    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (len(HEADER_FIELDS),) == (22,)
     assert decode_header(encode_header(Activations(7, 3, 41, 12, torch.zeros(1, 4))))["early_exit"] == -1
     bad = encode_header(act).clone()
     bad[HEADER_FIELDS.index("early_exit")] = 3
@@ -94,6 +95,21 @@ def test_header_carries_sampling_parameters_and_proposals_follow():
         decode_header(bad)
 
 
+def test_header_carries_penalties_and_logprobs_and_token_ids_follow_the_proposals():
+    """Penalties bit for bit, logprobs counts (None as -1), and the token ids of a sequence that
+    needs them after the proposals in the one extras tensor."""
+    params = SamplingParams(0.0, repetition_penalty=1 / 3 + 1, presence_penalty=-0.7, frequency_penalty=0.1 + 0.2,
+                            logprobs=5, prompt_logprobs=None)
+    proposals = (Proposal(42, 17, (17, 3), (0.5, 0.25)),)
+    act = Activations(7, 3, 41, 12, torch.zeros(2, 4), sampling=params, proposals=proposals, tokens=(49151, 0))
+    flat = encode_proposals(proposals)
+    head = decode_header(encode_header(act, flat.numel()))
+    assert head["sampling"] == params and head["tokens"] == 2
+    extras = torch.cat([flat, torch.tensor(act.tokens, dtype=torch.float64)])
+    assert decode_extras(extras, head["tokens"]) == (proposals, (49151, 0))
+    assert decode_header(encode_header(Activations(1, 0, 0, 0, torch.zeros(1, 4))))["tokens"] == 0
+
+
 @pytest.mark.parametrize(
     "event",
     [
@@ -104,6 +120,10 @@ def test_header_carries_sampling_parameters_and_proposals_follow():
         SequenceFinished(1, "eos"),
         Shutdown(),
         FinalPrediction(1, 2, 31, 49151),
+        FinalPrediction(1, 2, 31, 49151, TokenLogprobs(49151, -0.1 - 0.2, ((49151, -0.1 - 0.2), (7, -1 / 3)))),
+        FinalPrediction(1, 0, 3, 5, TokenLogprobs(5, -2.5),
+                        (TokenLogprobs(9, -1.0, ((9, -1.0),)), TokenLogprobs(1, -7.0))),
+        StepRequest(1, 0, 0, (5, 6), "off", SamplingParams(repetition_penalty=1.2, logprobs=0, prompt_logprobs=3)),
         EarlyPrediction(1, 2, 32, 17, 12, 0.8125),
     ],
 )

@@ -170,8 +170,8 @@ def hostile_requests(rng: random.Random, long_prompt: str):
         ("stream_options", {"continuous_usage_stats": True}), ("user", 1), ("logit_bias", [1]),
     ])
     unsupported = rng.choice([
-        ("repetition_penalty", 1.3), ("logprobs", 1), ("echo", True), ("best_of", 3), ("suffix", "x"),
-        ("temperature", -0.7), ("top_p", 1.5), ("top_k", -1), ("presence_penalty", 1.0),
+        ("repetition_penalty", -1.3), ("logprobs", -1), ("stop_token_ids", [5]), ("best_of", 3), ("suffix", "x"),
+        ("temperature", -0.7), ("top_p", 1.5), ("top_k", -1), ("presence_penalty", 3.0),
         ("early_exit_thresholds", [0.5]), ("logit_bias", {"1": 5}),
     ])
     bad_chat = rng.choice([
@@ -550,7 +550,7 @@ def test_refusals_name_the_field_and_the_numbers(served):
     server, _ = served
     client = client_of(server)
     cases = [
-        (dict(echo=True), "`echo` = True is not supported"),
+        (dict(suffix="x"), r"insertion \(suffix\) is not supported"),
         (dict(temperature=-0.8), r"sampling parameter temperature = -0.8 is invalid: expected 0 \(greedy decoding\) "
                                  r"or a number in \[0.01, 100\]"),
         (dict(temperature=1e-300), r"sampling parameter temperature = 1e-300 is invalid"),
@@ -559,7 +559,7 @@ def test_refusals_name_the_field_and_the_numbers(served):
         (dict(top_p=0), r"sampling parameter top_p = 0.0 is invalid: expected a number in \(0, 1\]"),
         (dict(extra_body={"top_k": -2}), "sampling parameter top_k = -2 is invalid"),
         (dict(extra_body={"sampling_mode": "nucleus"}), "sampling_mode"),
-        (dict(logprobs=2), "`logprobs` = 2 is not supported"),
+        (dict(logprobs=-1), "logprobs"),
         (dict(extra_body={"early_exit_thresholds": [0.5]}), "per-request thresholds are not supported"),
         (dict(extra_body={"frobnicate": 1}), "unknown field `frobnicate`"),
         (dict(max_tokens=1000), r"the prompt \(5 tokens\) plus max_tokens \(1000\) needs 1005 positions but the KV "

@@ -8,6 +8,9 @@ hostile fuzz and the multi-rank server):
 - a list of prompts, choices indexed prompt-major (``i * n + j``);
 - vLLM's ``ignore_eos`` and ``min_tokens`` (token counts), ``stream_options.include_usage``
   and ``continuous_usage_stats``;
+- log probabilities (``logprobs``, chat ``logprobs``/``top_logprobs``) in OpenAI's shapes,
+  streamed and not, the same with early exit on and off; ``echo`` with the prompt's log
+  probabilities and ``max_tokens: 0``; the penalties;
 - the field rule: output-changing fields we lack are refused naming the field, harmless ones
   are accepted and named in ``X-Adadecode-Ignored-Fields``, unknown ones are refused.
 
@@ -202,10 +205,13 @@ def test_output_changing_fields_we_lack_are_refused_naming_them(server):
 
     _, _, _, client, _ = server
     cases = [
-        (dict(echo=True), "`echo` = True is not supported"),
-        (dict(logprobs=2), "`logprobs` = 2 is not supported"),
+        (dict(suffix="x"), "`suffix` = 'x' is not supported"),
+        (dict(logit_bias={"5": 1.0}), "`logit_bias` = .* is not supported"),
         (dict(best_of=3), "`best_of` = 3 is not supported"),
-        (dict(extra_body={"repetition_penalty": 1.2}), "`repetition_penalty` = 1.2 is not supported"),
+        (dict(logprobs=21), "less than or equal to 20"),
+        (dict(max_tokens=0), "`max_tokens` must be >= 1, got 0"),
+        (dict(presence_penalty=2.5), "presence_penalty = 2.5 is invalid"),
+        (dict(extra_body={"repetition_penalty": 0.0}), "repetition_penalty = 0.0 is invalid"),
         (dict(extra_body={"frobnicate": 1}), "unknown field `frobnicate`"),
         (dict(n=QUEUE + 1), rf"asks for {QUEUE + 1} sequences .* queues at most {QUEUE} \(serve.max_queue\)"),
         (dict(prompt=[PROMPTS[0], [1, 10**9]]), r"`prompt\[1\]`: token id 1000000000 is outside the vocabulary"),
@@ -215,12 +221,12 @@ def test_output_changing_fields_we_lack_are_refused_naming_them(server):
     for kwargs, message in cases:
         with pytest.raises(openai.BadRequestError, match=message):
             completion(client, **{"prompt": PROMPTS[0], **kwargs})
-    for kwargs, field in [(dict(logprobs=True), "logprobs"), (dict(response_format={"type": "json_object"}),
-                                                              "response_format")]:
-        with pytest.raises(openai.BadRequestError, match=f"`{field}` = .* is not supported"):
-            client.chat.completions.create(model="tiny", messages=CHAT, **kwargs)
+    with pytest.raises(openai.BadRequestError, match="`response_format` = .* is not supported"):
+        client.chat.completions.create(model="tiny", messages=CHAT, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="`top_logprobs` needs `logprobs: true`"):
+        client.chat.completions.create(model="tiny", messages=CHAT, top_logprobs=2)
     # neutral values change nothing and are accepted
-    r = completion(client, prompt=PROMPTS[0], max_tokens=3, n=2, best_of=2, echo=False,
+    r = completion(client, prompt=PROMPTS[0], max_tokens=3, n=2, best_of=2, echo=False, logit_bias={},
                    extra_body={"repetition_penalty": 1.0, "skip_special_tokens": True})
     assert len(r.choices) == 2
 
@@ -257,3 +263,85 @@ def test_a_client_that_goes_away_cancels_every_choice(server):
             break
         time.sleep(0.05)
     assert loop.metrics()["requests_finished"].get("cancelled", 0) - before == 3
+
+
+def test_completion_logprobs_in_openais_shape_streamed_or_not_and_with_early_exit(server):
+    """``logprobs: 2``: a token, its log probability and its top alternatives (the chosen one
+    among them) per output token; the same numbers streamed, and with early exit eager (most early
+    tokens rolled back) as off."""
+    _, engine, _, client, _ = server
+    kw = dict(prompt=PROMPTS[0], max_tokens=6, logprobs=2)
+    r = completion(client, **kw, extra_body={"early_exit": "off"})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and top[token] == value and max(top.values()) == value  # greedy: the top one
+        assert 2 <= len(top) <= 3
+    eager = completion(client, **kw, extra_body={"early_exit": "eager"})
+    assert eager.choices[0].logprobs == lp
+    chunks = [c for c in completion(client, stream=True, **kw) if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed == lp.token_logprobs and offsets == lp.text_offset
+    assert completion(client, prompt=PROMPTS[0], max_tokens=6).choices[0].logprobs is None
+
+
+def test_chat_logprobs_in_openais_shape_streamed_or_not(server):
+    _, _, _, client, _ = server
+    kw = dict(model="tiny", messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw, extra_body={"early_exit": "eager"})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob <= 0
+        assert c.bytes == list(c.token.encode("utf-8"))
+    streamed = [c for chunk in client.chat.completions.create(**kw, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert streamed == content
+    no_top = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, logprobs=True)
+    assert all(c.top_logprobs == [] for c in no_top.choices[0].logprobs.content)
+    assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3).choices[0].logprobs is None
+
+
+def test_echo_gives_the_prompt_and_its_logprobs_from_one_prefill(server):
+    """``echo`` with ``logprobs``: the prompt's tokens first (the first without a log probability),
+    then the output's; ``max_tokens: 0`` decodes nothing. The prompt's numbers are the ones the
+    output's continuation would get: position i's log probability of token i + 1."""
+    _, engine, _, client, greedy = server
+    ids = engine.encode(PROMPTS[0])
+    only = completion(client, prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1)
+    c = only.choices[0]
+    assert c.text == PROMPTS[0] and c.finish_reason == "length"
+    assert (only.usage.prompt_tokens, only.usage.completion_tokens) == (len(ids), 0)
+    assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+    assert all(v <= 0 for v in c.logprobs.token_logprobs[1:]) and c.logprobs.top_logprobs[0] is None
+    both = completion(client, prompt=PROMPTS[0], max_tokens=4, echo=True, logprobs=1,
+                      extra_body={"early_exit": "eager"})
+    alone = completion(client, prompt=PROMPTS[0], max_tokens=4, logprobs=1)
+    b = both.choices[0]
+    assert b.text == PROMPTS[0] + alone.choices[0].text
+    assert b.logprobs.token_logprobs == c.logprobs.token_logprobs + alone.choices[0].logprobs.token_logprobs
+    assert b.logprobs.text_offset[len(ids)] == len("".join(c.logprobs.tokens))
+    # the prompt's next-token log probabilities extend it: its first output token's is the same number
+    longer = completion(client, prompt=ids + greedy[:1], max_tokens=0, echo=True, logprobs=1)
+    assert longer.choices[0].logprobs.token_logprobs[-1] == alone.choices[0].logprobs.token_logprobs[0]
+    assert completion(client, prompt=PROMPTS[0], max_tokens=3, echo=True).choices[0].text.startswith(PROMPTS[0])
+    chunks = [ch for ch in completion(client, prompt=PROMPTS[0], max_tokens=4, echo=True, logprobs=1, stream=True)
+              if ch.choices]
+    assert "".join(ch.choices[0].text for ch in chunks) == b.text
+    assert [v for ch in chunks if ch.choices[0].logprobs for v in ch.choices[0].logprobs.token_logprobs] == \
+        b.logprobs.token_logprobs
+
+
+def test_penalties_change_the_output_the_same_way_with_early_exit(server):
+    _, _, _, client, _ = server
+    kw = dict(prompt=PROMPTS[2], max_tokens=8, frequency_penalty=1.5, presence_penalty=1.0,
+              extra_body={"repetition_penalty": 1.4})
+    off = completion(client, **{**kw, "extra_body": {**kw["extra_body"], "early_exit": "off"}})
+    eager = completion(client, **{**kw, "extra_body": {**kw["extra_body"], "early_exit": "eager"}})
+    assert off.choices[0].text == eager.choices[0].text
+    sampled = [completion(client, **{**kw, "extra_body": {**kw["extra_body"], "early_exit": m}}, temperature=1.0,
+                          seed=5) for m in ("off", "eager")]
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text

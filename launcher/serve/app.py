@@ -73,6 +73,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from .logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, completion_logprobs, text_length
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .openai_api import (
     ApiError,
@@ -417,27 +418,54 @@ def build_app(frontend: Frontend) -> FastAPI:
                for i, p in enumerate(prompts)]
         batch = await _submit(frontend, body, ids, body.max_tokens, http, where if len(prompts) > 1 else None)
         rid, created, headers = new_id("cmpl"), now(), _ignored(body)
+        texts = TokenTexts(engine._decode)
+        echoed = [p if isinstance(p, str) else engine._decode(p) for p in prompts] if body.echo else []
+        offsets = [0] * (len(prompts) * n)  # a stream's text offset of each choice so far
 
-        def chunk(i: int, text: str, reason: str | None = None, usage: Usage | None = None) -> str:
-            choice = CompletionChoice(index=i, text=text, finish_reason=reason)
+        def echo(i: int, prompt_lps) -> tuple[str, CompletionLogprobs | None]:
+            """Choice ``i``'s prompt text and, with logprobs, the prompt's (its first token has none)."""
+            if body.logprobs is None:
+                return echoed[i // n], None
+            return echoed[i // n], completion_logprobs(texts, [ids[i // n][0], *prompt_lps])
+
+        def chunk(i: int, text: str, reason: str | None = None, usage: Usage | None = None, lps=None,
+                  prompt_lps=None) -> str:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(texts, lps or [], offsets[i])
+                offsets[i] = text_length(logprobs) or offsets[i]
+            if prompt_lps is not None:  # echo: the prompt first, in the choice's first chunk
+                prompt_text, prompt_logprobs = echo(i, prompt_lps)
+                text = prompt_text + text
+                if prompt_logprobs is not None and logprobs is not None:
+                    logprobs = _joined(prompt_logprobs, logprobs)
+                    offsets[i] = text_length(logprobs)
+            choice = CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=reason)
             return _sse(CompletionResponse(id=rid, created=created, model=d.model_name, choices=[choice], usage=usage))
 
         def usage_chunk(usage: Usage) -> CompletionResponse:
             return CompletionResponse(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
 
         if body.stream:
-            return _stream(batch, chunk, final=lambda i, reason, usage: chunk(i, "", reason, usage),
+            return _stream(batch, chunk, final=lambda i, reason, usage, lps: chunk(i, "", reason, usage, lps),
                            usage_chunk=usage_chunk if body.include_usage() else None,
                            continuous=body.continuous_usage(), prompt_tokens=_per_choice(ids, n), n=n,
-                           headers=headers)
+                           headers=headers, echo=body.echo)
         outs = await _collect(batch, frontend)
         response.headers.update(headers)
-        return CompletionResponse(
-            id=rid, created=created, model=d.model_name,
-            choices=[CompletionChoice(index=i, text=text, finish_reason=finish_reason(end.reason))
-                     for i, (text, end) in enumerate(outs)],
-            usage=_usage(outs, n),
-        )
+        choices = []
+        for i, out in enumerate(outs):
+            text, logprobs = out.text, None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(texts, out.logprobs)
+            if body.echo:
+                prompt_text, prompt_logprobs = echo(i, out.prompt_logprobs)
+                text = prompt_text + text
+                if prompt_logprobs is not None and logprobs is not None:
+                    logprobs = _joined(prompt_logprobs, logprobs)
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs,
+                                            finish_reason=finish_reason(out.end.reason)))
+        return CompletionResponse(id=rid, created=created, model=d.model_name, choices=choices, usage=_usage(outs, n))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(_json_body)])
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest, response: Response):
@@ -456,17 +484,20 @@ def build_app(frontend: Frontend) -> FastAPI:
         batch = await _submit(frontend, body, [ids], body.requested_max_tokens(), http)
         rid, created, headers = new_id("chatcmpl"), now(), _ignored(body)
 
+        texts = TokenTexts(engine._decode)
+
         def chunk(i: int, text: str | None, reason: str | None = None, usage: Usage | None = None,
-                  role: bool = False) -> str:
+                  lps=None, role: bool = False) -> str:
             delta = ChatDelta(role="assistant" if role else None, content=text)
-            choice = ChatChunkChoice(index=i, delta=delta, finish_reason=reason)
+            logprobs = chat_logprobs(texts, lps) if body.logprobs and not role else None
+            choice = ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=reason)
             return _sse(ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[choice], usage=usage))
 
         def usage_chunk(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=d.model_name, choices=[], usage=usage)
 
         if body.stream:
-            return _stream(batch, chunk, final=lambda i, reason, usage: chunk(i, None, reason, usage),
+            return _stream(batch, chunk, final=lambda i, reason, usage, lps: chunk(i, None, reason, usage, lps),
                            opening=lambda i, usage: chunk(i, "", None, usage, role=True),
                            usage_chunk=usage_chunk if body.include_usage() else None,
                            continuous=body.continuous_usage(), prompt_tokens=_per_choice([ids], n), n=n,
@@ -475,8 +506,9 @@ def build_app(frontend: Frontend) -> FastAPI:
         response.headers.update(headers)
         return ChatCompletionResponse(
             id=rid, created=created, model=d.model_name,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=text),
-                                finish_reason=finish_reason(end.reason)) for i, (text, end) in enumerate(outs)],
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=out.text),
+                                logprobs=chat_logprobs(texts, out.logprobs) if body.logprobs else None,
+                                finish_reason=finish_reason(out.end.reason)) for i, out in enumerate(outs)],
             usage=_usage(outs, n),
         )
 
@@ -533,9 +565,18 @@ def _per_choice(prompts: list[list[int]], n: int) -> list[int]:
     return [len(ids) for ids in prompts for _ in range(n)]
 
 
-def _usage(outs: list[tuple[str, Finished]], n: int) -> Usage:
+def _usage(outs: list[_Output], n: int) -> Usage:
     """Every choice's tokens, and each prompt's once (as vLLM and OpenAI count n > 1)."""
-    return Usage.of(sum(end.prompt_tokens for _, end in outs[::n]), sum(end.completion_tokens for _, end in outs))
+    return Usage.of(sum(o.end.prompt_tokens for o in outs[::n]), sum(o.end.completion_tokens for o in outs))
+
+
+def _joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    """``then``'s tokens after ``first``'s, their text offsets moved past ``first``'s text."""
+    shift = text_length(first) - (then.text_offset[0] if then.text_offset else 0)
+    return CompletionLogprobs(tokens=first.tokens + then.tokens,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              top_logprobs=first.top_logprobs + then.top_logprobs,
+                              text_offset=first.text_offset + [o + shift for o in then.text_offset])
 
 
 def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend, sampling: SamplingParams | None,
@@ -543,6 +584,9 @@ def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend, s
     """The loop's request for choice ``choice`` of the prompt ``ids``: the body's fields, the
     server's defaults where the body has none; ``sampling``: the request's (``_sampling``)."""
     d, max_len = frontend.defaults, frontend.engine.max_seq_len
+    if max_tokens == 0 and not getattr(body, "echo", False):
+        raise ApiError(400, "`max_tokens` must be >= 1, got 0 (0 is for echo: the prompt, and its log "
+                            "probabilities with logprobs, without decoding)", "max_tokens")
     if max_tokens is None:  # as much as the default allows and the cache holds
         if len(ids) >= max_len:
             param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
@@ -570,19 +614,28 @@ def _request(body, ids: list[int], max_tokens: int | None, frontend: Frontend, s
 
 # request field -> SamplingParams field
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                    "seed": "seed", "sampling_mode": "mode"}
+                    "seed": "seed", "sampling_mode": "mode", "repetition_penalty": "repetition_penalty",
+                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
 def _sampling(body, default: SamplingParams) -> SamplingParams | None:
-    """The request's sampling: its own fields over the server's; None when that is greedy."""
+    """The request's sampling: its own fields over the server's, and the log probabilities it asks
+    for; None when that is plain greedy decoding."""
     given = {
         ours: getattr(body, theirs) for theirs, ours in _SAMPLING_FIELDS.items() if getattr(body, theirs) is not None
     }
+    if isinstance(body, ChatCompletionRequest):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = None
+    else:  # echo with logprobs: the prompt's too; max_tokens 0: the prefill is all that runs
+        logprobs = body.logprobs
+        prompt_logprobs = (logprobs or 0) if body.echo and (logprobs is not None or body.max_tokens == 0) else None
     try:
-        params = dataclasses.replace(default, **given)
+        params = dataclasses.replace(default, **given, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except ValueError as e:  # it names the parameter (sampling_mode is checked by its schema already)
-        raise ApiError(400, str(e), next((f for f in given if f"parameter {f} =" in str(e)), None)) from None
-    return None if params.greedy else params
+        param = next((theirs for theirs, ours in _SAMPLING_FIELDS.items() if f"parameter {ours} =" in str(e)), None)
+        raise ApiError(400, str(e).replace("parameter mode =", "parameter sampling_mode ="), param) from None
+    return None if params.plain_greedy else params
 
 
 def _end_error(end: Finished, frontend: Frontend) -> ApiError:
@@ -592,10 +645,22 @@ def _end_error(end: Finished, frontend: Frontend) -> ApiError:
     return ApiError(503, f"the request was cancelled: {frontend.error or 'the server is shutting down'}")
 
 
-async def _collect(batch: _Batch, frontend: Frontend) -> list[tuple[str, Finished]]:
-    """Every choice's text and end, by index; the first failed or cancelled one fails the request
-    (and cancels the rest)."""
+@dataclass
+class _Output:
+    """One choice, collected: its text, end, and log probabilities (when asked for)."""
+
+    text: str
+    end: Finished
+    logprobs: list = field(default_factory=list)  # TokenLogprobs per output token
+    prompt_logprobs: tuple = ()  # the prompt's tokens 1 ..
+
+
+async def _collect(batch: _Batch, frontend: Frontend) -> list[_Output]:
+    """Every choice's text, end and log probabilities, by index; the first failed or cancelled
+    one fails the request (and cancels the rest)."""
     parts: list[list[str]] = [[] for _ in batch.subs]
+    logprobs: list[list] = [[] for _ in batch.subs]
+    prompt: dict[int, tuple] = {}
     ends: dict[int, Finished] = {}
     try:
         async for i, event in batch.events():
@@ -604,27 +669,42 @@ async def _collect(batch: _Batch, frontend: Frontend) -> list[tuple[str, Finishe
                 if event.reason in ("failed", "cancelled"):
                     raise _end_error(event, frontend)
                 ends[i] = event
+            else:
+                logprobs[i].extend(event.logprobs)
+                prompt[i] = prompt.get(i) or event.prompt_logprobs
     finally:
         batch.close()
-    return [("".join(p), ends[i]) for i, p in enumerate(parts)]
+    return [_Output("".join(p), ends[i], logprobs[i], prompt.get(i, ())) for i, p in enumerate(parts)]
 
 
-def _stream(batch: _Batch, chunk: Callable[..., str], *, final: Callable[[int, str, Usage | None], str],
+def _stream(batch: _Batch, chunk: Callable[..., str], *, final: Callable[[int, str, Usage | None, list], str],
             opening: Callable[[int, Usage | None], str] | None = None,
             usage_chunk: Callable[[Usage], object] | None = None, continuous: bool = False,
-            prompt_tokens: list[int], n: int, headers: dict[str, str]) -> StreamingResponse:
+            prompt_tokens: list[int], n: int, headers: dict[str, str], echo: bool = False) -> StreamingResponse:
     """Server-sent events, the choices interleaved as their tokens come, each chunk naming its
     choice's ``index``: ``opening`` of each choice (chat: the role), ``chunk`` per text delta, the
     ``final`` chunk of each choice with its finish reason, the usage of all
     (stream_options.include_usage), then ``data: [DONE]``. With ``continuous``
-    (stream_options.continuous_usage_stats) every chunk carries its choice's usage so far. A
-    request that fails mid-stream ends with an error event, then ``data: [DONE]``."""
+    (stream_options.continuous_usage_stats) every chunk carries its choice's usage so far. Log
+    probabilities go with the chunk that carries their tokens' text (held-back text: a later one,
+    at the latest the final); with ``echo`` the first chunk of each choice starts with the prompt
+    (``chunk``'s ``prompt_lps``). A request that fails mid-stream ends with an error event, then
+    ``data: [DONE]``."""
 
     async def events():
         used = [0] * len(prompt_tokens)  # completion tokens of each choice so far
+        held: list[list] = [[] for _ in prompt_tokens]  # log probabilities not sent yet
+        echoing = [echo] * len(prompt_tokens)  # the prompt not sent yet
 
         def usage(i: int) -> Usage | None:
             return Usage.of(prompt_tokens[i], used[i]) if continuous else None
+
+        def text_chunk(i: int, text: str, prompt_lps=()) -> str:
+            lps, held[i] = held[i], []
+            if echoing[i]:
+                echoing[i] = False
+                return chunk(i, text, None, usage(i), lps, prompt_lps)
+            return chunk(i, text, None, usage(i), lps)
 
         try:
             if opening is not None:
@@ -633,16 +713,18 @@ def _stream(batch: _Batch, chunk: Callable[..., str], *, final: Callable[[int, s
             async for i, event in batch.events():
                 if isinstance(event, TextDelta):
                     used[i] += len(event.tokens)
-                    if event.text:  # a token that ends inside a character, or may start a stop string
-                        yield chunk(i, event.text, None, usage(i))
+                    held[i].extend(event.logprobs)
+                    if event.text or echoing[i]:  # text may be held back: a partial character, a stop string
+                        yield text_chunk(i, event.text, event.prompt_logprobs)
                     continue
                 if event.reason in ("failed", "cancelled"):
                     yield f"data: {json.dumps(_end_error(event, batch.frontend).body(), ensure_ascii=False)}\n\n"
                     break
                 used[i] = event.completion_tokens
-                if event.text:
-                    yield chunk(i, event.text, None, usage(i))
-                yield final(i, finish_reason(event.reason), usage(i))
+                if event.text or echoing[i]:
+                    yield text_chunk(i, event.text)
+                lps, held[i] = held[i], []
+                yield final(i, finish_reason(event.reason), usage(i), lps)
             else:
                 if usage_chunk is not None:
                     yield _sse(usage_chunk(Usage.of(sum(prompt_tokens[::n]), sum(used))))

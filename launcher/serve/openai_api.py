@@ -4,10 +4,10 @@ Pydantic models for ``POST /v1/completions``, ``POST /v1/chat/completions`` and
 ``GET /v1/models``, shaped like OpenAI's (and vLLM's). The rule for fields
 (docs/serving.md#request-fields):
 
-- a field that would change the output and that adadecode does not do (``logprobs``,
-  ``echo``, tools, penalties, ...: ``UNSUPPORTED``) is refused by ``check_supported``
+- a field that would change the output and that adadecode does not do (``suffix``,
+  tools, ``logit_bias``, ...: ``UNSUPPORTED``) is refused by ``check_supported``
   with a message naming the field and what to send instead; its neutral value
-  (``presence_penalty: 0``, ``echo: false``) is accepted;
+  (``logit_bias: {}``) is accepted;
 - a field that cannot change the output (``user``, ``metadata``, ``store``, ...:
   ``IGNORED``) is accepted whatever its value and named in the response header
   ``X-Adadecode-Ignored-Fields`` (``ignored_fields``);
@@ -18,9 +18,15 @@ Pydantic models for ``POST /v1/completions``, ``POST /v1/chat/completions`` and
 ``n`` x prompts sequences, choice ``j`` of prompt ``i`` at index ``i * n + j``; sampled
 choice ``j`` uses the seed ``seed + j`` (``choice_seed``), as vLLM derives it.
 
-Sampling: ``temperature``, ``top_p`` and ``seed``, with the extensions ``top_k``,
-``min_p`` and ``sampling_mode`` (seeded, speculative); each absent field takes the
-server's ``sampling`` section (temperature 0, greedy, by default).
+Sampling: ``temperature``, ``top_p``, ``seed``, ``presence_penalty`` and
+``frequency_penalty``, with the extensions ``top_k``, ``min_p``, ``repetition_penalty``
+(vLLM's) and ``sampling_mode`` (seeded, speculative); each absent field takes the
+server's ``sampling`` section (temperature 0, greedy, by default; no penalty).
+
+Log probabilities: ``logprobs: k`` (/v1/completions) and ``logprobs: true`` with
+``top_logprobs: k`` (chat), of the final layer's raw distribution (launcher/serve/logprobs.py);
+``echo`` (/v1/completions) returns the prompt before the output and, with ``logprobs``, the
+prompt's log probabilities from its prefill; ``max_tokens: 0`` with ``echo`` decodes nothing.
 
 Extensions (top-level fields; the ``openai`` client sends them with ``extra_body``):
 ``early_exit`` (off, eager, deferred; default: the server's ``decoding.early_exit``),
@@ -39,7 +45,10 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
+from adadecode.runtime.params import MAX_LOGPROBS
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .logprobs import ChatLogprobs, CompletionLogprobs
 
 EarlyExit = Literal["off", "eager", "deferred"]
 
@@ -136,8 +145,11 @@ class _GenerationRequest(_Strict):
     min_tokens: int = Field(default=0, ge=0)
     """Extension (as in vLLM): EOS and stop strings do not end the output before this many tokens."""
     frequency_penalty: float | None = None
+    """Subtracted from a token's logit per occurrence in the output, in [-2, 2]; absent: sampling.frequency_penalty."""
     presence_penalty: float | None = None
+    """Subtracted from the logit of every token present in the output, in [-2, 2]; absent: sampling.presence_penalty."""
     repetition_penalty: float | None = None
+    """Extension (as in vLLM): divides positive logits (multiplies negative ones) of prompt and output tokens."""
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     use_beam_search: bool | None = None
@@ -203,8 +215,10 @@ class CompletionRequest(_GenerationRequest):
 
     prompt: Any = Field(...)
     """A string, a list of token ids, or a list of prompts (strings or lists of token ids)."""
-    echo: bool | None = None
-    logprobs: int | None = None
+    echo: bool = False
+    """Return the prompt before the output (with logprobs: the prompt's log probabilities too)."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Each output token's log probability and this many most likely alternatives."""
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -236,8 +250,10 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = None
     """OpenAI's newer name for max_tokens; give one of the two."""
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    """Each output token's log probability (choices[i].logprobs.content)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """With logprobs: this many most likely alternatives of each token."""
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -292,13 +308,7 @@ IGNORED = ("user", "metadata", "store", "service_tier", "request_id", "prompt_ca
 
 # What a refused field means, and which of its values are neutral (accepted, since they change nothing).
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "echo": (lambda v: v is None or v is False, "the prompt is not echoed back; leave echo out"),
     "suffix": (lambda v: v is None, "insertion (suffix) is not supported; leave it out"),
-    "logprobs": (lambda v: v is None or v is False, "log probabilities are not returned; leave logprobs out"),
-    "top_logprobs": (lambda v: v is None, "log probabilities are not returned; leave top_logprobs out"),
-    "frequency_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
-    "presence_penalty": (lambda v: v is None or v == 0, "penalties are not supported; send 0 or leave it out"),
-    "repetition_penalty": (lambda v: v is None or v == 1, "penalties are not supported; send 1 or leave it out"),
     "logit_bias": (lambda v: not v, "logit bias is not supported; leave it out"),
     "use_beam_search": (lambda v: not v, "beam search is not supported; leave use_beam_search out"),
     "stop_token_ids": (lambda v: not v, "stop token ids are not supported (EOS and stop strings are); leave it out"),
@@ -332,6 +342,8 @@ def check_supported(request: _GenerationRequest) -> None:
                             "leave best_of out (or send it equal to n)", "best_of")
     if request.stream_options is not None and not request.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+    if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "`top_logprobs` needs `logprobs: true`; send both", "top_logprobs")
 
 
 def choice_seed(seed: int, choice: int) -> int:
@@ -421,7 +433,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -444,7 +456,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -465,7 +477,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

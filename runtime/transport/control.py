@@ -66,7 +66,9 @@ Wire format: frames ``[tag, *payload]`` (rank 0 prepends the peer identity),
 payload = JSON ``[sender_rank, number, kind, body]`` cut into frames of at most
 ``FRAME_BYTES``; kinds: ``hello``, ``ev`` (an
 event, ``[class name, *fields]``; a ``SamplingParams`` field as
-``{"SamplingParams": [*fields]}``), ``stage`` (a rank's layers and heads),
+``{"SamplingParams": [*fields]}``, a ``TokenLogprobs`` as ``{"TokenLogprobs": [token, logprob,
+[[id, logprob], ...]]}``, floats as JSON writes them, which read back bit for bit), ``stage``
+(a rank's layers and heads),
 ``released`` (``[seq, busy seconds, stage counters, trace events or null]``: the
 rank freed ``seq``'s slot), ``clock`` (a tracing rank's ping at start-up, answered
 ``[ping, rank 0's clock]``), ``bye``, ``err``, ``abort``; on the pulse sockets, ``hb`` (seconds inside the current
@@ -102,7 +104,7 @@ from ..events import (
     Shutdown,
     StepRequest,
 )
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprobs
 from .errors import JobAborted, TransportError
 
 log = logging.getLogger("adadecode.control")
@@ -145,13 +147,23 @@ def encode_event(event: ControlEvent) -> list[object]:
 def _encode_value(value: object) -> object:
     if isinstance(value, SamplingParams):
         return {"SamplingParams": [getattr(value, f.name) for f in fields(SamplingParams)]}
+    if isinstance(value, TokenLogprobs):
+        return {"TokenLogprobs": [value.token, value.logprob, [list(t) for t in value.top]]}
+    if isinstance(value, tuple):  # as JSON will carry it, so an encoded event equals what arrives
+        return [_encode_value(v) for v in value]
     return value
 
 
 def _decode_value(value: object) -> object:
     if isinstance(value, list):
-        return tuple(value)
+        return tuple(_decode_value(v) if isinstance(v, dict) else v for v in value)
     if isinstance(value, dict):
+        if list(value) == ["TokenLogprobs"]:
+            try:
+                token, logprob, top = value["TokenLogprobs"]
+                return TokenLogprobs(int(token), float(logprob), tuple((int(i), float(lp)) for i, lp in top))
+            except (TypeError, ValueError) as e:
+                raise TransportError(f"invalid log probabilities on the control plane: {e}") from e
         if list(value) != ["SamplingParams"] or not isinstance(value["SamplingParams"], list):
             raise TransportError(f"unknown control-plane value {value!r:.80}")
         try:

@@ -3,18 +3,22 @@
 Each message is two or three tensors, sent with separate ``isend`` calls
 (never coalesced, so a later item is not held behind an earlier one):
 
-- a fixed header, int64 [16]: ``seq, epoch, pos, layer, S, predict_from,
+- a fixed header, int64 [22]: ``seq, epoch, pos, layer, S, predict_from,
   emitted, early_exit, temperature, top_p, top_k, min_p, seed, sampling,
-  proposals, kind`` — every field of ``Activations`` except the tensor
-  (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for None; the
-  ``SamplingParams`` as its fields, floats as their float64 bits, the mode as
-  its index in ``SAMPLING_MODES``, -1 for greedy), plus the chunk length ``S``,
-  the length of the proposals tensor (0: none sent) and the message kind
-  (``KIND_ACTIVATIONS``, or ``KIND_STOP``: the upstream neighbour's orderly goodbye);
+  repetition_penalty, presence_penalty, frequency_penalty, logprobs,
+  prompt_logprobs, proposals, tokens, kind`` — every field of ``Activations``
+  except the tensor (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for
+  None; the ``SamplingParams`` as its fields, floats as their float64 bits, the
+  mode as its index in ``SAMPLING_MODES``, -1 for None; ``logprobs`` and
+  ``prompt_logprobs`` -1 for None), plus the chunk length ``S``, the lengths of
+  the proposals and of the token ids in the extras tensor (0 and 0: none sent)
+  and the message kind (``KIND_ACTIVATIONS``, or ``KIND_STOP``: the upstream
+  neighbour's orderly goodbye);
 - the hidden states, [S, D] in the model dtype (absent for ``KIND_STOP``);
-- speculative sampling only, when the item carries exit heads' proposals:
-  float64 [proposals], each proposal as ``pos, token, n, ids[n], probs[n]``
-  (ids are exact in float64; probs are float32 values).
+- extras, only when the item carries exit heads' proposals (speculative
+  sampling) or token ids (``SamplingParams.needs_tokens``): float64
+  [proposals + tokens], each proposal as ``pos, token, n, ids[n], probs[n]``,
+  then the token ids (ids are exact in float64; probs are float32 values).
 
 Receiving: a thread keeps the next header receive posted at all times. When a
 header arrives it posts the receive for its [S, D] tensor (and its proposals)
@@ -69,8 +73,13 @@ CPU = torch.device("cpu")  # a stage's default device (a module constant: device
 
 HEADER_FIELDS = (
     "seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit",
-    "temperature", "top_p", "top_k", "min_p", "seed", "sampling", "proposals", "kind",
+    "temperature", "top_p", "top_k", "min_p", "seed", "sampling",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "prompt_logprobs",
+    "proposals", "tokens", "kind",
 )
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "logprobs", "prompt_logprobs")
+_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 KIND_ACTIVATIONS = 1
 KIND_STOP = 2
 _TAG_HEADER = 1
@@ -79,7 +88,8 @@ _TAG_PROPOSALS = 3
 LINK_TIMEOUT = datetime.timedelta(days=365)  # see the module docstring: idle is not dead
 
 # The header must carry every field of Activations: fail loudly the day one is added.
-_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit", "sampling", "proposals"}
+_CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit", "sampling", "proposals",
+            "tokens"}
 _HAS = {f.name for f in fields(Activations)}
 if _HAS != _CARRIED:
     raise ImportError(
@@ -96,22 +106,29 @@ def _float(bits: int) -> float:
     return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
+def _sampling_values(sp: SamplingParams | None) -> dict[str, int]:
+    if sp is None:
+        return {name: 0 for name in _SAMPLING_FIELDS} | {"sampling": -1, "logprobs": -1, "prompt_logprobs": -1}
+    values = {name: _bits(getattr(sp, name)) if name in _FLOATS else getattr(sp, name) for name in _SAMPLING_FIELDS}
+    for name in ("logprobs", "prompt_logprobs"):
+        values[name] = -1 if values[name] is None else values[name]
+    return values | {"sampling": SAMPLING_MODES.index(sp.mode)}
+
+
 def encode_header(act: Activations | None, proposals: int = 0) -> torch.Tensor:
-    """The int64 [16] header of ``act`` (``proposals``: the length of its proposals tensor), or of
-    a stop message for ``None``."""
+    """The int64 [22] header of ``act`` (``proposals``: the length of the proposals in its extras
+    tensor; its token ids follow them), or of a stop message for ``None``."""
     if act is None:
-        return torch.tensor([0, 0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, -1, 0, KIND_STOP], dtype=torch.int64)
-    s = act.hidden.shape[0]
-    mode = -1 if act.early_exit is None else EARLY_EXIT_MODES.index(act.early_exit)
-    sp = act.sampling
-    sampling = [0, 0, 0, 0, 0, -1] if sp is None else [
-        _bits(sp.temperature), _bits(sp.top_p), sp.top_k, _bits(sp.min_p), sp.seed, SAMPLING_MODES.index(sp.mode)
-    ]
-    return torch.tensor(
-        [act.seq, act.epoch, act.pos, act.layer, s, act.predict_from, int(act.emitted), mode, *sampling, proposals,
-         KIND_ACTIVATIONS],
-        dtype=torch.int64,
-    )
+        values = {name: 0 for name in HEADER_FIELDS} | _sampling_values(None) | {"early_exit": -1, "kind": KIND_STOP}
+    else:
+        values = {
+            "seq": act.seq, "epoch": act.epoch, "pos": act.pos, "layer": act.layer, "S": act.hidden.shape[0],
+            "predict_from": act.predict_from, "emitted": int(act.emitted),
+            "early_exit": -1 if act.early_exit is None else EARLY_EXIT_MODES.index(act.early_exit),
+            **_sampling_values(act.sampling), "proposals": proposals, "tokens": len(act.tokens),
+            "kind": KIND_ACTIVATIONS,
+        }
+    return torch.tensor([values[name] for name in HEADER_FIELDS], dtype=torch.int64)
 
 
 def decode_header(header: torch.Tensor) -> dict:
@@ -124,15 +141,15 @@ def decode_header(header: torch.Tensor) -> dict:
     if not -1 <= head["early_exit"] < len(EARLY_EXIT_MODES):
         raise TransportError(
             f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
-    if not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0:
+    if not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0 or head["tokens"] < 0:
         raise TransportError(f"malformed sampling fields in a data-plane header: {head}")
-    fields = [head.pop(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed")]
+    given = {k: head.pop(k) for k in _SAMPLING_FIELDS}
     if head["sampling"] >= 0:
-        t, top_p, top_k, min_p, seed = fields
+        kw: dict = {k: _float(v) if k in _FLOATS else v for k, v in given.items()}
+        for k in ("logprobs", "prompt_logprobs"):
+            kw[k] = None if kw[k] == -1 else kw[k]
         try:
-            head["sampling"] = SamplingParams(
-                _float(t), _float(top_p), top_k, _float(min_p), seed, SAMPLING_MODES[head["sampling"]]
-            )
+            head["sampling"] = SamplingParams(mode=SAMPLING_MODES[head["sampling"]], **kw)
         except ValueError as e:
             raise TransportError(f"data-plane header carries invalid sampling parameters: {e}") from e
     else:
@@ -146,6 +163,15 @@ def encode_proposals(proposals: tuple[Proposal, ...]) -> torch.Tensor:
     for p in proposals:
         values += [p.pos, p.token, len(p.ids), *p.ids, *p.probs]
     return torch.tensor(values, dtype=torch.float64)
+
+
+def decode_extras(values: torch.Tensor, tokens: int) -> tuple[tuple[Proposal, ...], tuple[int, ...]]:
+    """The proposals and the ``tokens`` token ids of an extras tensor."""
+    flat = values.tolist()
+    if not 0 <= tokens <= len(flat):
+        raise TransportError(f"an extras tensor of {len(flat)} values cannot hold {tokens} token ids")
+    cut = len(flat) - tokens
+    return decode_proposals(values[:cut]), tuple(int(x) for x in flat[cut:])
 
 
 def decode_proposals(values: torch.Tensor) -> tuple[Proposal, ...]:
@@ -265,9 +291,9 @@ class DataPlane:
                     head["S"], self.hidden_size, dtype=self.dtype, device=self.device, pin_memory=pinned
                 )
                 hidden_work = _posted(dist.irecv(hidden, src=self.prev_rank, group=self.recv_group, tag=_TAG_HIDDEN))
-                incoming: tuple[torch.Tensor, dist.Work] | None = None  # the proposals, and their receive
-                if head["proposals"]:
-                    packed = torch.empty(head["proposals"], dtype=torch.float64, device=self.device)
+                incoming: tuple[torch.Tensor, dist.Work] | None = None  # the extras, and their receive
+                if head["proposals"] or head["tokens"]:
+                    packed = torch.empty(head["proposals"] + head["tokens"], dtype=torch.float64, device=self.device)
                     incoming = packed, _posted(dist.irecv(packed, src=self.prev_rank, group=self.recv_group,
                                                           tag=_TAG_PROPOSALS))
                 header = torch.empty(len(HEADER_FIELDS), dtype=torch.int64, device=self.device)
@@ -282,19 +308,20 @@ class DataPlane:
                 else:
                     hidden = hidden.to(self.stage_device)  # no-op when the link is on the stage's device
                 proposals: tuple[Proposal, ...] = ()
+                tokens: tuple[int, ...] = ()
                 if incoming is not None:  # the host needs them (the last stage's decision)
                     packed, proposals_work = incoming
                     self._complete(proposals_work)
                     if cuda_link:
                         with torch.cuda.stream(side):
                             packed = packed.cpu()
-                    proposals = decode_proposals(packed)
+                    proposals, tokens = decode_extras(packed, head["tokens"])
                 self._deliver(
                     Activations(
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
                         predict_from=head["predict_from"], emitted=bool(head["emitted"]),
                         early_exit=None if head["early_exit"] < 0 else EARLY_EXIT_MODES[head["early_exit"]],
-                        sampling=head["sampling"], proposals=proposals,
+                        sampling=head["sampling"], proposals=proposals, tokens=tokens,
                     )
                 )
         except BaseException as e:  # noqa: BLE001 - handed to the rank's loop, which raises it
@@ -337,10 +364,13 @@ class DataPlane:
         self.reap()
         hidden = act.hidden.contiguous()
         proposals = encode_proposals(act.proposals) if act.proposals else None
+        header = encode_header(act, 0 if proposals is None else proposals.numel())
+        if act.tokens:  # after the proposals, in the same extras tensor
+            ids = torch.tensor(act.tokens, dtype=torch.float64)
+            proposals = ids if proposals is None else torch.cat([proposals, ids])
         self.bytes_sent += hidden.numel() * hidden.element_size()
         if proposals is not None:
             self.bytes_sent += proposals.numel() * 8
-        header = encode_header(act, 0 if proposals is None else proposals.numel())
         if self._staging:
             # gloo and a GPU stage: the send thread copies to pinned memory once the compute
             # that made the states is done (an event), then sends header, states and proposals in order.
