@@ -105,7 +105,8 @@ def plan_bench(args, cfg: RunConfig) -> BenchPlan:
     sampling = sampling_params(cfg.sampling)
     runs = contenders(modes, sampling, getattr(args, "sampling_modes", ""))
     if sampling is not None and hf_ks:
-        raise ValueError("--hf-early-exit compares greedy decoding; drop it, or --temperature")
+        raise ValueError("--hf-early-exit compares greedy decoding; drop it, or sample no more (--temperature 0, "
+                         "or --generation-config none where the model's generation config samples)")
     return BenchPlan(runs, hf_ks, sampling, select_prompts(args.prompts, args.num_prompts))
 
 

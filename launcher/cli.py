@@ -63,7 +63,8 @@ Exit heads for a model (self-distillation; see launcher/train_heads.py):
     adadecode train-heads --model ~/models/Qwen2.5-0.5B-Instruct --out heads/qwen --threads 2
 
 Every config key is a flag `--section.key=value` (see `adadecode generate --help`);
-precedence is CLI > `--config FILE` > defaults.
+precedence is CLI > `--config FILE` > the model's generation_config.json (its EOS ids, and
+sampling where it sets do_sample; `--generation-config none` ignores it) > defaults.
 
 Exit status (launcher/errors.py): 0 done; 2 a user error, one line `adadecode: error: ...`
 (bad config or input, a request that does not fit the cache, a rank that died, hung or
@@ -107,6 +108,7 @@ SHORTCUTS = {
     "min_p": "sampling.min_p",
     "seed": "sampling.seed",
     "sampling": "sampling.mode",
+    "generation_config": "model.generation_config",
 }
 
 
@@ -130,6 +132,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", metavar="P", help="sampling.min_p, in [0, 1]")
     p.add_argument("--seed", metavar="N", help="sampling.seed")
     p.add_argument("--sampling", metavar="{seeded,speculative}", help="sampling.mode")
+    p.add_argument("--generation-config", metavar="{auto,none,DIR}",
+                   help="the model's generation_config.json as defaults (model.generation_config)")
     p.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
 
 
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-new-tokens", type=int, metavar="N", help="max_tokens of a request that sends none")
     srv.add_argument("--stages", type=int, metavar="N", help="pipeline stages, split automatically")
     srv.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="a request's default early exit")
+    srv.add_argument("--generation-config", metavar="{auto,none,DIR}",
+                     help="the model's generation_config.json as each request's defaults (model.generation_config)")
     srv.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
     srv.set_defaults(chat=False, **dict.fromkeys(SHORTCUTS))  # generate's flags, absent here
 
@@ -226,7 +232,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
         overrides.append("--decoding.stop=" + json.dumps(args.stop))
     if args.config:
         overrides = ["--config", args.config, *overrides]
-    return args, load_config(overrides)
+    from .launch import generation_config_defaults
+
+    return args, load_config(overrides, model_defaults=generation_config_defaults)
 
 
 def setup_process(cfg: RunConfig) -> None:

@@ -7,7 +7,9 @@ module reads them, in this order, and nowhere else in the project does:
    set by torchrun, by the DeepSpeed launcher (which also sets ``LOCAL_SIZE``
    where torchrun sets ``LOCAL_WORLD_SIZE``) and by ``adadecode generate
    --stages N`` for the ranks it spawns;
-2. Slurm's ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``, the first host
+2. Slurm's ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``, the node's task count
+   (local world size) from ``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_TASKS_PER_NODE`` or
+   ``SLURM_NTASKS_PER_NODE`` (``2(x2)``: two nodes of two tasks), the first host
    of ``SLURM_JOB_NODELIST`` (``node[01-04,07]`` is expanded here, no
    ``scontrol`` needed) as the master unless ``MASTER_ADDR`` is set, and a port
    from ``MASTER_PORT`` or derived from ``SLURM_JOB_ID`` so that two jobs on one
@@ -26,6 +28,7 @@ module reads them, in this order, and nowhere else in the project does:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -179,10 +182,49 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
         )
     else:
         port = 0
-    local_world = None
-    if env.get("SLURM_NNODES", "").strip() == "1":
+    local_world = _slurm_tasks_on_this_node(env, local, world)
+    if local_world is None and env.get("SLURM_NNODES", "").strip() == "1":
         local_world = world
     return DistEnv(rank, world, local, addr, port, "slurm", local_world)
+
+
+# Where Slurm says how many tasks run on each node, most precise first: the step's own layout (what
+# srun started), the job's, and the --ntasks-per-node the user asked for (set only with that option).
+_TASKS_PER_NODE = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+_TASKS_SPEC = re.compile(r"(\d+)(?:\(x(\d+)\))?")  # `2`, `2(x3)`: 2 tasks on each of 3 nodes
+
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str], local: int, world: int) -> int | None:
+    """This node's task count (the local world size) from Slurm's per-node task lists, e.g.
+    ``2(x2)`` (2 nodes of 2) or ``3,2(x2)`` (this node's entry by ``SLURM_NODEID`` where they
+    differ: the step's list counts the step's nodes, ``SLURM_STEP_NODEID``); None when none is set."""
+    for name in _TASKS_PER_NODE:
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        counts: list[int] = []
+        for part in raw.split(","):
+            m = _TASKS_SPEC.fullmatch(part.strip())
+            if m is None:
+                raise DistEnvError(f"{name}={raw!r} is not a Slurm task count list such as `2` or `2(x2)` or "
+                                   f"`3,2(x2)`; {_FIX['slurm']}")
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+        if len(set(counts)) == 1:
+            count = counts[0]
+        else:
+            node_var = "SLURM_STEP_NODEID" if name == "SLURM_STEP_TASKS_PER_NODE" else "SLURM_NODEID"
+            node = _int(env, node_var, "slurm") if node_var in env else None
+            if node is None or node >= len(counts):
+                raise DistEnvError(f"{name}={raw!r} differs between nodes, and {node_var}="
+                                   f"{env.get(node_var)!r} does not say which is this one; {_FIX['slurm']}")
+            count = counts[node]
+        if not local < count <= world:
+            raise DistEnvError(
+                f"{name}={raw!r} gives {count} tasks on this node, which does not fit SLURM_LOCALID={local} "
+                f"and {world} tasks in all (expected SLURM_LOCALID < tasks on the node <= all tasks); {_FIX['slurm']}"
+            )
+        return count
+    return None
 
 
 # ------------------------------------------------------------------- nodelists

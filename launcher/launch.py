@@ -15,12 +15,13 @@ The command sees only the engine: what it runs with it is the ``session`` it pas
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig, load_spec
 from .dist_env import read_dist_env
@@ -28,6 +29,8 @@ from .distributed import LaunchPlan, check_devices, describe_plan, plan_launch, 
 
 if TYPE_CHECKING:
     from adadecode.runtime.engine import Engine
+
+log = logging.getLogger("adadecode.launch")
 
 EngineUse = Callable[["Engine"], int]  # what a command does with the engine; its status is the command's
 ModelCheck = Callable[[RunConfig, LaunchPlan, object, list[tuple[int, int]]], None]  # (cfg, plan, HF config, ranges)
@@ -90,6 +93,37 @@ def stage_split(cfg: RunConfig) -> tuple[object, list[tuple[int, int]]]:
     m, p = cfg.model, cfg.pipeline
     config = load_hf_config(resolve_model(m.source, m.cache_dir or None, m.revision or None).path)
     return config, plan_stages(config, p.stages, p.split_points)
+
+
+def generation_config_defaults(cfg: RunConfig) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The model's generation_config.json as config values (``load_config``'s ``model_defaults``):
+    its sampling defaults, where it sets ``do_sample`` (runtime/generation_config.py), for the
+    keys that neither the YAML nor the command line set; its EOS ids the engine reads itself.
+    ``model.generation_config``: auto (the model's own), none, or a directory holding one.
+
+    A model that cannot be resolved contributes nothing here: loading it reports why."""
+    from adadecode.runtime.generation_config import generation_config_path, read_generation_config
+    from adadecode.runtime.model_source import ModelSourceError, resolve_model
+
+    m = cfg.model
+    if m.generation_config == "none":
+        return "", {}
+    model_dir = ""
+    if m.generation_config == "auto":
+        try:
+            model_dir = str(resolve_model(m.source, m.cache_dir or None, m.revision or None).path)
+        except ModelSourceError:
+            return "", {}
+    defaults = read_generation_config(model_dir, m.generation_config)
+    where = f"the model's {generation_config_path(model_dir, m.generation_config)}"
+    if defaults.ignored:
+        log.warning("%s sets %s, which adadecode does not implement; ignored", where, ", ".join(defaults.ignored))
+    if not defaults.sampling:
+        return where, {}
+    shown = ", ".join(f"{k}={v}" for k, v in defaults.sampling.items())
+    log.warning("sampling defaults from %s (do_sample: true): %s, for the keys not set; --temperature 0 or "
+                "--generation-config none decodes greedily", where, shown)
+    return where, {"sampling": dict(defaults.sampling)}
 
 
 def print_plan(cfg: RunConfig, plan: LaunchPlan) -> int:

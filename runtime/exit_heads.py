@@ -56,7 +56,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from . import atomic_io, sampling
-from .hf_adapter import rms_norm
+from .hf_adapter import rms_norm, softcap
 
 FORMAT = "adadecode-exit-heads"
 FORMAT_VERSION = 1
@@ -106,16 +106,19 @@ class ExitHeads:
         thresholds: Mapping[int, float],
         manifest: dict,
         layers: Iterable[int] | None = None,
+        logit_softcap: float | None = None,
     ):
         """``params``: per layer, the head's tensors by name (``HEAD_TENSORS``), or a bare [D, D]
         tensor: a linear head's ``T``. ``weight``: the LM-head rows the heads score ([K, D]:
         restricted, or the full head when ``vocab_ids`` is None); ``thresholds``: a threshold for
-        every layer in ``params``."""
+        every layer in ``params``; ``logit_softcap``: the model's ``final_logit_softcapping``
+        (Gemma), applied to the heads' logits as to the final layer's."""
         self.params: dict[int, dict[str, torch.Tensor]] = {
             l: {"T": p} if isinstance(p, torch.Tensor) else dict(p) for l, p in params.items()
         }
         self.norm = norm
         self.weight = weight
+        self.logit_softcap = logit_softcap
         self.vocab_ids = vocab_ids
         self._vocab_list = vocab_ids.tolist() if vocab_ids is not None else None
         self._vocab_cpu = vocab_ids.cpu() if vocab_ids is not None else None  # ids for the host-side noise
@@ -136,7 +139,8 @@ class ExitHeads:
     def _logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The head at ``layer``, in float32 (the softmax of every caller runs in float32).
         # hidden: [D] or [N, D] -> [K] or [N, K]"""
-        return head_logits(self.params[layer], hidden.to(self.weight.dtype), self.norm, self.weight).float()
+        logits = head_logits(self.params[layer], hidden.to(self.weight.dtype), self.norm, self.weight)
+        return softcap(logits, self.logit_softcap).float()
 
     @torch.inference_mode()
     def predict(self, layer: int, hidden: torch.Tensor) -> tuple[int, float]:
@@ -203,7 +207,8 @@ class ExitHeads:
         for l, t in chosen.items():
             if not (0.0 <= t < 1.0) or math.isnan(t):
                 raise ValueError(f"threshold {t} for the head at layer {l} is outside [0, 1)")
-        return ExitHeads(self.params, self.norm, self.weight, self.vocab_ids, chosen, self.manifest, layers)
+        return ExitHeads(self.params, self.norm, self.weight, self.vocab_ids, chosen, self.manifest, layers,
+                         self.logit_softcap)
 
     def __repr__(self) -> str:
         th = ", ".join(f"{l}: {self.thresholds[l]:g}" for l in self.layers)
@@ -408,7 +413,8 @@ def load_exit_heads(
     if missing or set(manifest["default_layers"]) - set(params):
         raise ValueError(f"exit heads {path}: the manifest's default layers/thresholds do not match the "
                          f"heads in {HEADS_FILE} (layers {sorted(params)})")
-    heads = ExitHeads(params, norm, weight, vocab_ids, thresholds, manifest)
+    heads = ExitHeads(params, norm, weight, vocab_ids, thresholds, manifest,
+                      logit_softcap=getattr(config, "final_logit_softcapping", None))
     return heads.select()
 
 

@@ -14,6 +14,11 @@ Rules (docs/design.md, invariant 1):
   what keeps tokens bit-identical.
 - Rollback is a length move: ``truncate`` lowers the valid length and later
   writes overwrite the stale entries. Nothing is copied or zeroed.
+- A local layer (Gemma 3's sliding window) attends to the last ``window``
+  positions of the prefix a write returns (``hf_adapter.sliding_window_keys``);
+  its buffer still holds every position, so a rollback anywhere finds its
+  window intact (a ring buffer of ``window`` plus the longest rollback would
+  save that memory; not written).
 
 The cache knows nothing of epochs, tokens or acceptance; the Stage does.
 """

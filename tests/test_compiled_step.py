@@ -6,8 +6,10 @@
 - Compiled by inductor (the real kernels; autotuning off to keep the test short), early exit
   must still change nothing: the segments are cut at the head layers whether early exit is on
   or off (docs/design.md, invariant 4).
-- The families beyond Llama's layout compile too: Phi-3 (fused projections, partial rotary) and
-  Qwen3-MoE (transformers' experts block, whose grouped-GEMM path has static shapes).
+- The families beyond Llama's layout compile too: Phi-3 (fused projections, partial rotary),
+  Qwen3-MoE (transformers' experts block, whose grouped-GEMM path has static shapes) and Gemma 3
+  (a local layer's window as a mask over the valid prefix, where eager slices it: the tokens
+  agree on the tiny model, prompts longer than its window of 4).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def test_inductor_early_exit_changes_nothing(model_dir):
     assert sum(a == b for x, y in zip(off, eager) for a, b in zip(x, y)) >= 0.9 * sum(map(len, eager))
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe", "gemma3_text"])
 def test_other_families_trace_to_the_eager_tokens(tmp_path, model_type):
     path = save_tiny_model(tmp_path, model_type, seed=TINY_MODEL_SEED)
     ranges = [(0, 3), (3, 6)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -75,6 +76,53 @@ def test_slurm_older_variable_names_and_single_node():
         "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "7", "SLURM_STEPID": "2",
     })
     assert (env.world_size, env.master_addr, env.master_port, env.local_world_size) == (2, "localhost", 15007, 2)
+
+
+# Two nodes of two tasks each (`sbatch -N2 --ntasks-per-node=2`, then `srun`): what each task sees
+TWO_BY_TWO = {
+    "SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "42",
+    "SLURM_STEP_ID": "0", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_NTASKS_PER_NODE": "2",
+}
+
+
+@pytest.mark.parametrize("procid,nodeid,localid", [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)])
+def test_slurm_two_nodes_of_two_tasks(procid, nodeid, localid):
+    env = read_dist_env({**TWO_BY_TWO, "SLURM_PROCID": str(procid), "SLURM_NODEID": str(nodeid),
+                         "SLURM_LOCALID": str(localid)})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (procid, 4, localid, 2)
+    assert env.master_addr == "n1"
+
+
+@pytest.mark.parametrize(
+    "extra, local_world",
+    [
+        ({"SLURM_TASKS_PER_NODE": "2(x2)"}, 2),  # the job's layout alone
+        ({"SLURM_NTASKS_PER_NODE": "2"}, 2),  # only what was asked for
+        ({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_STEP_NODEID": "0"}, 2),  # uneven: this node's entry
+        ({"SLURM_TASKS_PER_NODE": "1,2(x2)", "SLURM_NODEID": "2"}, 2),
+        ({"SLURM_TASKS_PER_NODE": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, 2),  # the step's wins
+        ({}, None),  # several nodes and no per-node count: not known
+    ],
+)
+def test_slurm_local_world_size_from_the_tasks_per_node(extra, local_world):
+    base = {k: v for k, v in TWO_BY_TWO.items() if "TASKS_PER_NODE" not in k}
+    env = read_dist_env({**base, **extra, "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
+    assert env.local_world_size == local_world
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"SLURM_TASKS_PER_NODE": "2(x"}, "SLURM_TASKS_PER_NODE='2(x' is not a Slurm task count list"),
+        ({"SLURM_TASKS_PER_NODE": "1(x2)"}, "gives 1 tasks on this node, which does not fit SLURM_LOCALID=1"),
+        ({"SLURM_TASKS_PER_NODE": "3,1"}, "differs between nodes, and SLURM_NODEID=None"),
+    ],
+)
+def test_slurm_bad_tasks_per_node_is_named(extra, fragment):
+    base = {k: v for k, v in TWO_BY_TWO.items() if "TASKS_PER_NODE" not in k}
+    with pytest.raises(DistEnvError, match=re.escape(fragment)):
+        read_dist_env({**base, **extra, "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
 
 
 # What Slurm 22.05 sets in a batch script's shell (sbatch -n2) and in salloc's interactive step

@@ -15,14 +15,15 @@ from adadecode.runtime.hf_adapter import (
     load_hf_config,
     load_stage_modules,
     rope_tables,
+    sliding_window_keys,
 )
 from adadecode.runtime.kv_cache import KVCache
 from adadecode.runtime.model_source import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from helpers import save_tiny_model, tiny_config
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"]
-# a different architecture, and families near supported ones (a shared expert; Gemma's norms)
-FAMILIES_NOT_SUPPORTED = ["gpt2", "qwen2_moe", "gemma3_text"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3_text"]
+# a different architecture, and families near supported ones (a shared expert; Gemma 2's softcapped attention)
+FAMILIES_NOT_SUPPORTED = ["gpt2", "qwen2_moe", "gemma2"]
 
 
 class _HFCacheShim:
@@ -47,6 +48,10 @@ LAYER_CASES = [(arch, torch.float32, {}) for arch in ARCHS] + [
     ("phi3", torch.float32, LONGROPE),
     # top-k weights as the softmax gives them, not renormalised; layer 0 dense, layer 1 experts
     ("qwen3_moe", torch.float32, {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+    # Gemma 3 with a global layer first, and a linear-scaled global RoPE (Gemma 3 4B and up)
+    ("gemma3_text", torch.float32, {"layer_types": ["full_attention", "sliding_attention"] * 3, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 ]
 
 
@@ -60,10 +65,16 @@ def _premise(model_type, mods, config):
     if model_type == "qwen3_moe":  # one dense MLP and one mixture of experts among the two layers
         kinds = sorted(type(layer.mlp).__name__ for layer in mods.layers)
         assert kinds == ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock"], kinds
+    if model_type == "gemma3_text":  # a local and a global layer, each with its own RoPE base
+        assert sorted(config.layer_types[:2]) == ["full_attention", "sliding_attention"]
+        assert mods.layers[0].rope_slice != mods.layers[1].rope_slice
+        assert mods.layers[0].self_attn.scaling != mods.layers[0].self_attn.head_dim ** -0.5
 
 
 @pytest.mark.parametrize("model_type,dtype,overrides", LAYER_CASES, ids=lambda c: str(c).replace("torch.", ""))
 def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type, dtype, overrides):
+    if model_type == "gemma3_text":  # windows wider than these chunks (windows: test_a_local_layer_*, test_parity)
+        overrides = {"sliding_window": 64, **overrides}
     path = save_tiny_model(tmp_path, model_type, seed=1, **overrides)
     config = load_hf_config(path)
     mods = load_stage_modules(path, config, 0, 2, embed=True, head=True, dtype=dtype)
@@ -81,10 +92,11 @@ def test_layer_forward_is_bit_identical_to_the_hf_module(tmp_path, model_type, d
     for pos, length in [(0, 5), (5, 3), (8, 1)]:
         hidden = torch.randn(1, length, config.hidden_size, dtype=dtype)
         positions = torch.arange(pos, pos + length)[None]
-        cos, sin = mods.rotary(hidden, positions)
         mask = causal_chunk_mask(pos, length)
         rows = slice(pos, pos + length)
         for li, layer in enumerate(mods.layers):
+            kind = [config.layer_types[li]] if model_type == "gemma3_text" else []  # Gemma: a rotation per kind
+            cos, sin = mods.rotary(hidden, positions, *kind)
             a = decoder_layer_forward(
                 layer,
                 hidden,
@@ -248,3 +260,59 @@ def test_peak_memory_follows_the_layer_range(tmp_path):
     assert full > 6 * layer_mib
     print(f"peak: one layer {one:.0f} MiB, all {full:.0f} MiB, a layer's weights {layer_mib:.0f} MiB")
     assert one < 2.5 * layer_mib, f"one layer took {one:.0f} MiB of peak memory, the model {full:.0f} MiB"
+
+
+@pytest.mark.parametrize("input_pos,rows", [(0, 3), (0, 4), (0, 9), (2, 1), (3, 1), (7, 1), (5, 3), (9, 2)])
+def test_a_local_layer_sees_the_window_transformers_gives_it(input_pos, rows):
+    """``sliding_window_keys`` (window 4) against transformers' own rules: the keys its sliding
+    cache hands the layer (``DynamicSlidingWindowLayer``: the last window - 1 positions and the
+    chunk; everything for a chunk from position 0), its mask function (``q - k < window``, causal)
+    and when it skips the mask for SDPA (``_ignore_causal_mask_sdpa``)."""
+    from transformers.masking_utils import _ignore_causal_mask_sdpa, sliding_window_causal_mask_function
+
+    window, end = 4, input_pos + rows
+    k_all = torch.arange(end, dtype=torch.float32).view(1, 1, end, 1)  # each key holds its position
+    k, v, mask = sliding_window_keys(k_all, k_all.clone(), rows, window)
+    begin = 0 if input_pos == 0 else max(0, input_pos - (window - 1))
+    assert k[0, 0, :, 0].tolist() == list(range(begin, end)) and torch.equal(k, v)
+    skip = _ignore_causal_mask_sdpa(None, rows, end - begin, input_pos, begin, local_attention_size=window)
+    assert (mask is None) == skip
+    if mask is not None:
+        fn = sliding_window_causal_mask_function(window)
+        t = torch.tensor
+        theirs = [[bool(fn(t(0), t(0), t(q), t(kv))) for kv in range(begin, end)] for q in range(input_pos, end)]
+        assert mask[0, 0].tolist() == theirs
+
+
+def test_gemma_layers_carry_their_window_and_the_embedding_its_scale(tmp_path):
+    path = save_tiny_model(tmp_path, "gemma3_text")
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 0, 6, embed=True, head=True)
+    assert [layer.sliding_window for layer in mods.layers] == [4, None, 4, 4, None, 4]
+    assert not mods.embed.embed_scale.is_meta and float(mods.embed.embed_scale) == 8.0  # sqrt(hidden)
+
+
+def test_gemma_exit_heads_score_with_its_final_norm_and_softcap(tmp_path):
+    """Heads saved for a Gemma 3 model and loaded as a rank loads them: an identity head at a
+    layer gives exactly the final layer's logits (Gemma's (1 + w) final norm, the tied LM head
+    and the logit softcap) on the same hidden state, so its confidence is the model's own."""
+    from adadecode.runtime.exit_heads import load_exit_heads
+    from adadecode.runtime.hf_adapter import ModelArgs
+    from adadecode.runtime.model_runner import StageModel
+    from adadecode.runtime.model_source import resolve_model
+    from helpers import save_identity_heads
+
+    path = save_tiny_model(tmp_path / "m", "gemma3_text", final_logit_softcapping=1.5, tie_word_embeddings=True)
+    heads_dir = save_identity_heads(path, tmp_path / "heads", {3: 0.5})
+    config = load_hf_config(path)
+    mods = load_stage_modules(path, config, 0, 6, embed=True, head=True)
+    mods.norm.weight.data.normal_(0, 0.5)  # a final norm whose (1 + w) shows
+    heads = load_exit_heads(heads_dir, fingerprint=resolve_model(str(path)).fingerprint, config=config,
+                            norm=mods.norm, lm_head_weight=mods.lm_head.weight)
+    model = StageModel(mods, ModelArgs.from_hf_config(config), 32)
+    hidden = model.run_layers(model.embed([5, 17, 33, 2]), 0, 0, 3)[-1:]
+    final = model.logits(hidden)[0]
+    assert final.abs().max() < 1.5 and heads.logit_softcap == 1.5
+    assert torch.equal(heads._logits(3, hidden[0]), final)
+    token, confidence = heads.predict(3, hidden[0])
+    assert token == int(final.argmax()) and confidence == pytest.approx(float(final.softmax(-1).max()))

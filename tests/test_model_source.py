@@ -81,7 +81,7 @@ def test_unsupported_architecture_refused_before_weights(tmp_path):
     assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["phi3", "qwen3_moe", "gemma3_text"])
 def test_the_families_beyond_llama_resolve(tmp_path, model_type):
     d = save_tiny_model(tmp_path / "m", model_type)
     assert resolve_model(str(d)).model_type == model_type
