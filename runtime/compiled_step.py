@@ -20,7 +20,10 @@ How.
   run eagerly. Positions are tensors, so nothing recompiles as a sequence
   grows: on the CPU the attended length is a dynamic dimension (attention reads
   the valid prefix, as eager does); on CUDA attention reads the whole buffer
-  under a mask, so the graph is static and can be captured.
+  under a mask, so the graph is static and can be captured. A local layer
+  (Gemma 3's sliding window) reads the same keys under a mask that also keeps
+  each query within its window, where eager slices the window's keys: the same
+  softmax up to rounding, and no shape that depends on the position.
 - The KV cache is written in place by index (``cache[slot][:, input_pos] = k``),
   inside the graph; its lengths are kept by the caller, outside (kv_cache.py).
 - Compiled output is not bit-identical to eager output: fused kernels and
@@ -43,7 +46,8 @@ from collections.abc import Sequence
 import torch
 import torch._inductor.config
 
-from .hf_adapter import decoder_layer_forward
+from .hf_adapter import decoder_layer_forward, softcap
+from .params import compiles
 
 log = logging.getLogger("adadecode.compile")
 
@@ -84,7 +88,8 @@ class CompiledStep:
         self._head = None
         if model.modules.lm_head is not None:  # the LM head is a fifth of a small model's weights
             def head(hidden: torch.Tensor) -> torch.Tensor:
-                return model.modules.lm_head(model.modules.norm(hidden)).argmax(dim=-1)
+                logits = softcap(model.modules.lm_head(model.modules.norm(hidden)), model.modules.softcap)
+                return logits.argmax(dim=-1)
 
             self._head = torch.compile(_own_code(head), **kwargs)
         self._seen: set[tuple[tuple[int, int], int]] = set()
@@ -137,14 +142,19 @@ class CompiledStep:
     def _segment(self, a: int, b: int):
         model, static_kv = self.model, self.static_kv
         layers = [model.modules.layers[i] for i in range(a, b)]
+        windows = [getattr(layer, "sliding_window", None) for layer in layers]  # Gemma 3's local layers
         cache = model.cache
 
         def forward(hidden: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor, slot: int):
             # hidden: [S, D]; input_pos: [S]; kv_positions: [kv_len] (the positions attention reads)
             cos, sin = model.cos[input_pos][None, :, None], model.sin[input_pos][None, :, None]
+            causal = kv_positions[None, :] <= input_pos[:, None]
             mask = None
             if static_kv or hidden.shape[0] > 1:  # one query over its valid prefix needs none
-                mask = (kv_positions[None, :] <= input_pos[:, None])[None, None]
+                mask = causal[None, None]
+            local = {}  # a local layer's window is a mask here, not a slice (whose start would be a shape)
+            for w in {w for w in windows if w is not None}:
+                local[w] = (causal & (input_pos[:, None] - kv_positions[None, :] < w))[None, None]
             kv_len = kv_positions.shape[0]
             h = hidden[None]
             for i, layer in enumerate(layers):
@@ -156,7 +166,8 @@ class CompiledStep:
                     vbuf[slot][:, input_pos] = v[0]
                     return kbuf[slot : slot + 1, :, :kv_len], vbuf[slot : slot + 1, :, :kv_len]
 
-                h = decoder_layer_forward(layer, h, cos, sin, kv_update, mask)
+                layer_mask = mask if windows[i] is None else local[windows[i]]
+                h = decoder_layer_forward(layer, h, cos, sin, kv_update, layer_mask, window_in_mask=True)
             return h[0]
 
         return forward
@@ -178,7 +189,7 @@ def maybe_compile(model, setting: str, boundaries: Sequence[int] = (), max_chunk
     compiled output is not bit-identical to transformers' (see the module docstring), so
     the CPU default stays the exact eager path and ``on`` is the choice to make for long runs.
     """
-    if setting == "off" or (setting == "auto" and model.device.type != "cuda"):
+    if not compiles(setting, model.device.type):
         return False
     # Inductor keeps compiled kernels and autotuning results on disk; keep them with our other
     # caches rather than in /tmp, so that a restart (or another rank) reuses them.

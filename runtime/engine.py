@@ -16,17 +16,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .coordinator import Coordinator
 from .detokenize import TextStream
 from .device import check_placement
+from .generation_config import GenerationDefaults, read_generation_config
 from .hf_adapter import ModelArgs
 from .loading import LoadedStage, LoadSpec, build_stage, prepare
 from .model_source import ResolvedModel
 from .params import EARLY_EXIT_MODES, SamplingParams, check_request
 from .run_stats import GenerationStats, RunTotals
 from .runners.inprocess import LocalRunner
+from .sampling import TokenLogprobs
 from .stage import Stage
 from .stopping import StopCriteria, trim_at_stop_string
 
@@ -44,10 +45,17 @@ class GenerationResult:
     tokens_per_s: float
     stats: dict = field(default_factory=dict)  # JSON-ready: the counters below, the settings, the derived numbers
     counters: GenerationStats = field(default_factory=GenerationStats, repr=False)  # typed: add these up (RunTotals)
+    logprobs: list[TokenLogprobs] = field(default_factory=list, repr=False)  # per token, when sampling.logprobs
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list, repr=False)  # prompt tokens 1 .., when asked
 
     def as_dict(self) -> dict:
-        """JSON-ready (``stats`` holds the counters)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counters"}
+        """JSON-ready (``stats`` holds the counters; log probabilities only when asked for)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("counters", "logprobs", "prompt_logprobs")}
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name):
+                out[name] = [dataclasses.asdict(lp) for lp in getattr(self, name)]
+        return out
 
 
 class Engine:
@@ -56,7 +64,7 @@ class Engine:
 
     def __init__(
         self, resolved: ResolvedModel, config, tokenizer, runner, max_seq_len: int, max_inflight: int = 2,
-        heads_choice=None,
+        heads_choice=None, generation_config: str = "auto",
     ):
         self.resolved = resolved
         self.config = config
@@ -65,7 +73,11 @@ class Engine:
         self.runner = runner
         self.stages: list[Stage] = runner.stages
         self.max_seq_len = max_seq_len
-        self.eos_token_ids = _eos_ids(resolved.path, config, tokenizer)
+        # the model's generation_config.json (``generation_config``: auto, none, or a directory):
+        # its EOS ids end generation here; its sampling defaults are the launcher's to apply
+        # (launcher/config/loader.py), since a call here samples only when asked to
+        self.generation_defaults = read_generation_config(resolved.path, generation_config)
+        self.eos_token_ids = _eos_ids(config, tokenizer, self.generation_defaults)
         self.max_inflight = max_inflight
         # The heads chosen for this setting (runtime/sim/heads.py), or None: the config's / manifest's.
         # A choice of none means no head pays here, and early exit runs as off.
@@ -82,7 +94,8 @@ class Engine:
         directory of exit heads, ``"auto"``: the heads shipped for the bundled model, or None),
         ``exit_layers`` / ``thresholds`` (override the heads' defaults: one threshold for all, or
         one per layer), ``compile`` (auto, on, off), ``max_inflight`` (unverified early tokens
-        per sequence; 0: chosen with the heads).
+        per sequence; 0: chosen with the heads), ``generation_config`` (auto: the model's
+        generation_config.json, whose EOS ids end generation; none; or a directory holding one).
         """
         from transformers import AutoTokenizer
 
@@ -93,7 +106,7 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
-                   spec.max_inflight, heads_choice=choice)
+                   spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config)
 
     @property
     def heads_loaded(self) -> bool:
@@ -139,6 +152,8 @@ class Engine:
         min_p: float | None = None,
         seed: int | None = None,
         sampling_mode: str | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
     ) -> GenerationResult:
         """Decode ``prompt`` (text, chat messages, or token ids); ``on_text`` streams verified text.
 
@@ -148,6 +163,8 @@ class Engine:
         ``early_exit`` and the sampling parameters travel with the sequence to every stage (no
         stage setting changes). Whatever ends the call — an error, an interrupt, ``on_text``
         raising — the sequence's cache slot is freed on every stage before the error goes on.
+        ``ignore_eos`` and ``min_tokens`` act as the server's (runtime/stopping.py); penalties and
+        log probabilities are ``SamplingParams`` fields (the result's ``logprobs``, ``prompt_logprobs``).
         """
         fields = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p, "seed": seed,
                   "mode": sampling_mode}
@@ -168,18 +185,35 @@ class Engine:
             eos_token_ids=self.eos_token_ids,
             stop_strings=tuple(stop),
             decode=self._decode if stop else None,
+            min_new_tokens=min_tokens,
+            ignore_eos=ignore_eos,
         )
         seq = self._next_seq
         coord = Coordinator(max_inflight=self.max_inflight)
         coord.add_sequence(seq, ids, criteria, early_exit=early_exit, sampling=sampling)
         self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
-        stream = TextStream(self._decode, stop, on_text)
+        shown: list[str] = []  # the stream's text: with min_tokens, a stop string early in it is text
+
+        def emit(text: str) -> None:
+            shown.append(text)
+            if on_text is not None:
+                on_text(text)
+
+        stream = TextStream(self._decode, stop, emit, min_tokens=min_tokens)
+        logprobs: list[TokenLogprobs] = []
+        prompt_logprobs: list[TokenLogprobs] = []
+
+        def on_verified(event) -> None:
+            stream.push(event.tokens)
+            logprobs.extend(event.logprobs)
+            prompt_logprobs.extend(event.prompt_logprobs)
+
         busy0 = list(self.runner.busy_s)
         stages0 = [st.stats.copy() for st in self.stages]
         compiled0 = self.compile_s
         t0 = time.perf_counter()
-        self.runner.run(coord, on_verified=lambda event: stream.push(event.tokens))
+        self.runner.run(coord, on_verified=on_verified)
         elapsed = time.perf_counter() - t0
         stream.flush()
 
@@ -187,7 +221,7 @@ class Engine:
         tokens = s.generated
         text = self._decode(tokens)
         if stop:
-            text = trim_at_stop_string(text, stop)
+            text = "".join(shown) if min_tokens else trim_at_stop_string(text, stop)
         # Remote stages' counters are as of their `released` answers, which run() waits for.
         counters = GenerationStats.of(
             [s.stats], elapsed_s=elapsed, stage_busy_s=[b - b0 for b, b0 in zip(self.runner.busy_s, busy0)],
@@ -199,7 +233,7 @@ class Engine:
         stats |= counters.as_dict()  # elapsed_s keeps its place; stage_busy_s, the early-exit and stage counters
         stats |= {
             "early_exit": early_exit,
-            "sampling": None if sampling is None or sampling.greedy else dataclasses.asdict(sampling),
+            "sampling": None if sampling is None or sampling.plain_greedy else dataclasses.asdict(sampling),
             "compile_s": self.compile_s - compiled0,  # spent compiling in this call (first calls only)
         }
         derived = totals.summary()
@@ -215,6 +249,8 @@ class Engine:
             tokens_per_s=totals.tokens_per_s,
             stats=stats,
             counters=counters,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def new_sequence_id(self) -> int:
@@ -237,15 +273,11 @@ class Engine:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _eos_ids(path: Path, config, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen = Path(path) / "generation_config.json"
-    candidates = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
-    if gen.exists():
-        import json
-
-        candidates.append(json.loads(gen.read_text()).get("eos_token_id"))
-    for c in candidates:
+def _eos_ids(config, tokenizer, generation: GenerationDefaults) -> frozenset[int]:
+    """config.json's, the tokenizer's and the generation config's EOS ids (as transformers' and
+    vLLM's stop tokens: the last lists the end-of-turn tokens of Llama 3 and Gemma 3)."""
+    ids: set[int] = set(generation.eos_token_ids)
+    for c in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(c, int):
             ids.add(c)
         elif isinstance(c, (list, tuple)):
@@ -298,8 +330,9 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2,
-                 heads_choice=None):
+                 heads_choice=None, generation_config: str = "auto"):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice)
+        super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice,
+                         generation_config)

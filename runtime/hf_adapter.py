@@ -15,24 +15,34 @@
   called as transformers' own module, so that routing is exactly theirs too.
 
 The families (``SUPPORTED_MODEL_TYPES``) share one layer shape: RMSNorm, attention
-with RoPE (q/k norms for Qwen3), RMSNorm, a gated MLP or a mixture of experts, each
-with a residual. What differs is data: how q/k/v and gate/up are stored (separate,
-or fused as in Phi-3), how much of a head is rotated (Phi-3's partial rotary), and
-whether the MLP is dense or routed (Qwen3-MoE). A family whose layer differs in
-shape (Gemma 3: norms after attention and MLP, sliding and global layers with
-their own RoPE) needs more than data here, and is refused until it has it.
+with RoPE (q/k norms for Qwen3 and Gemma 3), RMSNorm, a gated MLP or a mixture of
+experts, each with a residual. What differs is data: how q/k/v and gate/up are stored
+(separate, or fused as in Phi-3), how much of a head is rotated (Phi-3's partial
+rotary), and whether the MLP is dense or routed (Qwen3-MoE). Gemma 3 (``gemma3_text``)
+adds four things, each marked on its modules at load time: norms after attention and
+after the MLP too (``pre_feedforward_layernorm``), RMSNorm scaling by ``1 + w`` in
+float32 (``rms_norm``), a RoPE base per attention kind (local and global layers:
+``rope_tables`` puts the kinds' tables side by side, ``layer.rope_slice`` picks a
+layer's), and local layers that attend to the last ``sliding_window`` positions only
+(``layer.sliding_window``: the keys of that window, sliced from the cache's valid
+prefix, with transformers' mask rule, ``sliding_window_keys``). Its embedding is scaled
+by ``sqrt(hidden)`` (transformers' own module), and ``final_logit_softcapping``, where a
+config sets it, caps the LM head's logits (``StageModules.softcap``, ``softcap``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_invariant
 from .device import DTYPES  # noqa: F401  (re-exported: the dtype names the runtime accepts)
 from .model_source import (
     SUPPORTED_MODEL_TYPES,
@@ -92,8 +102,19 @@ def load_hf_config(model_dir: str | Path):
             f"model type `{config.model_type}` ({', '.join(config.architectures or [])}) is not supported; "
             f"adadecode runs decoder-only models of types {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if getattr(config, "use_bidirectional_attention", False):  # EmbeddingGemma: an encoder, not a decoder
+        raise UnsupportedArchitectureError(
+            f"model type `{config.model_type}` with use_bidirectional_attention (an embedding model) is not a "
+            f"causal decoder; adadecode runs decoder-only models of types {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     config._attn_implementation = "sdpa"
     return config
+
+
+def honours_sliding_window(config) -> bool:
+    """Whether the runtime attends within the config's ``sliding_window`` on the layers that have
+    one (Gemma 3's local layers); for the other families a cache longer than the window is refused."""
+    return config.model_type == "gemma3_text"
 
 
 @dataclass
@@ -107,6 +128,7 @@ class StageModules:
     embed: nn.Embedding | None = None
     norm: nn.Module | None = None
     lm_head: nn.Linear | None = None
+    softcap: float | None = None  # final_logit_softcapping (Gemma): logits = cap * tanh(logits / cap)
 
 
 def _weight_index(model_dir: Path) -> dict[str, str]:
@@ -192,8 +214,11 @@ def load_stage_modules(
 
     rotary = type(base.rotary_emb)(config=config).to(device)  # inv_freq from the CPU, as transformers does
     layers = nn.ModuleList(base.layers[i] for i in range(start, end))
-    for layer in layers:
+    for i, layer in enumerate(layers):
         _fuse_projections(layer, config)
+        _mark_attention_kind(layer, config, rotary, start + i)
+    for module in wanted.values():
+        _materialise_buffers(module, device)
     return StageModules(
         start=start,
         end=end,
@@ -202,7 +227,32 @@ def load_stage_modules(
         embed=base.embed_tokens if embed else None,
         norm=base.norm if head else None,
         lm_head=skeleton.lm_head if head else None,
+        softcap=getattr(config, "final_logit_softcapping", None) if head else None,
     )
+
+
+def _mark_attention_kind(layer: nn.Module, config, rotary: nn.Module, index: int) -> None:
+    """``layer.sliding_window`` (the positions a local layer sees, None: all) and ``layer.rope_slice``
+    (its rotation's columns in ``rope_tables``; None: the model has one rotation)."""
+    kinds = getattr(rotary, "layer_types", None)  # Gemma 3: a RoPE base per attention kind
+    layer.sliding_window = getattr(layer.self_attn, "sliding_window", None) if honours_sliding_window(config) else None
+    layer.rope_slice = None
+    if kinds:
+        widths = [2 * getattr(rotary, f"{kind}_inv_freq").shape[0] for kind in kinds]
+        at = kinds.index(config.layer_types[index])
+        layer.rope_slice = slice(sum(widths[:at]), sum(widths[: at + 1]))
+
+
+def _materialise_buffers(module: nn.Module, device: torch.device) -> None:
+    """Buffers that transformers computes rather than loads are still on the meta device:
+    Gemma 3's embedding scale (``sqrt(hidden)``, kept in float32 and cast to the weights' dtype
+    in its forward, as transformers does). And Gemma's RMSNorm names its eps ``eps``: it gets
+    the ``variance_epsilon`` the rest of the runtime reads (exit heads, head training)."""
+    for sub in module.modules():
+        if type(sub).__name__ == "Gemma3RMSNorm":
+            sub.variance_epsilon = sub.eps
+        if getattr(sub, "embed_scale", None) is not None and sub.embed_scale.is_meta:
+            sub.embed_scale = torch.tensor(sub.scalar_embed_scale, device=device)
 
 
 def _set_param(module: nn.Module, dotted: str, tensor: torch.Tensor) -> None:
@@ -272,11 +322,28 @@ def _fuse_projections(layer: nn.Module, config) -> None:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (and Qwen's) op for op."""
+    """transformers' LlamaRMSNorm (and Qwen's) op for op; Gemma's its own way (``gemma_rms_norm``)."""
+    if type(norm).__name__ == "Gemma3RMSNorm":
+        return gemma_rms_norm(x, norm)
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * (h if dtype == torch.float32 else h.to(dtype))
+
+
+def gemma_rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Gemma3RMSNorm op for op: in float32, scaled by ``1 + w``, then cast back
+    (Llama casts before scaling by ``w``: transformers PR 29402)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return (h * (1.0 + norm.weight.float())).type_as(x)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``final_logit_softcapping`` as transformers applies it to the LM head's output (None: none)."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 def rope_tables(
@@ -291,13 +358,46 @@ def rope_tables(
     elementwise per position, so table rows equal what it computes per call, on the same
     device (a GPU's sin/cos may differ from the CPU's in the last bit).
 
+    A rotary module with a rotation per attention kind (Gemma 3's ``layer_types``) gives each
+    kind's table side by side, in its ``layer_types`` order: a layer takes its own columns
+    (``layer.rope_slice``), so that one slice per chunk serves every layer.
+
     # returns cos, sin_folded: [max_len, rotary_dim] (rotary_dim = head_dim but for partial rotary)
     """
     check_rope_length(getattr(rotary, "config", None), max_len)
-    cos, sin = rotary(torch.empty(1, dtype=dtype, device=device), torch.arange(max_len, device=device)[None])
-    cos, sin = cos[0], sin[0]
-    half = sin.shape[-1] // 2
-    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    x, positions = torch.empty(1, dtype=dtype, device=device), torch.arange(max_len, device=device)[None]
+    kinds = getattr(rotary, "layer_types", None)
+    tables = [rotary(x, positions, kind) for kind in kinds] if kinds else [rotary(x, positions)]
+    cos, sin = [], []
+    for c, s in tables:
+        half = s.shape[-1] // 2
+        cos.append(c[0])
+        sin.append(torch.cat((-s[0, :, :half], s[0, :, half:]), dim=-1))
+    return (cos[0], sin[0]) if len(tables) == 1 else (torch.cat(cos, dim=-1), torch.cat(sin, dim=-1))
+
+
+def sliding_window_keys(
+    k_all: torch.Tensor, v_all: torch.Tensor, rows: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The keys and values a chunk's ``rows`` queries see in a local layer, and their mask: the
+    last ``window`` positions up to each query (transformers' ``sliding_window_overlay``:
+    ``q - k < window``), sliced from the valid prefix as transformers' sliding cache keeps them
+    (``DynamicSlidingWindowLayer``: ``window - 1`` past positions). The mask is None exactly where
+    transformers skips it for SDPA (``_ignore_causal_mask_sdpa``: one query or a chunk from
+    position 0, over fewer than ``window`` keys), so each call is the one it makes.
+
+    # k_all, v_all: [1, kv_heads, end, hd] (the valid prefix)
+    #   -> k, v: [1, kv_heads, end - begin, hd]; mask: [1, 1, rows, end - begin] or None
+    """
+    end = k_all.shape[2]
+    input_pos = end - rows
+    begin = max(0, input_pos - window + 1)
+    kv_len = end - begin
+    if (rows == 1 or kv_len == rows) and kv_len < window:
+        return k_all[:, :, begin:], v_all[:, :, begin:], None
+    q = torch.arange(input_pos, end, device=k_all.device)[:, None]
+    k = torch.arange(begin, end, device=k_all.device)[None, :]
+    return k_all[:, :, begin:], v_all[:, :, begin:], ((k <= q) & (q - k < window))[None, None]
 
 
 def check_rope_length(config, max_len: int) -> None:
@@ -350,15 +450,25 @@ def decoder_layer_forward(
     sin_folded: torch.Tensor,
     kv_update,
     mask: torch.Tensor | None,
+    split: Sequence[int] | None = None,
+    fuse: bool = True,
+    window_in_mask: bool = False,
 ) -> torch.Tensor:
     """One decoder layer of a supported family; ``kv_update(k, v) -> (k_all, v_all)`` writes the cache.
+    ``split``, ``fuse``, ``window_in_mask``: as ``decoder_layer_forward_ragged``'s, for this one sequence.
 
     # hidden: [1, S, D]; cos, sin_folded: [1, S, 1, rotary_dim] (see ``rope_tables``)
     """
-    return decoder_layer_forward_ragged(layer, hidden, cos, sin_folded, [(hidden.shape[1], kv_update, mask)])
+    splits = None if split is None else [split]
+    return decoder_layer_forward_ragged(
+        layer, hidden, cos, sin_folded, [(hidden.shape[1], kv_update, mask)], splits, fuse, window_in_mask
+    )
 
 
-def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, sin_folded, parts) -> torch.Tensor:
+def decoder_layer_forward_ragged(
+    layer: nn.Module, hidden: torch.Tensor, cos, sin_folded, parts, splits=None, fuse: bool = True,
+    window_in_mask: bool = False,
+) -> torch.Tensor:
     """One decoder layer over the chunks of several sequences at once: ``parts`` is
     ``(rows, kv_update, mask)`` per sequence, in row order. The projections and the MLP run
     once over all rows; attention runs per sequence, each over its own cache. With one part
@@ -367,17 +477,33 @@ def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, si
     (measured in fp32 on this CPU; tests/test_serving.py), which is why serving batches
     ``exact`` by default (``StageModel.run_layers_batch``).
 
+    ``splits``: per sequence, the row counts of the calls plain decoding makes for its rows
+    (runtime/row_invariant.py): each row then gets the bits of its own call, the GEMMs shared by
+    all rows only where ``fuse`` and the kernel allow, attention and a mixture of experts per part.
+
+    ``window_in_mask``: the masks given already keep a local layer's queries within its window
+    (``layer.sliding_window``), so its keys are not sliced to the window here.
+
     # hidden: [1, N, D] (N = sum of rows); cos, sin_folded: [1, N, 1, rotary_dim], each row its position's
     """
     attn, mlp = layer.self_attn, layer.mlp
     bsz, seqlen, _ = hidden.shape
     hd = attn.head_dim
     n_q, n_kv = layer.qkv_split
+    rows_all = None if splits is None else [n for split in splits for n in split]
+    linear: Callable[..., torch.Tensor] = (
+        F.linear if rows_all is None else partial(row_invariant.linear, parts=rows_all, fuse=fuse)
+    )
+
+    if getattr(layer, "rope_slice", None) is not None:  # Gemma 3: this layer kind's rotation
+        cos, sin_folded = cos[..., layer.rope_slice], sin_folded[..., layer.rope_slice]
+    window = getattr(layer, "sliding_window", None)
+    gemma = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 3 also norms attention's and the MLP's outputs
 
     x = rms_norm(hidden, layer.input_layernorm)
-    qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+    qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
     v = qkv[..., n_q + n_kv :].view(bsz, seqlen, -1, hd).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+    if hasattr(attn, "q_norm"):  # Qwen3 and Gemma 3 normalise q and k per head before RoPE
         q = apply_rope(attn.q_norm(qkv[..., :n_q].view(bsz, seqlen, -1, hd)), cos, sin_folded)
         k = apply_rope(attn.k_norm(qkv[..., n_q : n_q + n_kv].view(bsz, seqlen, -1, hd)), cos, sin_folded)
     else:
@@ -385,20 +511,33 @@ def decoder_layer_forward_ragged(layer: nn.Module, hidden: torch.Tensor, cos, si
         q, k = qk[:, :, : n_q // hd], qk[:, :, n_q // hd :]
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     outs, row = [], 0
-    for rows, kv_update, mask in parts:
+
+    def sdpa(q, k_all, v_all, mask):  # -> [B, S, H * hd]
+        # a local layer: the window's keys, with its own mask (k_all: the valid prefix); unless the
+        # caller's mask windows it already (the compiled step: static shapes, the whole buffer on CUDA)
+        if window is not None and not window_in_mask:
+            k_all, v_all, mask = sliding_window_keys(k_all, v_all, q.shape[2], window)
+        return _sdpa(attn, q, k_all, v_all, mask, dropout=0.0, scaling=attn.scaling)[0].reshape(bsz, q.shape[2], -1)
+
+    for i, (rows, kv_update, mask) in enumerate(parts):
         at = slice(row, row + rows)
         k_all, v_all = kv_update(k[:, :, at], v[:, :, at])
-        o, _ = _sdpa(attn, q[:, :, at], k_all, v_all, mask, dropout=0.0, scaling=attn.scaling)
-        outs.append(o.reshape(bsz, rows, -1))
+        if splits is not None and len(splits[i]) > 1:  # one call per part, each as plain decoding makes it
+            mask_for = partial(causal_chunk_mask, device=hidden.device)
+            outs.append(row_invariant.attention(sdpa, mask_for, q[:, :, at], k_all, v_all, splits[i]))
+        else:
+            outs.append(sdpa(q[:, :, at], k_all, v_all, mask))
         row += rows
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    hidden = hidden + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
+    o = linear(o, attn.o_proj.weight, attn.o_proj.bias)
+    hidden = hidden + (rms_norm(o, layer.post_attention_layernorm) if gemma else o)
 
-    x = rms_norm(hidden, layer.post_attention_layernorm)
+    x = rms_norm(hidden, layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm)
     if layer.gate_up_weight is None:
         # a mixture of experts: transformers' own block, so that the router (softmax, top-k, its
         # normalisation) and the experts' kernel are exactly theirs; it works row by row
-        return hidden + mlp(x)
-    gate, up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
+        return hidden + (mlp(x) if rows_all is None else row_invariant.by_part(mlp, x, rows_all))
+    gate, up = linear(x, layer.gate_up_weight, layer.gate_up_bias).chunk(2, dim=-1)
     act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3's name for it
-    return hidden + F.linear(act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    out = linear(act(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return hidden + (rms_norm(out, layer.post_feedforward_layernorm) if gemma else out)

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from .device import dtype_name
-from .hf_adapter import ModelArgs, check_rope_length, load_hf_config, load_stage_modules
+from .hf_adapter import ModelArgs, check_rope_length, honours_sliding_window, load_hf_config, load_stage_modules
 from .model_runner import StageModel
 from .model_source import ResolvedModel, resolve_model
+from .params import COMPILE_MODES, compiles
 from .partition import partition_layers
+from .row_invariant import MODES as ROW_INVARIANT_MODES
 from .stage import Stage
 
 log = logging.getLogger("adadecode.loading")
-
-COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,12 @@ class LoadSpec:
     max_inflight: int = 2
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
+    row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)
     # Before loading, choose the heads for this setting and this early-exit policy (runtime/sim/heads.py,
     # plan_heads) when exit_layers and thresholds are empty; None: the heads' manifest defaults.
     auto_heads_for: str | None = None
+    # the generation_config.json whose EOS ids end generation: auto (the model's), none, or a directory
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("split_points", "exit_layers", "thresholds"):  # lists from a config become tuples
@@ -66,9 +69,18 @@ class LoadSpec:
             object.__setattr__(self, "heads", str(self.heads))
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile `{self.compile}` is unknown; use one of {', '.join(COMPILE_MODES)}")
+        if self.row_invariant not in ROW_INVARIANT_MODES:
+            raise ValueError(
+                f"row_invariant `{self.row_invariant}` is unknown; use one of {', '.join(ROW_INVARIANT_MODES)}"
+            )
 
     def replace(self, **changes) -> LoadSpec:
         return dataclasses.replace(self, **changes)
+
+    def compiled(self, device_type: str) -> bool:
+        """Whether stages on ``device_type`` run the compiled layer loop: ``auto`` compiles on CUDA
+        only (runtime/compiled_step.py, maybe_compile)."""
+        return compiles(self.compile, device_type)
 
 
 @dataclass
@@ -142,6 +154,7 @@ def build_stage(
             norm=modules.norm, lm_head_weight=modules.lm_head.weight,
         ).select(layers=mine, thresholds=_thresholds_for(layers, spec.thresholds, mine))
     model = StageModel(modules, args, spec.max_seq_len, num_slots=spec.num_slots)
+    model.row_invariant = spec.row_invariant
     if spec.max_inflight < 1:
         raise ValueError(f"max_inflight {spec.max_inflight}: choose it before loading (runtime/engine.py) or give >= 1")
     if spec.compile != "off":
@@ -229,7 +242,8 @@ def _check_seq_len(config, args: ModelArgs, max_seq_len: int) -> None:
         )
     check_rope_length(config, max_seq_len)
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and max_seq_len > window:
+    if window and getattr(config, "use_sliding_window", True) and max_seq_len > window \
+            and not honours_sliding_window(config):
         raise ValueError(
             f"model.max_seq_len {max_seq_len} exceeds the model's sliding window ({window}), which "
             f"adadecode does not implement; set model.max_seq_len <= {window}"

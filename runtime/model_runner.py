@@ -18,13 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-from . import sampling
+from . import row_invariant
 from .hf_adapter import (
     StageModules,
     causal_chunk_mask,
     decoder_layer_forward,
     decoder_layer_forward_ragged,
     rope_tables,
+    softcap,
 )
 from .kv_cache import CacheOverflowError, KVCache
 
@@ -49,6 +50,7 @@ class StageModel:
         )
         self.cos, self.sin = rope_tables(modules.rotary, max_seq_len, self.dtype, self.device)  # [max_len, rotary_dim]
         self.step = None  # a compiled layer loop (runtime/compiled_step.py) replaces run_layers' body
+        self.row_invariant = "auto"  # merged rows get the bits they get alone (runtime/row_invariant.py)
 
     @property
     def max_seq_len(self) -> int:
@@ -74,11 +76,24 @@ class StageModel:
         return self.modules.embed(ids)
 
     @torch.inference_mode()
-    def run_layers(self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int = 0) -> torch.Tensor:
-        """Run global layers ``[first, last)`` on positions ``input_pos ..``.
+    def run_layers(
+        self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int = 0,
+        parts: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Run global layers ``[first, last)`` on positions ``input_pos ..``. ``parts``: the row
+        counts of the calls plain decoding makes for these rows (a merged chunk); unless
+        ``row_invariant`` is off, each part gets their bits: compiled, each part through the
+        graphs plain decoding runs for it; eager, the layers once with every op row-invariant.
 
         # hidden: [S, D] -> [S, D]
         """
+        split = parts if parts is not None and len(parts) > 1 and self.row_invariant != "off" else None
+        if split is not None and self.step is not None:
+            outs, at = [], 0
+            for n in split:
+                outs.append(self.run_layers(hidden[at : at + n], input_pos + at, first, last, slot))
+                at += n
+            return torch.cat(outs)
         seqlen = hidden.shape[0]
         end = input_pos + seqlen
         self._check_room(end)
@@ -87,13 +102,14 @@ class StageModel:
         if self.step is not None and self.step.handles(seqlen):
             out = self.step(hidden, input_pos, a, b, slot)
         else:
-            out = self._layers(hidden, input_pos, a, b, slot)
+            out = self._layers(hidden, input_pos, a, b, slot, split)
         self.cache.advance(a, b, slot, end)
         return out
 
     @torch.inference_mode()
     def run_layers_batch(
-        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, exact: bool = True
+        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, exact: bool = True,
+        parts: Sequence[Sequence[int]] | None = None,
     ) -> list[torch.Tensor]:
         """``run_layers`` for the chunks of several sequences at once, ``(hidden, input_pos, slot)``
         each, attention per sequence over its own slot.
@@ -104,14 +120,21 @@ class StageModel:
         still in cache for the next sequence; with a compiled step, sequence by sequence
         through it, as alone. Otherwise the projections and the MLP run once
         over all rows: fewer passes, but each sequence's result may differ in the last bits
-        from its result alone (docs/serving.md, Batching).
+        from its result alone (docs/serving.md, Batching), unless ``row_invariant`` is on: then
+        every row gets the bits it gets alone in the shared calls too (runtime/row_invariant.py).
+        ``parts``: per chunk, as ``run_layers``' (None: each chunk is one part).
 
         # each hidden: [S_i, D] -> [S_i, D]
         """
-        if len(chunks) == 1 or (exact and self.step is not None):
+        invariant = self.row_invariant != "off"
+        splits = [tuple(p) for p in parts] if parts is not None else [(h.shape[0],) for h, _, _ in chunks]
+        if len(chunks) == 1 or (self.step is not None and (exact or invariant)):
             # one sequence, or a compiled step (which runs one sequence at a time): each chunk
             # exactly as run_layers runs it alone
-            return [self.run_layers(hidden, input_pos, first, last, slot) for hidden, input_pos, slot in chunks]
+            return [
+                self.run_layers(hidden, input_pos, first, last, slot, split)
+                for (hidden, input_pos, slot), split in zip(chunks, splits)
+            ]
         a, b = first - self.start, last - self.start
         for hidden, input_pos, slot in chunks:
             self._check_room(input_pos + hidden.shape[0])
@@ -128,17 +151,20 @@ class StageModel:
                     hs[i] = decoder_layer_forward(
                         layer, hs[i], cos, sin,
                         lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask,
+                        splits[i] if invariant and len(splits[i]) > 1 else None, self._fuse,
                     )
             out = [h[0] for h in hs]
         else:
             h = torch.cat([hidden for hidden, _, _ in chunks])[None]
             cos, sin = (torch.cat([r[k] for r in ropes], dim=1) for k in (0, 1))
             for li in range(a, b):
-                parts = [
+                layer_parts = [
                     (n, lambda k, v, li=li, slot=slot, pos=pos: cache.write(li, slot, pos, k, v), mask)
                     for (_, pos, slot), n, mask in zip(chunks, rows, masks)
                 ]
-                h = decoder_layer_forward_ragged(self.modules.layers[li], h, cos, sin, parts)
+                h = decoder_layer_forward_ragged(
+                    self.modules.layers[li], h, cos, sin, layer_parts, splits if invariant else None, self._fuse
+                )
             out = list(h[0].split(rows))
         for (_, input_pos, slot), n in zip(chunks, rows):
             self.cache.advance(a, b, slot, input_pos + n)
@@ -156,7 +182,9 @@ class StageModel:
         end = input_pos + n
         return self.cos[input_pos:end][None, :, None], self.sin[input_pos:end][None, :, None]
 
-    def _layers(self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int) -> torch.Tensor:
+    def _layers(
+        self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int, split: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Local layers ``[a, b)`` over the exact valid prefix of the cache (shapes as in plain decoding)."""
         seqlen = hidden.shape[0]
         cos, sin = self._rope(input_pos, seqlen)
@@ -168,23 +196,33 @@ class StageModel:
             def kv_update(k, v, li=li):
                 return cache.write(li, slot, input_pos, k, v)
 
-            h = decoder_layer_forward(self.modules.layers[li], h, cos, sin, kv_update, mask)
+            h = decoder_layer_forward(self.modules.layers[li], h, cos, sin, kv_update, mask, split, self._fuse)
         return h[0]
 
+    @property
+    def _fuse(self) -> bool:
+        """Row-invariant GEMMs may share one call across rows where the kernel allows (``auto``)."""
+        return self.row_invariant == "auto"
+
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head. # hidden: [S, D] -> [S, V]"""
-        return self.modules.lm_head(self.modules.norm(hidden))
+    def logits(self, hidden: torch.Tensor, alone: bool = True) -> torch.Tensor:
+        """Final norm and LM head (and Gemma's logit softcap, where the config sets one). ``alone``
+        (decode rows: every row plain decoding predicts is a call of its own): unless
+        ``row_invariant`` is off, each row with the bits it gets alone; False: one call for all
+        rows, as a prefill's (and transformers') rows get it. # hidden: [S, D] -> [S, V]"""
+        rows = hidden.shape[0]
+        if rows == 1 or not alone or self.row_invariant == "off":
+            return softcap(self.modules.lm_head(self.modules.norm(hidden)), self.modules.softcap)
+        head = self.modules.lm_head
+        logits = row_invariant.linear(self.modules.norm(hidden), head.weight, head.bias, (1,) * rows, self._fuse)
+        return softcap(logits, self.modules.softcap)
 
     @torch.inference_mode()
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         """The final layer's greedy token after each position, in one transfer. # hidden: [S, D]"""
-        if self.step is not None and self.step.handles(hidden.shape[0]):
+        rows = hidden.shape[0]
+        if self.step is not None and self.step.handles(rows):
+            if rows > 1 and self.row_invariant != "off":  # each row through the one-row graph, as alone
+                return to_host(torch.cat([self.step.greedy(hidden[i : i + 1]) for i in range(rows)]))
             return to_host(self.step.greedy(hidden))
         return to_host(self.logits(hidden).argmax(dim=-1))
-
-    @torch.inference_mode()
-    def sampled_tokens(self, hidden: torch.Tensor, params, positions, proposals) -> list[int]:
-        """The final layer's sampled token after each position (``positions``: the positions the
-        tokens will occupy), row by row with ``sampling.sample_rows``. # hidden: [S, D]"""
-        return sampling.sample_rows(self.logits(hidden), params, positions, proposals)

@@ -24,11 +24,21 @@ SAMPLING_MODES = ("seeded", "speculative")
 EarlyExitMode = Literal["off", "eager", "deferred"]  # the config's type; the tuple below for everything else
 EARLY_EXIT_MODES: tuple[str, ...] = get_args(EarlyExitMode)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")  # runtime/device.py resolves these
+COMPILE_MODES = ("auto", "on", "off")  # pipeline.compile: the compiled layer loop (runtime/compiled_step.py)
 
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 2**31 - 1
 MAX_SEED = 2**63 - 1  # the data plane carries the seed in an int64
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs; OpenAI's top_logprobs bound)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0  # like temperature: logits / r must not overflow
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's and vLLM's bound)
+
+
+def compiles(setting: str, device_type: str) -> bool:
+    """``pipeline.compile`` on ``device_type``: on, or auto on CUDA only (there CUDA graphs remove
+    the launch cost that dominates a stage at batch 1; on the CPU compiling takes minutes)."""
+    return setting == "on" or (setting == "auto" and device_type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,13 @@ class SamplingParams:
     Filters apply in this order, to ``logits / temperature``: ``top_k`` (0: off) keeps
     the k largest (ties included), ``top_p`` the smallest set of most likely tokens
     whose probability reaches it (1: off), ``min_p`` the tokens at least ``min_p``
-    times as likely as the most likely one (0: off).
+    times as likely as the most likely one (0: off). Before them (greedy too), vLLM's
+    penalties: ``repetition_penalty`` (1: off) on every token of the prompt and the output,
+    ``presence_penalty`` and ``frequency_penalty`` (0: off) on the output's tokens.
+
+    ``logprobs``: return each output token's log probability and that many alternatives
+    (None: none); ``prompt_logprobs``: the same for the prompt's tokens. Both are of the raw
+    final-layer distribution, before penalties, temperature and filters (vLLM's default).
     """
 
     temperature: float = 0.0
@@ -47,9 +63,14 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int = 0
     mode: str = "seeded"
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise _invalid(name, value, "a finite number")
@@ -72,10 +93,38 @@ class SamplingParams:
             raise _invalid("seed", self.seed, "an integer in [0, 2**63 - 1]")
         if self.mode not in SAMPLING_MODES:
             raise _invalid("mode", self.mode, f"one of {', '.join(SAMPLING_MODES)}")
+        r = self.repetition_penalty
+        if not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise _invalid("repetition_penalty", r, f"a number in [{MIN_REPETITION_PENALTY:g}, "
+                                                    f"{MAX_REPETITION_PENALTY:g}] (1: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise _invalid(name, getattr(self, name), f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0: off)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise _invalid(name, value, f"None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty changes the final layer's logits (vLLM's semantics: runtime/sampling.py)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the last stage needs the sequence's token ids (penalties, the prompt's log
+        probabilities): then every item carries its tokens to it."""
+        return self.penalised or self.prompt_logprobs is not None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing else for the final layer to do: the stages' greedy path, bit for bit."""
+        return self.greedy and not self.penalised and self.logprobs is None and self.prompt_logprobs is None
 
 
 def _invalid(name: str, value: object, expected: str) -> ValueError:

@@ -45,7 +45,7 @@ from .events import (
 )
 from .finished import FinishedSeqs
 from .stage_stats import StageStats
-from .token_choice import final_predictions, try_exit
+from .token_choice import TokenHistory, final_predictions, try_exit
 from .work_queue import WorkItem, WorkQueue, merge
 
 if TYPE_CHECKING:  # for annotations only: the Stage loads no model or heads and writes no trace
@@ -100,6 +100,7 @@ class Stage:
         self.stats = StageStats()
         self._queue = WorkQueue(model.num_slots if max_batch is None else max_batch, self.end, self._head_layers)
         self._out: deque[StageOutput] = deque()
+        self._history = TokenHistory()  # last stage: token ids of sequences whose items carry them
         self.trace: TraceRecorder | None = None  # set by the runner; None: not traced
 
     @property
@@ -199,6 +200,7 @@ class Stage:
         self.slots.pop(seq, None)
         self.epochs.pop(seq, None)
         self._queue.drop(seq)
+        self._history.drop(seq)
         self._out = deque(o for o in self._out if o.seq != seq)  # nothing of it follows the release
 
     # --- output ----------------------------------------------------------------------
@@ -249,9 +251,16 @@ class Stage:
 
     def _compute(self, batch: list[WorkItem], layer: int, stop: int) -> list[torch.Tensor]:
         chunks = [(w.hidden, w.pos, self._slot(w.seq)) for w in batch]
+        parts = [w.parts for w in batch]
+        merged = any(len(p) > 1 for p in parts)  # only a merged chunk needs its parts (row_invariant.py)
         if len(batch) == 1:
-            return [self.model.run_layers(*chunks[0][:2], layer, stop, chunks[0][2])]
+            hidden, pos, slot = chunks[0]
+            if merged:
+                return [self.model.run_layers(hidden, pos, layer, stop, slot, parts=parts[0])]
+            return [self.model.run_layers(hidden, pos, layer, stop, slot)]
         self.stats.batched += 1
+        if merged:
+            return self.model.run_layers_batch(chunks, layer, stop, exact=self.exact_batches, parts=parts)
         return self.model.run_layers_batch(chunks, layer, stop, exact=self.exact_batches)
 
     def _head_layers(self, policy: str) -> tuple[int, ...]:
@@ -291,7 +300,7 @@ class Stage:
             self._traced("lm_head", self._predict, items)
 
     def _predict(self, items: list[WorkItem]) -> None:
-        self._out.extend(final_predictions(self.model, items, self.exact_batches))
+        self._out.extend(final_predictions(self.model, items, self.exact_batches, self._history))
 
     def _traced(self, hook: str, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)``, through the trace's ``hook`` (which times and records it) when tracing."""

@@ -4,18 +4,16 @@ The Stage holds its model by this interface only, so importing the state machine
 code: ``model_runner.StageModel`` (torch layers, a KV cache) brings transformers and the model
 loader with it (tests/test_sans_io.py checks the imports). mypy checks that ``StageModel``
 satisfies it (at the end of this file); the tests' ``FakeStageModel`` (tests/fakes.py) and the
-simulator's ``SimModel`` have every member but ``sampled_tokens``, since they only decode greedily.
+simulator's ``SimModel`` have every member but ``logits``, since they only decode greedily.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
-
-    from .sampling import Proposal, SamplingParams
 
 
 class ModelDepth(Protocol):
@@ -41,21 +39,25 @@ class StageModelLike(Protocol):
     def embed(self, tokens: Sequence[int]) -> torch.Tensor:
         """Stage 0: token ids -> ``[S, D]``."""
 
-    def run_layers(self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int) -> torch.Tensor:
-        """Layers ``[first, last)`` on positions ``input_pos ..``, which must start at the cache's length."""
+    def run_layers(
+        self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int,
+        parts: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Layers ``[first, last)`` on positions ``input_pos ..``, which must start at the cache's length;
+        ``parts``: a merged chunk's calls in plain decoding (``WorkItem.parts``), given only for one."""
 
     def run_layers_batch(
-        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, exact: bool = True
+        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, exact: bool = True,
+        parts: Sequence[Sequence[int]] | None = None,
     ) -> list[torch.Tensor]:
         """``run_layers`` for ``(hidden, input_pos, slot)`` of several sequences as one call."""
 
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         """Last stage: the greedy token after each row, in one transfer."""
 
-    def sampled_tokens(
-        self, hidden: torch.Tensor, params: SamplingParams, positions: Sequence[int], proposals: Mapping[int, Proposal]
-    ) -> list[int]:
-        """Last stage: the sampled token after each row (``positions``: those the tokens will occupy)."""
+    def logits(self, hidden: torch.Tensor, alone: bool = True) -> torch.Tensor:
+        """Last stage: the final norm and LM head, ``[S, D] -> [S, V]``, for the sampler (runtime/sampling.py);
+        ``alone``: each row with the bits of its own call (decode rows), else one call (a prefill's)."""
 
 
 if TYPE_CHECKING:  # mypy checks here that the real model has everything above (runtime imports skip it)

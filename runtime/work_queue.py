@@ -42,16 +42,28 @@ class WorkItem:
     sampling: SamplingParams | None = None  # the sequence's; None: greedy
     proposals: dict[int, Proposal] = field(default_factory=dict)  # speculative: position -> head's draw
     merged: bool = False  # a deferred backfill joined it on this stage (for the trace)
+    tokens: tuple[int, ...] = ()  # the token ids of its positions, when sampling.needs_tokens
 
     @property
     def end_pos(self) -> int:
         return self.pos + self.hidden.shape[0]
 
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """The row counts of the calls plain decoding makes for these positions: those up to
+        ``predict_from`` as one (the prompt, whose last position is the first predicted), every
+        later one alone (a decode step); runtime/row_invariant.py gives each part its bits."""
+        rows = self.hidden.shape[0]
+        head = min(max(self.predict_from - self.pos + 1, 1), rows)
+        return (head,) + (1,) * (rows - head)
+
     @classmethod
     def embedded(cls, event: StepRequest, policy: str, hidden: torch.Tensor, layer: int) -> WorkItem:
         """Stage 0's item for ``event``'s tokens, embedded as ``hidden``; the final layer predicts from the last."""
         last = event.pos + len(event.tokens) - 1
-        return cls(event.seq, event.epoch, event.pos, layer, hidden, last, policy=policy, sampling=event.sampling)
+        tokens = event.tokens if event.sampling is not None and event.sampling.needs_tokens else ()
+        return cls(event.seq, event.epoch, event.pos, layer, hidden, last, policy=policy, sampling=event.sampling,
+                   tokens=tokens)
 
     @classmethod
     def arrived(cls, event: Activations, policy: str) -> WorkItem:
@@ -59,14 +71,14 @@ class WorkItem:
         predict_from = last if event.predict_from < 0 else event.predict_from
         return cls(
             event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy,
-            event.sampling, {p.pos: p for p in event.proposals},
+            event.sampling, {p.pos: p for p in event.proposals}, tokens=event.tokens,
         )
 
     def activations(self, layer: int) -> Activations:
         """The item handed to the next stage, which starts at ``layer``."""
         return Activations(
             self.seq, self.epoch, self.pos, layer, self.hidden, self.predict_from, self.emitted, self.policy,
-            self.sampling, tuple(self.proposals.values()),
+            self.sampling, tuple(self.proposals.values()), self.tokens,
         )
 
 
@@ -77,7 +89,7 @@ def merge(parked: WorkItem, w: WorkItem) -> WorkItem:
         hidden = torch.cat([parked.hidden, w.hidden])
     return replace(
         w, pos=parked.pos, hidden=hidden, predict_from=min(parked.predict_from, w.predict_from),
-        proposals={**parked.proposals, **w.proposals}, merged=True,
+        proposals={**parked.proposals, **w.proposals}, merged=True, tokens=parked.tokens + w.tokens,
     )
 
 

@@ -10,6 +10,8 @@ logit gap between them there.
     python scripts/parity.py --num-prompts 32 --max-new-tokens 256 --stages 1 --early-exit eager deferred --chat
     python scripts/parity.py --dtype bfloat16 --num-prompts 16 --max-new-tokens 128 --stages 1 2 3 \
         --early-exit off eager
+    python scripts/parity.py --dtype bfloat16 --num-prompts 32 --max-new-tokens 256 --stages 1 2 \
+        --early-exit off deferred --chat          # --row-invariant off: merged rows share calls
 """
 
 import argparse
@@ -45,6 +47,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: ours and the reference both run there")
     ap.add_argument("--compile", default="off", choices=["off", "on"],
                     help="compiled stages round differently from generate: report, do not expect, parity")
+    ap.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"],
+                    help="merged rows (deferred chunks) get the bits they get alone (runtime/row_invariant.py)")
     ap.add_argument("--json-out", default="", help="also write the summary as JSON to this file")
     ap.add_argument("--chat", action="store_true", help="chat template for plain prompts too (longer answers)")
     args = ap.parse_args()
@@ -54,7 +58,8 @@ def main() -> int:
     prompts = select_prompts(args.prompts, args.num_prompts)
     heads = args.heads if set(args.early_exit) - {"off"} else None
     engines = {
-        p: Engine.load(args.model, stages=p, heads=heads, device=args.device, dtype=args.dtype, compile=args.compile)
+        p: Engine.load(args.model, stages=p, heads=heads, device=args.device, dtype=args.dtype, compile=args.compile,
+                       row_invariant=args.row_invariant)
         for p in args.stages
     }
     first = engines[args.stages[0]]

@@ -82,7 +82,9 @@ class FakeStageModel:
         """# tokens: S ids -> [S, 2]; ``pos`` is unknown here (-1) until a layer runs."""
         return torch.tensor([[-1, mix(_EMBED, t)] for t in tokens], dtype=torch.int64)
 
-    def run_layers(self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int) -> torch.Tensor:
+    def run_layers(
+        self, hidden: torch.Tensor, input_pos: int, first: int, last: int, slot: int, parts=None
+    ) -> torch.Tensor:
         """Layers ``[first, last)`` on positions ``input_pos ..``. # hidden: [S, 2] -> [S, 2]"""
         rows = hidden.shape[0]
         self.calls.append((slot, input_pos, first, last, rows))
@@ -103,7 +105,7 @@ class FakeStageModel:
             values = out
         return torch.tensor([[input_pos + i, v] for i, v in enumerate(values)], dtype=torch.int64)
 
-    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True) -> list[torch.Tensor]:
+    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True, parts=None) -> list[torch.Tensor]:
         """Several sequences' chunks as one call: recorded once, in ``batches``, as
         ``[(slot, pos, rows), ...], first, last``; each computed as ``run_layers`` would."""
         self.batches.append(([(slot, pos, h.shape[0]) for h, pos, slot in chunks], first, last))

@@ -360,7 +360,8 @@ def test_dump_yaml_round_trips(tmp_path):
 def test_config_to_dict_is_plain_and_deep():
     cfg = RunConfig()
     d = config_to_dict(cfg)
-    assert d["pipeline"] == {"stages": 1, "split_points": [], "threads": 0, "pin_cpus": True, "compile": "auto"}
+    assert d["pipeline"] == {"stages": 1, "split_points": [], "threads": 0, "pin_cpus": True, "compile": "auto",
+                             "row_invariant": "auto"}
     d["pipeline"]["split_points"].append(1)
     assert cfg.pipeline.split_points == []
 

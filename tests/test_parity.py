@@ -78,7 +78,7 @@ def test_streamed_text_equals_the_result(reference):
     assert "".join(chunks) == res.text and len(chunks) > 1
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"]  # SUPPORTED_MODEL_TYPES
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "gemma3_text"]  # SUPPORTED_MODEL_TYPES
 SPLITS = ([(0, 6)], [(0, 3), (3, 6)], [(0, 1), (1, 4), (4, 6)])
 TINY_HEAD_LAYERS = [1, 2, 3, 4, 5]  # every inner layer: heads inside stages and at every boundary
 
@@ -90,7 +90,10 @@ def test_the_families_checked_here_are_the_supported_ones():
 # beyond each family's tiny default (helpers.TINY_FAMILY): Phi-3-mini's full rotary, and experts on
 # every other layer with top-k weights as the softmax gives them
 VARIANTS = [("phi3", {"partial_rotary_factor": 1.0}),
-            ("qwen3_moe", {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": []})]
+            ("qwen3_moe", {"norm_topk_prob": False, "decoder_sparse_step": 2, "mlp_only_layers": []}),
+            # Gemma 2's final logit softcap (no released Gemma 3 sets one) on the final layer and the heads,
+            # and the tied LM head every Gemma has
+            ("gemma3_text", {"final_logit_softcapping": 5.0, "tie_word_embeddings": True})]
 
 
 @pytest.mark.parametrize("model_type,overrides", [(f, {}) for f in FAMILIES] + VARIANTS, ids=str)
@@ -102,6 +105,9 @@ def test_every_architecture_matches_generate_on_any_split(tmp_path, model_type, 
     path = save_tiny_model(tmp_path, model_type, seed=3, **overrides)
     prompt = [5, 17, 33, 2, 9, 41, 7]
     ref = hf_greedy(path, prompt, 24)
+    if model_type == "gemma3_text":  # the premise: the window of 4 (shorter than the prompt) changes the tokens
+        wide = save_tiny_model(tmp_path / "wide", model_type, seed=3, **overrides, sliding_window=64)
+        assert hf_greedy(wide, prompt, 24) != ref
     for ranges in SPLITS:
         pipe = InProcessPipeline(path, ranges)
         assert pipe.generate(prompt, 24) == ref, (model_type, ranges)
@@ -120,7 +126,8 @@ def test_every_layer_equals_transformers_hidden_states(tmp_path, model_type):
     stacked at load time) are put where transformers puts them."""
     from transformers import AutoModelForCausalLM
 
-    path = save_tiny_model(tmp_path, model_type, seed=4)
+    cap = {"final_logit_softcapping": 1.5} if model_type == "gemma3_text" else {}  # a cap that bites
+    path = save_tiny_model(tmp_path, model_type, seed=4, **cap)
     prompt = [5, 17, 33, 2, 9, 41, 7, 60, 3]
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.inference_mode():
@@ -136,7 +143,10 @@ def test_every_layer_equals_transformers_hidden_states(tmp_path, model_type):
             if layer + 1 < len(theirs) - 1:
                 assert torch.equal(hidden, theirs[layer + 1]), f"{model_type}: layer {layer}"
     assert torch.equal(pipe.stages[-1].model.modules.norm(hidden), theirs[-1])
-    assert torch.equal(pipe.stages[-1].model.logits(hidden), out.logits[0])
+    assert torch.equal(pipe.stages[-1].model.logits(hidden, alone=False), out.logits[0])  # a prefill's one call
+    if cap:  # the premise: capped logits, and a cap that changes them
+        last = pipe.stages[-1].model.modules
+        assert out.logits.abs().max() < 1.5 < last.lm_head(last.norm(hidden)).abs().max()
 
 
 @pytest.fixture(scope="module")

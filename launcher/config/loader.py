@@ -5,6 +5,7 @@ Precedence, highest first::
 
     --section.key=value   (or --section.key value)  on the command line
     --config PATH          a YAML file shaped like configs/smollm2-135m.yaml
+    the model's defaults   its generation_config.json (``model_defaults``; model.generation_config)
     dataclass defaults     launcher/config/schema.py
 
     cfg = load_config(["--config", "configs/smollm2-135m.yaml", "--pipeline.stages=3"])
@@ -15,7 +16,7 @@ import difflib
 import json
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,13 +190,22 @@ def _cli_suggestion(dotted: str) -> str:
     return _did_you_mean(dotted, _all_keys(), fmt="`--{}`")
 
 
-def load_config(argv: Sequence[str] = (), *, defaults_file: str | None = None) -> RunConfig:
+# what a model contributes below the YAML: (where it comes from, {section: {key: value}})
+ModelDefaults = Callable[[RunConfig], tuple[str, dict[str, dict[str, Any]]]]
+
+
+def load_config(
+    argv: Sequence[str] = (), *, defaults_file: str | None = None, model_defaults: ModelDefaults | None = None
+) -> RunConfig:
     """Build the RunConfig from dataclass defaults, a YAML file and `--section.key=value` overrides.
 
     argv holds only config arguments: `--config PATH` / `--config=PATH` and
     `--section.key=value` / `--section.key value` (a bare boolean flag means
     true). `defaults_file`, if given, is the YAML read when argv has no
-    `--config`. Raises ConfigError for anything else.
+    `--config`. `model_defaults(cfg)`, if given, returns the model's own defaults
+    (its generation_config.json: launcher/launch.py, ``generation_config_defaults``),
+    which fill every key that neither the YAML nor the command line set. Raises
+    ConfigError for anything else.
     """
     if isinstance(argv, str):
         raise TypeError("load_config takes a list of arguments, not a string")
@@ -219,7 +229,17 @@ def load_config(argv: Sequence[str] = (), *, defaults_file: str | None = None) -
             origin[dotted] = f"on the command line by `{flag}`"
             values[section][key] = _parse_cli_value(dotted, _field_type(section, key), raw)
         sections = {s: cls(**values[s]) for s, cls in _SECTIONS.items()}
-        return RunConfig(**sections)
+        cfg = RunConfig(**sections)
+        if model_defaults is None:
+            return cfg
+        source, layer = model_defaults(cfg)
+        unset = [(s, k, v) for s, body in layer.items() for k, v in body.items() if f"{s}.{k}" not in origin]
+        if not unset:
+            return cfg
+        for section, key, value in unset:
+            values[section][key] = value
+            origin[f"{section}.{key}"] = f"by {source}"
+        return RunConfig(**{s: cls(**values[s]) for s, cls in _SECTIONS.items()})
     except ConfigError as e:
         raise where(e) from None
 
@@ -308,8 +328,10 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
         m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
         max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, revision=m.revision or None, heads=d.heads,
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_inflight=d.max_inflight,
+        row_invariant=p.row_invariant,
         auto_heads_for=d.early_exit if d.auto_heads else None,
         num_slots=cfg.serve.max_num_seqs if serving else 1, exact_batches=cfg.serve.batching == "exact",
+        generation_config=m.generation_config,
     )
 
 

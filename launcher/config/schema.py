@@ -55,6 +55,10 @@ class ModelConfig:
     revision: str = ""
     """A Hub id's branch, tag or commit (model.source org/name); empty: main."""
 
+    generation_config: str = "auto"
+    """The model's decoding defaults: auto (its generation_config.json: EOS ids, and sampling where it sets
+    do_sample), none (ignore it), or a directory holding one; set keys win."""
+
     cache_dir: str = ""
     """Where converted GGUF weights are kept; empty means $ADADECODE_CACHE or ~/.cache/adadecode."""
 
@@ -69,6 +73,11 @@ class ModelConfig:
             raise _invalid(
                 "model.device", self.device, "auto, cpu, cuda or cuda:N",
                 "use e.g. `--model.device=cuda:0`, or auto for one GPU per rank when CUDA is available",
+            )
+        if self.generation_config.strip() == "":
+            raise _invalid(
+                "model.generation_config", self.generation_config, "auto, none, or a directory holding a "
+                "generation_config.json", "use `--generation-config auto` (the model's own) or `none`",
             )
         if self.max_seq_len < 2:
             raise _invalid(
@@ -95,6 +104,10 @@ class PipelineConfig:
 
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (docs/results.md)."""
+
+    row_invariant: Literal["auto", "on", "off"] = "auto"
+    """Merged rows (deferred chunks, fused batches) get the bits they get alone; auto: GEMM rows share a call
+    where the kernel is row-invariant, on: each op per plain decoding's call, off: shared calls (docs/exactness.md)."""
 
     def __post_init__(self) -> None:
         _check_types(self)

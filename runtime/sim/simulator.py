@@ -171,11 +171,11 @@ class SimModel:
         out[:, 1] = torch.arange(pos, pos + hidden.shape[0])
         return out
 
-    def run_layers(self, hidden, pos: int, first: int, last: int, slot: int) -> torch.Tensor:
+    def run_layers(self, hidden, pos: int, first: int, last: int, slot: int, parts=None) -> torch.Tensor:
         self._charge(self.costs.compute(hidden.shape[0], last - first, pos))
         return self._advance(hidden, pos, first, last, slot)
 
-    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True) -> list[torch.Tensor]:
+    def run_layers_batch(self, chunks, first: int, last: int, exact: bool = True, parts=None) -> list[torch.Tensor]:
         if exact:  # each sequence through its own calls, back to back
             return [self.run_layers(h, pos, first, last, slot) for h, pos, slot in chunks]
         rows = sum(h.shape[0] for h, _, _ in chunks)
