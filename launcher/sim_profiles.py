@@ -11,6 +11,8 @@ than plain decoding, inside the paper's reported 1.14-1.73x.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from adadecode.runtime.sim.costs import RUNNER_FIELDS
@@ -60,3 +62,18 @@ def exit_scenario(name: str, depth: int, measured: ExitStats, measured_depth: in
         heads = {scaled_layer(l, 32, depth) for l in (8, 16, 24)}
         return ExitStats({l: 0.35 for l in heads}, {l: 0.945 for l in heads})
     raise ValueError(f"exit scenario `{name}` is unknown; use measured or paper")
+
+
+def main(argv: list[str]) -> int:
+    """``python -m adadecode.launcher.sim_profiles ONE_RANK RANKS OUT``: write the profile fitted on
+    two ``bench --trace`` traces (runtime/assets/sim/*.json are written so; a test refits them)."""
+    if len(argv) != 3:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    one, ranks, out = argv
+    Path(out).write_text(json.dumps(build_cpu_profile(one, ranks), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

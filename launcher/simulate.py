@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="FILE", help="a `bench --trace` trace.json (or .json.gz): fit the costs on it")
     p.add_argument("--profile", default=CPU_PROFILE, choices=[CPU_PROFILE, *GPU_MODELS],
                    help=f"costs to simulate with (default {CPU_PROFILE}: fitted on this project's CPU)")
+    p.add_argument("--compiled", action="store_true",
+                   help=f"{CPU_PROFILE}: the costs of the compiled layer loop (pipeline.compile=on)")
     p.add_argument("--link", choices=list(LINKS), help="GPU profiles: the link between stages (default nvlink)")
     p.add_argument("--exits", default="measured", metavar="measured|paper|DIR",
                    help="exit statistics: the bundled heads' (measured here), AdaDecode's reported ones, or a heads "
@@ -78,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 class Setting:
     """A model on hardware: costs, depth, the measured exit statistics and their depth."""
 
-    def __init__(self, profile: str, link: str = "nvlink"):
+    def __init__(self, profile: str, link: str = "nvlink", compiled: bool = False):
         cpu = load_cpu_profile()
+        self.compiled = compiled
         self.measured = ExitStats({int(l): r for l, r in cpu["exits"]["rate"].items()},
                                   {int(l): r for l, r in cpu["exits"]["precision"].items()})
         self.measured_depth = cpu["num_layers"]
         if profile == CPU_PROFILE:
-            self.name, self.model, self.device, self.link = "SmolLM2-135M, this CPU (fp32)", SMOLLM2_135M, "cpu", NVLINK
+            self.name = f"SmolLM2-135M, this CPU (fp32{', compiled' if compiled else ''})"
+            self.model, self.device, self.link = SMOLLM2_135M, "cpu", NVLINK
             self.fits = lambda p: True
         else:
             model = GPU_MODELS[profile]
@@ -101,7 +105,7 @@ class Setting:
         return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
 
     def costs(self, stages: int) -> Costs:
-        return setting_costs(self.model, self.device, stages, link=self.link)
+        return setting_costs(self.model, self.device, stages, link=self.link, compiled=self.compiled)
 
     def ranges(self, stages: int) -> list[tuple[int, int]]:
         c = self.costs(stages)
@@ -402,7 +406,9 @@ def main(argv: Sequence[str]) -> int:
                     v = "; ".join(f"{k}: {'-' if x is None else x}" for k, x in r["variants"].items())
                     print(f"| {r['setting']} | {r['question']} | {v} |")
             return 0
-        setting = Setting(a.profile, a.link or "nvlink")
+        if a.compiled and a.profile != CPU_PROFILE:
+            raise ValueError(f"--compiled: only for --profile {CPU_PROFILE} (the GPU profiles are the compiled recipe)")
+        setting = Setting(a.profile, a.link or "nvlink", a.compiled)
         if a.stages < 1 or a.stages > setting.depth:
             raise ValueError(f"--stages {a.stages}: give 1 to {setting.depth} (the model's layers)")
         layers = a.layers

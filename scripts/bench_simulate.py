@@ -8,6 +8,7 @@ prints measured and predicted tokens/s of every rank count in one table. ``--kee
 traces (``DIR/ranks-N/trace.json``); tests/data holds a gzipped set recorded this way.
 
     python scripts/bench_simulate.py --ranks 1 2 3 --num-prompts 4 --max-new-tokens 48 --keep /tmp/sim-traces
+    python scripts/bench_simulate.py --ranks 1 2 --compile on --keep /tmp/sim-traces-compiled
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--config", default="configs/smollm2-135m.yaml")
     p.add_argument("--keep", help="keep the traces here")
+    p.add_argument("--compile", default="off", choices=["on", "off"],
+                   help="pipeline.compile: on fits the compiled layer loop's costs (each chunk size compiles in "
+                        "the warm-up, untimed)")
     a = p.parse_args()
     root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="adadecode-sim-"))
     rows = []
@@ -36,7 +40,8 @@ def main() -> None:
         cmd = ["adadecode", "bench", "--config", a.config, "--stages", str(n), "--prompts", a.prompts,
                "--num-prompts", str(a.num_prompts), "--max-new-tokens", str(a.max_new_tokens),
                "--modes", "off,eager,deferred", "--trace", str(out), "--json",
-               "--decoding.auto_heads=false"]  # the manifest's heads in every setting: exits to calibrate on
+               # the manifest's heads in every setting: exits to calibrate on
+               "--decoding.auto_heads=false", f"--pipeline.compile={a.compile}"]
         if n == 1:  # one rank: pin it to one core and one thread, as the multi-rank runs pin each rank
             cmd = ["taskset", "-c", "0", *cmd, "--pipeline.threads=1"]
         print("$", " ".join(cmd), file=sys.stderr)

@@ -87,11 +87,13 @@ def test_early_exit_fills_the_pipeline_and_a_perfect_head_pays():
 # --- fitted to traces recorded here ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_calibration_on_the_recorded_traces_is_within_15_percent(ranks):
-    """The committed `adadecode bench --trace` runs (scripts/bench_simulate.py): costs fitted on
-    each, every mode simulated with its own exit statistics, tokens/s within 15% of measured."""
-    events, stages, other = read_trace(TRACES / f"bench-ranks-{ranks}.json.gz")
+@pytest.mark.parametrize("trace", ["1", "2", "3", "1-compiled", "2-compiled"])
+def test_calibration_on_the_recorded_traces_is_within_15_percent(trace):
+    """The committed `adadecode bench --trace` runs (scripts/bench_simulate.py, eager and with
+    pipeline.compile=on): costs fitted on each, every mode simulated with its own exit statistics,
+    tokens/s within 15% of measured."""
+    ranks = int(trace[0])
+    events, stages, other = read_trace(TRACES / f"bench-ranks-{trace}.json.gz")
     assert len(stages) == ranks
     result = calibrate(events, stages, other)
     assert set(result) == {"off", "eager", "deferred"}
@@ -100,9 +102,23 @@ def test_calibration_on_the_recorded_traces_is_within_15_percent(ranks):
         assert r["simulated"]["tokens"] == sum(g["tokens"] for g in other["generations"] if g["mode"] == mode)
 
 
-def test_the_shipped_cpu_profile_is_what_the_recorded_traces_give():
-    built = build_cpu_profile(TRACES / "bench-ranks-1.json.gz", TRACES / "bench-ranks-2.json.gz")
-    assert json.loads(json.dumps(built)) == load_cpu_profile()
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_shipped_cpu_profile_is_what_the_recorded_traces_give(compiled):
+    suffix = "-compiled" if compiled else ""
+    built = build_cpu_profile(TRACES / f"bench-ranks-1{suffix}.json.gz", TRACES / f"bench-ranks-2{suffix}.json.gz")
+    assert json.loads(json.dumps(built)) == load_cpu_profile(compiled)
+
+
+def test_the_compiled_profile_prices_what_the_compiled_step_costs():
+    """Compiled layers and LM head cost less than eager ones; the chooser takes the profile of the
+    setting's pipeline.compile, so the same heads are judged on the costs they will run with."""
+    from adadecode.runtime.sim.costs import SMOLLM2_135M, cpu_costs
+
+    eager, compiled = cpu_costs(SMOLLM2_135M, 1), cpu_costs(SMOLLM2_135M, 1, compiled=True)
+    assert compiled.layer_s[0] < eager.layer_s[0] and compiled.lm_head_s < eager.lm_head_s
+    manifest = _bundled_manifest()
+    one = choose(manifest, _Config, [(0, 30)], "deferred", "cpu", 4, 2, compiled=True)
+    assert "compiled" in one.note
 
 
 def test_fitted_costs_are_those_of_the_machine():

@@ -97,6 +97,9 @@ INFINIBAND = Link("InfiniBand NDR", 25e-6, 50e9)
 GPU_MODELS = {"llama-3.1-8b": LLAMA_8B, "llama-3.1-70b": LLAMA_70B}
 LINKS = {"nvlink": NVLINK, "ib": INFINIBAND}
 CPU_PROFILE = "smollm2-135m-cpu"
+# The same machine with the compiled layer loop (pipeline.compile=on): its layers cost about 2.6x
+# less and a merged chunk of 2-3 rows no more than one row, so the hops and rollbacks weigh more.
+CPU_COMPILED_PROFILE = "smollm2-135m-cpu-compiled"
 
 
 RUNNER_FIELDS = ("step_s", "link_s", "control_s", "shared_bus")  # what ranks add to a stage's own costs
@@ -104,9 +107,11 @@ SMOLLM2_135M = ModelShape("SmolLM2-135M", 30, 576, 1536, 9, 3, 64, 49152)
 
 
 @cache
-def load_cpu_profile() -> dict:
-    """The fitted profile of the bundled model on this project's CPU machine."""
-    path = resources.files("adadecode.runtime").joinpath("assets", "sim", f"{CPU_PROFILE}.json")
+def load_cpu_profile(compiled: bool = False) -> dict:
+    """The fitted profile of the bundled model on this project's CPU machine, eager or with the
+    compiled layer loop."""
+    name = CPU_COMPILED_PROFILE if compiled else CPU_PROFILE
+    path = resources.files("adadecode.runtime").joinpath("assets", "sim", f"{name}.json")
     return json.loads(path.read_text())
 
 
@@ -116,11 +121,12 @@ def head_weights(hidden: int, extra: int = 0) -> int:
     return hidden * hidden + 1024 * hidden + extra
 
 
-def cpu_costs(model: ModelShape, stages: int, element_size: int = 4, head_extra: int = 0) -> Costs:
-    """``model`` on this project's CPU: the fitted costs of the bundled model, scaled by weight
-    bytes (per layer; per LM head; per head evaluation), with the runner's per-hop costs when
-    there are ranks."""
-    profile = load_cpu_profile()
+def cpu_costs(model: ModelShape, stages: int, element_size: int = 4, head_extra: int = 0,
+              compiled: bool = False) -> Costs:
+    """``model`` on this project's CPU: the fitted costs of the bundled model, eager or
+    ``compiled``, scaled by weight bytes (per layer; per LM head; per head evaluation), with the
+    runner's per-hop costs when there are ranks."""
+    profile = load_cpu_profile(compiled)
     base = Costs.from_dict(profile["costs"])
     layer = model.layer_params * element_size / (SMOLLM2_135M.layer_params * 4)
     lm = model.vocab * model.hidden * element_size / (SMOLLM2_135M.vocab * SMOLLM2_135M.hidden * 4)
@@ -166,10 +172,11 @@ def runner_costs() -> Costs:
 
 
 def setting_costs(model: ModelShape, device_type: str, stages: int, element_size: int = 4,
-                  link: Link = NVLINK, head_extra: int = 0) -> Costs:
-    """The costs of ``model`` on ``stages`` ranks of ``device_type`` (``cpu``: this project's CPU;
-    ``cuda``: H100s joined by ``link``, whatever the GPU: a projection, not a measurement).
-    ``head_extra``: weights an exit head reads beyond a linear one's (an MLP head's)."""
+                  link: Link = NVLINK, head_extra: int = 0, compiled: bool = False) -> Costs:
+    """The costs of ``model`` on ``stages`` ranks of ``device_type`` (``cpu``: this project's CPU,
+    eager or with the ``compiled`` layer loop; ``cuda``: H100s joined by ``link``, whatever the
+    GPU, always the compiled recipe: a projection, not a measurement). ``head_extra``: weights an
+    exit head reads beyond a linear one's (an MLP head's)."""
     if device_type == "cuda":
         return gpu_costs(model, H100, link, runner_costs(), head_extra=head_extra)
-    return cpu_costs(model, stages, element_size, head_extra)
+    return cpu_costs(model, stages, element_size, head_extra, compiled)

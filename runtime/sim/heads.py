@@ -9,8 +9,8 @@ when the config leaves ``decoding.exit_layers`` and ``thresholds`` empty, the
 heads are chosen for the setting at start-up:
 
 - costs: runtime/sim/costs.py for the setting's device (the CPU costs fitted
-  here, scaled to the model's size and dtype; on CUDA, whatever the GPU, the
-  derived costs of H100s joined by NVLink), the stage split and whether the
+  here, eager or compiled as ``pipeline.compile`` has it, scaled to the model's size
+  and dtype; on CUDA, whatever the GPU, the derived costs of H100s joined by NVLink), the stage split and whether the
   stages are ranks (stages in one process run one after another: one stage);
 - exit statistics, on the heads' validation prompts (never trained on): where
   ``train-heads`` recorded each validation token's confidence and correctness at
@@ -25,7 +25,9 @@ heads are chosen for the setting at start-up:
   and Coordinator (runtime/sim/simulator.py) and the setting's policy and
   ``max_inflight``;
 - the search: heads in order of depth, each off or at one of ``THRESHOLDS``,
-  keeping whatever raises the simulated speedup.
+  keeping whatever raises the simulated speedup; then a second pass that revisits
+  each head given the others (a shallow head chosen first can stop paying once
+  deeper heads are in).
 
 ``plan_heads`` makes the choice before any weight is loaded (Engine.load, load_rank) and
 hands the loader explicit layers and thresholds, so loading never runs the simulator.
@@ -38,7 +40,7 @@ deterministic, so every rank of a job chooses the same heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -85,7 +87,8 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
         return spec, None
     element_size = torch.empty((), dtype=dtype).element_size()
     choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
-                    ranks=ranks, outcomes=read_outcomes(path, manifest))
+                    ranks=ranks, outcomes=read_outcomes(path, manifest), compiled=spec.compiled(device.type),
+                    row_invariant=spec.row_invariant != "off")
     if not choice.layers:
         return spec.replace(heads=None, auto_heads_for=None), choice
     return spec.replace(exit_layers=choice.layers, thresholds=choice.thresholds, auto_heads_for=None,
@@ -139,11 +142,15 @@ def exact_exits(selection: dict[int, float], outcomes) -> ExitStats:
 
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
-           element_size: int, max_inflight: int, ranks: bool = True, outcomes=None, alone: bool = False) -> HeadChoice:
+           element_size: int, max_inflight: int, ranks: bool = True, outcomes=None, alone: bool = False,
+           compiled: bool = False, row_invariant: bool = True) -> HeadChoice:
     """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
     False: the stages run one after another in one process, which times like one stage.
     ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them. ``alone``: also
-    a threshold for every head (train-heads writes them in the manifest)."""
+    a threshold for every head (train-heads writes them in the manifest). ``compiled``: the stages
+    run the compiled layer loop (costs of runtime/sim/costs.py's compiled CPU profile).
+    ``row_invariant``: a merged chunk's rows get the bits of their own calls (pipeline.row_invariant),
+    so a chunk of k decode rows is priced as k single rows, not as the shared call the traces timed."""
     shape = ModelShape.from_config(config)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
@@ -152,16 +159,19 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     extra = 0
     if manifest.get("head_type") == "mlp":  # its W1, W2 and norm, read at every evaluation
         extra = 2 * int(manifest["mlp_hidden"]) * shape.hidden + shape.hidden
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone, extra)
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone, extra,
+                   compiled, row_invariant)
 
 
 @lru_cache(maxsize=16)
 def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact,
-            alone: bool, head_extra: int) -> HeadChoice:
+            alone: bool, head_extra: int, compiled: bool, row_invariant: bool) -> HeadChoice:
     table = dict(rows)
     per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
-    costs = setting_costs(shape, device_type, stages, element_size, head_extra=head_extra)
+    costs = setting_costs(shape, device_type, stages, element_size, head_extra=head_extra, compiled=compiled)
+    if row_invariant:  # each decode row of a merged chunk runs as its own call (runtime/row_invariant.py)
+        costs = replace(costs, layer_s=[costs.layer_s[0] * n for n in range(1, len(costs.layer_s) + 1)])
     layers = [l for l in sorted(table) if l < shape.layers]
     off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
 
@@ -177,15 +187,18 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
         return THRESHOLDS if per_token is not None else [t for t in THRESHOLDS if any(r[0] == t for r in table[l])]
 
     def search(inflight: int) -> tuple[dict[int, float], float]:
+        # Two passes in order of depth: the first adds heads; the second revisits each head given
+        # all the others (off included), since a shallow head that paid alone can cost more than it
+        # saves once deeper heads let the same tokens out.
         best, best_speedup = {}, 1.0
-        for l in layers:
-            improved = None
-            for t in candidates(l):
-                s = speedup({**best, l: t}, inflight)
-                if s > best_speedup:
-                    improved, best_speedup = {**best, l: t}, s
-            if improved is not None:
-                best = improved
+        for second in (False, True):
+            for l in layers:
+                rest = {k: v for k, v in best.items() if k != l}
+                options = [{**rest, l: t} for t in candidates(l)] + ([rest] if second and l in best else [])
+                for selection in options:
+                    s = speedup(selection, inflight)
+                    if s > best_speedup:
+                        best, best_speedup = selection, s
         return best, best_speedup
 
     # max_inflight: the given one; else the heads are chosen at the default 2 and then the fewest
@@ -197,7 +210,8 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
         speeds = {m: best_speedup if m == 2 else speedup(best, m) for m in INFLIGHT}
         inflight = min(m for m, x in speeds.items() if x >= max(speeds.values()) / 1.01)
         best_speedup = speeds[inflight]
-    where = f"{stages} stage{'s' if stages > 1 else ''} on {device_type}, {policy} backfill"
+    where = (f"{stages} stage{'s' if stages > 1 else ''} on {device_type}{', compiled' if compiled else ''}, "
+             f"{policy} backfill")
     paying = best_speedup >= MARGIN
     each = () if not alone else tuple(
         (l, best[l] if paying and l in best else max(candidates(l), key=lambda t: (speedup({l: t}, inflight), t)))
