@@ -309,10 +309,3 @@ def choose_rows(
         lp = None if params.logprobs is None else token_logprobs(logits[i : i + 1], [token], params.logprobs)[0]
         out.append((token, lp))
     return out
-
-
-def sample_rows(
-    logits: torch.Tensor, params: SamplingParams, positions: Sequence[int], proposals: Mapping[int, Proposal]
-) -> list[int]:
-    """``sample_token`` for each row, row by row. # logits: [S, V]; positions: S predicted positions"""
-    return [sample_token(logits[i], params, pos, proposals.get(pos)) for i, pos in enumerate(positions)]

@@ -226,7 +226,7 @@ TINY_MODEL_SEED = 5  # the weights of conftest.model_dir
 def test_temperature_zero_is_the_greedy_path(engines):
     engine = engines[2]
     greedy = engine.generate(PROMPT, max_new_tokens=16, early_exit="eager")
-    with mock.patch.object(sampling, "sample_rows", side_effect=AssertionError), \
+    with mock.patch.object(sampling, "sample_token", side_effect=AssertionError), \
          mock.patch.object(sampling, "propose", side_effect=AssertionError):
         for kw in ({"temperature": 0.0}, {"sampling": SamplingParams(0.0, top_k=3, seed=9)}):
             res = engine.generate(PROMPT, max_new_tokens=16, early_exit="eager", **kw)
