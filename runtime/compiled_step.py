@@ -15,9 +15,10 @@ How.
   function. The cut is the same with early exit on or off, so early exit
   changes which segments run when, never their code: invariant 4 of docs/design.md
   holds compiled as it does eager.
-- Shapes: one graph per segment and chunk size ``S`` in ``1..max_chunk``
-  (``max_inflight + 1``, the largest merged chunk); larger chunks (prefills)
-  run eagerly. Positions are tensors, so nothing recompiles as a sequence
+- Shapes: per segment, a graph for one row and one for ``2..max_chunk`` rows
+  (``max_inflight + 1``, the largest merged chunk; dynamo makes the row count a
+  dynamic dimension at its second size); larger chunks (prefills) run eagerly.
+  Positions are tensors, so nothing recompiles as a sequence
   grows: on the CPU the attended length is a dynamic dimension (attention reads
   the valid prefix, as eager does); on CUDA attention reads the whole buffer
   under a mask, so the graph is static and can be captured. A local layer
@@ -29,6 +30,21 @@ How.
 - Compiled output is not bit-identical to eager output: fused kernels and
   packed GEMMs round differently. Parity against transformers ``generate`` is
   a property of the eager path; compiled runs report their match rate.
+- Merged chunks (``pipeline.row_invariant``, runtime/row_invariant.py): the
+  decode rows of a ``deferred`` chunk run as one call with the bits plain
+  compiled decoding gives each row, through a graph per segment and row count
+  (``rows_alone``) whose attention is the one-row graph's call for each row (its
+  query over its own prefix) and whose GEMMs, norms, RoPE and MLP run once on all
+  rows. That holds because on the CPU every GEMM is inductor's C++ template
+  (``max_autotune_gemm_backends="CPP"``, in the one-row graph too): it gives a
+  row the same bits at 1 to 4 rows for every weight of the bundled model and the
+  tiny ones, fp32 and bf16, where ATen's kernels (which autotuning picked at some
+  shapes under "CPP,ATEN", e.g. bf16 1536x576 at 3 rows) do not; fused norms and
+  elementwise kernels are row-invariant too (tests/test_compiled_step.py,
+  docs/exactness.md). Not trusted blindly: a graph's first call is checked
+  against the one-row graph, row by row, and one that differs runs row by row
+  from then on (``unmerged``). ``row_invariant: on`` runs every chunk row by row;
+  a chunk with a prompt part, a mixture of experts, and CUDA do too.
 
 Compile time is paid on a segment's first use of each chunk size (``compile_s``,
 reported with the first generation's stats); inductor caches its work on disk, in
@@ -42,11 +58,12 @@ import os
 import time
 import types
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch._inductor.config
 
-from .hf_adapter import decoder_layer_forward, softcap
+from .hf_adapter import decoder_layer_forward_ragged, softcap
 from .params import compiles
 
 log = logging.getLogger("adadecode.compile")
@@ -54,7 +71,9 @@ log = logging.getLogger("adadecode.compile")
 
 # Inductor settings for CPU stages. Applied around each call (compiling happens lazily, in the
 # first call of each shape), since freezing is not honoured through torch.compile(options=...).
-CPU_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# GEMMs: the C++ template only, in every graph (the one-row graph too): it gives a row the same
+# bits at every row count, where ATen's kernels, which autotuning also picked at some shapes, do not.
+CPU_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
 
 def compile_options(device: torch.device) -> dict:
@@ -80,66 +99,149 @@ class CompiledStep:
         self.positions = torch.arange(model.max_seq_len, device=model.device)
         cuts = sorted({model.start, model.end, *(l for l in boundaries if model.start < l < model.end)})
         self.segments = [(x - model.start, y - model.start) for x, y in zip(cuts, cuts[1:])]
-        kwargs = compile_options(model.device) if backend == "inductor" else {"backend": backend, "fullgraph": True}
-        self._fns = {seg: torch.compile(_own_code(self._segment(*seg)), **kwargs) for seg in self.segments}
+        self._kwargs = compile_options(model.device) if backend == "inductor" else {"backend": backend}
+        self._kwargs["fullgraph"] = True
+        self._fns = {seg: torch.compile(_own_code(self._segment(*seg)), **self._kwargs) for seg in self.segments}
         self._config = {}
         if backend == "inductor" and not self.static_kv:
             self._config = CPU_INDUCTOR if autotune else {"freezing": True}
+        # merged chunks run as one call only where every GEMM is the C++ template (row-invariant)
+        # and no layer is a mixture of experts (its routing gathers rows: one call per part)
+        self.merges_rows = backend == "inductor" and autotune and not self.static_kv
+        self.merges_rows &= all(layer.gate_up_weight is not None for layer in model.modules.layers)
+        self._rows_fns: dict[tuple, object] = {}  # (segment or "head", rows) -> the rows-alone function
+        self.checked: set[tuple] = set()  # those that gave the one-row graph's bits on their first call
+        self.unmerged: set[tuple] = set()  # those that did not: part by part from then on
         self._head = None
         if model.modules.lm_head is not None:  # the LM head is a fifth of a small model's weights
-            def head(hidden: torch.Tensor) -> torch.Tensor:
-                logits = softcap(model.modules.lm_head(model.modules.norm(hidden)), model.modules.softcap)
-                return logits.argmax(dim=-1)
-
-            self._head = torch.compile(_own_code(head), **kwargs)
-        self._seen: set[tuple[tuple[int, int], int]] = set()
+            self._head = torch.compile(_own_code(self._head_fn()), **self._kwargs)
+        self._seen: set[tuple] = set()  # (segment, rows), (("alone", segment), rows), ("head", rows) compiled
         self.compile_s = 0.0
 
     def handles(self, seqlen: int) -> bool:
         return seqlen <= self.max_chunk
 
-    def __call__(self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int) -> torch.Tensor:
-        """# hidden: [S, D] -> [S, D]; layers [a, b) are local indices on segment boundaries"""
+    def merges(self, parts: Sequence[int]) -> bool:
+        """Whether a merged chunk of these parts runs as one call that gives each part the bits
+        of the one-row graph (``rows_alone``): decode rows only, at most ``max_chunk``."""
+        return self.merges_rows and 1 < len(parts) <= self.max_chunk and all(n == 1 for n in parts)
+
+    def __call__(
+        self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int, rows_alone: bool = False
+    ) -> torch.Tensor:
+        """``rows_alone``: each row is a decode position (a merged chunk, ``merges``), computed in one
+        call with the bits the one-row graph gives it: its attention alone, the GEMMs shared. On
+        its first call a (segment, rows) graph is checked against the one-row graph, row by row;
+        one that differs runs row by row from then on (``unmerged``, with a warning).
+
+        # hidden: [S, D] -> [S, D]; layers [a, b) are local indices on segment boundaries
+        """
         seqlen = hidden.shape[0]
-        end = input_pos + seqlen
-        pos = self.positions[input_pos:end]
-        kv_len = self.model.max_seq_len if self.static_kv else end
-        kv_positions = self.positions[:kv_len]
-        if not self.static_kv:
-            torch._dynamo.maybe_mark_dynamic(kv_positions, 0)  # one graph for every length
         at = a
         for seg in self.segments:
             if seg[0] < at or seg[0] >= b:
                 continue
             if seg[0] != at or seg[1] > b:
                 raise RuntimeError(f"layers [{a}, {b}) do not fall on the compiled segments {self.segments}")
-            first = (seg, seqlen) not in self._seen
-            t0 = time.perf_counter()
-            with torch._inductor.config.patch(self._config):
-                hidden = self._fns[seg](hidden, pos, kv_positions, slot)
-            if self.static_kv:
-                hidden = hidden.clone()  # a CUDA graph overwrites its output on the next replay
-            if first:
-                self._seen.add((seg, seqlen))
-                spent = time.perf_counter() - t0
-                self.compile_s += spent
-                log.info("compiled layers %s for %d position(s) in %.1f s", seg, seqlen, spent)
+            key = (seg, seqlen)
+            if not rows_alone or seqlen == 1:
+                hidden = self._layers(self._fns[seg], key, hidden, input_pos, slot)
+            elif key in self.unmerged:
+                hidden = self._row_by_row(seg, hidden, input_pos, slot)
+            else:
+                fn = self._rows_fns.get(key)
+                if fn is None:
+                    fn = self._rows_fns[key] = torch.compile(
+                        _own_code(self._segment(*seg, rows_alone=True)), **self._kwargs
+                    )
+                out = self._layers(fn, (("alone", seg), seqlen), hidden, input_pos, slot)
+                if key not in self.checked:  # rewrites the cache rows, as plain decoding writes them
+                    out = self._check(key, out, self._row_by_row(seg, hidden, input_pos, slot))
+                hidden = out
             at = seg[1]
         return hidden
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm, LM head and argmax, compiled. # hidden: [S, D] -> [S] token ids"""
-        first = ("head", hidden.shape[0]) not in self._seen
+    def _row_by_row(self, seg: tuple[int, int], hidden: torch.Tensor, input_pos: int, slot: int) -> torch.Tensor:
+        """Each row through the one-row graph, as plain decoding runs it. # hidden: [S, D] -> [S, D]"""
+        return torch.cat([self._layers(self._fns[seg], (seg, 1), hidden[r : r + 1].clone(), input_pos + r, slot)
+                          for r in range(hidden.shape[0])])
+
+    def _layers(self, fn, key: tuple, hidden: torch.Tensor, input_pos: int, slot: int) -> torch.Tensor:
+        """One compiled segment on positions ``input_pos ..``, over the cache up to the last of them."""
+        end = input_pos + hidden.shape[0]
+        pos = self.positions[input_pos:end]
+        kv_len = self.model.max_seq_len if self.static_kv else end
+        kv_positions = self.positions[:kv_len]
+        if not self.static_kv:
+            torch._dynamo.maybe_mark_dynamic(kv_positions, 0)  # one graph for every length
+        first = key not in self._seen
         t0 = time.perf_counter()
-        hidden = hidden.clone() if hidden.storage_offset() else hidden  # a view's offset would be a guard
         with torch._inductor.config.patch(self._config):
-            ids = self._head(hidden)
+            hidden = fn(hidden, pos, kv_positions, slot)
+        if self.static_kv:
+            hidden = hidden.clone()  # a CUDA graph overwrites its output on the next replay
         if first:
-            self._seen.add(("head", hidden.shape[0]))
+            self._seen.add(key)
+            spent = time.perf_counter() - t0
+            self.compile_s += spent
+            log.info("compiled layers %s for %d position(s) in %.1f s", key[0], key[1], spent)
+        return hidden
+
+    def _check(self, key: tuple, merged: torch.Tensor, alone: torch.Tensor) -> torch.Tensor:
+        """``alone``'s bits, and whether ``key``'s rows-alone graph gave them (recorded)."""
+        if torch.equal(merged, alone):
+            self.checked.add(key)
+        else:
+            self.unmerged.add(key)
+            log.warning("compiled %s on %d rows differs from its one-row graph: row by row from now on", *key)
+        return alone
+
+    def greedy(self, hidden: torch.Tensor, rows_alone: bool = False) -> torch.Tensor:
+        """The final norm, LM head and argmax, compiled. ``rows_alone``: each row with the one-row
+        graph's bits, in one call (checked once per row count, as ``__call__``'s).
+
+        # hidden: [S, D] -> [S] token ids
+        """
+        rows = hidden.shape[0]
+        key = ("head", rows)
+        hidden = hidden.clone() if hidden.storage_offset() else hidden  # a view's offset would be a guard
+        if not rows_alone or rows == 1:
+            return self._greedy(self._head, key, hidden)
+        one_by_one = [hidden[r : r + 1].clone() for r in range(rows)] if key not in self.checked else []
+        if key in self.unmerged:
+            return torch.cat([self._greedy(self._head, ("head", 1), h) for h in one_by_one])
+        fn = self._rows_fns.get(key)
+        if fn is None:  # a graph per row count (static shapes: the GEMM sees the rows it runs)
+            fn = self._rows_fns[key] = torch.compile(_own_code(self._head_fn()), **{**self._kwargs, "dynamic": False})
+        ids = self._greedy(fn, ("head alone", rows), hidden)
+        if one_by_one:
+            ids = self._check(key, ids, torch.cat([self._greedy(self._head, ("head", 1), h) for h in one_by_one]))
+        return ids
+
+    def _greedy(self, fn, key: tuple, hidden: torch.Tensor) -> torch.Tensor:
+        first = key not in self._seen
+        t0 = time.perf_counter()
+        with torch._inductor.config.patch(self._config):
+            ids = fn(hidden)
+        if first:
+            self._seen.add(key)
             self.compile_s += time.perf_counter() - t0
         return ids.clone() if self.static_kv else ids
 
-    def _segment(self, a: int, b: int):
+    def _head_fn(self):
+        modules = self.model.modules
+
+        def head(hidden: torch.Tensor) -> torch.Tensor:
+            logits = softcap(modules.lm_head(modules.norm(hidden)), modules.softcap)
+            return logits.argmax(dim=-1)
+
+        return head
+
+    def _segment(self, a: int, b: int, rows_alone: bool = False):
+        """Layers ``[a, b)`` as one function to compile. ``rows_alone``: every row is a decode
+        position of its own (a merged chunk's parts), and its attention is the one-row graph's
+        call (its one query over its own prefix, the mask that graph builds); the GEMMs, norms and
+        MLP run once over all rows."""
         model, static_kv = self.model, self.static_kv
         layers = [model.modules.layers[i] for i in range(a, b)]
         windows = [getattr(layer, "sliding_window", None) for layer in layers]  # Gemma 3's local layers
@@ -148,26 +250,39 @@ class CompiledStep:
         def forward(hidden: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor, slot: int):
             # hidden: [S, D]; input_pos: [S]; kv_positions: [kv_len] (the positions attention reads)
             cos, sin = model.cos[input_pos][None, :, None], model.sin[input_pos][None, :, None]
-            causal = kv_positions[None, :] <= input_pos[:, None]
-            mask = None
-            if static_kv or hidden.shape[0] > 1:  # one query over its valid prefix needs none
-                mask = causal[None, None]
-            local = {}  # a local layer's window is a mask here, not a slice (whose start would be a shape)
-            for w in {w for w in windows if w is not None}:
-                local[w] = (causal & (input_pos[:, None] - kv_positions[None, :] < w))[None, None]
-            kv_len = kv_positions.shape[0]
+            rows = hidden.shape[0]
+            # the calls of attention in each layer, (positions, the keys' positions): all rows in one;
+            # rows_alone, row r in its own, over the first kv_len - rows + 1 + r positions
+            calls = [(input_pos, kv_positions)]
+            if rows_alone:
+                kv_len = kv_positions.shape[0]
+                calls = [(input_pos[r : r + 1], kv_positions[: kv_len - rows + 1 + r]) for r in range(rows)]
+            masks = {}  # window (None: a global layer) -> each call's mask
+            for w in set(windows):
+                masks[w] = []
+                for at, kvp in calls:
+                    causal = kvp[None, :] <= at[:, None]
+                    if w is not None:  # a local layer: its window as a mask, not a slice (whose start is a shape)
+                        masks[w].append((causal & (at[:, None] - kvp[None, :] < w))[None, None])
+                    else:  # one query over its valid prefix needs none
+                        masks[w].append(causal[None, None] if static_kv or at.shape[0] > 1 else None)
+
+            def kv_update(kbuf, vbuf, at, end, k, v):
+                # k, v: [1, kv_heads, n, hd], written at positions ``at`` -> the slot's first ``end`` positions
+                kbuf[slot][:, at] = k[0]
+                vbuf[slot][:, at] = v[0]
+                return kbuf[slot : slot + 1, :, :end], vbuf[slot : slot + 1, :, :end]
+
+            def parts(i: int) -> list:  # (rows, kv_update, mask) per call of attention in layer a + i
+                kbuf, vbuf = cache.k[a + i], cache.v[a + i]
+                return [
+                    (at.shape[0], partial(kv_update, kbuf, vbuf, at, kvp.shape[0]), mask)
+                    for (at, kvp), mask in zip(calls, masks[windows[i]])
+                ]
+
             h = hidden[None]
             for i, layer in enumerate(layers):
-                kbuf, vbuf = cache.k[a + i], cache.v[a + i]
-
-                def kv_update(k, v, kbuf=kbuf, vbuf=vbuf):
-                    # k, v: [1, kv_heads, S, hd] -> the slot's first kv_len positions
-                    kbuf[slot][:, input_pos] = k[0]
-                    vbuf[slot][:, input_pos] = v[0]
-                    return kbuf[slot : slot + 1, :, :kv_len], vbuf[slot : slot + 1, :, :kv_len]
-
-                layer_mask = mask if windows[i] is None else local[windows[i]]
-                h = decoder_layer_forward(layer, h, cos, sin, kv_update, layer_mask, window_in_mask=True)
+                h = decoder_layer_forward_ragged(layer, h, cos, sin, parts(i), window_in_mask=True)
             return h[0]
 
         return forward

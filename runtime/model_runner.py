@@ -82,13 +82,16 @@ class StageModel:
     ) -> torch.Tensor:
         """Run global layers ``[first, last)`` on positions ``input_pos ..``. ``parts``: the row
         counts of the calls plain decoding makes for these rows (a merged chunk); unless
-        ``row_invariant`` is off, each part gets their bits: compiled, each part through the
-        graphs plain decoding runs for it; eager, the layers once with every op row-invariant.
+        ``row_invariant`` is off, each part gets their bits: eager, the layers once with every op
+        row-invariant; compiled, decode rows in one call whose rows get the one-row graph's bits
+        (``auto``, where ``CompiledStep.merges``), else each part through the graphs plain
+        decoding runs for it.
 
         # hidden: [S, D] -> [S, D]
         """
         split = parts if parts is not None and len(parts) > 1 and self.row_invariant != "off" else None
-        if split is not None and self.step is not None:
+        alone = split is not None and self.step is not None and self.row_invariant == "auto" and self.step.merges(split)
+        if split is not None and self.step is not None and not alone:
             outs, at = [], 0
             for n in split:
                 outs.append(self.run_layers(hidden[at : at + n], input_pos + at, first, last, slot))
@@ -100,7 +103,7 @@ class StageModel:
         a, b = first - self.start, last - self.start
         self.cache.check_write(a, b, slot, input_pos)
         if self.step is not None and self.step.handles(seqlen):
-            out = self.step(hidden, input_pos, a, b, slot)
+            out = self.step(hidden, input_pos, a, b, slot, rows_alone=alone)
         else:
             out = self._layers(hidden, input_pos, a, b, slot, split)
         self.cache.advance(a, b, slot, end)
@@ -222,6 +225,8 @@ class StageModel:
         """The final layer's greedy token after each position, in one transfer. # hidden: [S, D]"""
         rows = hidden.shape[0]
         if self.step is not None and self.step.handles(rows):
+            if rows > 1 and self.row_invariant == "auto" and self.step.merges((1,) * rows):
+                return to_host(self.step.greedy(hidden, rows_alone=True))  # in one call, each row as alone
             if rows > 1 and self.row_invariant != "off":  # each row through the one-row graph, as alone
                 return to_host(torch.cat([self.step.greedy(hidden[i : i + 1]) for i in range(rows)]))
             return to_host(self.step.greedy(hidden))

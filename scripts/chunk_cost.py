@@ -3,11 +3,13 @@
 A `deferred` backfill runs an early token's remaining layers merged with the next token's
 pass, as one chunk of 2 (or, with more tokens in flight, 3) rows. It pays only where a
 chunk of k rows costs well under k single rows. This times exactly the calls a stage makes
-(`StageModel.run_layers` over every layer, then `greedy_tokens`) at a fixed context length,
-the cache truncated back after each call as a rollback would, with the compiled step
-(`pipeline.compile=on`, runtime/compiled_step.py) and without.
+(`StageModel.run_layers` over every layer on k decode rows, `parts` 1 each, then
+`greedy_tokens`) at a fixed context length, the cache truncated back after each call as a
+rollback would, with the compiled step (`pipeline.compile=on`, runtime/compiled_step.py) and
+without, under `pipeline.row_invariant` (`--row-invariant`; off: the rows share every call).
 
     taskset -c 0 python scripts/chunk_cost.py --threads 1 --context 128 --repeats 30
+    taskset -c 0 python scripts/chunk_cost.py --compile on --gemm-backends CPP,ATEN   # autotune's pick
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import statistics
 import time
 
 import torch
+from adadecode.runtime.compiled_step import CPU_INDUCTOR
 from adadecode.runtime.engine import Engine
 
 
@@ -33,9 +36,10 @@ def time_calls(fn, repeats: int) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def measure(compile_setting: str, rows: list[int], context: int, repeats: int, dtype: str) -> dict[int, dict]:
+def measure(compile_setting: str, rows: list[int], context: int, repeats: int, dtype: str,
+            row_invariant: str = "auto") -> dict[int, dict]:
     engine = Engine.load(stages=1, device="cpu", dtype=dtype, heads=None, compile=compile_setting,
-                         max_inflight=max(rows) - 1, max_seq_len=context + max(rows) + 8)
+                         max_inflight=max(rows) - 1, max_seq_len=context + max(rows) + 8, row_invariant=row_invariant)
     model = engine.stages[0].model
     prompt = torch.randint(0, engine.args.vocab_size, (context,)).tolist()
     model.run_layers(model.embed(prompt), 0, model.start, model.end)
@@ -43,8 +47,8 @@ def measure(compile_setting: str, rows: list[int], context: int, repeats: int, d
     for k in rows:
         hidden = model.embed(prompt[:k])
 
-        def layers(hidden=hidden):
-            model.run_layers(hidden, context, model.start, model.end)
+        def layers(hidden=hidden, parts=(1,) * k):
+            model.run_layers(hidden, context, model.start, model.end, parts=parts)
             model.truncate(0, context)
 
         out[k] = {"layers_ms": time_calls(layers, repeats),
@@ -60,11 +64,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--compile", nargs="+", default=["off", "on"])
+    p.add_argument("--row-invariant", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--gemm-backends", default=CPU_INDUCTOR["max_autotune_gemm_backends"],
+                   help="inductor's GEMM backends on compiled stages (CPP,ATEN: let autotuning pick ATen's too)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    results = {c: measure(c, a.rows, a.context, a.repeats, a.dtype) for c in a.compile}
+    CPU_INDUCTOR["max_autotune_gemm_backends"] = a.gemm_backends
+    results = {c: measure(c, a.rows, a.context, a.repeats, a.dtype, a.row_invariant) for c in a.compile}
     if a.json:
         print(json.dumps(results, indent=1))
         return

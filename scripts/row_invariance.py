@@ -3,10 +3,10 @@ r"""Which of a layer's ops give a row the same bits alone (1 row) as inside k ro
 For each op a decoder layer runs on a chunk (the GEMMs of q/k/v, o, gate/up, down and the LM head,
 RMSNorm, RoPE, SiLU times up, attention over the cache, an exit head), in fp32 and bf16, eagerly
 (ATen) and compiled (inductor; ``--compiled``, with frozen weights, ``--autotune`` adds its C++ GEMM
-template), it compares k rows (k = 2, 3, 4, 8) against each row alone, bit for bit, and prints a
-table; ``row_invariant`` rows are the runtime's own path (runtime/row_invariant.py). Shapes are the
-bundled model's (SmolLM2-135M: D 576, 9 heads of 64, 3 KV heads, MLP 1536, vocabulary 49152) with
-random weights; nothing is downloaded.
+template, the only GEMM backend of the runtime's compiled stages), it compares k rows (k = 2, 3, 4,
+8) against each row alone, bit for bit, and prints a table; ``row_invariant`` rows are the runtime's
+own path (runtime/row_invariant.py). Shapes are the bundled model's (SmolLM2-135M: D 576, 9 heads
+of 64, 3 KV heads, MLP 1536, vocabulary 49152) with random weights; nothing is downloaded.
 
     python scripts/row_invariance.py                       # eager, 1 thread
     python scripts/row_invariance.py --compiled --threads 1
@@ -20,6 +20,7 @@ import json
 import torch
 import torch.nn.functional as F
 from adadecode.runtime import row_invariant
+from adadecode.runtime.compiled_step import CPU_INDUCTOR
 from adadecode.runtime.hf_adapter import _sdpa, apply_rope, causal_chunk_mask
 
 KS = (2, 3, 4, 8)
@@ -110,10 +111,7 @@ def main() -> int:
                 torch._dynamo.config.recompile_limit = 64  # one graph per k (and per position: attention)
                 modes.append(("compiled", torch.compile(fn, dynamic=False)))
             for mode, f in modes:
-                cfg = {
-                    "freezing": True,
-                    **({"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if args.autotune else {}),
-                }
+                cfg = CPU_INDUCTOR if args.autotune else {"freezing": True}  # the runtime's compiled stages
                 with torch.inference_mode(), torch._inductor.config.patch(cfg):
                     alone = alone_by_position(name, f, x)
                     same = {k: bool(torch.equal(f(x[:k]), alone[:k])) for k in KS}

@@ -6,6 +6,8 @@
 - Compiled by inductor (the real kernels; autotuning off to keep the test short), early exit
   must still change nothing: the segments are cut at the head layers whether early exit is on
   or off (docs/design.md, invariant 4).
+- With the runtime's settings (the C++ GEMM template, autotuning on), a merged chunk of decode rows
+  is one call whose rows get the one-row graph's bits (pipeline.row_invariant, docs/exactness.md).
 - The families beyond Llama's layout compile too: Phi-3 (fused projections, partial rotary),
   Qwen3-MoE (transformers' experts block, whose grouped-GEMM path has static shapes) and Gemma 3
   (a local layer's window as a mask over the valid prefix, where eager slices it: the tokens
@@ -19,6 +21,8 @@ import torch
 from adadecode.runtime.compiled_step import CompiledStep, maybe_compile
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.exit_heads import ExitHeads
+from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
+from adadecode.runtime.model_runner import StageModel
 from adadecode.runtime.runners.inprocess import LocalRunner
 from adadecode.runtime.stopping import StopCriteria
 from helpers import InProcessPipeline, save_tiny_model
@@ -143,3 +147,55 @@ def test_mixture_of_experts_compiles_with_inductor(tmp_path):
     eager = decode(pipeline(path, [(0, 6)], heads=False, compiled=None), "off", max_new_tokens=8)
     # fused kernels round differently: on this tiny fp32 model the tokens still agree
     assert sum(a == b for x, y in zip(compiled, eager) for a, b in zip(x, y)) >= 0.9 * sum(map(len, eager))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_merged_chunk_is_one_call_with_the_one_row_graphs_bits(model_dir, dtype):
+    """Inductor as the runtime runs it (frozen weights, the C++ GEMM template): 2 and 3 decode rows
+    of a merged chunk run as one call (attention per row, the GEMMs, norms and MLP over all rows),
+    each row with the bits the one-row graph gives it, layers and LM head. ``CompiledStep`` checks
+    each graph against the one-row graph on its first call and falls back to row by row where they
+    differ (``unmerged``): here none may. One layer, to keep the compile short."""
+    config = load_hf_config(model_dir)
+    modules = load_stage_modules(model_dir, config, 0, 1, embed=False, head=True, dtype=dtype)
+    model = StageModel(modules, ModelArgs.from_hf_config(config), 16)
+    model.step = CompiledStep(model, [], max_chunk=3)
+    hidden = torch.randn(12, config.hidden_size, generator=torch.Generator().manual_seed(6)).to(dtype)
+    model.run_layers(hidden[:4], 0, 0, 1)  # a prompt longer than max_chunk: eager, nothing to compile
+    plain = [model.run_layers(hidden[i : i + 1], i, 0, 1) for i in range(4, 12)]
+    tokens = [t for h in plain for t in model.greedy_tokens(h)]
+    model.reset(0)
+    model.run_layers(hidden[:4], 0, 0, 1)
+    merged = [model.run_layers(hidden[a:b], a, 0, 1, parts=(1,) * (b - a)) for a, b in ((4, 6), (6, 9), (9, 12))]
+    out = torch.cat(merged)  # the last chunk: the 3-row graph again, checked on its first call
+    assert model.greedy_tokens(out[:2]) + model.greedy_tokens(out[2:5]) + model.greedy_tokens(out[5:]) == tokens
+    assert torch.equal(out, torch.cat(plain))
+    assert not model.step.unmerged, "a compiled merged chunk is no longer row-invariant (see docs/exactness.md)"
+    assert model.step.checked == {((0, 1), 2), ((0, 1), 3), ("head", 2), ("head", 3)}
+
+
+def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(model_dir):
+    """The check on a merged graph's first call: one that does not give a row the one-row graph's
+    bits (here made to, by a last-bit change) is dropped, and its rows get the one-row graph's
+    bits then and on every later call."""
+    config = load_hf_config(model_dir)
+    model = StageModel(load_stage_modules(model_dir, config, 0, 2, embed=False, head=False),
+                       ModelArgs.from_hf_config(config), 16)
+    model.step = step = CompiledStep(model, [], max_chunk=3, backend="eager")
+    step.merges_rows = True  # as inductor's C++ GEMM template allows
+    segment = step._segment
+
+    def off_by_a_bit(a, b, rows_alone=False):
+        fn = segment(a, b, rows_alone)
+        return (lambda *args: torch.nextafter(fn(*args), torch.tensor(1.0))) if rows_alone else fn
+
+    step._segment = off_by_a_bit
+    hidden = torch.randn(10, config.hidden_size, generator=torch.Generator().manual_seed(7))
+    model.run_layers(hidden[:4], 0, 0, 2)
+    plain = torch.cat([model.run_layers(hidden[i : i + 1], i, 0, 2) for i in range(4, 10)])
+    model.reset(0)
+    model.run_layers(hidden[:4], 0, 0, 2)
+    chunks = ((4, 6), (6, 8), (8, 10))  # the second and third: after the check dropped the graph
+    merged = torch.cat([model.run_layers(hidden[a:b], a, 0, 2, parts=(1,) * (b - a)) for a, b in chunks])
+    assert torch.equal(merged, plain)
+    assert step.unmerged == {((0, 2), 2)} and not step.checked
