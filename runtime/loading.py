@@ -56,6 +56,7 @@ class LoadSpec:
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
     row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)
+    compile_warmup: bool = True  # compile every chunk shape at load, so that no generation pays a compile
     # Before loading, choose the heads for this setting and this early-exit policy (runtime/sim/heads.py,
     # plan_heads) when exit_layers and thresholds are empty; None: the heads' manifest defaults.
     auto_heads_for: str | None = None
@@ -81,6 +82,15 @@ class LoadSpec:
         """Whether stages on ``device_type`` run the compiled layer loop: ``auto`` compiles on CUDA
         only (runtime/compiled_step.py, maybe_compile)."""
         return compiles(self.compile, device_type)
+
+    def shared_merges(self, device_type: str) -> bool:
+        """Whether a merged chunk's decode rows run as one call, costing about one row's weight
+        reads: with ``row_invariant`` off (a shared call whose last bits may differ), or compiled
+        on the CPU with ``auto`` (the C++ GEMM template gives each row its own bits in the shared
+        call: ``CompiledStep.merges``). Otherwise each row is its own call."""
+        if self.row_invariant == "off":
+            return True
+        return self.row_invariant == "auto" and device_type == "cpu" and self.compiled(device_type)
 
 
 @dataclass
@@ -160,7 +170,9 @@ def build_stage(
     if spec.compile != "off":
         from .compiled_step import maybe_compile
 
-        maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_inflight + 1)
+        if maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_inflight + 1):
+            if spec.compile_warmup:
+                model.step.warm_up()
     params = {  # by storage: a tied LM head is the embedding
         p.data_ptr(): p.numel() * p.element_size()
         for m in (modules.layers, modules.embed, modules.norm, modules.lm_head) if m is not None

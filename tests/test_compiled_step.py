@@ -155,11 +155,14 @@ def test_a_compiled_merged_chunk_is_one_call_with_the_one_row_graphs_bits(model_
     of a merged chunk run as one call (attention per row, the GEMMs, norms and MLP over all rows),
     each row with the bits the one-row graph gives it, layers and LM head. ``CompiledStep`` checks
     each graph against the one-row graph on its first call and falls back to row by row where they
-    differ (``unmerged``): here none may. One layer, to keep the compile short."""
+    differ (``unmerged``): here none may. ``warm_up`` compiles every graph first (as loading does),
+    so nothing compiles after it. One layer, to keep the compile short."""
     config = load_hf_config(model_dir)
     modules = load_stage_modules(model_dir, config, 0, 1, embed=False, head=True, dtype=dtype)
     model = StageModel(modules, ModelArgs.from_hf_config(config), 16)
     model.step = CompiledStep(model, [], max_chunk=3)
+    assert model.step.warm_up() > 0
+    compiled = set(model.step._seen)
     hidden = torch.randn(12, config.hidden_size, generator=torch.Generator().manual_seed(6)).to(dtype)
     model.run_layers(hidden[:4], 0, 0, 1)  # a prompt longer than max_chunk: eager, nothing to compile
     plain = [model.run_layers(hidden[i : i + 1], i, 0, 1) for i in range(4, 12)]
@@ -172,6 +175,7 @@ def test_a_compiled_merged_chunk_is_one_call_with_the_one_row_graphs_bits(model_
     assert torch.equal(out, torch.cat(plain))
     assert not model.step.unmerged, "a compiled merged chunk is no longer row-invariant (see docs/exactness.md)"
     assert model.step.checked == {((0, 1), 2), ((0, 1), 3), ("head", 2), ("head", 3)}
+    assert model.step._seen == compiled, "a graph compiled after the warm-up"
 
 
 def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(model_dir):

@@ -361,7 +361,7 @@ def test_config_to_dict_is_plain_and_deep():
     cfg = RunConfig()
     d = config_to_dict(cfg)
     assert d["pipeline"] == {"stages": 1, "split_points": [], "threads": 0, "pin_cpus": True, "compile": "auto",
-                             "row_invariant": "auto"}
+                             "compile_warmup": True, "row_invariant": "auto"}
     d["pipeline"]["split_points"].append(1)
     assert cfg.pipeline.split_points == []
 

@@ -105,6 +105,10 @@ class PipelineConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (docs/results.md)."""
 
+    compile_warmup: bool = True
+    """With compile: compile every chunk shape (1 to max_inflight + 1 rows, merged chunks, the LM head) at load,
+    so that no generation or request pays a compile midway; false: each on first use."""
+
     row_invariant: Literal["auto", "on", "off"] = "auto"
     """Merged rows (deferred chunks, fused batches) get the bits they get alone; auto: GEMM rows share a call
     where the kernel is row-invariant, on: each op per plain decoding's call, off: shared calls (docs/exactness.md)."""
