@@ -167,6 +167,8 @@ class CompiledStep:
         # hidden: [S, D] -> [S, D]; layers [a, b) are local indices on segment boundaries
         """
         seqlen = hidden.shape[0]
+        if not hidden.is_inference():  # received from another rank: made outside inference mode, and
+            hidden = hidden.clone()  # the graphs guard on the dispatch keys (a recompile otherwise)
         at = a
         for seg in self.segments:
             if seg[0] < at or seg[0] >= b:

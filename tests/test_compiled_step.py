@@ -82,6 +82,25 @@ def test_traced_step_gives_the_eager_tokens_and_never_recompiles(model_dir):
     assert longer == decode(eager, "deferred", max_new_tokens=40)
 
 
+def test_after_the_warm_up_nothing_compiles(model_dir):
+    """``warm_up`` (at load) compiles every graph decoding calls; a later stage's input, received
+    from another rank outside inference mode, must not recompile them (dynamo guards on the
+    tensor's dispatch keys), nor may the positions or the lengths."""
+    config = load_hf_config(model_dir)
+    model = StageModel(load_stage_modules(model_dir, config, 2, 6, embed=False, head=True),
+                       ModelArgs.from_hf_config(config), 32)
+    model.step = CompiledStep(model, [4], max_chunk=3, backend="eager")
+    model.step.merges_rows = True  # as inductor's C++ GEMM template allows
+    model.step.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    hidden = torch.randn(14, config.hidden_size, generator=torch.Generator().manual_seed(3))  # not an inference tensor
+    model.run_layers(hidden[:4], 0, 2, 6)  # a prompt longer than max_chunk: eager
+    for a, b in ((4, 5), (5, 7), (7, 10), (10, 11), (11, 14)):
+        out = model.run_layers(hidden[a:b], a, 2, 6, parts=(1,) * (b - a))
+        model.greedy_tokens(out)
+    assert counters["stats"]["unique_graphs"] == graphs, "a graph compiled after the warm-up"
+
+
 def test_traced_pipeline_of_three_stages(model_dir):
     ranges = [(0, 2), (2, 4), (4, 6)]
     eager = pipeline(model_dir, ranges, heads=True, compiled=None)
