@@ -25,8 +25,17 @@ Heads of the MLP type (`T h` plus a small MLP: more exits at the same precision,
     adadecode train-heads --head-type mlp --mlp-hidden 256 --out heads/smollm2-mlp --threads 2
 
 Data: `--prompts` minus every `--val-every`-th prompt (the validation prompts,
-never trained on, on which the defaults are chosen); `--heldout` is only ever
-evaluated (the calibration table), never fitted on (data/prompts/README.md).
+never trained on, on which the defaults are chosen), plus all of any
+`--validation-extra` files (data/prompts/validation_mix.jsonl: code, chat and
+plain text, as users send them); `--heldout` is only ever evaluated (the
+calibration table), never fitted on (data/prompts/README.md).
+
+Heads trained before per-token outcomes existed, or outcomes on other validation prompts, without
+retraining (the heads' tensors stay byte for byte; the outcomes, the validation calibration and
+the defaults are recomputed; the validation rule, model and max_new_tokens default to the manifest's):
+
+    taskset -c 1 adadecode train-heads --outcomes-only --out runtime/assets/heads/smollm2-135m-instruct \\
+        --validation-extra data/prompts/validation_mix.jsonl --threads 1
 """
 
 from __future__ import annotations
@@ -38,12 +47,17 @@ from collections.abc import Sequence
 
 from adadecode.runtime.device import DTYPES, PlacementError
 from adadecode.runtime.exit_heads import HEAD_TYPES
-from adadecode.runtime.head_training import train_heads
+from adadecode.runtime.head_training import recompute_outcomes, train_heads
 from adadecode.runtime.head_training.pipeline import SAVE_DTYPES
 from adadecode.runtime.head_training.vocab import DEFAULT_VOCAB_SIZE
 
 # One place for the defaults: train_heads()'s signature.
 DEFAULTS = {name: p.default for name, p in inspect.signature(train_heads).parameters.items()}
+# What --outcomes-only takes (recompute_outcomes()'s parameters); every other training option is refused with it.
+OUTCOMES_ONLY = set(inspect.signature(recompute_outcomes).parameters) - {"progress", "argv"}
+MANIFESTS = "; with --outcomes-only, by default the manifest's"
+# ... for these options: left out, --outcomes-only takes what the manifest records
+_MANIFESTS = {"model", "prompts", "val_every", "validation_extra", "max_new_tokens", "defaults_for", "defaults_policy"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,19 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=d["model"],
-                   help="model source: bundled:<name>, a Hugging Face directory or a .gguf file")
+                   help="model source: bundled:<name>, a Hugging Face directory or a .gguf file" + MANIFESTS)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (heads.safetensors, manifest.json)")
     p.add_argument("--layers", default=d["layers"],
                    help="candidate head layers, e.g. 8,12,16 (a head at l reads the input of layer l); "
                         "auto: every L/10 layers from 0.13 L to L-2 and the stage boundaries of 2-4 ranks "
                         "(4,7,9,10,12,13,16,18,19,22,25,28 for SmolLM2-135M)")
-    p.add_argument("--prompts", default=d["prompts"], help="training prompts (JSONL)")
+    p.add_argument("--prompts", default=d["prompts"], help="training prompts (JSONL)" + MANIFESTS)
     p.add_argument("--heldout", default=d["heldout"],
                    help="held-out prompts (JSONL), evaluated only: the calibration table")
     p.add_argument("--val-every", type=int, default=d["val_every"], metavar="N",
-                   help="keep every N-th training prompt out of training, to choose the defaults on")
+                   help="keep every N-th training prompt out of training, to choose the defaults on" + MANIFESTS)
+    p.add_argument("--validation-extra", action="append", metavar="FILE[,FILE]",
+                   help="prompt files (JSONL; repeatable or a comma list) whose prompts are added to the "
+                        "validation prompts: their greedy answers are scored for the per-token outcomes and the "
+                        "defaults, never trained on (e.g. data/prompts/validation_mix.jsonl); default none"
+                        + MANIFESTS + " (none: drop them)")
     p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], metavar="N",
-                   help="greedy tokens generated per prompt")
+                   help="greedy tokens generated per prompt" + MANIFESTS)
     p.add_argument("--gen-batch-size", type=int, default=d["gen_batch_size"], metavar="N",
                    help="prompts per batch of the greedy generation loop")
     p.add_argument("--epochs", type=int, default=d["epochs"])
@@ -87,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "outputs on the train prompts (e.g. 0.99)")
     p.add_argument("--defaults-for", type=int, default=d["defaults_for"], metavar="RANKS",
                    help="the manifest's default heads are those chosen for this many ranks (runtime/sim/heads.py); "
-                        "at run time heads are chosen per setting unless decoding.auto_heads is false")
+                        "at run time heads are chosen per setting unless decoding.auto_heads is false" + MANIFESTS)
     p.add_argument("--defaults-policy", choices=["eager", "deferred"], default=d["defaults_policy"],
-                   help="the backfill policy the default heads are chosen for")
+                   help="the backfill policy the default heads are chosen for" + MANIFESTS)
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default=d["save_dtype"],
                    help="dtype of the stored head tensors (calibration uses the stored values)")
     p.add_argument("--device", default=d["device"], metavar="auto|cpu|cuda|cuda:N",
@@ -101,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads; 0 leaves torch's default")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--outcomes-only", action="store_true",
+                   help="do not train: record the per-token outcomes of the heads already in --out on the validation "
+                        "prompts (and --validation-extra), and recompute the validation calibration and the "
+                        "defaults from them; heads.safetensors is left byte for byte")
     return p
 
 
@@ -109,8 +132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = vars(build_parser().parse_args(argv))
     progress = not args.pop("no_progress")
+    outcomes_only = args.pop("outcomes_only")
+    if outcomes_only:
+        given = _given(argv)
+        stray = sorted(f"--{k.replace('_', '-')}" for k in given - OUTCOMES_ONLY - {"no_progress", "outcomes_only"})
+        if stray:
+            print(f"adadecode train-heads: error: {', '.join(stray)}: training options; --outcomes-only keeps the "
+                  "heads in --out as they are (leave them out)", file=sys.stderr)
+            return 2
+        # left out: what the manifest records (recompute_outcomes), not train_heads' defaults
+        args = {k: v for k, v in args.items() if k in OUTCOMES_ONLY and (k in given or k not in _MANIFESTS)}
     try:
-        train_heads(**args, progress=progress, argv=argv)
+        if outcomes_only:
+            recompute_outcomes(**args, progress=progress, argv=argv)
+        else:
+            train_heads(**args, progress=progress, argv=argv)
     except PlacementError as e:
         print(f"adadecode train-heads: error: {_as_flags(str(e))}", file=sys.stderr)
         return 2
@@ -118,6 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adadecode train-heads: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _given(argv: Sequence[str]) -> set[str]:
+    """The options ``argv`` sets (by their dest), whatever their values."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
 
 
 def _as_flags(message: str) -> str:

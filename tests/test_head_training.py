@@ -266,6 +266,140 @@ def test_train_heads_rejects_an_unknown_head_type_and_hidden_size(tiny_run, tmp_
     assert not (tmp_path / "o").exists()
 
 
+# --- outcomes for heads that have none: `train-heads --outcomes-only` ---------------------------------
+
+
+def _extra_prompts(tmp_path):
+    """A --validation-extra file: two prompts unlike the train file's, one plain, one chat."""
+    extra = tmp_path / "extra.jsonl"
+    lines = [{"prompt": "for i in range(3):"}, {"messages": [{"role": "user", "content": "why?"}]}]
+    extra.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return extra
+
+
+def _before_outcomes(src, dst):
+    """A copy of the heads in ``src`` as train-heads wrote them before per-token outcomes existed:
+    no outcomes file or record, no validation calibration, other defaults, no choice."""
+    import shutil
+
+    from adadecode.runtime.exit_heads import OUTCOMES_FILE
+
+    shutil.copytree(src, dst)
+    (dst / OUTCOMES_FILE).unlink()
+    m = json.loads((dst / "manifest.json").read_text())
+    del m["files"][OUTCOMES_FILE], m["choice"], m["training"]["data"]["validation"]["files"]
+    m.update(validation_calibration=None, default_layers=[2], default_thresholds={"2": 0.99, "4": 0.99})
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def plain_heads(tiny_run, tmp_path_factory):
+    """`train-heads` on the tiny model, without --validation-extra: the directory it wrote."""
+    from adadecode.launcher.cli import main
+
+    _, flags = tiny_run
+    out = tmp_path_factory.mktemp("plain") / "heads"
+    assert main(["train-heads", *flags, "--out", str(out)]) == 0
+    return out
+
+
+def test_outcomes_only_gives_the_outcomes_training_gave_and_leaves_the_heads(tiny_run, tmp_path):
+    """Heads trained (with an extra validation file), then stripped of their outcomes: --outcomes-only
+    writes the outcomes, calibration, defaults and validation record that training wrote for the
+    same heads and prompts, and never touches heads.safetensors."""
+    from adadecode.launcher.cli import main
+    from adadecode.runtime.exit_heads import read_manifest, read_outcomes
+
+    model, flags = tiny_run
+    extra = _extra_prompts(tmp_path)
+    full = tmp_path / "full"
+    assert main(["train-heads", *flags, "--validation-extra", str(extra), "--out", str(full)]) == 0
+    old = _before_outcomes(full, tmp_path / "old")
+    heads_bytes = (old / "heads.safetensors").read_bytes()
+    assert read_outcomes(old, read_manifest(old)) is None
+
+    # model, prompts, --val-every and --max-new-tokens: the manifest's
+    assert main(["train-heads", "--outcomes-only", "--out", str(old), "--validation-extra", str(extra),
+                 "--no-progress"]) == 0
+    assert (old / "heads.safetensors").read_bytes() == heads_bytes
+    want, got = read_manifest(full), read_manifest(old)  # both verify
+    expected, outcomes = read_outcomes(full, want), read_outcomes(old, got)  # checksums verified
+    assert sorted(outcomes) == [2, 4]
+    for l in (2, 4):
+        assert torch.equal(outcomes[l][0], expected[l][0]) and torch.equal(outcomes[l][1], expected[l][1])
+    for key in ("validation_calibration", "default_layers", "default_thresholds", "choice", "vocabulary"):
+        assert got[key] == want[key], key
+    assert got["training"]["data"] == want["training"]["data"]
+    assert got["files"]["heads.safetensors"] == want["files"]["heads.safetensors"]
+    assert got["outcomes"]["val_every"] == 3 and got["outcomes"]["max_new_tokens"] == 12
+    assert got["outcomes"]["command"].startswith("adadecode train-heads --outcomes-only")
+    assert _load(model, old).layers == tuple(want["default_layers"])  # the runtime's loader checks the checksum
+
+
+def test_validation_extra_adds_its_tokens_and_the_choice_counts_exits_exactly(tiny_run, plain_heads, tmp_path,
+                                                                           monkeypatch):
+    from adadecode.launcher.train_heads import main
+    from adadecode.runtime.exit_heads import read_manifest, read_outcomes
+    from adadecode.runtime.loading import plan_stages
+    from adadecode.runtime.sim import heads as sim_heads
+
+    model, _ = tiny_run
+    old = _before_outcomes(plain_heads, tmp_path / "old")
+    assert main(["--outcomes-only", "--out", str(old), "--no-progress"]) == 0
+    base = read_manifest(old)["training"]["data"]["validation"]
+    assert base["prompts"] == 2 and [f["select"] for f in base["files"]] == ["every 3-th prompt"]
+
+    extra = _extra_prompts(tmp_path)
+    assert main(["--outcomes-only", "--out", str(old), "--validation-extra", str(extra), "--no-progress"]) == 0
+    manifest = read_manifest(old)
+    record = manifest["training"]["data"]["validation"]
+    assert [f["file"] for f in record["files"]] == [base["file"], str(extra)]
+    assert record["files"][0] == base["files"][0]  # the train file's prompts answer as before
+    added = record["files"][1]
+    assert (added["prompts"], added["select"]) == (2, "all") and added["tokens"] >= 2
+    assert (record["prompts"], record["tokens"]) == (4, base["tokens"] + added["tokens"])
+    assert manifest["validation_calibration"]["tokens"] == record["tokens"]
+    outcomes = read_outcomes(old, manifest)
+    assert all(conf.shape == (record["tokens"],) for conf, _ in outcomes.values())
+    assert str(extra) in manifest["choice"]["note"]
+
+    # the head choice counts these outcomes token by token, never the table's estimate
+    def estimate(*args):
+        raise AssertionError("conditional_exits used despite per-token outcomes")
+
+    monkeypatch.setattr(sim_heads, "conditional_exits", estimate)
+    config = load_hf_config(model)
+    choice = sim_heads.choose(manifest, config, plan_stages(config, 2), "eager", "cpu", 4, 2,
+                              outcomes=read_outcomes(old, manifest), alone=True)
+    assert list(choice.layers) == manifest["default_layers"]
+    assert choice.speedup == manifest["choice"]["simulated_speedup"]
+
+    # a rerun validates on the same prompts; `none` drops the extra file
+    assert main(["--outcomes-only", "--out", str(old), "--no-progress"]) == 0
+    assert read_manifest(old)["training"]["data"]["validation"] == record
+    assert main(["--outcomes-only", "--out", str(old), "--validation-extra", "none", "--no-progress"]) == 0
+    assert read_manifest(old)["training"]["data"]["validation"] == base
+
+
+def test_outcomes_only_refuses_a_directory_without_heads_and_training_options(tiny_run, plain_heads, tmp_path,
+                                                                            capsys):
+    from adadecode.launcher.train_heads import main
+
+    model, _ = tiny_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--outcomes-only", "--out", str(empty), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {empty} holds no exit heads" in err and "train them first" in err
+    assert main(["--outcomes-only", "--out", str(plain_heads), "--epochs", "2", "--heldout", "x.jsonl"]) == 2
+    assert "--epochs, --heldout: training options; --outcomes-only keeps the heads" in capsys.readouterr().err
+    assert main(["--outcomes-only", "--out", str(plain_heads), "--val-every", "2"]) == 2
+    assert "trained with --val-every 3" in capsys.readouterr().err
+    assert main(["--outcomes-only", "--out", str(plain_heads), "--validation-extra", "none,x.jsonl"]) == 2
+    assert "do not combine" in capsys.readouterr().err
+
+
 def test_collect_matches_single_prompt_greedy_and_hidden_states(tmp_path):
     """The batched, left-padded loop (rows leave at EOS) gives each prompt's own greedy tokens
     and the hidden states a single-prompt forward computes."""

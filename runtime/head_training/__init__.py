@@ -18,9 +18,13 @@
 
 pipeline.py wires them together and writes the manifest. ``adadecode train-heads``
 (launcher/train_heads.py) is the command-line face of ``train_heads``.
+``recompute_outcomes(out, ...)`` (``train-heads --outcomes-only``) runs steps 1, 4 and 5 for heads
+already in ``out`` without training them: the per-token outcomes, the validation calibration
+and the defaults, by the same code.
 
 Data: the training prompts minus every ``val_every``-th one (the validation prompts, never
-trained on, on which the defaults are chosen); the held-out prompts are only ever evaluated
+trained on, on which the defaults are chosen, with all prompts of any ``validation_extra`` files:
+validation.py); the held-out prompts are only ever evaluated
 (the calibration table), never fitted on (data/prompts/README.md).
 
 Devices: the base model runs on ``device`` in ``dtype`` (auto: cuda:0 and bfloat16 when CUDA
@@ -29,6 +33,6 @@ float32 (the states and the teacher cast to float32). The host sees per-token va
 for the calibration table.
 """
 
-from .pipeline import train_heads
+from .pipeline import recompute_outcomes, train_heads
 
-__all__ = ["train_heads"]
+__all__ = ["recompute_outcomes", "train_heads"]

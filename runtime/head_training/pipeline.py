@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import os
 import shlex
 import sys
@@ -14,10 +14,11 @@ import torch
 
 from ..device import check_placement, dtype_name
 from ..loading import plan_stages
-from ..sim.heads import choose
+from ..sim.heads import HeadChoice, choose
 from .calibrate import calibration_table, head_outcomes, outcome_tensors
-from .collect import collect, encode, eos_ids, make_split
+from .collect import Split, collect, encode, eos_ids, make_split
 from .train import train
+from .validation import Validation, extra_files, sha256, split_prompts
 from .vocab import DEFAULT_VOCAB_SIZE, choose_vocabulary, coverage, soft_counts
 
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
@@ -31,6 +32,7 @@ def train_heads(
     prompts: str = "data/prompts/train.jsonl",
     heldout: str = "data/prompts/heldout.jsonl",
     val_every: int = 10,
+    validation_extra: str | Sequence[str] | None = None,
     max_new_tokens: int = 256,
     gen_batch_size: int = 48,
     epochs: int = 4,
@@ -56,8 +58,9 @@ def train_heads(
     ``model``: bundled:<name>, a Hugging Face directory or a .gguf file. ``layers``: the candidate
     head layers, or "auto" (every L/10 layers from 0.13 L to L-2, and the first layer of every later
     stage of 2-4 ranks). ``prompts`` minus every
-    ``val_every``-th prompt trains; those validation prompts choose the defaults; ``heldout`` is
-    only evaluated. ``head_type``: linear (the paper's ``T h``) or mlp (``T h`` plus an MLP of
+    ``val_every``-th prompt trains; those validation prompts, and all of the ``validation_extra``
+    files (one, several or a comma list; default none), give the per-token outcomes and choose the
+    defaults; ``heldout`` is only evaluated. ``head_type``: linear (the paper's ``T h``) or mlp (``T h`` plus an MLP of
     hidden size ``mlp_hidden``; runtime/exit_heads.py). ``vocab_size`` (an int or "full") or
     ``vocab_coverage`` sets the restricted vocabulary (default ``DEFAULT_VOCAB_SIZE``). The
     manifest's default heads are those the runtime's own choice (runtime/sim/heads.py) makes for
@@ -106,11 +109,11 @@ def train_heads(
         raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts of "
                          f"{prompts}, so that both training and validation prompts remain (the defaults are "
                          "chosen on the validation prompts; the held-out ones are for evaluation only)")
+    validation = Validation.read(prompts, train_prompts, every, extra_files(validation_extra))
     _check_out(out)
-    is_val = [(i + 1) % every == 0 for i in range(len(train_prompts))]
     groups = {
-        "train": [p for p, v in zip(train_prompts, is_val) if not v],
-        "validation": [p for p, v in zip(train_prompts, is_val) if v],
+        "train": split_prompts(train_prompts, every)[0],
+        "validation": validation.prompts,
         "heldout": held_prompts,
     }
 
@@ -139,9 +142,11 @@ def train_heads(
     items = collect(base, everything, layers, max_new_tokens=max_new_tokens,
                     batch_size=gen_batch_size, eos=eos, pad=pad, progress=progress)
     splits, at = {}, 0
-    files = {"train": prompts, "validation": prompts, "heldout": heldout}
+    files = {"train": prompts, "validation": validation.label, "heldout": heldout}
     for name in groups:
         splits[name] = make_split(name, files[name], items[at : at + len(ids[name])], layers)
+        if name == "validation":
+            val_counts = [len(it["tokens"]) for it in items[at : at + len(ids[name])]]
         at += len(ids[name])
     del items
     t_collect = time.perf_counter() - t_start
@@ -170,20 +175,15 @@ def train_heads(
     save_dt = getattr(torch, save_dtype)
     stored = {l: {name: t.to(save_dt).to(dt) for name, t in p.items()} for l, p in params.items()}
     heads = ExitHeads(stored, norm, weight, vocab_ids, {l: 0.0 for l in layers},
-                      {"default_layers": [], "default_thresholds": {}})
+                      {"default_layers": [], "default_thresholds": {}},
+                      logit_softcap=getattr(config, "final_logit_softcapping", None))  # as the runtime loads them
     outcomes = {name: head_outcomes(heads, splits[name]) for name in ("validation", "heldout")}  # on the host
 
     # --- 5. the defaults: the runtime's own head choice (runtime/sim/heads.py) for one setting ---
-    choice_split = "validation"
-    tables = {"validation_calibration": calibration_table(outcomes["validation"], splits["validation"])}
-    ranges = plan_stages(config, defaults_for)
-    kind_keys = {"head_type": head_type, **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {})}
-    choice = choose({**tables, **kind_keys}, config, ranges, defaults_policy, dev.type,
-                    torch.empty((), dtype=dt).element_size(),
-                    max_inflight=2, ranks=True, outcomes=outcomes[choice_split], alone=True)
-    default = dict(zip(choice.layers, choice.thresholds))
-    per_head = dict(choice.alone)
-    log(f"defaults: {default} ({choice.note})")
+    chosen, choice = defaults_from_outcomes(outcomes["validation"], splits["validation"], validation, config,
+                                            head_type=head_type, mlp_hidden=mlp_hidden, defaults_for=defaults_for,
+                                            defaults_policy=defaults_policy, device=dev, dtype=dt)
+    log(f"defaults: {dict(zip(choice.layers, choice.thresholds))} ({choice.note})")
 
     manifest = {
         "base_model": {
@@ -197,35 +197,23 @@ def train_heads(
         "head_type": head_type,
         **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {}),
         "layers": layers,
-        "default_layers": sorted(default),
-        "default_thresholds": {str(l): t for l, t in per_head.items()},
+        "default_layers": chosen["default_layers"],
+        "default_thresholds": chosen["default_thresholds"],
         "vocabulary": {
             "restricted": vocab_ids is not None,
             "size": k,
             "coverage_target": vocab_coverage,
             "coverage": covered,
         },
-        "choice": {
-            "note": (
-                f"Defaults chosen on the validation prompts (every {every}-th train prompt, never trained on) "
-                "by the runtime's per-setting head choice (runtime/sim/heads.py) for the setting below: the "
-                "simulated speedup over early exit off, each token exiting at the first head above its threshold "
-                "(counted token by token), none where none is predicted to pay. Heads outside the defaults "
-                "carry the threshold best for them alone in that setting."
-            ),
-            "split": choice_split,
-            "setting": {"stages": defaults_for, "ranks": True, "policy": defaults_policy, "device": dev.type,
-                        "dtype": dtype_name(dt), "max_inflight": 2},
-            "simulated_speedup": choice.speedup,
-            "summary": choice.note,
-        },
+        "choice": chosen["choice"],
         "calibration": calibration_table(outcomes["heldout"], splits["heldout"]),
-        **tables,
+        "validation_calibration": chosen["validation_calibration"],
         "training": {
             "command": shlex.join(["adadecode", "train-heads", *argv]) if argv is not None else None,
             "argv": list(argv) if argv is not None else None,
             "data": {
-                name: {"file": s.file, "sha256": _sha256(s.file), "prompts": s.prompts, "tokens": s.tokens}
+                name: validation.record(val_counts) if name == "validation" else
+                {"file": s.file, "sha256": sha256(s.file), "prompts": s.prompts, "tokens": s.tokens}
                 for name, s in splits.items()
             },
             "hyperparameters": {
@@ -249,8 +237,228 @@ def train_heads(
     host_params = {l: {name: t.cpu() for name, t in p.items()} for l, p in params.items()}
     save_exit_heads(out, host_params, host_ids, manifest, dtype=save_dt,
                     outcomes=outcome_tensors(outcomes["validation"]))
-    log(f"wrote {out}: heads at {layers}, defaults {default}")
+    log(f"wrote {out}: heads at {layers}, defaults {dict(zip(choice.layers, choice.thresholds))}")
     return manifest
+
+
+def recompute_outcomes(
+    out: str | Path,
+    *,
+    model: str | None = None,
+    prompts: str | None = None,
+    val_every: int | None = None,
+    validation_extra: str | Sequence[str] | None = None,
+    max_new_tokens: int | None = None,
+    gen_batch_size: int = 48,
+    defaults_for: int | None = None,
+    defaults_policy: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    progress: bool = True,
+    argv: Sequence[str] | None = None,
+) -> dict:
+    """``train-heads --outcomes-only``: each validation token's outcome at every head for the heads
+    already in ``out``, without training them, and what follows from the outcomes.
+
+    The heads load through the runtime's own loader (``exit_heads.load_exit_heads``: checksum and
+    base model checked); the base model answers the validation prompts greedily exactly as in
+    training (the train file's every ``val_every``-th prompt, plus all of the ``validation_extra``
+    files) and ``head_outcomes`` scores the answers. Writes ``outcomes.safetensors`` and updates the
+    manifest: its checksums, ``validation_calibration``, the defaults and ``choice``
+    (``defaults_from_outcomes``, as training does), the vocabulary's validation coverage,
+    ``training.data.validation`` and an ``outcomes`` record of this run. ``heads.safetensors`` is
+    never written; the held-out ``calibration`` stays as it was (the same heads).
+
+    Left as None, an argument is what the manifest records: ``model`` (its origin, when a bundled
+    model, a directory or a GGUF file), ``prompts`` (the validation file), ``val_every`` (a
+    different one is refused: it would validate on prompts the heads trained on),
+    ``max_new_tokens``, ``validation_extra`` (the extra files it lists; "none": none) and the
+    defaults' setting (else 2 ranks, eager). Returns the manifest; ValueError with the fix for a
+    directory without heads and for bad arguments, before the model loads where it can.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..exit_heads import HEADS_FILE, MANIFEST_FILE, load_exit_heads, read_manifest
+    from ..hf_adapter import load_hf_config
+    from ..model_source import resolve_model
+    from ..prompts import read_prompts
+
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[train-heads --outcomes-only {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr,
+              flush=True)
+
+    path = Path(out)
+    if not (path / MANIFEST_FILE).is_file() or not (path / HEADS_FILE).is_file():
+        raise ValueError(f"--out {out} holds no exit heads ({MANIFEST_FILE} and {HEADS_FILE}); --outcomes-only "
+                         f"records the outcomes of heads trained there before: train them first with "
+                         f"`adadecode train-heads --out {out}`")
+    manifest = read_manifest(path)
+    training = manifest.get("training") or {}
+    hyper = training.get("hyperparameters") or {}
+    recorded = (training.get("data") or {}).get("validation") or {}
+    setting = (manifest.get("choice") or {}).get("setting") or {}
+    train_defaults = {name: p.default for name, p in inspect.signature(train_heads).parameters.items()}
+
+    # --- the validation prompts, by the rule the heads were trained with ---
+    prompts = prompts or recorded.get("file") or train_defaults["prompts"]
+    trained_every = hyper.get("val_every")
+    every = val_every or trained_every or train_defaults["val_every"]
+    if trained_every and every != trained_every:
+        raise ValueError(f"--val-every {every}: the heads in {out} were trained with --val-every {trained_every}; "
+                         "another rule would validate on prompts they trained on (leave --val-every out)")
+    train_prompts = read_prompts(prompts)
+    if recorded.get("sha256") and sha256(prompts) != recorded["sha256"]:
+        raise ValueError(f"--prompts {prompts} is not the file the heads in {out} were trained on "
+                         f"({recorded.get('file')}, sha256 {recorded['sha256'][:12]}...): its every {every}-th "
+                         "prompts may be prompts they trained on; give that file, and other prompts with "
+                         "--validation-extra")
+    if every < 2 or len(train_prompts) < every:
+        raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts "
+                         f"of {prompts}")
+    if validation_extra is None:  # what the manifest lists, so that a rerun validates on the same prompts
+        validation_extra = [f["file"] for f in recorded.get("files", [])[1:]] or "none"
+    validation = Validation.read(prompts, train_prompts, every, extra_files(validation_extra))
+    max_new_tokens = max_new_tokens or hyper.get("max_new_tokens") or train_defaults["max_new_tokens"]
+    defaults_for = defaults_for or setting.get("stages") or train_defaults["defaults_for"]
+    defaults_policy = defaults_policy or setting.get("policy") or train_defaults["defaults_policy"]
+    if defaults_policy not in ("eager", "deferred"):
+        raise ValueError(f"--defaults-policy {defaults_policy!r}: expected eager or deferred")
+    if defaults_for < 1:
+        raise ValueError(f"--defaults-for {defaults_for}: expected a number of ranks >= 1")
+    dev, dt = check_placement(device, dtype, "inprocess")
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    # --- the base model, and the heads as the runtime loads them ---
+    base_record = manifest["base_model"]
+    resolved = resolve_model(model or _model_of(base_record.get("origin")) or train_defaults["model"])
+    if resolved.fingerprint != base_record["fingerprint"]:
+        raise ValueError(f"the heads in {out} are for {base_record.get('origin')} (fingerprint "
+                         f"{base_record['fingerprint'][:12]}...), not {resolved.origin} "
+                         f"({resolved.fingerprint[:12]}...); give --model the model they were trained for")
+    if not resolved.has_tokenizer:
+        raise ValueError(f"{resolved.path} has no tokenizer files; train-heads needs one to encode the prompts")
+    config = load_hf_config(resolved.path)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
+    base.requires_grad_(False)
+    heads = load_exit_heads(path, fingerprint=resolved.fingerprint, config=config, norm=base.model.norm,
+                            lm_head_weight=base.lm_head.weight)
+    layers = list(heads.available_layers)
+    heads_record = dict((manifest.get("files") or {}).get(HEADS_FILE) or _file_record(path / HEADS_FILE))
+    ids = [encode(tokenizer, p) for p in validation.prompts]
+    eos = eos_ids(base, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    log(f"{resolved.origin}: heads at {layers} from {out}; {dev}, {dtype_name(dt)}; validation prompts: "
+        + ", ".join(f"{f} {len(p)}" for f, p in zip(validation.files, validation.parts))
+        + f"; up to {max_new_tokens} new tokens each")
+
+    # --- the greedy pass over the validation prompts, and each token's outcome at every head ---
+    items = collect(base, ids, layers, max_new_tokens=max_new_tokens, batch_size=gen_batch_size, eos=eos,
+                    pad=pad, progress=progress)
+    split = make_split("validation", validation.label, items, layers)
+    counts = [len(it["tokens"]) for it in items]
+    del items
+    t_collect = time.perf_counter() - t_start
+    outcomes = head_outcomes(heads, split)  # on the host
+    log(f"validation tokens: {split.tokens}")
+
+    # --- what follows from them, as in training ---
+    head_type = manifest.get("head_type", "linear")
+    chosen, choice = defaults_from_outcomes(outcomes, split, validation, config, head_type=head_type,
+                                            mlp_hidden=manifest.get("mlp_hidden", 0), defaults_for=defaults_for,
+                                            defaults_policy=defaults_policy, device=dev, dtype=dt)
+    log(f"defaults: {dict(zip(choice.layers, choice.thresholds))} ({choice.note})")
+    manifest.update(chosen)  # keys already there keep their place
+    vocab = manifest.get("vocabulary")
+    if isinstance(vocab, dict) and isinstance(vocab.get("coverage"), dict):
+        vocab["coverage"]["validation"] = round(coverage(split.targets, heads.vocab_ids), 4)
+    if isinstance(training.get("data"), dict):
+        training["data"]["validation"] = validation.record(counts)
+    manifest["outcomes"] = {
+        "note": ("outcomes.safetensors, validation_calibration, the defaults and choice recomputed for the heads "
+                 "as trained (`train-heads --outcomes-only`; heads.safetensors unchanged)"),
+        "command": shlex.join(["adadecode", "train-heads", *argv]) if argv is not None else None,
+        "argv": list(argv) if argv is not None else None,
+        "max_new_tokens": max_new_tokens, "val_every": every,
+        "threads": torch.get_num_threads(), "device": str(dev), "dtype": dtype_name(dt),
+        "seconds": {"collect": round(t_collect, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+    }
+    _write_outcomes(path, manifest, outcome_tensors(outcomes), heads_record)
+    log(f"wrote {path / 'outcomes.safetensors'} ({split.tokens} tokens) and {path / MANIFEST_FILE}")
+    return manifest
+
+
+def _model_of(origin: str | None) -> str | None:
+    """The model source a manifest's ``base_model.origin`` names, where it names one to load again."""
+    kind, _, where = (origin or "").partition(":")
+    return origin if kind == "bundled" else where if kind in ("dir", "gguf") else None
+
+
+def _file_record(file: Path) -> dict:
+    from .. import atomic_io
+
+    return {"bytes": file.stat().st_size, "sha256": atomic_io.sha256_file(file)}
+
+
+def _write_outcomes(path: Path, manifest: dict, tensors: dict[str, torch.Tensor], heads_record: dict) -> None:
+    """``outcomes.safetensors`` and then the manifest that vouches for it (each replaced atomically, as
+    ``exit_heads.save_exit_heads`` writes them), leaving ``heads.safetensors`` as it is."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from .. import atomic_io
+    from ..exit_heads import FORMAT, HEADS_FILE, MANIFEST_FILE, OUTCOMES_FILE, _dumps
+
+    try:
+        with atomic_io.replacing(path / OUTCOMES_FILE, mode=0o644) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
+            record = _file_record(tmp)
+        manifest["files"] = {**(manifest.get("files") or {}), HEADS_FILE: heads_record, OUTCOMES_FILE: record}
+        atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot write the outcomes into {path} ({e}); free space or fix permissions there") from e
+
+
+def defaults_from_outcomes(outcomes, split: Split, validation: Validation, config, *, head_type: str,
+                           mlp_hidden: int, defaults_for: int, defaults_policy: str, device: torch.device,
+                           dtype: torch.dtype) -> tuple[dict, HeadChoice]:
+    """The manifest's keys that follow from the heads' validation ``outcomes`` (``head_outcomes`` on
+    ``split``, the prompts of ``validation``): ``validation_calibration``, and ``default_layers``,
+    ``default_thresholds`` and ``choice``, the runtime's own head choice (runtime/sim/heads.py) for
+    ``defaults_for`` ranks with ``defaults_policy`` backfill on ``device`` in ``dtype``, counting
+    exits token by token. One function for training and ``--outcomes-only``; returns those keys
+    and the choice."""
+    tables = {"validation_calibration": calibration_table(outcomes, split)}
+    ranges = plan_stages(config, defaults_for)
+    kind_keys = {"head_type": head_type, **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {})}
+    choice = choose({**tables, **kind_keys}, config, ranges, defaults_policy, device.type,
+                    torch.empty((), dtype=dtype).element_size(),
+                    max_inflight=2, ranks=True, outcomes=outcomes, alone=True)
+    keys = {
+        "default_layers": sorted(choice.layers),
+        "default_thresholds": {str(l): t for l, t in choice.alone},
+        "choice": {
+            "note": (
+                f"Defaults chosen on the validation prompts ({validation.describe()}) "
+                "by the runtime's per-setting head choice (runtime/sim/heads.py) for the setting below: the "
+                "simulated speedup over early exit off, each token exiting at the first head above its threshold "
+                "(counted token by token), none where none is predicted to pay. Heads outside the defaults "
+                "carry the threshold best for them alone in that setting."
+            ),
+            "split": "validation",
+            "setting": {"stages": defaults_for, "ranks": True, "policy": defaults_policy, "device": device.type,
+                        "dtype": dtype_name(dtype), "max_inflight": 2},
+            "simulated_speedup": choice.speedup,
+            "summary": choice.note,
+        },
+        **tables,
+    }
+    return keys, choice
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int, boundaries: Sequence[int] = ()) -> list[int]:
@@ -280,10 +488,6 @@ def _check_out(out: str | Path) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {existing} is not writable; choose another directory")
-
-
-def _sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _version(package: str) -> str:
