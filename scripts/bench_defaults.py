@@ -7,6 +7,7 @@ manifest defaults (``--decoding.auto_heads=false``) for comparison; each run int
 and the mode per prompt. One thread per rank unless the setting says otherwise, pinned.
 
     python scripts/bench_defaults.py --settings 1x1 1x2 2x1 3x1 --max-new-tokens 48
+    python scripts/bench_defaults.py --settings 1x1 2x1 --flag=--pipeline.compile=on --no-manifest   # compiled
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 def bench(stages: int, threads: int, extra: list[str], a) -> dict:
     cmd = ["adadecode", "bench", "--stages", str(stages), "--prompts", a.prompts, "--num-prompts", str(a.num_prompts),
-           "--max-new-tokens", str(a.max_new_tokens), "--json", f"--pipeline.threads={threads}", *extra]
+           "--max-new-tokens", str(a.max_new_tokens), "--json", f"--pipeline.threads={threads}", *a.flag, *extra]
     if stages == 1:
         cmd = ["taskset", "-c", ",".join(str(i) for i in range(threads)), *cmd]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)
@@ -35,6 +36,9 @@ def main() -> None:
     p.add_argument("--prompts", default="data/prompts/mix.jsonl")
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--flag", action="append", default=[],
+                   help="a flag for every bench run, e.g. --flag=--pipeline.compile=on")
+    p.add_argument("--no-manifest", action="store_true", help="skip the runs with the manifest's heads")
     a = p.parse_args()
     rows = []
     for setting in a.settings:
@@ -45,9 +49,10 @@ def main() -> None:
             row[f"{mode} (defaults)"] = r[mode]["vs_off"]
             row[f"{mode} identical"] = r[mode]["token_identical_prompts"]
             row["off tokens/s"] = r["off"]["tokens_per_s"]
-        r = bench(stages, threads, ["--decoding.auto_heads=false", "--modes", "off,eager,deferred"], a)
-        row["eager (manifest heads)"] = r["eager"]["vs_off"]
-        row["deferred (manifest heads)"] = r["deferred"]["vs_off"]
+        if not a.no_manifest:
+            r = bench(stages, threads, ["--decoding.auto_heads=false", "--modes", "off,eager,deferred"], a)
+            row["eager (manifest heads)"] = r["eager"]["vs_off"]
+            row["deferred (manifest heads)"] = r["deferred"]["vs_off"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     keys = list(rows[0])

@@ -121,6 +121,24 @@ def test_the_compiled_profile_prices_what_the_compiled_step_costs():
     assert "compiled" in one.note
 
 
+def test_merged_chunks_are_priced_as_the_runtime_runs_them():
+    """Compiled on the CPU with row_invariant auto, a merged chunk's decode rows share one call
+    (CompiledStep.merges): the chooser prices it as the compiled traces timed it, so deferred
+    backfills look cheaper than where each row is its own call (eager, or row_invariant on)."""
+    from adadecode.runtime.loading import LoadSpec
+
+    assert LoadSpec(compile="on").shared_merges("cpu")
+    assert not LoadSpec(compile="on", row_invariant="on").shared_merges("cpu")
+    assert not LoadSpec(compile="off").shared_merges("cpu")
+    assert not LoadSpec(compile="on").shared_merges("cuda")  # CUDA graphs: part by part
+    assert LoadSpec(compile="off", row_invariant="off").shared_merges("cpu")
+    manifest = _bundled_manifest()
+    shared, per_row = (choose(manifest, _Config, [(0, 30)], "deferred", "cpu", 4, 2, compiled=True,
+                              per_row_merges=p, alone=True) for p in (False, True))
+    assert shared.speedup >= per_row.speedup
+    assert dict(shared.alone) != dict(per_row.alone) or shared.speedup > per_row.speedup
+
+
 def test_fitted_costs_are_those_of_the_machine():
     """A single-row layer of the bundled model reads ~14 MB of fp32 weights: about a millisecond
     at this machine's ~15 GB/s; the LM head (113 MB) several layers' worth."""
@@ -296,8 +314,8 @@ def test_an_engine_whose_setting_no_head_pays_in_runs_early_exit_as_off(tmp_path
 
 
 def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, capsys):
-    """--exits DIR: the bundled heads (a calibration table only) and a copy that carries
-    per-token outcomes; the outcomes are what is counted when they are there."""
+    """--exits DIR: heads with a calibration table only (the bundled ones without their outcomes)
+    and a copy that carries per-token outcomes; the outcomes are what is counted when they are there."""
     import shutil
 
     import torch
@@ -305,11 +323,16 @@ def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, c
     from safetensors.torch import save_file
 
     base = ["--stages", "2", "--early-exit", "eager", "--sequences", "2", "--new-tokens", "32", "--json"]
-    bundled = str(bundled_heads_path())
-    assert simulate_main([*base, "--exits", bundled, "--exit-layers", "19,25", "--thresholds", "0.5"]) == 0
+    bundled = tmp_path / "table"
+    shutil.copytree(bundled_heads_path(), bundled)
+    (bundled / OUTCOMES_FILE).unlink(missing_ok=True)
+    manifest = read_manifest(bundled)
+    manifest["files"].pop(OUTCOMES_FILE, None)
+    (bundled / "manifest.json").write_text(json.dumps(manifest))
+    assert simulate_main([*base, "--exits", str(bundled), "--exit-layers", "19,25", "--thresholds", "0.5"]) == 0
     from_table = json.loads(capsys.readouterr().out)
     assert from_table["vs_off"] > 1.0 and from_table["acceptance_rate"] > 0
-    assert simulate_main([*base, "--exits", bundled, "--exit-layers", "19", "--thresholds", "0.55"]) == 2
+    assert simulate_main([*base, "--exits", str(bundled), "--exit-layers", "19", "--thresholds", "0.55"]) == 2
     assert "no row" in capsys.readouterr().err
 
     heads = tmp_path / "heads"

@@ -88,7 +88,7 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     element_size = torch.empty((), dtype=dtype).element_size()
     choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
                     ranks=ranks, outcomes=read_outcomes(path, manifest), compiled=spec.compiled(device.type),
-                    row_invariant=spec.row_invariant != "off")
+                    per_row_merges=not spec.shared_merges(device.type))
     if not choice.layers:
         return spec.replace(heads=None, auto_heads_for=None), choice
     return spec.replace(exit_layers=choice.layers, thresholds=choice.thresholds, auto_heads_for=None,
@@ -143,14 +143,14 @@ def exact_exits(selection: dict[int, float], outcomes) -> ExitStats:
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
            element_size: int, max_inflight: int, ranks: bool = True, outcomes=None, alone: bool = False,
-           compiled: bool = False, row_invariant: bool = True) -> HeadChoice:
+           compiled: bool = False, per_row_merges: bool = True) -> HeadChoice:
     """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
     False: the stages run one after another in one process, which times like one stage.
     ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them. ``alone``: also
     a threshold for every head (train-heads writes them in the manifest). ``compiled``: the stages
     run the compiled layer loop (costs of runtime/sim/costs.py's compiled CPU profile).
-    ``row_invariant``: a merged chunk's rows get the bits of their own calls (pipeline.row_invariant),
-    so a chunk of k decode rows is priced as k single rows, not as the shared call the traces timed."""
+    ``per_row_merges``: a merged chunk's decode rows run as one call each (``LoadSpec.shared_merges``
+    false), so a chunk of k decode rows is priced as k single rows, not as the shared call the traces timed."""
     shape = ModelShape.from_config(config)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
@@ -160,17 +160,17 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     if manifest.get("head_type") == "mlp":  # its W1, W2 and norm, read at every evaluation
         extra = 2 * int(manifest["mlp_hidden"]) * shape.hidden + shape.hidden
     return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone, extra,
-                   compiled, row_invariant)
+                   compiled, per_row_merges)
 
 
 @lru_cache(maxsize=16)
 def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact,
-            alone: bool, head_extra: int, compiled: bool, row_invariant: bool) -> HeadChoice:
+            alone: bool, head_extra: int, compiled: bool, per_row_merges: bool) -> HeadChoice:
     table = dict(rows)
     per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
     costs = setting_costs(shape, device_type, stages, element_size, head_extra=head_extra, compiled=compiled)
-    if row_invariant:  # each decode row of a merged chunk runs as its own call (runtime/row_invariant.py)
+    if per_row_merges:  # each decode row of a merged chunk runs as its own call (runtime/row_invariant.py)
         costs = replace(costs, layer_s=[costs.layer_s[0] * n for n in range(1, len(costs.layer_s) + 1)])
     layers = [l for l in sorted(table) if l < shape.layers]
     off = simulate(SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, prompts=PROMPTS)).tokens_per_s
