@@ -267,7 +267,7 @@ def test_with_a_compiled_step_exact_batches_run_each_sequence_through_it(model_d
         def handles(self, seqlen):
             return True
 
-        def __call__(self, hidden, input_pos, a, b, slot):
+        def __call__(self, hidden, input_pos, a, b, slot, rows_alone=False):
             self.calls.append((input_pos, hidden.shape[0], slot))
             return model._layers(hidden, input_pos, a, b, slot)
 

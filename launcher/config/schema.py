@@ -338,8 +338,8 @@ class ServeConfig:
     more); 0: the stage count, at least 2."""
 
     batching: Literal["exact", "fused"] = "exact"
-    """Sequences at one layer range run as one call. exact: each gets the bits it gets alone; fused: faster,
-    last bits may differ."""
+    """Sequences at one layer range run as one call. exact: each through each layer alone; fused: the layers once
+    over all rows (each row's bits as alone unless pipeline.row_invariant is off; docs/serving.md)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
