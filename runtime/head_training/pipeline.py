@@ -89,13 +89,7 @@ def train_heads(
         raise ValueError(f"--mlp-hidden {mlp_hidden}: expected a hidden size >= 1 (256 by default)")
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype {save_dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
-    if defaults_policy not in ("eager", "deferred"):
-        raise ValueError(f"--defaults-policy {defaults_policy!r}: expected eager or deferred")
-    if defaults_for < 1:
-        raise ValueError(f"--defaults-for {defaults_for}: expected a number of ranks >= 1")
-    dev, dt = check_placement(device, dtype, "inprocess")
-    if threads > 0:
-        torch.set_num_threads(threads)
+    dev, dt = _setting(defaults_for, defaults_policy, device, dtype, threads)
     torch.manual_seed(seed)
 
     def log(msg: str) -> None:
@@ -105,10 +99,7 @@ def train_heads(
     train_prompts = read_prompts(prompts)
     held_prompts = read_prompts(heldout)
     every = val_every
-    if every < 2 or len(train_prompts) < every:
-        raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts of "
-                         f"{prompts}, so that both training and validation prompts remain (the defaults are "
-                         "chosen on the validation prompts; the held-out ones are for evaluation only)")
+    _check_every(every, train_prompts, prompts)
     validation = Validation.read(prompts, train_prompts, every, extra_files(validation_extra))
     _check_out(out)
     groups = {
@@ -315,22 +306,14 @@ def recompute_outcomes(
                          f"({recorded.get('file')}, sha256 {recorded['sha256'][:12]}...): its every {every}-th "
                          "prompts may be prompts they trained on; give that file, and other prompts with "
                          "--validation-extra")
-    if every < 2 or len(train_prompts) < every:
-        raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts "
-                         f"of {prompts}")
+    _check_every(every, train_prompts, prompts)
     if validation_extra is None:  # what the manifest lists, so that a rerun validates on the same prompts
         validation_extra = [f["file"] for f in recorded.get("files", [])[1:]] or "none"
     validation = Validation.read(prompts, train_prompts, every, extra_files(validation_extra))
     max_new_tokens = max_new_tokens or hyper.get("max_new_tokens") or train_defaults["max_new_tokens"]
     defaults_for = defaults_for or setting.get("stages") or train_defaults["defaults_for"]
     defaults_policy = defaults_policy or setting.get("policy") or train_defaults["defaults_policy"]
-    if defaults_policy not in ("eager", "deferred"):
-        raise ValueError(f"--defaults-policy {defaults_policy!r}: expected eager or deferred")
-    if defaults_for < 1:
-        raise ValueError(f"--defaults-for {defaults_for}: expected a number of ranks >= 1")
-    dev, dt = check_placement(device, dtype, "inprocess")
-    if threads > 0:
-        torch.set_num_threads(threads)
+    dev, dt = _setting(defaults_for, defaults_policy, device, dtype, threads)
 
     # --- the base model, and the heads as the runtime loads them ---
     base_record = manifest["base_model"]
@@ -494,3 +477,23 @@ def _version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
+
+
+def _setting(defaults_for: int, defaults_policy: str, device, dtype, threads: int):
+    """The checked setting of a run (training or --outcomes-only): the defaults' setting, the
+    device and dtype (returned), and the torch threads."""
+    if defaults_policy not in ("eager", "deferred"):
+        raise ValueError(f"--defaults-policy {defaults_policy!r}: expected eager or deferred")
+    if defaults_for < 1:
+        raise ValueError(f"--defaults-for {defaults_for}: expected a number of ranks >= 1")
+    dev, dt = check_placement(device, dtype, "inprocess")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return dev, dt
+
+
+def _check_every(every: int, train_prompts: Sequence, prompts: str) -> None:
+    if every < 2 or len(train_prompts) < every:
+        raise ValueError(f"--val-every {every}: need at least 2 and at most the {len(train_prompts)} prompts of "
+                         f"{prompts}, so that both training and validation prompts remain (the defaults are "
+                         "chosen on the validation prompts; the held-out ones are for evaluation only)")
