@@ -121,36 +121,6 @@ class CompiledStep:
     def handles(self, seqlen: int) -> bool:
         return seqlen <= self.max_chunk
 
-    @torch.inference_mode()  # as StageModel calls the graphs (freezing needs it)
-    def warm_up(self, slot: int = 0) -> float:
-        """Compile now the graphs decoding calls (``StageModel.run_layers`` and ``greedy_tokens``):
-        each segment and the LM head for one row, and for a merged chunk of 2 to ``max_chunk``
-        rows its graph (``rows_alone``, checked against the one-row graph; with ``row_invariant``
-        off the shared one; with ``on`` none: its rows run through the one-row graph). They run
-        on scratch rows of ``slot``'s cache, whose length stays 0, so later writes replace them.
-        No generation then pays a compile midway, bar a prompt of 2 to ``max_chunk`` tokens.
-        Returns the seconds it took.
-
-        The scratch rows sit past position 1: dynamo specialises a length of 0 or 1, and the
-        attended length is a dynamic dimension here."""
-        t0 = time.perf_counter()
-        model, at = self.model, min(16, self.model.max_seq_len - self.max_chunk)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        for rows in range(1, self.max_chunk + 1):
-            if rows == 1 or model.row_invariant == "off":
-                alone = False
-            elif model.row_invariant == "auto" and self.merges((1,) * rows):
-                alone = True
-            else:
-                continue  # each row through the one-row graph
-            hidden = (torch.randn(rows, model.args.hidden_size, generator=gen) * 0.5).to(model.device, model.dtype)
-            self(hidden, at, 0, self.segments[-1][1], slot, rows_alone=alone)
-            if self._head is not None:
-                self.greedy(hidden, rows_alone=alone)
-        spent = time.perf_counter() - t0
-        log.info("compiled the graphs of chunks of 1 to %d rows in %.1f s", self.max_chunk, spent)
-        return spent
-
     def merges(self, parts: Sequence[int]) -> bool:
         """Whether a merged chunk of these parts runs as one call that gives each part the bits
         of the one-row graph (``rows_alone``): decode rows only, at most ``max_chunk``."""

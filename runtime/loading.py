@@ -172,7 +172,7 @@ def build_stage(
 
         if maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_inflight + 1):
             if spec.compile_warmup:
-                model.step.warm_up()
+                model.warm_up()
     params = {  # by storage: a tied LM head is the embedding
         p.data_ptr(): p.numel() * p.element_size()
         for m in (modules.layers, modules.embed, modules.norm, modules.lm_head) if m is not None

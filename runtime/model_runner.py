@@ -14,6 +14,8 @@ the layer loop reads a device value.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +30,8 @@ from .hf_adapter import (
     softcap,
 )
 from .kv_cache import CacheOverflowError, KVCache
+
+log = logging.getLogger("adadecode.compile")
 
 
 def to_host(t: torch.Tensor) -> list:
@@ -68,6 +72,38 @@ class StageModel:
 
     def reset(self, slot: int) -> None:
         self.cache.reset(slot)
+
+    @torch.inference_mode()
+    def warm_up(self, slot: int = 0) -> float:
+        """With a compiled step, compile now the graphs decoding calls, through the calls it makes:
+        a decode row, and a merged chunk of 2 to ``max_chunk`` decode rows (``run_layers`` with its
+        parts, then ``greedy_tokens``), so that no generation pays a compile midway, bar a prompt
+        of 2 to ``max_chunk`` tokens. They run on scratch positions of ``slot``, reset after.
+        Returns the seconds it took (0 without a compiled step).
+
+        A prompt of ``max_chunk + 1`` rows (eager) comes first: dynamo specialises an attended
+        length of 0 or 1, and that length is a dynamic dimension of the graphs."""
+        if self.step is None:
+            return 0.0
+        t0 = time.perf_counter()
+        chunk = self.step.max_chunk
+        sizes = [chunk + 1, *range(1, chunk + 1)]
+        if sum(sizes) > self.max_seq_len:
+            log.info("no compile warm-up: a cache of %d positions is shorter than its %d", self.max_seq_len, sum(sizes))
+            return 0.0
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.reset(slot)
+        at = 0
+        for i, rows in enumerate(sizes):
+            hidden = (torch.randn(rows, self.args.hidden_size, generator=gen) * 0.5).to(self.device, self.dtype)
+            out = self.run_layers(hidden, at, self.start, self.end, slot, parts=(1,) * rows if i else None)
+            if i and self.modules.lm_head is not None:
+                self.greedy_tokens(out)
+            at += rows
+        self.reset(slot)
+        spent = time.perf_counter() - t0
+        log.info("compiled the graphs of chunks of 1 to %d rows in %.1f s", chunk, spent)
+        return spent
 
     @torch.inference_mode()
     def embed(self, tokens: Sequence[int]) -> torch.Tensor:

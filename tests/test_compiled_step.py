@@ -91,7 +91,7 @@ def test_after_the_warm_up_nothing_compiles(model_dir):
                        ModelArgs.from_hf_config(config), 32)
     model.step = CompiledStep(model, [4], max_chunk=3, backend="eager")
     model.step.merges_rows = True  # as inductor's C++ GEMM template allows
-    model.step.warm_up()
+    model.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     hidden = torch.randn(14, config.hidden_size, generator=torch.Generator().manual_seed(3))  # not an inference tensor
     model.run_layers(hidden[:4], 0, 2, 6)  # a prompt longer than max_chunk: eager
@@ -180,7 +180,7 @@ def test_a_compiled_merged_chunk_is_one_call_with_the_one_row_graphs_bits(model_
     modules = load_stage_modules(model_dir, config, 0, 1, embed=False, head=True, dtype=dtype)
     model = StageModel(modules, ModelArgs.from_hf_config(config), 16)
     model.step = CompiledStep(model, [], max_chunk=3)
-    assert model.step.warm_up() > 0
+    assert model.warm_up() > 0
     compiled = set(model.step._seen)
     hidden = torch.randn(12, config.hidden_size, generator=torch.Generator().manual_seed(6)).to(dtype)
     model.run_layers(hidden[:4], 0, 0, 1)  # a prompt longer than max_chunk: eager, nothing to compile
