@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import split_prompts as validation_split
+
 
 def split_prompts(prompts: Sequence, every: int) -> dict[str, list]:
-    """pipeline.py's rule: every ``every``-th prompt (1-based) is validation, the rest train."""
-    is_val = [(i + 1) % every == 0 for i in range(len(prompts))]
-    return {"train": [p for p, v in zip(prompts, is_val) if not v],
-            "validation": [p for p, v in zip(prompts, is_val) if v]}
+    """pipeline.py's rule (validation.split_prompts), by name: every ``every``-th prompt
+    (1-based) is validation, the rest train."""
+    train, validation = validation_split(list(prompts), every)
+    return {"train": train, "validation": validation}
 
 
 @dataclass
