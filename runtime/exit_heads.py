@@ -329,8 +329,6 @@ def save_exit_heads(
     what the head choice counts exits on, runtime/sim/heads.py) and then ``manifest.json``, with
     the files' checksums, into ``path``; each replaces its old version atomically (module
     docstring). Raises ValueError naming ``path`` when the disk refuses (full, read-only, no permission)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tensors = {
         f"{name}.{l}": t.detach().to(dtype).contiguous()
@@ -341,17 +339,44 @@ def save_exit_heads(
     files = {HEADS_FILE: tensors, OUTCOMES_FILE: outcomes} if outcomes else {HEADS_FILE: tensors}
     try:
         path.mkdir(parents=True, exist_ok=True)
-        records = {}
-        for name, content in files.items():
-            with atomic_io.replacing(path / name, mode=0o644) as tmp:  # 0o644: heads are meant to be shared
-                save_file({k: v.contiguous() for k, v in content.items()}, str(tmp), metadata={"format": FORMAT})
-                records[name] = {"bytes": tmp.stat().st_size, "sha256": atomic_io.sha256_file(tmp)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": records}
-        atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
+        _write_files(path, files, {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest})
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O failures as SafetensorError
         raise ValueError(f"cannot write exit heads into {path} ({e}); free space or fix permissions there, "
                          f"or choose another --out") from e
     return path
+
+
+def save_outcomes(path: str | Path, outcomes: Mapping[str, torch.Tensor], manifest: dict,
+                  heads_record: dict) -> None:
+    """Write ``outcomes.safetensors`` and then ``manifest`` (which vouches for it), as
+    ``save_exit_heads`` does, leaving ``heads.safetensors`` as it is (``heads_record``: its
+    checksum). Raises ValueError naming ``path`` when the disk refuses."""
+    path = Path(path)
+    kept = {**(manifest.get("files") or {}), HEADS_FILE: heads_record}
+    try:
+        _write_files(path, {OUTCOMES_FILE: outcomes}, manifest, kept)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot write the outcomes into {path} ({e}); free space or fix permissions there") from e
+
+
+def file_record(file: Path) -> dict:
+    """A file's entry in the manifest's ``files``: its size and checksum."""
+    return {"bytes": file.stat().st_size, "sha256": atomic_io.sha256_file(file)}
+
+
+def _write_files(path: Path, files: Mapping[str, Mapping[str, torch.Tensor]], manifest: dict,
+                 kept: Mapping[str, dict] | None = None) -> None:
+    """Each of ``files`` (name -> tensors) replaced atomically, then ``manifest`` with every file's
+    checksum in ``files`` (``kept``: the records of files left as they are)."""
+    from safetensors.torch import save_file
+
+    records = dict(kept or {})
+    for name, content in files.items():
+        with atomic_io.replacing(path / name, mode=0o644) as tmp:  # 0o644: heads are meant to be shared
+            save_file({k: v.contiguous() for k, v in content.items()}, str(tmp), metadata={"format": FORMAT})
+            records[name] = file_record(tmp)
+    manifest["files"] = records
+    atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
 
 
 def _dumps(obj) -> str:

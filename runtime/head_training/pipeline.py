@@ -270,7 +270,7 @@ def recompute_outcomes(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..exit_heads import HEADS_FILE, MANIFEST_FILE, load_exit_heads, read_manifest
+    from ..exit_heads import HEADS_FILE, MANIFEST_FILE, file_record, load_exit_heads, read_manifest, save_outcomes
     from ..hf_adapter import load_hf_config
     from ..model_source import resolve_model
     from ..prompts import read_prompts
@@ -331,7 +331,7 @@ def recompute_outcomes(
     heads = load_exit_heads(path, fingerprint=resolved.fingerprint, config=config, norm=base.model.norm,
                             lm_head_weight=base.lm_head.weight)
     layers = list(heads.available_layers)
-    heads_record = dict((manifest.get("files") or {}).get(HEADS_FILE) or _file_record(path / HEADS_FILE))
+    heads_record = dict((manifest.get("files") or {}).get(HEADS_FILE) or file_record(path / HEADS_FILE))
     ids = [encode(tokenizer, p) for p in validation.prompts]
     eos = eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -371,7 +371,7 @@ def recompute_outcomes(
         "seconds": {"collect": round(t_collect, 1), "total": round(time.perf_counter() - t_start, 1)},
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
     }
-    _write_outcomes(path, manifest, outcome_tensors(outcomes), heads_record)
+    save_outcomes(path, outcome_tensors(outcomes), manifest, heads_record)
     log(f"wrote {path / 'outcomes.safetensors'} ({split.tokens} tokens) and {path / MANIFEST_FILE}")
     return manifest
 
@@ -380,31 +380,6 @@ def _model_of(origin: str | None) -> str | None:
     """The model source a manifest's ``base_model.origin`` names, where it names one to load again."""
     kind, _, where = (origin or "").partition(":")
     return origin if kind == "bundled" else where if kind in ("dir", "gguf") else None
-
-
-def _file_record(file: Path) -> dict:
-    from .. import atomic_io
-
-    return {"bytes": file.stat().st_size, "sha256": atomic_io.sha256_file(file)}
-
-
-def _write_outcomes(path: Path, manifest: dict, tensors: dict[str, torch.Tensor], heads_record: dict) -> None:
-    """``outcomes.safetensors`` and then the manifest that vouches for it (each replaced atomically, as
-    ``exit_heads.save_exit_heads`` writes them), leaving ``heads.safetensors`` as it is."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from .. import atomic_io
-    from ..exit_heads import FORMAT, HEADS_FILE, MANIFEST_FILE, OUTCOMES_FILE, _dumps
-
-    try:
-        with atomic_io.replacing(path / OUTCOMES_FILE, mode=0o644) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-            record = _file_record(tmp)
-        manifest["files"] = {**(manifest.get("files") or {}), HEADS_FILE: heads_record, OUTCOMES_FILE: record}
-        atomic_io.write_text(path / MANIFEST_FILE, _dumps(manifest) + "\n", mode=0o644)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"cannot write the outcomes into {path} ({e}); free space or fix permissions there") from e
 
 
 def defaults_from_outcomes(outcomes, split: Split, validation: Validation, config, *, head_type: str,
