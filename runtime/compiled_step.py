@@ -30,21 +30,25 @@ How.
 - Compiled output is not bit-identical to eager output: fused kernels and
   packed GEMMs round differently. Parity against transformers ``generate`` is
   a property of the eager path; compiled runs report their match rate.
-- Merged chunks (``pipeline.row_invariant``, runtime/row_invariant.py): the
-  decode rows of a ``deferred`` chunk run as one call with the bits plain
-  compiled decoding gives each row, through a graph per segment and row count
-  (``rows_alone``) whose attention is the one-row graph's call for each row (its
-  query over its own prefix) and whose GEMMs, norms, RoPE and MLP run once on all
-  rows. That holds because on the CPU every GEMM is inductor's C++ template
-  (``max_autotune_gemm_backends="CPP"``, in the one-row graph too): it gives a
-  row the same bits at 1 to 4 rows for every weight of the bundled model and the
-  tiny ones, fp32 and bf16, where ATen's kernels (which autotuning picked at some
-  shapes under "CPP,ATEN", e.g. bf16 1536x576 at 3 rows) do not; fused norms and
-  elementwise kernels are row-invariant too (tests/test_compiled_step.py,
-  docs/exactness.md). Not trusted blindly: a graph's first call is checked
-  against the one-row graph, row by row, and one that differs runs row by row
-  from then on (``unmerged``). ``row_invariant: on`` runs every chunk row by row;
-  a chunk with a prompt part, a mixture of experts, and CUDA do too.
+- Merged chunks and fused batches (``pipeline.row_invariant``, runtime/row_invariant.py):
+  decode rows, each at its own position of its own slot (a ``deferred`` chunk's rows, or the
+  rows of several sequences under ``serve.batching: fused``), run as one call with the bits
+  plain compiled decoding gives each row (``rows``), through a graph per segment and row count
+  whose attention is the one-row graph's call for each row (its query over exactly its own
+  prefix, each prefix length a dynamic dimension of its own, the slot a tensor) and whose
+  GEMMs, norms, RoPE and MLP run once on all rows. That holds because on the CPU every GEMM is
+  inductor's C++ template (``max_autotune_gemm_backends="CPP"``, in the one-row graph too): it
+  gives a row the same bits at 1 to 4 rows for every weight of the bundled model and the tiny
+  ones, fp32 and bf16 (and at 8 rows, checked in fp32 on the bundled model), where ATen's kernels (which autotuning picked at some shapes under
+  "CPP,ATEN", e.g. bf16 1536x576 at 3 rows) do not; fused norms and elementwise kernels are
+  row-invariant too (tests/test_compiled_step.py, docs/exactness.md). Attention must read
+  exactly the one-row graph's keys: a longer prefix under a mask moves the kernel's vectorised
+  tail and with it the order of a sum. Row counts get graphs up to ``max_chunk`` and then in
+  powers of two up to the largest batch (``buckets``); a batch in between is padded with copies
+  of its last row. Not trusted blindly: a graph's first call is checked against the one-row
+  graph, row by row, and one that differs runs row by row from then on (``unmerged``).
+  ``row_invariant: on`` runs every chunk row by row; a chunk with a prompt part, a mixture of
+  experts, and CUDA do too.
 
 Compile time is paid on a segment's first use of each chunk size (``compile_s``,
 reported with the first generation's stats); inductor caches its work on disk, in
@@ -62,6 +66,7 @@ from functools import partial
 
 import torch
 import torch._inductor.config
+import torch.fx.experimental._config
 
 from .hf_adapter import decoder_layer_forward_ragged, softcap
 from .params import compiles
@@ -87,14 +92,17 @@ class CompiledStep:
     """Runs local layers ``[a, b)`` of a ``StageModel`` through compiled segments."""
 
     def __init__(
-        self, model, boundaries: Sequence[int], max_chunk: int, backend: str = "inductor", autotune: bool = True
+        self, model, boundaries: Sequence[int], max_chunk: int, backend: str = "inductor", autotune: bool = True,
+        max_rows: int = 0,
     ):
         """``boundaries``: global layers where segments start or end (the stage's ends and head
         layers); ``max_chunk``: the largest chunk compiled; ``backend``: torch.compile's;
         ``autotune``: on the CPU, let inductor pick its C++ GEMM template (what makes it pay,
-        and most of the compile time)."""
+        and most of the compile time); ``max_rows``: the most decode rows of a fused batch
+        (``rows``; 0: none beyond ``max_chunk``)."""
         self.model = model
         self.max_chunk = max_chunk
+        self.buckets = row_buckets(max_chunk, max_rows)
         self.static_kv = model.device.type == "cuda"  # CUDA graphs need every shape static
         self.positions = torch.arange(model.max_seq_len, device=model.device)
         cuts = sorted({model.start, model.end, *(l for l in boundaries if model.start < l < model.end)})
@@ -130,43 +138,81 @@ class CompiledStep:
         self, hidden: torch.Tensor, input_pos: int, a: int, b: int, slot: int, rows_alone: bool = False
     ) -> torch.Tensor:
         """``rows_alone``: each row is a decode position (a merged chunk, ``merges``), computed in one
-        call with the bits the one-row graph gives it: its attention alone, the GEMMs shared. On
-        its first call a (segment, rows) graph is checked against the one-row graph, row by row;
-        one that differs runs row by row from then on (``unmerged``, with a warning).
+        call with the bits the one-row graph gives it (``rows``).
 
         # hidden: [S, D] -> [S, D]; layers [a, b) are local indices on segment boundaries
         """
-        seqlen = hidden.shape[0]
+        rows = hidden.shape[0]
+        if rows_alone and rows > 1:
+            return self.rows(hidden, [input_pos + r for r in range(rows)], [slot] * rows, a, b)
         if not hidden.is_inference():  # received from another rank: made outside inference mode, and
             hidden = hidden.clone()  # the graphs guard on the dispatch keys (a recompile otherwise)
-        at = a
-        for seg in self.segments:
-            if seg[0] < at or seg[0] >= b:
-                continue
-            if seg[0] != at or seg[1] > b:
-                raise RuntimeError(f"layers [{a}, {b}) do not fall on the compiled segments {self.segments}")
-            key = (seg, seqlen)
-            if not rows_alone or seqlen == 1:
-                hidden = self._layers(self._fns[seg], key, hidden, input_pos, slot)
-            elif key in self.unmerged:
-                hidden = self._row_by_row(seg, hidden, input_pos, slot)
-            else:
-                fn = self._rows_fns.get(key)
-                if fn is None:
-                    fn = self._rows_fns[key] = torch.compile(
-                        _own_code(self._segment(*seg, rows_alone=True)), **self._kwargs
-                    )
-                out = self._layers(fn, (("alone", seg), seqlen), hidden, input_pos, slot)
-                if key not in self.checked:  # rewrites the cache rows, as plain decoding writes them
-                    out = self._check(key, out, self._row_by_row(seg, hidden, input_pos, slot))
-                hidden = out
-            at = seg[1]
+        for seg in self._segments_of(a, b):
+            hidden = self._layers(self._fns[seg], (seg, rows), hidden, input_pos, slot)
         return hidden
 
-    def _row_by_row(self, seg: tuple[int, int], hidden: torch.Tensor, input_pos: int, slot: int) -> torch.Tensor:
+    def rows(
+        self, hidden: torch.Tensor, positions: Sequence[int], slots: Sequence[int], a: int, b: int
+    ) -> torch.Tensor:
+        """Decode rows, each at its own position of its own slot (a merged chunk's rows, one slot;
+        a fused batch's, a slot each), in one call per segment whose rows get the bits the one-row
+        graph gives each: attention per row, the GEMMs shared. On its first call a (segment, rows)
+        graph is checked against the one-row graph, row by row; one that differs runs row by row
+        from then on (``unmerged``, with a warning).
+
+        # hidden: [S, D] -> [S, D]; positions, slots: S each
+        """
+        return self._bucketed(partial(self._rows, a=a, b=b), hidden, list(positions), list(slots))
+
+    def _bucketed(self, run, hidden: torch.Tensor, *per_row: list) -> torch.Tensor:
+        """``run(hidden, *per_row)`` on row counts that have graphs (``buckets``): in pieces of the
+        largest, in order (a row may attend to an earlier row's keys), each padded up to the next
+        with copies of its last row (the same keys to the same place; their output is dropped)."""
+        n, top = hidden.shape[0], self.buckets[-1]
+        if n > top:
+            return torch.cat([self._bucketed(run, hidden[i : i + top], *(x[i : i + top] for x in per_row))
+                              for i in range(0, n, top)])
+        pad = next(size for size in self.buckets if size >= n) - n
+        if pad:
+            hidden = torch.cat([hidden, hidden[-1:].expand(pad, -1)])
+            per_row = tuple([*x, *[x[-1]] * pad] for x in per_row)
+        elif hidden.storage_offset():  # a piece: a view's offset would be a guard
+            hidden = hidden.clone()
+        return run(hidden, *per_row)[:n]
+
+    def _rows(self, hidden: torch.Tensor, positions: list[int], slots: list[int], a: int, b: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        if not hidden.is_inference():
+            hidden = hidden.clone()
+        for seg in self._segments_of(a, b):
+            key = (seg, n)
+            if key in self.unmerged:
+                hidden = self._row_by_row(seg, hidden, positions, slots)
+                continue
+            fn = self._rows_fns.get(key)
+            if fn is None:
+                fn = self._rows_fns[key] = torch.compile(
+                    _own_code(self._segment(*seg, per_row=True)), **self._kwargs
+                )
+            out = self._per_row(fn, (("rows", seg), n), hidden, positions, slots)
+            if key not in self.checked:  # rewrites the cache rows, as plain decoding writes them
+                out = self._check(key, out, self._row_by_row(seg, hidden, positions, slots))
+            hidden = out
+        return hidden
+
+    def _segments_of(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The segments that make up local layers ``[a, b)``."""
+        segs = [seg for seg in self.segments if a <= seg[0] < b]
+        if not segs or segs[0][0] != a or segs[-1][1] != b:
+            raise RuntimeError(f"layers [{a}, {b}) do not fall on the compiled segments {self.segments}")
+        return segs
+
+    def _row_by_row(
+        self, seg: tuple[int, int], hidden: torch.Tensor, positions: Sequence[int], slots: Sequence[int]
+    ) -> torch.Tensor:
         """Each row through the one-row graph, as plain decoding runs it. # hidden: [S, D] -> [S, D]"""
-        return torch.cat([self._layers(self._fns[seg], (seg, 1), hidden[r : r + 1].clone(), input_pos + r, slot)
-                          for r in range(hidden.shape[0])])
+        return torch.cat([self._layers(self._fns[seg], (seg, 1), hidden[r : r + 1].clone(), p, s)
+                          for r, (p, s) in enumerate(zip(positions, slots))])
 
     def _layers(self, fn, key: tuple, hidden: torch.Tensor, input_pos: int, slot: int) -> torch.Tensor:
         """One compiled segment on positions ``input_pos ..``, over the cache up to the last of them."""
@@ -178,18 +224,40 @@ class CompiledStep:
             torch._dynamo.maybe_mark_dynamic(kv_positions, 0)  # one graph for every length
         # a graph per row count: the C++ GEMM template (CPU_INDUCTOR) needs the rows static
         torch._dynamo.mark_static(hidden, 0)
+        hidden = self._timed(key, fn, hidden, pos, kv_positions, slot)
+        return hidden.clone() if self.static_kv else hidden  # a CUDA graph overwrites its output on the next replay
+
+    def _per_row(
+        self, fn, key: tuple, hidden: torch.Tensor, positions: Sequence[int], slots: Sequence[int]
+    ) -> torch.Tensor:
+        """A per-row segment (CPU only): row r at ``positions[r]`` over the first ``positions[r] + 1``
+        positions of slot ``slots[r]``, each length a dynamic dimension of its own: attention must
+        read exactly the one-row graph's keys (appended masked keys would move a kernel's
+        vectorised tail, and with it the order of a sum). The slots are a tensor, so that they are
+        not specialised on."""
+        device = self.positions.device
+        pos = torch.as_tensor(positions, device=device)
+        kv_positions = tuple(self.positions[: p + 1] for p in positions)
+        for kvp in kv_positions:
+            torch._dynamo.maybe_mark_dynamic(kvp, 0)
+        torch._dynamo.mark_static(hidden, 0)
+        torch._dynamo.mark_static(pos, 0)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):  # equal lengths stay distinct symbols
+            return self._timed(key, fn, hidden, pos, kv_positions, torch.as_tensor(slots, device=device))
+
+    def _timed(self, key: tuple, fn, *args):
+        """``fn(*args)`` under the stage's inductor settings, its time counted as compile time on
+        ``key``'s first call (that is when dynamo compiles)."""
         first = key not in self._seen
         t0 = time.perf_counter()
         with torch._inductor.config.patch(self._config):
-            hidden = fn(hidden, pos, kv_positions, slot)
-        if self.static_kv:
-            hidden = hidden.clone()  # a CUDA graph overwrites its output on the next replay
+            out = fn(*args)
         if first:
             self._seen.add(key)
             spent = time.perf_counter() - t0
             self.compile_s += spent
-            log.info("compiled layers %s for %d position(s) in %.1f s", key[0], key[1], spent)
-        return hidden
+            log.info("compiled %s for %d row(s) in %.1f s", key[0], key[1], spent)
+        return out
 
     def _check(self, key: tuple, merged: torch.Tensor, alone: torch.Tensor) -> torch.Tensor:
         """``alone``'s bits, and whether ``key``'s rows-alone graph gave them (recorded)."""
@@ -202,15 +270,19 @@ class CompiledStep:
 
     def greedy(self, hidden: torch.Tensor, rows_alone: bool = False) -> torch.Tensor:
         """The final norm, LM head and argmax, compiled. ``rows_alone``: each row with the one-row
-        graph's bits, in one call (checked once per row count, as ``__call__``'s).
+        graph's bits, in one call (checked once per row count, as ``rows``').
 
         # hidden: [S, D] -> [S] token ids
         """
         rows = hidden.shape[0]
-        key = ("head", rows)
         hidden = hidden.clone() if hidden.storage_offset() else hidden  # a view's offset would be a guard
         if not rows_alone or rows == 1:
-            return self._greedy(self._head, key, hidden)
+            return self._greedy(self._head, ("head", rows), hidden)
+        return self._bucketed(self._greedy_rows, hidden)
+
+    def _greedy_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        key = ("head", rows)
         one_by_one = [hidden[r : r + 1].clone() for r in range(rows)] if key not in self.checked else []
         if key in self.unmerged:
             return torch.cat([self._greedy(self._head, ("head", 1), h) for h in one_by_one])
@@ -224,13 +296,7 @@ class CompiledStep:
 
     def _greedy(self, fn, key: tuple, hidden: torch.Tensor) -> torch.Tensor:
         torch._dynamo.mark_static(hidden, 0)  # a graph per row count, as ``_layers``
-        first = key not in self._seen
-        t0 = time.perf_counter()
-        with torch._inductor.config.patch(self._config):
-            ids = fn(hidden)
-        if first:
-            self._seen.add(key)
-            self.compile_s += time.perf_counter() - t0
+        ids = self._timed(key, fn, hidden)
         return ids.clone() if self.static_kv else ids
 
     def _head_fn(self):
@@ -242,38 +308,40 @@ class CompiledStep:
 
         return head
 
-    def _segment(self, a: int, b: int, rows_alone: bool = False):
-        """Layers ``[a, b)`` as one function to compile. ``rows_alone``: every row is a decode
-        position of its own (a merged chunk's parts), and its attention is the one-row graph's
-        call (its one query over its own prefix, the mask that graph builds); the GEMMs, norms and
-        MLP run once over all rows."""
+    def _segment(self, a: int, b: int, per_row: bool = False):
+        """Layers ``[a, b)`` as one function to compile. ``per_row``: every row is a decode position
+        of its own, with its own slot and prefix (``rows``), and its attention is the one-row
+        graph's call (its one query over its own prefix, the mask that graph builds); the GEMMs,
+        norms and MLP run once over all rows."""
         model, static_kv = self.model, self.static_kv
         layers = [model.modules.layers[i] for i in range(a, b)]
         windows = [getattr(layer, "sliding_window", None) for layer in layers]  # Gemma 3's local layers
         cache = model.cache
 
-        def forward(hidden: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor, slot: int):
-            # hidden: [S, D]; input_pos: [S]; kv_positions: [kv_len] (the positions attention reads)
+        def forward(hidden: torch.Tensor, input_pos: torch.Tensor, kv_positions: torch.Tensor, slot):
+            # hidden: [S, D]; input_pos: [S]; kv_positions: [kv_len] (the positions attention reads) and
+            # slot: an int; per_row: S tensors [kv_len_r] and a [S] tensor
             cos, sin = model.cos[input_pos][None, :, None], model.sin[input_pos][None, :, None]
-            rows = hidden.shape[0]
-            # the calls of attention in each layer, (positions, the keys' positions): all rows in one;
-            # rows_alone, row r in its own, over the first kv_len - rows + 1 + r positions
-            calls = [(input_pos, kv_positions)]
-            if rows_alone:
-                kv_len = kv_positions.shape[0]
-                calls = [(input_pos[r : r + 1], kv_positions[: kv_len - rows + 1 + r]) for r in range(rows)]
+            # the calls of attention in each layer, (positions, the keys' positions, slot)
+            calls = [(input_pos, kv_positions, slot)]
+            if per_row:  # kv_positions, slot: row r's in each, its keys gathered from its slot by index
+                calls = [(input_pos[r : r + 1], kv_positions[r], slot[r : r + 1]) for r in range(hidden.shape[0])]
             masks = {}  # window (None: a global layer) -> each call's mask
             for w in set(windows):
                 masks[w] = []
-                for at, kvp in calls:
+                for at, kvp, _ in calls:
                     causal = kvp[None, :] <= at[:, None]
                     if w is not None:  # a local layer: its window as a mask, not a slice (whose start is a shape)
                         masks[w].append((causal & (at[:, None] - kvp[None, :] < w))[None, None])
                     else:  # one query over its valid prefix needs none
                         masks[w].append(causal[None, None] if static_kv or at.shape[0] > 1 else None)
 
-            def kv_update(kbuf, vbuf, at, end, k, v):
+            def kv_update(kbuf, vbuf, slot, at, end, k, v):
                 # k, v: [1, kv_heads, n, hd], written at positions ``at`` -> the slot's first ``end`` positions
+                if per_row:  # slot: [1] (a 0-d index would be read as an int: data-dependent)
+                    kbuf[slot, :, at] = k[0].transpose(0, 1)
+                    vbuf[slot, :, at] = v[0].transpose(0, 1)
+                    return kbuf[slot][:, :, :end], vbuf[slot][:, :, :end]
                 kbuf[slot][:, at] = k[0]
                 vbuf[slot][:, at] = v[0]
                 return kbuf[slot : slot + 1, :, :end], vbuf[slot : slot + 1, :, :end]
@@ -281,8 +349,8 @@ class CompiledStep:
             def parts(i: int) -> list:  # (rows, kv_update, mask) per call of attention in layer a + i
                 kbuf, vbuf = cache.k[a + i], cache.v[a + i]
                 return [
-                    (at.shape[0], partial(kv_update, kbuf, vbuf, at, kvp.shape[0]), mask)
-                    for (at, kvp), mask in zip(calls, masks[windows[i]])
+                    (at.shape[0], partial(kv_update, kbuf, vbuf, s, at, kvp.shape[0]), mask)
+                    for (at, kvp, s), mask in zip(calls, masks[windows[i]])
                 ]
 
             h = hidden[None]
@@ -293,6 +361,20 @@ class CompiledStep:
         return forward
 
 
+def row_buckets(max_chunk: int, max_rows: int) -> list[int]:
+    """The row counts of the per-row graphs (``CompiledStep.rows``): every count up to ``max_chunk``
+    (a merged chunk's rows), then powers of two below ``max_rows`` and ``max_rows`` itself (a fused
+    batch, padded up to the next): a few graphs, each compiled in minutes on a CPU, for any batch."""
+    sizes = set(range(2, max_chunk + 1))
+    size = 4
+    while size < max_rows:
+        sizes.add(size)
+        size *= 2
+    if max_rows > max_chunk:
+        sizes.add(max_rows)
+    return sorted(sizes) or [2]
+
+
 def _own_code(fn):
     """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object and
     checks a call's guards against each of them in turn: every segment of every stage would
@@ -301,7 +383,9 @@ def _own_code(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def maybe_compile(model, setting: str, boundaries: Sequence[int] = (), max_chunk: int = 3) -> bool:
+def maybe_compile(
+    model, setting: str, boundaries: Sequence[int] = (), max_chunk: int = 3, max_rows: int = 0
+) -> bool:
     """Give ``model`` a ``CompiledStep`` when ``setting`` asks for one; True if it did.
 
     ``auto`` compiles on CUDA, where CUDA graphs remove the launch cost that dominates a
@@ -316,5 +400,5 @@ def maybe_compile(model, setting: str, boundaries: Sequence[int] = (), max_chunk
     from .model_source import default_cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
-    model.step = CompiledStep(model, boundaries, max_chunk)
+    model.step = CompiledStep(model, boundaries, max_chunk, max_rows=max_rows)
     return True

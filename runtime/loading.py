@@ -26,7 +26,7 @@ from .device import dtype_name
 from .hf_adapter import ModelArgs, check_rope_length, honours_sliding_window, load_hf_config, load_stage_modules
 from .model_runner import StageModel
 from .model_source import ResolvedModel, resolve_model
-from .params import COMPILE_MODES, compiles
+from .params import BATCHING_MODES, COMPILE_MODES, compiles
 from .partition import partition_layers
 from .row_invariant import MODES as ROW_INVARIANT_MODES
 from .stage import Stage
@@ -54,7 +54,7 @@ class LoadSpec:
     # 0: chosen with the heads before loading (runtime/engine.py), 2 where nothing is chosen
     max_inflight: int = 2
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
-    exact_batches: bool = True  # batched sequences get the bits they get alone (Stage, serve.batching)
+    batching: str = "exact"  # serve.batching: exact, fused, auto (``exact_batches``)
     row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)
     compile_warmup: bool = True  # compile every chunk shape at load, so that no generation pays a compile
     # Before loading, choose the heads for this setting and this early-exit policy (runtime/sim/heads.py,
@@ -74,6 +74,8 @@ class LoadSpec:
             raise ValueError(
                 f"row_invariant `{self.row_invariant}` is unknown; use one of {', '.join(ROW_INVARIANT_MODES)}"
             )
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching `{self.batching}` is unknown; use one of {', '.join(BATCHING_MODES)}")
 
     def replace(self, **changes) -> LoadSpec:
         return dataclasses.replace(self, **changes)
@@ -82,6 +84,14 @@ class LoadSpec:
         """Whether stages on ``device_type`` run the compiled layer loop: ``auto`` compiles on CUDA
         only (runtime/compiled_step.py, maybe_compile)."""
         return compiles(self.compile, device_type)
+
+    def exact_batches(self, model) -> bool:
+        """Whether a stage runs each sequence of a batch through each layer alone (``Stage``'s
+        ``exact_batches``): ``exact``; or ``auto`` unless ``model``'s compiled step runs a batch's
+        decode rows in one call with each row's own bits (``CompiledStep.merges_rows``)."""
+        if self.batching == "auto":
+            return not (model.step is not None and model.step.merges_rows and self.row_invariant == "auto")
+        return self.batching == "exact"
 
     def shared_merges(self, device_type: str) -> bool:
         """Whether a merged chunk's decode rows run as one call, costing about one row's weight
@@ -170,7 +180,9 @@ def build_stage(
     if spec.compile != "off":
         from .compiled_step import maybe_compile
 
-        if maybe_compile(model, spec.compile, stage_heads.layers if stage_heads else (), spec.max_inflight + 1):
+        batch_rows = spec.num_slots if spec.batching != "exact" else 0  # a fused batch's decode rows
+        cuts = stage_heads.layers if stage_heads else ()
+        if maybe_compile(model, spec.compile, cuts, spec.max_inflight + 1, batch_rows):
             if spec.compile_warmup:
                 model.warm_up()
     params = {  # by storage: a tied LM head is the embedding
@@ -180,7 +192,7 @@ def build_stage(
     }
     weight_bytes = sum(params.values())
     loaded = LoadedStage(
-        Stage(index, len(ranges), model, heads=stage_heads, exact_batches=spec.exact_batches),
+        Stage(index, len(ranges), model, heads=stage_heads, exact_batches=spec.exact_batches(model)),
         seconds=time.perf_counter() - t0,
         weight_bytes=weight_bytes,
         peak_host_mb=(_peak_rss() - rss0) / 1e6 if rss0 >= 0 else -1.0,

@@ -76,33 +76,52 @@ class StageModel:
     @torch.inference_mode()
     def warm_up(self, slot: int = 0) -> float:
         """With a compiled step, compile now the graphs decoding calls, through the calls it makes:
-        a decode row, and a merged chunk of 2 to ``max_chunk`` decode rows (``run_layers`` with its
-        parts, then ``greedy_tokens``), so that no generation pays a compile midway, bar a prompt
-        of 2 to ``max_chunk`` tokens. They run on scratch positions of ``slot``, reset after.
+        a decode row, a merged chunk of 2 to ``max_chunk`` decode rows (``run_layers`` with its
+        parts, then ``greedy_tokens``), and a fused batch of each larger size the step runs
+        (``CompiledStep.buckets``), so that no generation pays a compile midway, bar a prompt of
+        2 to ``max_chunk`` tokens. They run on scratch positions of ``slot``, reset after; with
+        several slots a decode row runs on another one too (the one-row graph takes the slot as
+        an int, which dynamo specialises on the first call and makes symbolic on the second).
         Returns the seconds it took (0 without a compiled step).
 
         A prompt of ``max_chunk + 1`` rows (eager) comes first: dynamo specialises an attended
         length of 0 or 1, and that length is a dynamic dimension of the graphs."""
-        if self.step is None:
+        step = self.step
+        if step is None:
             return 0.0
         t0 = time.perf_counter()
-        chunk = self.step.max_chunk
-        sizes = [chunk + 1, *range(1, chunk + 1)]
+        chunk = step.max_chunk
+        batches = [n for n in step.buckets if n > chunk]
+        sizes = [chunk + 1, *range(1, chunk + 1), *batches]
         if sum(sizes) > self.max_seq_len:
             log.info("no compile warm-up: a cache of %d positions is shorter than its %d", self.max_seq_len, sum(sizes))
             return 0.0
         gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def rows(n: int) -> torch.Tensor:
+            return (torch.randn(n, self.args.hidden_size, generator=gen) * 0.5).to(self.device, self.dtype)
+
         self.reset(slot)
         at = 0
-        for i, rows in enumerate(sizes):
-            hidden = (torch.randn(rows, self.args.hidden_size, generator=gen) * 0.5).to(self.device, self.dtype)
-            out = self.run_layers(hidden, at, self.start, self.end, slot, parts=(1,) * rows if i else None)
+        for i, n in enumerate(sizes):
+            hidden = rows(n)
+            if n > chunk and i:  # a fused batch's rows (their slots do not change the graph)
+                a, b = 0, self.end - self.start
+                out = step.rows(hidden, list(range(at, at + n)), [slot] * n, a, b)
+                self.cache.advance(a, b, slot, at + n)
+            else:
+                out = self.run_layers(hidden, at, self.start, self.end, slot, parts=(1,) * n if i else None)
             if i and self.modules.lm_head is not None:
                 self.greedy_tokens(out)
-            at += rows
+            at += n
         self.reset(slot)
+        if self.num_slots > 1:
+            other = (slot + 1) % self.num_slots
+            self.run_layers(rows(chunk + 1), 0, self.start, self.end, other)
+            self.run_layers(rows(1), chunk + 1, self.start, self.end, other)
+            self.reset(other)
         spent = time.perf_counter() - t0
-        log.info("compiled the graphs of chunks of 1 to %d rows in %.1f s", chunk, spent)
+        log.info("compiled the graphs of chunks of 1 to %d rows and batches of %s in %.1f s", chunk, batches, spent)
         return spent
 
     @torch.inference_mode()
@@ -167,6 +186,8 @@ class StageModel:
         """
         invariant = self.row_invariant != "off"
         splits = [tuple(p) for p in parts] if parts is not None else [(h.shape[0],) for h, _, _ in chunks]
+        if len(chunks) > 1 and not exact and self.row_invariant == "auto" and self.step is not None:
+            return self._compiled_batch(chunks, first, last, splits)
         if len(chunks) == 1 or (self.step is not None and (exact or invariant)):
             # one sequence, or a compiled step (which runs one sequence at a time): each chunk
             # exactly as run_layers runs it alone
@@ -208,6 +229,41 @@ class StageModel:
         for (_, input_pos, slot), n in zip(chunks, rows):
             self.cache.advance(a, b, slot, input_pos + n)
         return out
+
+    def _compiled_batch(
+        self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, splits: list[tuple[int, ...]]
+    ) -> list[torch.Tensor]:
+        """A fused batch through the compiled step: the decode rows of every chunk (a decode step, or a
+        merged chunk's rows) in one call with each row's own bits (``CompiledStep.rows``), where the
+        step merges rows; a chunk with a prompt part on its own, as ``run_layers`` runs it alone."""
+        step = self.step
+        assert step is not None
+        decode = [i for i, split in enumerate(splits) if all(n == 1 for n in split)] if step.merges_rows else []
+        if sum(chunks[i][0].shape[0] for i in decode) < 2:
+            decode = []
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        for i, ((hidden, input_pos, slot), split) in enumerate(zip(chunks, splits)):
+            if i not in decode:
+                out[i] = self.run_layers(hidden, input_pos, first, last, slot, split)
+        if decode:
+            a, b = first - self.start, last - self.start
+            positions, slots = [], []
+            for i in decode:
+                hidden, input_pos, slot = chunks[i]
+                end = input_pos + hidden.shape[0]
+                self._check_room(end)
+                self.cache.check_write(a, b, slot, input_pos)
+                positions += range(input_pos, end)
+                slots += [slot] * hidden.shape[0]
+            rows = step.rows(torch.cat([chunks[i][0] for i in decode]), positions, slots, a, b)
+            at = 0
+            for i in decode:
+                hidden, input_pos, slot = chunks[i]
+                n = hidden.shape[0]
+                self.cache.advance(a, b, slot, input_pos + n)
+                out[i] = rows[at : at + n]
+                at += n
+        return out  # type: ignore[return-value]
 
     def _check_room(self, end: int) -> None:
         if end > self.cache.max_len:
@@ -260,10 +316,11 @@ class StageModel:
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         """The final layer's greedy token after each position, in one transfer. # hidden: [S, D]"""
         rows = hidden.shape[0]
-        if self.step is not None and self.step.handles(rows):
-            if rows > 1 and self.row_invariant == "auto" and self.step.merges((1,) * rows):
-                return to_host(self.step.greedy(hidden, rows_alone=True))  # in one call, each row as alone
-            if rows > 1 and self.row_invariant != "off":  # each row through the one-row graph, as alone
-                return to_host(torch.cat([self.step.greedy(hidden[i : i + 1]) for i in range(rows)]))
-            return to_host(self.step.greedy(hidden))
+        step = self.step
+        if step is not None and rows > 1 and self.row_invariant != "off":  # each row with its bits alone
+            if self.row_invariant == "auto" and step.merges_rows:
+                return to_host(step.greedy(hidden, rows_alone=True))  # in one call
+            return to_host(torch.cat([step.greedy(hidden[i : i + 1]) for i in range(rows)]))
+        if step is not None and step.handles(rows):
+            return to_host(step.greedy(hidden))
         return to_host(self.logits(hidden).argmax(dim=-1))

@@ -208,9 +208,9 @@ def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(mode
     step.merges_rows = True  # as inductor's C++ GEMM template allows
     segment = step._segment
 
-    def off_by_a_bit(a, b, rows_alone=False):
-        fn = segment(a, b, rows_alone)
-        return (lambda *args: torch.nextafter(fn(*args), torch.tensor(1.0))) if rows_alone else fn
+    def off_by_a_bit(a, b, per_row=False):
+        fn = segment(a, b, per_row)
+        return (lambda *args: torch.nextafter(fn(*args), torch.tensor(1.0))) if per_row else fn
 
     step._segment = off_by_a_bit
     hidden = torch.randn(10, config.hidden_size, generator=torch.Generator().manual_seed(7))
@@ -222,3 +222,56 @@ def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(mode
     merged = torch.cat([model.run_layers(hidden[a:b], a, 0, 2, parts=(1,) * (b - a)) for a, b in chunks])
     assert torch.equal(merged, plain)
     assert step.unmerged == {((0, 2), 2)} and not step.checked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_fused_batch_gives_every_sequence_its_bits_alone(model_dir, dtype):
+    """``serve.batching: fused`` on a compiled CPU stage: the decode rows of several sequences, each
+    at its own position of its own slot, run as one call (``CompiledStep.rows``), and every row
+    gets the bits the one-row graph gives it alone, layers and LM head: at every batch size, a
+    size between the compiled ones (padded with a copy of a row), one over the largest (in
+    pieces), and with a merged chunk's rows among them. The warm-up compiles every graph first,
+    a decode row on a second slot included, so nothing compiles after it."""
+    config = load_hf_config(model_dir)
+    modules = load_stage_modules(model_dir, config, 0, 1, embed=False, head=True, dtype=dtype)
+    slots = 5
+    model = StageModel(modules, ModelArgs.from_hf_config(config), 24, num_slots=slots)
+    maybe_compile(model, "on", max_chunk=3, max_rows=slots)
+    assert model.step.buckets == [2, 3, 4, 5]
+    assert model.warm_up() > 0
+    compiled = set(model.step._seen)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randn(4 + s, config.hidden_size, generator=gen).to(dtype) for s in range(slots)]
+    steps = [torch.randn(6, config.hidden_size, generator=gen).to(dtype) for _ in range(slots)]
+
+    def prefill():
+        for s, prompt in enumerate(prompts):
+            model.reset(s)
+            model.run_layers(prompt, 0, 0, 1, s)
+
+    prefill()  # each sequence alone: plain decoding, one row at a time
+    alone = [[model.run_layers(steps[s][i : i + 1], 4 + s + i, 0, 1, s) for i in range(6)] for s in range(slots)]
+    tokens = [[model.greedy_tokens(h)[0] for h in hs] for hs in alone]
+    prefill()
+    done = [0] * slots  # rows of each sequence through the batched calls so far
+    got: list[list[torch.Tensor]] = [[] for _ in range(slots)]
+    got_tokens: list[list[int]] = [[] for _ in range(slots)]
+    # batches of 5 (every slot), 3 (a compiled size), 2 with a merged chunk of 2 rows (3 rows),
+    # 4 with a merged chunk of 3 rows (6 rows: over the largest graph, in pieces)
+    for batch, merged in (([0, 1, 2, 3, 4], {}), ([0, 2, 4], {}), ([1, 3], {1: 2}), ([0, 1, 2, 4], {2: 3})):
+        rows = {s: merged.get(s, 1) for s in batch}
+        chunks = [(steps[s][done[s] : done[s] + rows[s]], 4 + s + done[s], s) for s in batch]
+        outs = model.run_layers_batch(chunks, 0, 1, exact=False, parts=[(1,) * rows[s] for s in batch])
+        tokens_out = model.greedy_tokens(torch.cat(outs))
+        at = 0
+        for s, out in zip(batch, outs):
+            got[s] += list(out.split(1))
+            got_tokens[s] += tokens_out[at : at + rows[s]]
+            at += rows[s]
+            done[s] += rows[s]
+    for s in range(slots):
+        n = done[s]
+        assert torch.equal(torch.cat(got[s]), torch.cat(alone[s][:n])), f"sequence {s}"
+        assert got_tokens[s] == tokens[s][:n]
+    assert not model.step.unmerged, "a compiled fused batch is no longer row-invariant (see docs/exactness.md)"
+    assert model.step._seen == compiled, "a graph compiled after the warm-up"

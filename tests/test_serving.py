@@ -278,6 +278,26 @@ def test_with_a_compiled_step_exact_batches_run_each_sequence_through_it(model_d
     assert [model.cache.lengths[li] for li in range(6)] == [[3, 2]] * 6
 
 
+def test_batching_auto_fuses_only_where_a_compiled_step_keeps_each_rows_bits():
+    """serve.batching: auto is fused where the stage's compiled step runs a batch's decode rows in one
+    call with each row's own bits (CompiledStep.merges_rows: compiled on the CPU, row_invariant auto),
+    exact everywhere else: the eager row-invariant fused path is slower than exact on this CPU."""
+    from types import SimpleNamespace
+
+    from adadecode.runtime.loading import LoadSpec
+
+    eager, merging, not_merging = (SimpleNamespace(step=s) for s in
+                                   (None, SimpleNamespace(merges_rows=True), SimpleNamespace(merges_rows=False)))
+    auto = LoadSpec(batching="auto")
+    assert auto.exact_batches(eager) and auto.exact_batches(not_merging)
+    assert not auto.exact_batches(merging)
+    assert auto.replace(row_invariant="on").exact_batches(merging)  # on: every row its own call
+    assert LoadSpec(batching="exact").exact_batches(merging)
+    assert not LoadSpec(batching="fused").exact_batches(eager)
+    with pytest.raises(ValueError, match="batching `mixed` is unknown; use one of auto, exact, fused"):
+        LoadSpec(batching="mixed")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_batched_call_gives_each_sequence_its_own_result(model_dir, dtype):
     """StageModel.run_layers_batch on the real layers, three sequences of different lengths and

@@ -330,7 +330,7 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_inflight=d.max_inflight,
         row_invariant=p.row_invariant, compile_warmup=p.compile_warmup,
         auto_heads_for=d.early_exit if d.auto_heads else None,
-        num_slots=cfg.serve.max_num_seqs if serving else 1, exact_batches=cfg.serve.batching == "exact",
+        num_slots=cfg.serve.max_num_seqs if serving else 1, batching=cfg.serve.batching,
         generation_config=m.generation_config,
     )
 

@@ -337,9 +337,10 @@ class ServeConfig:
     """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no
     more); 0: the stage count, at least 2."""
 
-    batching: Literal["exact", "fused"] = "exact"
+    batching: Literal["auto", "exact", "fused"] = "auto"
     """Sequences at one layer range run as one call. exact: each through each layer alone; fused: the layers once
-    over all rows (each row's bits as alone unless pipeline.row_invariant is off; docs/serving.md)."""
+    over all rows (each row's bits as alone unless pipeline.row_invariant is off; docs/serving.md); auto: fused
+    where a stage's compiled step runs the rows in one call with each row's bits (compiled, on the CPU), else exact."""
 
     def __post_init__(self) -> None:
         _check_types(self)
