@@ -502,3 +502,21 @@ def test_bundled_model_on_two_spawned_ranks_matches_one_process(tmp_path):
         assert rec["stats"]["stages"] == [[0, 19], [19, 30]]
         busy = rec["stats"]["stage_busy_fraction"]
         assert len(busy) == 2 and all(0 < f <= 1 for f in busy)
+
+
+def test_a_rank_that_waits_past_the_join_timeout_says_what_to_raise():
+    """Ranks join once each has loaded its stage; a peer that never comes (still compiling, or
+    dead) ends the wait after transport.join_timeout_s with a message naming it."""
+    import datetime
+    import socket
+
+    from adadecode.runtime.transport import _init_process_group
+
+    with socket.socket() as s:  # a port nobody listens on: rank 0 never comes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match=r"failed within 2 s: .*raise transport.join_timeout_s"):
+        _init_process_group("gloo", 1, 2, "127.0.0.1", port, datetime.timedelta(seconds=60),
+                            datetime.timedelta(seconds=2))
+    assert time.monotonic() - t0 < 30

@@ -266,6 +266,10 @@ class TransportConfig:
     timeout_s: float = 60.0
     """Every wait on another rank gives up after this many seconds; a rank silent for 80% of it is declared hung."""
 
+    join_timeout_s: float = 600.0
+    """Ranks join the job once each has loaded its stage; one that waits longer for the others gives up (a compile
+    warm-up takes minutes on a CPU; torchrun's rendezvous waits 600 s too)."""
+
     step_timeout_s: float = 600.0
     """One stage step (a prefill, a decode chunk) longer than this is declared a hang; raise it for huge prompts."""
 
@@ -278,6 +282,11 @@ class TransportConfig:
             raise _invalid(
                 "transport.step_timeout_s", self.step_timeout_s, "a finite number of seconds > 0",
                 "set e.g. `--transport.step_timeout_s=600`",
+            )
+        if not (math.isfinite(self.join_timeout_s) and self.join_timeout_s > 0):
+            raise _invalid(
+                "transport.join_timeout_s", self.join_timeout_s, "a finite number of seconds > 0",
+                "set e.g. `--transport.join_timeout_s=600`",
             )
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
             raise _invalid(

@@ -72,6 +72,7 @@ def open_transport(
     backend: str,
     local_rank: int = 0,
     timeout_s: float = 60.0,
+    join_timeout_s: float = 600.0,
     hidden_size: int,
     dtype: torch.dtype,
     stage_device: torch.device = CPU,
@@ -104,7 +105,8 @@ def open_transport(
     control: ControlServer | ControlClient | None = None
     data: DataPlane | None = None
     try:
-        _init_process_group(backend, rank, world_size, master_addr, master_port, timeout)
+        join = datetime.timedelta(seconds=join_timeout_s)
+        _init_process_group(backend, rank, world_size, master_addr, master_port, timeout, join)
         hosts = [socket.gethostname()]
         if world_size > 1:
             # One host when every rank has the same name AND the same address towards MASTER_ADDR:
@@ -156,8 +158,12 @@ def _collective(rank: int, what: str, fn: Callable[..., object], *args: object, 
 
 
 def _init_process_group(
-    backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout: datetime.timedelta
+    backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout: datetime.timedelta,
+    join: datetime.timedelta,
 ) -> None:
+    """Join the job: ranks meet at the rendezvous store within ``join`` (the ranks come when each
+    has loaded its stage, and a compile warm-up takes minutes), then ``timeout`` bounds every
+    collective of the process group."""
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
     if not agent_store and master_port == 0:
         if world_size > 1:
@@ -166,13 +172,14 @@ def _init_process_group(
     host = f"[{master_addr}]" if ":" in master_addr else master_addr
     where = "env://" if agent_store else f"tcp://{host}:{master_port}"
     try:
-        store = None if agent_store else _rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+        store = None if agent_store else _rendezvous_store(rank, world_size, master_addr, master_port, join)
         dist.init_process_group(backend, init_method="env://" if agent_store else None, store=store,
                                 rank=rank, world_size=world_size, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
         raise TransportError(
             f"rank {rank}: joining the {world_size}-rank job at {where} failed within "
-            f"{timeout.total_seconds():g} s: {e}"
+            f"{join.total_seconds():g} s: {e}; another rank died while loading (its own output says "
+            "why) or is still loading: raise transport.join_timeout_s for a long load or compile warm-up"
         ) from e
 
 
