@@ -166,8 +166,9 @@ def run_rank(
         with open_transport(
             rank=rank, world_size=plan.world_size, local_rank=env.local_rank,
             master_addr=env.master_addr, master_port=env.master_port, backend=plan.backend,
-            timeout_s=cfg.transport.timeout_s, join_timeout_s=cfg.transport.join_timeout_s, hidden_size=config.hidden_size, dtype=stage.model.dtype,
-            stage_device=stage.model.device, control_addr=cfg.transport.control_addr,
+            timeout_s=cfg.transport.timeout_s, join_timeout_s=cfg.transport.join_timeout_s,
+            hidden_size=config.hidden_size, dtype=stage.model.dtype, stage_device=stage.model.device,
+            control_addr=cfg.transport.control_addr,
         ) as transport:
             runner = DistributedRunner(stage, transport, step_timeout_s=cfg.transport.step_timeout_s, trace=trace)
             if rank != 0:

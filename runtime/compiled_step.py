@@ -39,8 +39,9 @@ How.
   GEMMs, norms, RoPE and MLP run once on all rows. That holds because on the CPU every GEMM is
   inductor's C++ template (``max_autotune_gemm_backends="CPP"``, in the one-row graph too): it
   gives a row the same bits at 1 to 4 rows for every weight of the bundled model and the tiny
-  ones, fp32 and bf16 (and at 8 rows, checked in fp32 on the bundled model), where ATen's kernels (which autotuning picked at some shapes under
-  "CPP,ATEN", e.g. bf16 1536x576 at 3 rows) do not; fused norms and elementwise kernels are
+  ones, fp32 and bf16 (and at 8 rows, checked in fp32 on the bundled model), where ATen's
+  kernels (which autotuning picked at some shapes under "CPP,ATEN", e.g. bf16 1536x576 at 3
+  rows) do not; fused norms and elementwise kernels are
   row-invariant too (tests/test_compiled_step.py, docs/exactness.md). Attention must read
   exactly the one-row graph's keys: a longer prefix under a mask moves the kernel's vectorised
   tail and with it the order of a sum. Row counts get graphs up to ``max_chunk`` and then in
