@@ -276,7 +276,8 @@ class CompiledStep:
         # hidden: [S, D] -> [S] token ids
         """
         rows = hidden.shape[0]
-        hidden = hidden.clone() if hidden.storage_offset() else hidden  # a view's offset would be a guard
+        if hidden.storage_offset() or not hidden.is_inference():  # a view's offset, or a tensor made outside
+            hidden = hidden.clone()  # inference mode: either is a guard of the graphs (a recompile otherwise)
         if not rows_alone or rows == 1:
             return self._greedy(self._head, ("head", rows), hidden)
         return self._bucketed(self._greedy_rows, hidden)

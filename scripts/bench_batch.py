@@ -10,6 +10,11 @@ bit-identical to the single ones.
 
     taskset -c 0 python scripts/bench_batch.py --threads 1 --batch 1,2,4,8
     taskset -c 0 python scripts/bench_batch.py --threads 1 --dtype bfloat16 --mode fused
+    taskset -c 0 python scripts/bench_batch.py --threads 1 --compile on --mode fused
+
+With ``--compile on`` both sides run the compiled step: the single calls its one-row graph, a
+fused batch its per-row graphs (a graph for 2, 3, 4 and 8 rows at the default sizes, compiled at
+load, which takes minutes on a CPU; a batch in between is padded).
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", default="off", choices=["off", "on"], help="pipeline.compile for both sides")
     ap.add_argument("--mode", default="exact", choices=["exact", "fused"],
                     help="exact: each sequence through each layer's own forward; fused: one matmul for all rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(k) for k in args.batch.split(",")]
-    engine = Engine.load(args.model, device="cpu", dtype=args.dtype, heads=None, num_slots=max(sizes), compile="off")
+    engine = Engine.load(args.model, device="cpu", dtype=args.dtype, heads=None, num_slots=max(sizes),
+                         compile=args.compile, batching=args.mode)
     model = engine.stages[0].model
     L = engine.args.num_layers
     prompts = select_prompts("data/prompts/heldout.jsonl", max(sizes))
@@ -74,7 +81,8 @@ def main() -> int:
             "speedup": round(single / batched, 3), "bit_identical": identical,
         })
         print(json.dumps(rows[-1]), flush=True)
-    print(json.dumps({"dtype": args.dtype, "mode": args.mode, "threads": torch.get_num_threads(), "results": rows}))
+    summary = {"dtype": args.dtype, "mode": args.mode, "compile": args.compile, "threads": torch.get_num_threads()}
+    print(json.dumps({**summary, "results": rows}))
     return 0
 
 
