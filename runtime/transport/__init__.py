@@ -159,11 +159,12 @@ def _collective(rank: int, what: str, fn: Callable[..., object], *args: object, 
 
 def _init_process_group(
     backend: str, rank: int, world_size: int, master_addr: str, master_port: int, timeout: datetime.timedelta,
-    join: datetime.timedelta,
+    join: datetime.timedelta | None = None,
 ) -> None:
-    """Join the job: ranks meet at the rendezvous store within ``join`` (the ranks come when each
-    has loaded its stage, and a compile warm-up takes minutes), then ``timeout`` bounds every
-    collective of the process group."""
+    """Join the job: ranks meet at the rendezvous store within ``join`` (default ``timeout``; the
+    ranks come when each has loaded its stage, and a compile warm-up takes minutes), then
+    ``timeout`` bounds every collective of the process group."""
+    join = timeout if join is None else join
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts it
     if not agent_store and master_port == 0:
         if world_size > 1:
