@@ -146,8 +146,7 @@ class CompiledStep:
         rows = hidden.shape[0]
         if rows_alone and rows > 1:
             return self.rows(hidden, [input_pos + r for r in range(rows)], [slot] * rows, a, b)
-        if not hidden.is_inference():  # received from another rank: made outside inference mode, and
-            hidden = hidden.clone()  # the graphs guard on the dispatch keys (a recompile otherwise)
+        hidden = _graph_input(hidden)
         for seg in self._segments_of(a, b):
             hidden = self._layers(self._fns[seg], (seg, rows), hidden, input_pos, slot)
         return hidden
@@ -177,14 +176,10 @@ class CompiledStep:
         if pad:
             hidden = torch.cat([hidden, hidden[-1:].expand(pad, -1)])
             per_row = tuple([*x, *[x[-1]] * pad] for x in per_row)
-        elif hidden.storage_offset():  # a piece: a view's offset would be a guard
-            hidden = hidden.clone()
-        return run(hidden, *per_row)[:n]
+        return run(_graph_input(hidden), *per_row)[:n]
 
     def _rows(self, hidden: torch.Tensor, positions: list[int], slots: list[int], a: int, b: int) -> torch.Tensor:
         n = hidden.shape[0]
-        if not hidden.is_inference():
-            hidden = hidden.clone()
         for seg in self._segments_of(a, b):
             key = (seg, n)
             if key in self.unmerged:
@@ -276,10 +271,8 @@ class CompiledStep:
         # hidden: [S, D] -> [S] token ids
         """
         rows = hidden.shape[0]
-        if hidden.storage_offset() or not hidden.is_inference():  # a view's offset, or a tensor made outside
-            hidden = hidden.clone()  # inference mode: either is a guard of the graphs (a recompile otherwise)
         if not rows_alone or rows == 1:
-            return self._greedy(self._head, ("head", rows), hidden)
+            return self._greedy(self._head, ("head", rows), _graph_input(hidden))
         return self._bucketed(self._greedy_rows, hidden)
 
     def _greedy_rows(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -361,6 +354,13 @@ class CompiledStep:
             return h[0]
 
         return forward
+
+
+def _graph_input(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` as the graphs take it: a copy of a view (its storage offset) or of a tensor made
+    outside inference mode (received from another rank, or a caller's), since the graphs guard on
+    both and would recompile."""
+    return hidden.clone() if hidden.storage_offset() or not hidden.is_inference() else hidden
 
 
 def row_buckets(max_chunk: int, max_rows: int) -> list[int]:

@@ -87,10 +87,10 @@ class LoadSpec:
 
     def exact_batches(self, model) -> bool:
         """Whether a stage runs each sequence of a batch through each layer alone (``Stage``'s
-        ``exact_batches``): ``exact``; or ``auto`` unless ``model``'s compiled step runs a batch's
-        decode rows in one call with each row's own bits (``CompiledStep.merges_rows``)."""
+        ``exact_batches``): ``exact``; or ``auto`` unless ``model`` runs a batch's decode rows in
+        one compiled call with each row's own bits (``StageModel.merges_rows``)."""
         if self.batching == "auto":
-            return not (model.step is not None and model.step.merges_rows and self.row_invariant == "auto")
+            return not model.merges_rows
         return self.batching == "exact"
 
     def shared_merges(self, device_type: str) -> bool:

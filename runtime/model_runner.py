@@ -57,6 +57,13 @@ class StageModel:
         self.row_invariant = "auto"  # merged rows get the bits they get alone (runtime/row_invariant.py)
 
     @property
+    def merges_rows(self) -> bool:
+        """Whether decode rows (a merged chunk's, a fused batch's) run as one compiled call with each
+        row's own bits: a compiled step whose GEMMs allow it (``CompiledStep.merges_rows``), with
+        ``row_invariant: auto``."""
+        return self.step is not None and self.row_invariant == "auto" and self.step.merges_rows
+
+    @property
     def max_seq_len(self) -> int:
         return self.cache.max_len
 
@@ -186,7 +193,7 @@ class StageModel:
         """
         invariant = self.row_invariant != "off"
         splits = [tuple(p) for p in parts] if parts is not None else [(h.shape[0],) for h, _, _ in chunks]
-        if len(chunks) > 1 and not exact and self.row_invariant == "auto" and self.step is not None:
+        if len(chunks) > 1 and not exact and self.merges_rows:
             return self._compiled_batch(chunks, first, last, splits)
         if len(chunks) == 1 or (self.step is not None and (exact or invariant)):
             # one sequence, or a compiled step (which runs one sequence at a time): each chunk
@@ -196,9 +203,7 @@ class StageModel:
                 for (hidden, input_pos, slot), split in zip(chunks, splits)
             ]
         a, b = first - self.start, last - self.start
-        for hidden, input_pos, slot in chunks:
-            self._check_room(input_pos + hidden.shape[0])
-            self.cache.check_write(a, b, slot, input_pos)
+        self._check_writes(chunks, a, b)
         rows = [h.shape[0] for h, _, _ in chunks]
         ropes = [self._rope(p, n) for (_, p, _), n in zip(chunks, rows)]
         masks = [causal_chunk_mask(p, n, self.device) for (_, p, _), n in zip(chunks, rows)]
@@ -226,19 +231,17 @@ class StageModel:
                     self.modules.layers[li], h, cos, sin, layer_parts, splits if invariant else None, self._fuse
                 )
             out = list(h[0].split(rows))
-        for (_, input_pos, slot), n in zip(chunks, rows):
-            self.cache.advance(a, b, slot, input_pos + n)
+        self._advance(chunks, a, b)
         return out
 
     def _compiled_batch(
         self, chunks: Sequence[tuple[torch.Tensor, int, int]], first: int, last: int, splits: list[tuple[int, ...]]
     ) -> list[torch.Tensor]:
-        """A fused batch through the compiled step: the decode rows of every chunk (a decode step, or a
-        merged chunk's rows) in one call with each row's own bits (``CompiledStep.rows``), where the
-        step merges rows; a chunk with a prompt part on its own, as ``run_layers`` runs it alone."""
-        step = self.step
-        assert step is not None
-        decode = [i for i, split in enumerate(splits) if all(n == 1 for n in split)] if step.merges_rows else []
+        """A fused batch through the compiled step (``merges_rows``): the decode rows of every chunk (a
+        decode step, or a merged chunk's rows) in one call with each row's own bits
+        (``CompiledStep.rows``); a chunk with a prompt part on its own, as ``run_layers`` runs it alone."""
+        assert self.step is not None
+        decode = [i for i, split in enumerate(splits) if all(n == 1 for n in split)]
         if sum(chunks[i][0].shape[0] for i in decode) < 2:
             decode = []
         out: list[torch.Tensor | None] = [None] * len(chunks)
@@ -247,23 +250,26 @@ class StageModel:
                 out[i] = self.run_layers(hidden, input_pos, first, last, slot, split)
         if decode:
             a, b = first - self.start, last - self.start
-            positions, slots = [], []
-            for i in decode:
-                hidden, input_pos, slot = chunks[i]
-                end = input_pos + hidden.shape[0]
-                self._check_room(end)
-                self.cache.check_write(a, b, slot, input_pos)
-                positions += range(input_pos, end)
-                slots += [slot] * hidden.shape[0]
-            rows = step.rows(torch.cat([chunks[i][0] for i in decode]), positions, slots, a, b)
-            at = 0
-            for i in decode:
-                hidden, input_pos, slot = chunks[i]
-                n = hidden.shape[0]
-                self.cache.advance(a, b, slot, input_pos + n)
-                out[i] = rows[at : at + n]
-                at += n
+            decoding = [chunks[i] for i in decode]
+            self._check_writes(decoding, a, b)
+            positions = [p for h, input_pos, _ in decoding for p in range(input_pos, input_pos + h.shape[0])]
+            slots = [slot for h, _, slot in decoding for _ in range(h.shape[0])]
+            merged = self.step.rows(torch.cat([h for h, _, _ in decoding]), positions, slots, a, b)
+            self._advance(decoding, a, b)
+            for i, part in zip(decode, merged.split([h.shape[0] for h, _, _ in decoding])):
+                out[i] = part
         return out  # type: ignore[return-value]
+
+    def _check_writes(self, chunks: Sequence[tuple[torch.Tensor, int, int]], a: int, b: int) -> None:
+        """Before chunks of several sequences write local layers ``[a, b)``: room, and each at its length."""
+        for hidden, input_pos, slot in chunks:
+            self._check_room(input_pos + hidden.shape[0])
+            self.cache.check_write(a, b, slot, input_pos)
+
+    def _advance(self, chunks: Sequence[tuple[torch.Tensor, int, int]], a: int, b: int) -> None:
+        """After they wrote: each slot's length of layers ``[a, b)`` past its chunk."""
+        for hidden, input_pos, slot in chunks:
+            self.cache.advance(a, b, slot, input_pos + hidden.shape[0])
 
     def _check_room(self, end: int) -> None:
         if end > self.cache.max_len:
@@ -318,7 +324,7 @@ class StageModel:
         rows = hidden.shape[0]
         step = self.step
         if step is not None and rows > 1 and self.row_invariant != "off":  # each row with its bits alone
-            if self.row_invariant == "auto" and step.merges_rows:
+            if self.merges_rows:
                 return to_host(step.greedy(hidden, rows_alone=True))  # in one call
             return to_host(torch.cat([step.greedy(hidden[i : i + 1]) for i in range(rows)]))
         if step is not None and step.handles(rows):

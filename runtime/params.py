@@ -25,7 +25,8 @@ EarlyExitMode = Literal["off", "eager", "deferred"]  # the config's type; the tu
 EARLY_EXIT_MODES: tuple[str, ...] = get_args(EarlyExitMode)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")  # runtime/device.py resolves these
 COMPILE_MODES = ("auto", "on", "off")  # pipeline.compile: the compiled layer loop (runtime/compiled_step.py)
-BATCHING_MODES = ("auto", "exact", "fused")  # serve.batching: how a stage runs several sequences' rows
+BatchingMode = Literal["auto", "exact", "fused"]  # serve.batching: how a stage runs several sequences' rows
+BATCHING_MODES: tuple[str, ...] = get_args(BatchingMode)
 
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0

@@ -278,22 +278,32 @@ def test_with_a_compiled_step_exact_batches_run_each_sequence_through_it(model_d
     assert [model.cache.lengths[li] for li in range(6)] == [[3, 2]] * 6
 
 
-def test_batching_auto_fuses_only_where_a_compiled_step_keeps_each_rows_bits():
+def test_batching_auto_fuses_only_where_a_compiled_step_keeps_each_rows_bits(model_dir):
     """serve.batching: auto is fused where the stage's compiled step runs a batch's decode rows in one
-    call with each row's own bits (CompiledStep.merges_rows: compiled on the CPU, row_invariant auto),
-    exact everywhere else: the eager row-invariant fused path is slower than exact on this CPU."""
+    call with each row's own bits (StageModel.merges_rows: a compiled step that merges rows, on the
+    CPU, and row_invariant auto), exact everywhere else: the eager row-invariant fused path is
+    slower than exact on this CPU."""
     from types import SimpleNamespace
 
+    from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
     from adadecode.runtime.loading import LoadSpec
+    from adadecode.runtime.model_runner import StageModel
 
-    eager, merging, not_merging = (SimpleNamespace(step=s) for s in
-                                   (None, SimpleNamespace(merges_rows=True), SimpleNamespace(merges_rows=False)))
+    config = load_hf_config(model_dir)
+    model = StageModel(load_stage_modules(model_dir, config, 0, 1, embed=False, head=False),
+                       ModelArgs.from_hf_config(config), 16)
     auto = LoadSpec(batching="auto")
-    assert auto.exact_batches(eager) and auto.exact_batches(not_merging)
-    assert not auto.exact_batches(merging)
-    assert auto.replace(row_invariant="on").exact_batches(merging)  # on: every row its own call
-    assert LoadSpec(batching="exact").exact_batches(merging)
-    assert not LoadSpec(batching="fused").exact_batches(eager)
+    assert auto.exact_batches(model)  # eager
+    model.step = SimpleNamespace(merges_rows=False)
+    assert auto.exact_batches(model)
+    model.step = SimpleNamespace(merges_rows=True)
+    assert not auto.exact_batches(model)
+    model.row_invariant = "on"  # every row its own call
+    assert auto.exact_batches(model)
+    model.row_invariant = "auto"
+    assert LoadSpec(batching="exact").exact_batches(model)
+    model.step = None
+    assert not LoadSpec(batching="fused").exact_batches(model)
     with pytest.raises(ValueError, match="batching `mixed` is unknown; use one of auto, exact, fused"):
         LoadSpec(batching="mixed")
 

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adadecode.runtime.params import DEVICE_PATTERN, EarlyExitMode
+from adadecode.runtime.params import DEVICE_PATTERN, BatchingMode, EarlyExitMode
 
 
 class ConfigError(ValueError):
@@ -106,8 +106,8 @@ class PipelineConfig:
     """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (docs/results.md)."""
 
     compile_warmup: bool = True
-    """With compile: compile every chunk shape (1 to max_inflight + 1 rows, merged chunks, the LM head) at load,
-    so that no generation or request pays a compile midway; false: each on first use."""
+    """With compile: compile every chunk shape (1 to max_inflight + 1 rows, merged chunks, fused batches, the LM
+    head) at load, so that no generation or request pays a compile midway; false: each on first use."""
 
     row_invariant: Literal["auto", "on", "off"] = "auto"
     """Merged rows (deferred chunks, fused batches) get the bits they get alone; auto: GEMM rows share a call
@@ -346,7 +346,7 @@ class ServeConfig:
     """Requests' early exit applies only while fewer sequences than this run (a full pipeline idles no
     more); 0: the stage count, at least 2."""
 
-    batching: Literal["auto", "exact", "fused"] = "auto"
+    batching: BatchingMode = "auto"
     """Sequences at one layer range run as one call. exact: each through each layer alone; fused: the layers once
     over all rows (each row's bits as alone unless pipeline.row_invariant is off; docs/serving.md); auto: fused
     where a stage's compiled step runs the rows in one call with each row's bits (compiled, on the CPU), else exact."""
