@@ -44,9 +44,9 @@ How.
   rows) do not; fused norms and elementwise kernels are
   row-invariant too (tests/test_compiled_step.py, docs/exactness.md). Attention must read
   exactly the one-row graph's keys: a longer prefix under a mask moves the kernel's vectorised
-  tail and with it the order of a sum. Row counts get graphs up to ``max_chunk`` and then in
-  powers of two up to the largest batch (``buckets``); a batch in between is padded with copies
-  of its last row. Not trusted blindly: a graph's first call is checked against the one-row
+  tail and with it the order of a sum. Row counts get graphs up to the larger of ``max_chunk``
+  and the largest batch, at most ``FUSED_ROWS`` (``buckets``); a larger batch runs in even pieces.
+  Not trusted blindly: a graph's first call is checked against the one-row
   graph, row by row, and one that differs runs row by row from then on (``unmerged``).
   ``row_invariant: on`` runs every chunk row by row; a chunk with a prompt part, a mixture of
   experts, and CUDA do too.
@@ -80,6 +80,15 @@ log = logging.getLogger("adadecode.compile")
 # GEMMs: the C++ template only, in every graph (the one-row graph too): it gives a row the same
 # bits at every row count, where ATen's kernels, which autotuning also picked at some shapes, do not.
 CPU_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
+# The most decode rows of a fused batch one per-row graph runs; a larger batch runs in pieces.
+# Inductor's C++ GEMM micro-kernel (a register block of 8 rows by 48 columns in fp32 on AVX-512)
+# streams the weights at the memory bandwidth up to 4 rows and turns compute-bound past them on
+# this project's CPU: one 576x3072 GEMM takes 0.20 ms at 4 rows, 0.51 at 5 and 0.71 at 8; a decode
+# step of the bundled model 29.4 ms at 4 rows and 72.4 at 8 (docs/results.md), so two pieces of 4
+# beat one call of 8, and need no graph of 8 rows (the longest to compile).
+FUSED_ROWS = 4
 
 
 def compile_options(device: torch.device) -> dict:
@@ -165,18 +174,13 @@ class CompiledStep:
         return self._bucketed(partial(self._rows, a=a, b=b), hidden, list(positions), list(slots))
 
     def _bucketed(self, run, hidden: torch.Tensor, *per_row: list) -> torch.Tensor:
-        """``run(hidden, *per_row)`` on row counts that have graphs (``buckets``): in pieces of the
-        largest, in order (a row may attend to an earlier row's keys), each padded up to the next
-        with copies of its last row (the same keys to the same place; their output is dropped)."""
+        """``run(hidden, *per_row)`` on 2 or more rows, in pieces that have graphs (``buckets``:
+        every count from 2 up to the largest), as few and as even as can be, in order (a row may
+        attend to an earlier row's keys)."""
         n, top = hidden.shape[0], self.buckets[-1]
-        if n > top:
-            return torch.cat([self._bucketed(run, hidden[i : i + top], *(x[i : i + top] for x in per_row))
-                              for i in range(0, n, top)])
-        pad = next(size for size in self.buckets if size >= n) - n
-        if pad:
-            hidden = torch.cat([hidden, hidden[-1:].expand(pad, -1)])
-            per_row = tuple([*x, *[x[-1]] * pad] for x in per_row)
-        return run(_graph_input(hidden), *per_row)[:n]
+        pieces = -(-n // top)
+        cuts = [n * i // pieces for i in range(pieces + 1)]
+        return torch.cat([run(_graph_input(hidden[a:b]), *(x[a:b] for x in per_row)) for a, b in zip(cuts, cuts[1:])])
 
     def _rows(self, hidden: torch.Tensor, positions: list[int], slots: list[int], a: int, b: int) -> torch.Tensor:
         n = hidden.shape[0]
@@ -364,17 +368,10 @@ def _graph_input(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def row_buckets(max_chunk: int, max_rows: int) -> list[int]:
-    """The row counts of the per-row graphs (``CompiledStep.rows``): every count up to ``max_chunk``
-    (a merged chunk's rows), then powers of two below ``max_rows`` and ``max_rows`` itself (a fused
-    batch, padded up to the next): a few graphs, each compiled in minutes on a CPU, for any batch."""
-    sizes = set(range(2, max_chunk + 1))
-    size = 4
-    while size < max_rows:
-        sizes.add(size)
-        size *= 2
-    if max_rows > max_chunk:
-        sizes.add(max_rows)
-    return sorted(sizes) or [2]
+    """The row counts of the per-row graphs (``CompiledStep.rows``): every count from 2 up to the
+    larger of ``max_chunk`` (a merged chunk's rows) and ``max_rows`` (a fused batch's, at most
+    ``FUSED_ROWS``; a larger batch runs in pieces)."""
+    return list(range(2, max(max_chunk, min(max_rows, FUSED_ROWS), 2) + 1))
 
 
 def _own_code(fn):

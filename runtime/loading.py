@@ -30,6 +30,7 @@ from .params import BATCHING_MODES, COMPILE_MODES, compiles
 from .partition import partition_layers
 from .row_invariant import MODES as ROW_INVARIANT_MODES
 from .stage import Stage
+from .work_queue import group_size
 
 log = logging.getLogger("adadecode.loading")
 
@@ -180,7 +181,8 @@ def build_stage(
     if spec.compile != "off":
         from .compiled_step import maybe_compile
 
-        batch_rows = spec.num_slots if spec.batching != "exact" else 0  # a fused batch's decode rows
+        # a fused batch's decode rows: a stage of a pipeline runs its share of the sequences (group_size)
+        batch_rows = group_size(spec.num_slots, len(ranges)) if spec.batching != "exact" else 0
         cuts = stage_heads.layers if stage_heads else ()
         if maybe_compile(model, spec.compile, cuts, spec.max_inflight + 1, batch_rows):
             if spec.compile_warmup:

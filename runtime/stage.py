@@ -46,7 +46,7 @@ from .events import (
 from .finished import FinishedSeqs
 from .stage_stats import StageStats
 from .token_choice import TokenHistory, final_predictions, try_exit
-from .work_queue import WorkItem, WorkQueue, merge
+from .work_queue import WorkItem, WorkQueue, group_size, merge
 
 if TYPE_CHECKING:  # for annotations only: the Stage loads no model or heads and writes no trace
     import torch
@@ -210,7 +210,7 @@ class Stage:
         if self.state is StageState.ERROR:
             raise ProtocolError(f"stage {self.index} is in state ERROR after an earlier error; it runs nothing more")
         while not self._out:
-            batch, idle = self._queue.next_batch()
+            batch, idle = self._queue.next_batch(self._group_size())
             if not batch:
                 break
             self._run(batch)
@@ -218,6 +218,13 @@ class Stage:
         if self._out:
             return self._out.popleft()
         return DONE if self.state is StageState.SHUTDOWN else WAITING
+
+    def _group_size(self) -> int | None:
+        """The most items of one call (``group_size``): the sequences in flight here, those with a
+        cache slot or a queued item, over the stages; None (only ``max_batch``) on a lone stage."""
+        if self.num_stages == 1:
+            return None
+        return group_size(len(self.slots.keys() | self._queue.queued_seqs()), self.num_stages)
 
     def _run(self, batch: list[WorkItem]) -> None:
         """Advance ``batch`` (items of distinct sequences, all at one layer) segment by segment, each

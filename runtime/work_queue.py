@@ -93,6 +93,15 @@ def merge(parked: WorkItem, w: WorkItem) -> WorkItem:
     )
 
 
+def group_size(sequences: int, stages: int) -> int:
+    """The most items a stage of a pipeline runs as one call: the sequences in flight split
+    evenly over the stages (micro-batches, as vLLM's and Megatron's pipelines split a batch), so
+    that every stage has a group of its own to run while the others run theirs. One call of all
+    of them would march them through the stages together, each stage idle while another runs
+    them."""
+    return max(1, -(-sequences // max(stages, 1)))
+
+
 class WorkQueue:
     def __init__(self, max_batch: int, end: int, head_layers: Callable[[str], tuple[int, ...]]):
         """``max_batch``: the most items, of distinct sequences, one call runs; ``end``: the stage's
@@ -127,26 +136,30 @@ class WorkQueue:
     def parked_layers(self, seq: int) -> Iterable[int]:
         return self._parked.get(seq, {}).keys()
 
-    def next_batch(self) -> tuple[list[WorkItem], bool]:
-        """The items to run next as one call, and whether they are an idle backfill: fresh items
-        first; a parked backfill only when there is none, since it may still wait for a token to
-        join it; ``[]`` when there is nothing at all."""
+    def queued_seqs(self) -> set[int]:
+        """The sequences with fresh items queued."""
+        return {w.seq for w in self._fresh}
+
+    def next_batch(self, limit: int | None = None) -> tuple[list[WorkItem], bool]:
+        """The items to run next as one call (at most ``limit``, and ``max_batch``), and whether
+        they are an idle backfill: fresh items first; a parked backfill only when there is none,
+        since it may still wait for a token to join it; ``[]`` when there is nothing at all."""
         if self._fresh:
-            return self._take_batch(), False
+            return self._take_batch(self.max_batch if limit is None else min(limit, self.max_batch)), False
         if any(self._parked.values()):
             return [self._pop_lowest_parked()], True
         return [], False
 
-    def _take_batch(self) -> list[WorkItem]:
-        """The first queued item, and up to ``max_batch - 1`` queued items of other sequences at
-        the same layer: they run as one call (each row attends to its own slot). A sequence never
+    def _take_batch(self, limit: int) -> list[WorkItem]:
+        """The first queued item, and up to ``limit - 1`` queued items of other sequences at the
+        same layer: they run as one call (each row attends to its own slot). A sequence never
         batches with itself: its later item must wait for this one's cache entries."""
         first = self._fresh.popleft()
         batch = [first]
-        if self.max_batch > 1 and self._fresh:
+        if limit > 1 and self._fresh:
             seqs, rest = {first.seq}, deque[WorkItem]()
             for w in self._fresh:
-                if len(batch) < self.max_batch and w.layer == first.layer and w.seq not in seqs:
+                if len(batch) < limit and w.layer == first.layer and w.seq not in seqs:
                     batch.append(w)
                     seqs.add(w.seq)
                 else:

@@ -7,7 +7,8 @@
 prompts (data/prompts/heldout.jsonl, taken round-robin over its categories by
 ``adadecode.runtime.prompts.select_prompts``; a text prompt goes to /v1/completions, a chat
 prompt to /v1/chat/completions), greedy, streamed with ``stream_options.include_usage``, each
-asking for exactly ``--max-tokens`` (fewer only at EOS). Reported, as `vllm bench serve` does:
+asking for exactly ``--max-tokens`` (fewer only at EOS, and with ``--ignore-eos`` never fewer:
+a steady load). Reported, as `vllm bench serve` does:
 request throughput, output and total token throughput, and TTFT / TPOT / ITL / E2EL mean,
 median and p99 (TTFT: to the first text chunk; TPOT: per request, (E2EL - TTFT) / (output
 tokens - 1); ITL: every gap between text chunks, pooled; E2EL: whole request), plus errors and
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default=str(ROOT / "data/prompts/heldout.jsonl"))
     p.add_argument("--early-exit", choices=["off", "eager", "deferred"], help="the early_exit extension field "
                    "(default: the server's decoding.early_exit)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every request runs to --max-tokens (the server's ignore_eos), as vllm bench serve's")
     p.add_argument("--check-parity", action="store_true", help="compare every output with its prompt decoded alone")
     p.add_argument("--max-seconds", type=float, default=900.0, help="end the run after this long")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")

@@ -229,16 +229,16 @@ def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(mode
 def test_a_compiled_fused_batch_gives_every_sequence_its_bits_alone(model_dir, dtype):
     """``serve.batching: fused`` on a compiled CPU stage: the decode rows of several sequences, each
     at its own position of its own slot, run as one call (``CompiledStep.rows``), and every row
-    gets the bits the one-row graph gives it alone, layers and LM head: at every batch size, a
-    size between the compiled ones (padded with a copy of a row), one over the largest (in
-    pieces), and with a merged chunk's rows among them. The warm-up compiles every graph first,
-    a decode row on a second slot included, so nothing compiles after it."""
+    gets the bits the one-row graph gives it alone, layers and LM head: at every batch size, one
+    over the largest graph (in pieces), and with a merged chunk's rows among them. The warm-up
+    compiles every graph first, a decode row on a second slot included, so nothing compiles
+    after it."""
     config = load_hf_config(model_dir)
     modules = load_stage_modules(model_dir, config, 0, 1, embed=False, head=True, dtype=dtype)
     slots = 5
     model = StageModel(modules, ModelArgs.from_hf_config(config), 24, num_slots=slots)
     maybe_compile(model, "on", max_chunk=3, max_rows=slots)
-    assert model.step.buckets == [2, 3, 4, 5]
+    assert model.step.buckets == [2, 3, 4]  # FUSED_ROWS: 5 rows run in pieces
     assert model.warm_up() > 0
     compiled = set(model.step._seen)
     gen = torch.Generator().manual_seed(8)
@@ -257,7 +257,7 @@ def test_a_compiled_fused_batch_gives_every_sequence_its_bits_alone(model_dir, d
     done = [0] * slots  # rows of each sequence through the batched calls so far
     got: list[list[torch.Tensor]] = [[] for _ in range(slots)]
     got_tokens: list[list[int]] = [[] for _ in range(slots)]
-    # batches of 5 (every slot), 3 (a compiled size), 2 with a merged chunk of 2 rows (3 rows),
+    # batches of 5 (every slot: over the largest graph, in pieces), 3, 2 with a merged chunk of 2 rows (3 rows),
     # 4 with a merged chunk of 3 rows (6 rows: over the largest graph, in pieces)
     for batch, merged in (([0, 1, 2, 3, 4], {}), ([0, 2, 4], {}), ([1, 3], {1: 2}), ([0, 1, 2, 4], {2: 3})):
         rows = {s: merged.get(s, 1) for s in batch}

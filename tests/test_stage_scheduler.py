@@ -518,18 +518,35 @@ def batched_stage(start=0, end=L, head_layers=(), exits=None, policy="eager", ma
     return stage
 
 
-@pytest.mark.parametrize("start, end", [(0, L), (0, 3), (3, L)], ids=["only", "first", "last"])
-def test_fresh_items_of_different_sequences_at_one_layer_run_as_one_call(start, end):
+def test_fresh_items_of_different_sequences_at_one_layer_run_as_one_call():
+    stage = batched_stage(0, L)
+    for seq in range(3):
+        stage.receive(item(stage, P, seq=seq))
+    out = drain(stage)
+    assert stage.model.batches == [([(0, P, 1), (1, P, 1), (2, P, 1)], 0, L)]
+    assert stage.model.calls == []  # no single calls besides
+    assert out == [o for seq in range(3) for o in out_of(stage, P, seq=seq)]
+    assert stage.model.lm_head_rows == [1, 1, 1]  # exact batches: each sequence's LM head as alone
+    assert stage.stats.batched == 1 and all(lengths(stage, slot) == [P + 1] * L for slot in range(3))
+
+
+@pytest.mark.parametrize("start, end", [(0, 3), (3, L)], ids=["first", "last"])
+def test_a_pipeline_stage_runs_its_share_of_the_sequences_in_flight_per_call(start, end):
+    # 3 sequences in flight on 2 stages: calls of 2 (ceil(3 / 2)), so that the other stage has a
+    # group of its own to run meanwhile, where one call of 3 would leave it idle
     stage = batched_stage(start, end)
     for seq in range(3):
         stage.receive(item(stage, P, seq=seq))
     out = drain(stage)
-    assert stage.model.batches == [([(0, P, 1), (1, P, 1), (2, P, 1)], start, end)]
-    assert stage.model.calls == []  # no single calls besides
+    assert stage.model.batches == [([(0, P, 1), (1, P, 1)], start, end)]
+    assert stage.model.calls == [(2, P, start, end, 1)]  # the third alone, next
     assert out == [o for seq in range(3) for o in out_of(stage, P, seq=seq)]
-    if stage.is_last:
-        assert stage.model.lm_head_rows == [1, 1, 1]  # exact batches: each sequence's LM head as alone
-    assert stage.stats.batched == 1 and all(lengths(stage, slot) == [P + 1] * (end - start) for slot in range(3))
+    stage.receive(SequenceFinished(2, "eos"))  # 2 in flight: one call each
+    for seq in range(2):
+        stage.receive(item(stage, P + 1, seq=seq))
+    drain(stage)
+    assert stage.model.batches[1:] == []
+    assert stage.model.calls[1:] == [(0, P + 1, start, end, 1), (1, P + 1, start, end, 1)]
 
 
 def test_max_batch_caps_a_call_and_one_sequence_never_batches_with_itself():
@@ -557,7 +574,7 @@ def test_an_exit_inside_a_batch_goes_out_at_once_and_its_eager_backfill_leads_th
 
 
 def test_fused_batches_share_one_lm_head_call():
-    stage = batched_stage(start=3, end=L)
+    stage = batched_stage(start=0, end=L)
     stage.exact_batches = False
     for seq in range(3):
         stage.receive(item(stage, P, seq=seq))

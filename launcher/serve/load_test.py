@@ -60,9 +60,13 @@ def check_loopback(url: str) -> None:
                          "load-tested")
 
 
-def request_body(prompt, model: str, max_tokens: int, early_exit: str | None, stream: bool) -> tuple[str, dict]:
+def request_body(
+    prompt, model: str, max_tokens: int, early_exit: str | None, stream: bool, ignore_eos: bool = False
+) -> tuple[str, dict]:
     chat = isinstance(prompt, list)
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if ignore_eos:  # every request runs to max_tokens: a steady load (vllm bench serve --ignore-eos)
+        body["ignore_eos"] = True
     body["messages" if chat else "prompt"] = prompt
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
@@ -72,7 +76,8 @@ def request_body(prompt, model: str, max_tokens: int, early_exit: str | None, st
 
 
 async def one_request(http: httpx.AsyncClient, result: Result, prompt, args, model: str) -> Result:
-    path, body = request_body(prompt, model, args.max_tokens, args.early_exit, stream=True)
+    path, body = request_body(prompt, model, args.max_tokens, args.early_exit, stream=True,
+                              ignore_eos=args.ignore_eos)
     result.start = t0 = time.perf_counter()
     last, parts = None, []
     try:
@@ -165,7 +170,8 @@ def alone(args, prompts, indices, model: str) -> dict[int, tuple[str, int, str]]
     out = {}
     with httpx.Client(base_url=args.url, timeout=args.timeout) as http:
         for i in sorted(indices):
-            path, body = request_body(prompts[i], model, args.max_tokens, "off", stream=False)
+            path, body = request_body(prompts[i], model, args.max_tokens, "off", stream=False,
+                                      ignore_eos=args.ignore_eos)
             r = http.post(path, json=body)
             r.raise_for_status()
             answer = r.json()
