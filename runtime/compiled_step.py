@@ -45,7 +45,7 @@ How.
   row-invariant too (tests/test_compiled_step.py, docs/exactness.md). Attention must read
   exactly the one-row graph's keys: a longer prefix under a mask moves the kernel's vectorised
   tail and with it the order of a sum. Row counts get graphs up to the larger of ``max_chunk``
-  and the largest batch, at most ``FUSED_ROWS`` (``buckets``); a larger batch runs in even pieces.
+  and the largest batch capped at ``FUSED_ROWS`` (``buckets``); a larger batch runs in even pieces.
   Not trusted blindly: a graph's first call is checked against the one-row
   graph, row by row, and one that differs runs row by row from then on (``unmerged``).
   ``row_invariant: on`` runs every chunk row by row; a chunk with a prompt part, a mixture of
@@ -122,7 +122,7 @@ class CompiledStep:
         self._fns = {seg: torch.compile(_own_code(self._segment(*seg)), **self._kwargs) for seg in self.segments}
         self._config = {}
         if backend == "inductor" and not self.static_kv:
-            self._config = CPU_INDUCTOR if autotune else {"freezing": True}
+            self._config = dict(CPU_INDUCTOR) if autotune else {"freezing": True}
         # merged chunks run as one call only where every GEMM is the C++ template (row-invariant)
         # and no layer is a mixture of experts (its routing gathers rows: one call per part)
         self.merges_rows = backend == "inductor" and autotune and not self.static_kv
@@ -178,6 +178,8 @@ class CompiledStep:
         every count from 2 up to the largest), as few and as even as can be, in order (a row may
         attend to an earlier row's keys)."""
         n, top = hidden.shape[0], self.buckets[-1]
+        if n < 2:
+            raise ValueError(f"{n} row(s): a per-row graph runs 2 or more (one row runs the one-row graph)")
         pieces = -(-n // top)
         cuts = [n * i // pieces for i in range(pieces + 1)]
         return torch.cat([run(_graph_input(hidden[a:b]), *(x[a:b] for x in per_row)) for a, b in zip(cuts, cuts[1:])])
@@ -369,9 +371,11 @@ def _graph_input(hidden: torch.Tensor) -> torch.Tensor:
 
 def row_buckets(max_chunk: int, max_rows: int) -> list[int]:
     """The row counts of the per-row graphs (``CompiledStep.rows``): every count from 2 up to the
-    larger of ``max_chunk`` (a merged chunk's rows) and ``max_rows`` (a fused batch's, at most
-    ``FUSED_ROWS``; a larger batch runs in pieces)."""
-    return list(range(2, max(max_chunk, min(max_rows, FUSED_ROWS), 2) + 1))
+    larger of ``max_chunk`` (a merged chunk's rows) and ``max_rows`` (a fused batch's) capped at
+    ``FUSED_ROWS``; a larger batch runs in pieces."""
+    # with fused batches, a graph of 3 rows at least: a batch of an odd row count then splits into
+    # pieces of 2 or more (of 2 each, one would be a single row, which has no per-row graph)
+    return list(range(2, max(max_chunk, min(max_rows, FUSED_ROWS), 3 if max_rows > 1 else 2) + 1))
 
 
 def _own_code(fn):

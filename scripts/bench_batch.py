@@ -13,8 +13,8 @@ bit-identical to the single ones.
     taskset -c 0 python scripts/bench_batch.py --threads 1 --compile on --mode fused
 
 With ``--compile on`` both sides run the compiled step: the single calls its one-row graph, a
-fused batch its per-row graphs (a graph for 2, 3, 4 and 8 rows at the default sizes, compiled at
-load, which takes minutes on a CPU; a batch in between is padded).
+fused batch its per-row graphs (a graph for 2, 3 and 4 rows, compiled at load, which takes
+minutes on a CPU; a batch of more than 4 rows runs in even pieces, CompiledStep.FUSED_ROWS).
 """
 
 from __future__ import annotations

@@ -12,6 +12,13 @@ plus the KV cache, so the limit is the bandwidth of a matrix-vector stream measu
 run (scripts/membw.py) divided by the bytes read per token.
 
     taskset -c 0 python scripts/bench_device.py --num-prompts 8 --max-new-tokens 128 --threads 1
+    taskset -c 0 python scripts/bench_device.py --dtypes float32 --compile on,on-aten --max-new-tokens 64
+
+``on-aten`` (CPU): compiled with autotuning free to pick ATen's GEMMs besides the C++ template, as
+the compiled step did before row invariance (runtime/compiled_step.py, CPU_INDUCTOR): what
+keeping a row's bits at every row count costs a single row. Its merged chunks are checked against
+the one-row graph as always, so expect its warm-up to warn that some differ (ATen's GEMMs are not
+row-invariant); they then run row by row.
     python scripts/bench_device.py --device cuda --dtypes bfloat16 --compile off,on     # a GPU
 """
 
@@ -22,11 +29,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adadecode.launcher.bench import first_divergence, hf_generate
+from adadecode.runtime import compiled_step
 from adadecode.runtime.engine import Engine
 from adadecode.runtime.prompts import select_prompts
 from membw import stream_bandwidth
@@ -56,7 +65,7 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--compile", default="off,on", help="compile settings to time, e.g. off,on")
+    ap.add_argument("--compile", default="off,on", help="compile settings to time: off, on, on-aten (see above)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chat", action="store_true", help="chat template for plain prompts too")
@@ -71,7 +80,10 @@ def main() -> int:
     for dtype in args.dtypes.split(","):
         engines = {}
         for c in args.compile.split(","):
-            engines[c] = Engine.load(args.model, device=args.device, dtype=dtype, heads=None, compile=c)
+            gemms = "CPP,ATEN" if c == "on-aten" else compiled_step.CPU_INDUCTOR["max_autotune_gemm_backends"]
+            with patch.dict(compiled_step.CPU_INDUCTOR, max_autotune_gemm_backends=gemms):  # read at load
+                engines[c] = Engine.load(args.model, device=args.device, dtype=dtype, heads=None,
+                                         compile="on" if c == "on-aten" else c)
         first = next(iter(engines.values()))
         hf = AutoModelForCausalLM.from_pretrained(str(first.resolved.path), dtype=getattr(torch, dtype))
         hf = hf.to(first.stages[0].model.device).eval()

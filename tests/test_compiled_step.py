@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adadecode.runtime.compiled_step import CompiledStep, maybe_compile
+from adadecode.runtime.compiled_step import FUSED_ROWS, CompiledStep, maybe_compile, row_buckets
 from adadecode.runtime.coordinator import Coordinator
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.hf_adapter import ModelArgs, load_hf_config, load_stage_modules
@@ -225,6 +225,36 @@ def test_a_merged_graph_that_differs_from_the_one_row_graph_runs_row_by_row(mode
     assert step.unmerged == {((0, 2), 2)} and not step.checked
 
 
+@pytest.mark.parametrize(
+    "max_chunk, max_rows, buckets",
+    [(3, 0, [2, 3]), (2, 0, [2]), (2, 2, [2, 3]), (3, 4, [2, 3, 4]), (3, 8, [2, 3, 4]), (5, 8, [2, 3, 4, 5])],
+)
+def test_per_row_graphs_cover_every_piece_a_batch_splits_into(max_chunk, max_rows, buckets):
+    """Graphs for every row count up to a merged chunk's rows and a fused batch's (at most
+    FUSED_ROWS); every batch splits into as few and as even pieces as can be, in order, none of
+    them a single row (which has no per-row graph)."""
+    assert row_buckets(max_chunk, max_rows) == buckets and FUSED_ROWS == 4
+    step = CompiledStep.__new__(CompiledStep)  # only the splitting: no model, nothing compiled
+    step.buckets = buckets
+    most = max_chunk if max_rows < 2 else 3 * max(max_chunk, max_rows)  # without fused batches, a merged chunk
+    pieces: list[list[int]] = []
+
+    def run(hidden, rows):
+        pieces.append(rows)
+        return hidden
+
+    for n in range(2, most + 1):
+        pieces.clear()
+        hidden = torch.arange(n, dtype=torch.float32)[:, None]
+        assert torch.equal(step._bucketed(run, hidden, list(range(n))), hidden)
+        assert [r for piece in pieces for r in piece] == list(range(n))
+        sizes = [len(piece) for piece in pieces]
+        assert all(size in buckets for size in sizes), (n, sizes)
+        assert len(sizes) == -(-n // buckets[-1]) and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="1 row"):
+        step._bucketed(lambda hidden, rows: hidden, torch.zeros(1, 1), [0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_compiled_fused_batch_gives_every_sequence_its_bits_alone(model_dir, dtype):
     """``serve.batching: fused`` on a compiled CPU stage: the decode rows of several sequences, each
@@ -257,9 +287,10 @@ def test_a_compiled_fused_batch_gives_every_sequence_its_bits_alone(model_dir, d
     done = [0] * slots  # rows of each sequence through the batched calls so far
     got: list[list[torch.Tensor]] = [[] for _ in range(slots)]
     got_tokens: list[list[int]] = [[] for _ in range(slots)]
-    # batches of 5 (every slot: over the largest graph, in pieces), 3, 2 with a merged chunk of 2 rows (3 rows),
-    # 4 with a merged chunk of 3 rows (6 rows: over the largest graph, in pieces)
-    for batch, merged in (([0, 1, 2, 3, 4], {}), ([0, 2, 4], {}), ([1, 3], {1: 2}), ([0, 1, 2, 4], {2: 3})):
+    # batches of 5 (every slot: over the largest graph, in pieces), 4, 3, 2 with a merged chunk of
+    # 2 rows (3 rows), 4 with a merged chunk of 3 rows (6 rows: over the largest graph, in pieces)
+    for batch, merged in (([0, 1, 2, 3, 4], {}), ([0, 1, 2, 3], {}), ([0, 2, 4], {}), ([1, 3], {1: 2}),
+                          ([0, 1, 2, 4], {2: 3})):
         rows = {s: merged.get(s, 1) for s in batch}
         chunks = [(steps[s][done[s] : done[s] + rows[s]], 4 + s + done[s], s) for s in batch]
         outs = model.run_layers_batch(chunks, 0, 1, exact=False, parts=[(1,) * rows[s] for s in batch])

@@ -573,10 +573,12 @@ def test_an_exit_inside_a_batch_goes_out_at_once_and_its_eager_backfill_leads_th
     assert out[1:] == out_of(stage, P, seq=0, emitted=True) + out_of(stage, P, seq=1, emitted=True)
 
 
-def test_fused_batches_share_one_lm_head_call():
-    stage = batched_stage(start=0, end=L)
+@pytest.mark.parametrize("start, calls", [(0, [3]), (3, [2, 1])], ids=["only", "last"])
+def test_fused_batches_share_one_lm_head_call(start, calls):
+    stage = batched_stage(start=start, end=L)
     stage.exact_batches = False
     for seq in range(3):
         stage.receive(item(stage, P, seq=seq))
     drain(stage)
-    assert stage.model.lm_head_rows == [3]  # one LM head call, one transfer, for all three
+    # one LM head call, one transfer, for all of a call's sequences (on the last of 2 stages, its share of 3)
+    assert stage.model.lm_head_rows == calls
