@@ -229,14 +229,16 @@ def make_engine(model_dir, ranges, num_slots: int = 1, max_seq_len: int = 64):
 # --- the HTTP server (tests/test_server.py) ----------------------------------------------------
 
 
-def save_tiny_chat_model(path: Path, seed: int = 0) -> Path:
+def save_tiny_chat_model(path: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random model that speaks text: the bundled SmolLM2's tokenizer and chat template
     next to random weights of its vocabulary size (49152), so the server's text endpoints run
-    on a model that loads in a second. Skipped without the bundled model."""
+    on a model that loads in a second. Skipped without the bundled model. ``overrides``: config
+    fields (e.g. a longer ``max_position_embeddings``)."""
     import shutil
 
     source = bundled_model_dir()
-    save_tiny_model(path, seed=seed, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    save_tiny_model(path, seed=seed, **{"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+                                        **overrides})
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (source / name).exists():
             shutil.copy(source / name, path / name)

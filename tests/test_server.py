@@ -671,11 +671,13 @@ def test_clients_that_go_away_free_their_slots_on_every_rank(tiny):
 
 
 @pytest.mark.distributed
-def test_a_killed_rank_fails_every_waiting_request_and_every_process_exits(tiny):
-    path, _, _ = tiny
+def test_a_killed_rank_fails_every_waiting_request_and_every_process_exits(tmp_path):
+    # requests of 1,000 tokens (about 3 s each here): none may finish before the kill, however
+    # slowly the five get under way on a loaded machine
+    path = save_tiny_chat_model(tmp_path / "model", seed=3, max_position_embeddings=1024)
     timeout = 15.0
     server = ServerProcess(
-        "--stages", "2", "--model", str(path), "--model.max_seq_len=256", "--decoding.heads=none",
+        "--stages", "2", "--model", str(path), "--model.max_seq_len=1024", "--decoding.heads=none",
         "--serve.max_num_seqs=2", f"--transport.timeout_s={timeout}",
     )
     try:
@@ -685,7 +687,7 @@ def test_a_killed_rank_fails_every_waiting_request_and_every_process_exits(tiny)
         def stream(i):
             try:
                 with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                                  json={"prompt": PROMPTS[i % 4], "max_tokens": 240, "stream": True}) as r:
+                                  json={"prompt": PROMPTS[i % 4], "max_tokens": 1000, "stream": True}) as r:
                     for line in r.iter_lines():
                         first_chunk.set()
                         if line.startswith('data: {"error"'):
@@ -697,7 +699,7 @@ def test_a_killed_rank_fails_every_waiting_request_and_every_process_exits(tiny)
 
         def plain(i):
             r = httpx.post(f"{server.url}/v1/completions", timeout=60,
-                           json={"prompt": PROMPTS[i % 4], "max_tokens": 240})
+                           json={"prompt": PROMPTS[i % 4], "max_tokens": 1000})
             outcomes[i] = r.status_code
 
         # Streams first, so that they hold both slots; then the plain requests, which queue
