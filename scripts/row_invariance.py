@@ -41,7 +41,9 @@ def ops(dtype: torch.dtype, g: torch.Generator, device: str = "cpu") -> dict:
         "down": (D, INTER),
         "lm_head": (VOCAB, D),
     }.items():
-        w = rnd(n, k, scale=k**-0.5)
+        # a parameter, as a layer's weight is: freezing folds only parameters into the graph as constants,
+        # and the C++ GEMM template (--autotune) takes constant weights only (else it has no choice to offer)
+        w = torch.nn.Parameter(rnd(n, k, scale=k**-0.5), requires_grad=False)
         out[name] = (lambda x, w=w: F.linear(x, w), rnd(8, k))
         out[name + " (row_invariant)"] = (lambda x, w=w: row_invariant.linear(x, w, None, (1,) * x.shape[0]), rnd(8, k))
     nw = rnd(D)
@@ -80,7 +82,7 @@ def ops(dtype: torch.dtype, g: torch.Generator, device: str = "cpu") -> dict:
 
     out["attention (sdpa, chunk mask)"] = (attention, rnd(8, HEADS * HD))
     out["attention (row_invariant)"] = (lambda x, pos0=CTX: attention(x, pos0, True), rnd(8, HEADS * HD))
-    t = rnd(D, D, scale=D**-0.5)
+    t = torch.nn.Parameter(rnd(D, D, scale=D**-0.5), requires_grad=False)
     out["exit head T (linear head)"] = (lambda x: F.linear(x, t), rnd(8, D))
     return out
 
