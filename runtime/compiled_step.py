@@ -133,7 +133,7 @@ class CompiledStep:
         self._head = None
         if model.modules.lm_head is not None:  # the LM head is a fifth of a small model's weights
             self._head = torch.compile(_own_code(self._head_fn()), **self._kwargs)
-        self._seen: set[tuple] = set()  # (segment, rows), (("alone", segment), rows), ("head", rows) compiled
+        self._seen: set[tuple] = set()  # (segment, rows), (("rows", segment), rows), ("head", rows) compiled
         self.compile_s = 0.0
 
     def handles(self, seqlen: int) -> bool:

@@ -98,7 +98,8 @@ class StageModel:
             return 0.0
         t0 = time.perf_counter()
         chunk = step.max_chunk
-        batches = [n for n in step.buckets if n > chunk]
+        # fused batches larger than a merged chunk: only where they run as one call (else row by row)
+        batches = [n for n in step.buckets if n > chunk] if self.merges_rows else []
         sizes = [chunk + 1, *range(1, chunk + 1), *batches]
         if sum(sizes) > self.max_seq_len:
             log.info("no compile warm-up: a cache of %d positions is shorter than its %d", self.max_seq_len, sum(sizes))
@@ -152,7 +153,7 @@ class StageModel:
         # hidden: [S, D] -> [S, D]
         """
         split = parts if parts is not None and len(parts) > 1 and self.row_invariant != "off" else None
-        alone = split is not None and self.step is not None and self.row_invariant == "auto" and self.step.merges(split)
+        alone = split is not None and self.merges_rows and self.step.merges(split)
         if split is not None and self.step is not None and not alone:
             outs, at = [], 0
             for n in split:
