@@ -243,6 +243,22 @@ def test_an_mlp_head_is_priced_by_the_weights_it_reads():
     assert choose(mlp, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2).speedup <= linear.speedup
 
 
+def test_a_larger_head_vocabulary_is_priced_by_the_rows_it_reads():
+    """Heads scoring 4,096 tokens read 3,072 LM-head rows more per evaluation than the 1,024-token
+    heads the profiles were fitted with: the same exit statistics never predicted faster."""
+    from adadecode.runtime.sim.heads import head_extra_weights
+
+    manifest = _bundled_manifest()
+    assert head_extra_weights(manifest, 576) == 0  # the bundled heads: 1,024 tokens, linear
+    wide = {**manifest, "vocabulary": {**manifest["vocabulary"], "size": 4096}}
+    assert head_extra_weights(wide, 576) == 3072 * 576
+    assert head_extra_weights({"head_type": "mlp", "mlp_hidden": 256, "vocabulary": {"size": 4096}}, 576) == (
+        2 * 256 * 576 + 576 + 3072 * 576)
+    assert head_extra_weights({}, 576) == 0  # heads written before the vocabulary was recorded
+    linear = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
+    assert choose(wide, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2).speedup < linear.speedup
+
+
 def test_max_inflight_is_chosen_with_the_heads_when_left_open():
     """max_inflight 0: the heads chosen at 2, then the fewest in-flight tokens within 1% of the best
     for them; never predicted slower than the same heads at 2."""

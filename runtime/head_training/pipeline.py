@@ -172,7 +172,8 @@ def train_heads(
 
     # --- 5. the defaults: the runtime's own head choice (runtime/sim/heads.py) for one setting ---
     chosen, choice = defaults_from_outcomes(outcomes["validation"], splits["validation"], validation, config,
-                                            head_type=head_type, mlp_hidden=mlp_hidden, defaults_for=defaults_for,
+                                            head_type=head_type, mlp_hidden=mlp_hidden, vocab_rows=k,
+                                            defaults_for=defaults_for,
                                             defaults_policy=defaults_policy, device=dev, dtype=dt)
     log(f"defaults: {dict(zip(choice.layers, choice.thresholds))} ({choice.note})")
 
@@ -352,7 +353,9 @@ def recompute_outcomes(
     # --- what follows from them, as in training ---
     head_type = manifest.get("head_type", "linear")
     chosen, choice = defaults_from_outcomes(outcomes, split, validation, config, head_type=head_type,
-                                            mlp_hidden=manifest.get("mlp_hidden", 0), defaults_for=defaults_for,
+                                            mlp_hidden=manifest.get("mlp_hidden", 0),
+                                            vocab_rows=manifest.get("vocabulary", {}).get("size", DEFAULT_VOCAB_SIZE),
+                                            defaults_for=defaults_for,
                                             defaults_policy=defaults_policy, device=dev, dtype=dt)
     log(f"defaults: {dict(zip(choice.layers, choice.thresholds))} ({choice.note})")
     manifest.update(chosen)  # keys already there keep their place
@@ -383,17 +386,18 @@ def _model_of(origin: str | None) -> str | None:
 
 
 def defaults_from_outcomes(outcomes, split: Split, validation: Validation, config, *, head_type: str,
-                           mlp_hidden: int, defaults_for: int, defaults_policy: str, device: torch.device,
-                           dtype: torch.dtype) -> tuple[dict, HeadChoice]:
+                           mlp_hidden: int, vocab_rows: int, defaults_for: int, defaults_policy: str,
+                           device: torch.device, dtype: torch.dtype) -> tuple[dict, HeadChoice]:
     """The manifest's keys that follow from the heads' validation ``outcomes`` (``head_outcomes`` on
     ``split``, the prompts of ``validation``): ``validation_calibration``, and ``default_layers``,
     ``default_thresholds`` and ``choice``, the runtime's own head choice (runtime/sim/heads.py) for
     ``defaults_for`` ranks with ``defaults_policy`` backfill on ``device`` in ``dtype``, counting
-    exits token by token. One function for training and ``--outcomes-only``; returns those keys
-    and the choice."""
+    exits token by token, each head evaluation priced with its ``vocab_rows`` LM-head rows. One
+    function for training and ``--outcomes-only``; returns those keys and the choice."""
     tables = {"validation_calibration": calibration_table(outcomes, split)}
     ranges = plan_stages(config, defaults_for)
-    kind_keys = {"head_type": head_type, **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {})}
+    kind_keys = {"head_type": head_type, **({"mlp_hidden": mlp_hidden} if head_type == "mlp" else {}),
+                 "vocabulary": {"size": vocab_rows}}
     choice = choose({**tables, **kind_keys}, config, ranges, defaults_policy, device.type,
                     torch.empty((), dtype=dtype).element_size(),
                     max_inflight=2, ranks=True, outcomes=outcomes, alone=True)

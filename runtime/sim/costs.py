@@ -115,10 +115,14 @@ def load_cpu_profile(compiled: bool = False) -> dict:
     return json.loads(path.read_text())
 
 
+HEAD_VOCAB = 1024  # the restricted vocabulary of the heads the CPU profiles were fitted with
+
+
 def head_weights(hidden: int, extra: int = 0) -> int:
-    """Weights one head evaluation reads: its d x d map, the 1024 restricted LM-head rows the
-    fitted heads score, and ``extra`` (an MLP head's 2 x hidden x d + d)."""
-    return hidden * hidden + 1024 * hidden + extra
+    """Weights one head evaluation reads: its d x d map, the ``HEAD_VOCAB`` restricted LM-head rows
+    the fitted heads score, and ``extra`` (sim/heads.head_extra_weights: an MLP head's weights, the
+    rows of a larger vocabulary)."""
+    return hidden * hidden + HEAD_VOCAB * hidden + extra
 
 
 def cpu_costs(model: ModelShape, stages: int, element_size: int = 4, head_extra: int = 0,

@@ -47,7 +47,7 @@ import torch
 
 from ..loading import LoadSpec, resolve_heads
 from ..model_source import ResolvedModel
-from .costs import ModelShape, setting_costs
+from .costs import HEAD_VOCAB, ModelShape, setting_costs
 from .simulator import ExitStats, SimSpec, simulate
 
 # Down to where a wrong guess costs about an idle stage's time: on ranks a rejected early token
@@ -156,11 +156,21 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
     exact = None if outcomes is None else tuple(
         (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
+    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone,
+                   head_extra_weights(manifest, shape.hidden), compiled, per_row_merges)
+
+
+def head_extra_weights(manifest: dict, hidden: int) -> int:
+    """Weights one evaluation of these heads reads beyond a linear head over 1,024 tokens (what
+    costs.head_weights prices): an MLP head's W1, W2 and norm, and the LM-head rows of a larger
+    restricted vocabulary, or of the whole one (manifest ``vocabulary.size``; absent: 1,024)."""
     extra = 0
-    if manifest.get("head_type") == "mlp":  # its W1, W2 and norm, read at every evaluation
-        extra = 2 * int(manifest["mlp_hidden"]) * shape.hidden + shape.hidden
-    return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone, extra,
-                   compiled, per_row_merges)
+    if manifest.get("head_type") == "mlp":
+        extra += 2 * int(manifest["mlp_hidden"]) * hidden + hidden
+    vocab = manifest.get("vocabulary")
+    if isinstance(vocab, dict) and isinstance(vocab.get("size"), int):
+        extra += (vocab["size"] - HEAD_VOCAB) * hidden
+    return extra
 
 
 @lru_cache(maxsize=16)
