@@ -68,7 +68,8 @@ def random_model(shape_name: str, layers: int, device: str, out: Path) -> str:
 
 
 def measure(source: str, compile_setting: str, rows: list[int], context: int, repeats: int, dtype: str,
-            row_invariant: str = "auto", device: str = "cpu") -> dict[int, dict]:
+            row_invariant: str = "auto", device: str = "cpu") -> dict:
+    """``{"layers": the stage's layer count, "rows": {k: {"layers_ms", "head_ms"}}}``."""
     engine = Engine.load(source, stages=1, device=device, dtype=dtype, heads=None, compile=compile_setting,
                          max_inflight=max(rows) - 1, max_seq_len=context + max(rows) + 8, row_invariant=row_invariant)
     model = engine.stages[0].model
