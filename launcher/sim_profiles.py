@@ -17,7 +17,7 @@ from pathlib import Path
 
 from adadecode.runtime.sim.costs import RUNNER_FIELDS
 from adadecode.runtime.sim.fit import exit_stats, fit_costs
-from adadecode.runtime.sim.simulator import ExitStats
+from adadecode.runtime.sim.simulator import ExitReplay, ExitStats
 
 
 def build_cpu_profile(one_rank: str | Path, ranks: str | Path) -> dict:
@@ -53,11 +53,11 @@ def scaled_layer(layer: int, from_depth: int, to_depth: int) -> int:
     return max(1, min(to_depth - 1, round(layer * to_depth / from_depth)))
 
 
-def exit_scenario(name: str, depth: int, measured: ExitStats, measured_depth: int) -> ExitStats:
+def exit_scenario(name: str, depth: int, measured: ExitStats | ExitReplay,
+                  measured_depth: int) -> ExitStats | ExitReplay:
     """``measured`` (the bundled heads, at the same relative depths) or ``paper`` (see the docstring)."""
     if name == "measured":
-        at = {l: scaled_layer(l, measured_depth, depth) for l in measured.layers}
-        return ExitStats({at[l]: measured.rate[l] for l in at}, {at[l]: measured.precision[l] for l in at})
+        return measured.moved({scaled_layer(l, measured_depth, depth): l for l in measured.layers})
     if name == "paper":
         heads = {scaled_layer(l, 32, depth) for l in (8, 16, 24)}
         return ExitStats({l: 0.35 for l in heads}, {l: 0.945 for l in heads})

@@ -30,7 +30,7 @@ from adadecode.runtime.sim.costs import (
     setting_costs,
 )
 from adadecode.runtime.sim.fit import calibrate, fit_costs
-from adadecode.runtime.sim.simulator import Costs, ExitStats, SimSpec, simulate
+from adadecode.runtime.sim.simulator import Costs, ExitReplay, ExitStats, SimSpec, simulate
 
 from .errors import report_error
 from .sim_profiles import exit_scenario, scaled_layer
@@ -98,7 +98,7 @@ class Setting:
             self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
         self.depth = self.model.layers
 
-    def exits(self, scenario: str | tuple[ExitStats, int]) -> ExitStats:
+    def exits(self, scenario: str | tuple[ExitStats | ExitReplay, int]) -> ExitStats | ExitReplay:
         """A named scenario, or ``(stats, depth)`` of some heads: mapped to this model's depth."""
         if isinstance(scenario, tuple):
             return exit_scenario("measured", self.depth, *scenario)
@@ -112,12 +112,13 @@ class Setting:
         return partition_layers(self.depth, stages, last_extra=c.lm_head_s / c.layer(1))
 
 
-def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[float]) -> tuple[ExitStats, int]:
+def heads_exits(path: str, layers: Sequence[int] | None,
+                thresholds: Sequence[float]) -> tuple[ExitStats | ExitReplay, int]:
     """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
-    (one per layer, or one for all; default: its defaults), and the depth of its model: counted
+    (one per layer, or one for all; default: its defaults), and the depth of its model: replayed
     token by token where train-heads recorded the outcomes, else from its calibration table."""
     from adadecode.runtime.exit_heads import read_manifest, read_outcomes
-    from adadecode.runtime.sim.heads import conditional_exits, exact_exits, exit_table
+    from adadecode.runtime.sim.heads import conditional_exits, exit_table, replay_exits
 
     where = Path(path).parent if Path(path).name == "manifest.json" else Path(path)
     manifest = read_manifest(where)
@@ -138,7 +139,7 @@ def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[fl
         if (lacking := sorted(set(layers) - set(outcomes))):
             raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
                              "train-heads` into it")
-        return exact_exits(selection, outcomes), manifest["base_model"]["num_layers"]
+        return replay_exits(selection, outcomes), manifest["base_model"]["num_layers"]
     table = exit_table(manifest)
     off_table = {l: t for l, t in selection.items() if all(r[0] != t for r in table[l])}
     if off_table:
@@ -153,8 +154,7 @@ def run(setting: Setting, stages: int, mode: str, scenario: str | tuple = "measu
     """Simulate one setting; the simulator's summary."""
     exits = setting.exits(scenario)
     if layers:
-        exits = ExitStats({l: exits.rate.get(l, _nearest(exits.rate, l)) for l in layers},
-                          {l: exits.precision.get(l, _nearest(exits.precision, l)) for l in layers})
+        exits = exits.moved({l: min(exits.layers, key=lambda k, l=l: abs(k - l)) for l in layers})
     ranges = setting.ranges(stages)
     wait = None
     if mode == "wait":  # hold a parked backfill about as long as the next token takes to get there
@@ -167,10 +167,6 @@ def run(setting: Setting, stages: int, mode: str, scenario: str | tuple = "measu
         early_exit_below=early_exit_below, wait_s=wait, seed=seed,
     )
     return simulate(spec).summary()
-
-
-def _nearest(table: dict[int, float], layer: int) -> float:
-    return table[min(table, key=lambda l: abs(l - layer))]
 
 
 # --- reports --------------------------------------------------------------------------

@@ -14,8 +14,16 @@ from adadecode.launcher.simulate import main as simulate_main
 from adadecode.launcher.trace_export import chrome_trace, read_trace
 from adadecode.runtime.sim.costs import load_cpu_profile
 from adadecode.runtime.sim.fit import calibrate, exit_stats, fit_costs
-from adadecode.runtime.sim.heads import INFLIGHT, MARGIN, choose, conditional_exits, exact_exits, exit_table
-from adadecode.runtime.sim.simulator import Costs, ExitStats, SimSpec, simulate
+from adadecode.runtime.sim.heads import (
+    CONFIRM,
+    INFLIGHT,
+    MARGIN,
+    choose,
+    conditional_exits,
+    exit_table,
+    replay_exits,
+)
+from adadecode.runtime.sim.simulator import Costs, ExitStats, SimHeads, SimSpec, simulate
 
 TRACES = Path(__file__).resolve().parents[1] / "data" / "traces"
 EXITS = ExitStats({3: 0.3, 5: 0.4, 8: 0.5}, {3: 0.6, 5: 0.8, 8: 0.95})
@@ -207,18 +215,40 @@ def test_a_token_counts_once_across_heads():
     assert s.precision == {4: 0.7, 9: 0.9, 12: 0.95}
 
 
-def test_exact_exits_count_the_first_confident_head_per_token():
+def test_replayed_heads_read_one_answer_in_order_and_exit_at_the_first_confident_head():
     """Token by token: 0 exits at 4 (wrong), 1 at 9 (right: 4 was not confident), 2 at 9 too
-    (right), 3 at no head; so 4 exits 1 of 4, 9 exits 2 of the 3 that reach it, 12 none of 1."""
+    (right), 3 at no head. A simulated sequence reads consecutive tokens from a start of its own,
+    so easy and hard tokens keep their runs; every head answers as that token's outcome says."""
     outcomes = {4: ([0.9, 0.1, 0.2, 0.1], [False, True, True, True]),
                 9: ([0.95, 0.9, 0.85, 0.3], [True, True, True, False]),
                 12: ([0.99, 0.99, 0.99, 0.5], [True, True, True, True])}
-    s = exact_exits({4: 0.8, 9: 0.8, 12: 0.8}, outcomes)
-    assert s.rate == {4: 0.25, 9: pytest.approx(2 / 3), 12: 0.0}
-    assert s.precision == {4: 0.0, 9: 1.0, 12: 1.0}
-    # the table's assumption would have let 12 exit nothing too, but it cannot see that 4's exit was wrong
-    loose = exact_exits({4: 0.05, 12: 0.4}, outcomes)
-    assert loose.rate == {4: 1.0, 12: 0.0}
+    replay = replay_exits({4: 0.8, 9: 0.8}, outcomes)
+    assert replay.layers == (4, 9) and replay.tokens == 4
+    truth = lambda pos: 1000 + pos  # noqa: E731
+    heads = SimHeads(replay, replay.layers, truth, seed=3)
+
+    def seen(l: int, pos: int, slot: int) -> tuple[bool, bool]:  # (exits, right)
+        token, conf = heads.predict(l, torch.tensor([7, pos, slot]))
+        return conf > 0, token == truth(pos + 1)
+
+    def outcome(l: int, i: int) -> tuple[bool, bool]:
+        conf, agreed = outcomes[l][0][i % 4], outcomes[l][1][i % 4]
+        return conf > 0.8, conf > 0.8 and agreed
+
+    for slot in (0, 1):
+        observed = [(seen(4, p, slot), seen(9, p, slot), seen(12, p, slot)) for p in range(8)]
+        assert any(observed == [(outcome(4, i + p), outcome(9, i + p), (False, False)) for p in range(8)]
+                   for i in range(4))
+    # in a whole run: every token that reaches a confident head exits there, right or wrong as it was
+    costs = Costs(layer_s=[1e-3, 1.5e-3], head_s=1e-4, lm_head_s=1e-3)
+    always_wrong = replay_exits({4: 0.8, 9: 0.8}, {4: ([0.9] * 5, [False] * 5), 9: ([0.95] * 5, [True] * 5)})
+    late_right = replay_exits({4: 0.95, 9: 0.8}, {4: ([0.9] * 5, [False] * 5), 9: ([0.95] * 5, [True] * 5)})
+    for exits, layer, acceptance in ((always_wrong, 4, 0.0), (late_right, 9, 1.0)):
+        result = simulate(SimSpec(num_layers=12, ranges=[(0, 6), (6, 12)], costs=costs, exits=exits,
+                                  head_layers=exits.layers, early_exit="eager", prompts=[(8, 16)] * 2))
+        summary = result.summary()
+        assert result.mismatches == 0 and summary["acceptance_rate"] == acceptance
+        assert set(summary["exit_rate_per_head"]) == {layer}
 
 
 def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
@@ -229,6 +259,28 @@ def test_on_one_cpu_stage_no_head_pays_and_on_two_ranks_eager_heads_do():
     two = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
     assert two.layers and len(two.thresholds) == len(two.layers) and two.speedup >= MARGIN
     assert choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2) == two  # every rank agrees
+
+
+def test_the_choice_is_scored_on_the_larger_replayed_sample():
+    """The search's finalists are scored again on CONFIRM's 16 answers (other starts than the
+    search's 4): the speedup a choice reports is its speedup there."""
+    from dataclasses import replace
+
+    from adadecode.runtime.exit_heads import bundled_heads_path, read_outcomes
+    from adadecode.runtime.sim.costs import SMOLLM2_135M, setting_costs
+
+    manifest = _bundled_manifest()
+    outcomes = read_outcomes(bundled_heads_path(), manifest)
+    ranges = [(0, 19), (19, 30)]
+    choice = choose(manifest, _Config, ranges, "eager", "cpu", 4, 2, outcomes=outcomes)
+    assert choice.layers and choice.max_inflight == 2
+    costs = setting_costs(SMOLLM2_135M, "cpu", 2, 4)
+    costs = replace(costs, layer_s=[costs.layer_s[0] * n for n in range(1, len(costs.layer_s) + 1)])
+    exits = replay_exits(dict(zip(choice.layers, choice.thresholds)), outcomes)
+    on = SimSpec(num_layers=30, ranges=ranges, costs=costs, exits=exits, head_layers=exits.layers,
+                 early_exit="eager", prompts=CONFIRM, seed=1)
+    off = replace(on, exits=None, head_layers=(), early_exit="off")
+    assert choice.speedup == round(simulate(on).tokens_per_s / simulate(off).tokens_per_s, 3)
 
 
 def test_an_mlp_head_is_priced_by_the_weights_it_reads():

@@ -391,8 +391,8 @@ def defaults_from_outcomes(outcomes, split: Split, validation: Validation, confi
     """The manifest's keys that follow from the heads' validation ``outcomes`` (``head_outcomes`` on
     ``split``, the prompts of ``validation``): ``validation_calibration``, and ``default_layers``,
     ``default_thresholds`` and ``choice``, the runtime's own head choice (runtime/sim/heads.py) for
-    ``defaults_for`` ranks with ``defaults_policy`` backfill on ``device`` in ``dtype``, counting
-    exits token by token, each head evaluation priced with its ``vocab_rows`` LM-head rows. One
+    ``defaults_for`` ranks with ``defaults_policy`` backfill on ``device`` in ``dtype``, replaying
+    the outcomes token by token, each head evaluation priced with its ``vocab_rows`` LM-head rows. One
     function for training and ``--outcomes-only``; returns those keys and the choice."""
     tables = {"validation_calibration": calibration_table(outcomes, split)}
     ranges = plan_stages(config, defaults_for)
@@ -408,9 +408,9 @@ def defaults_from_outcomes(outcomes, split: Split, validation: Validation, confi
             "note": (
                 f"Defaults chosen on the validation prompts ({validation.describe()}) "
                 "by the runtime's per-setting head choice (runtime/sim/heads.py) for the setting below: the "
-                "simulated speedup over early exit off, each token exiting at the first head above its threshold "
-                "(counted token by token), none where none is predicted to pay. Heads outside the defaults "
-                "carry the threshold best for them alone in that setting."
+                "simulated speedup over early exit off, the validation answers replayed token by token in order, "
+                "each token exiting at the first head above its threshold, none where none is predicted to pay. "
+                "Heads outside the defaults carry the threshold best for them alone in that setting."
             ),
             "split": "validation",
             "setting": {"stages": defaults_for, "ranks": True, "policy": defaults_policy, "device": device.type,

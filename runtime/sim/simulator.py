@@ -5,13 +5,19 @@ Theory of operation. Nothing about scheduling is modelled twice: the real
 run unchanged; only the model, the exit heads and the clock are simulated.
 
 - ``SimModel`` keeps the StageModel interface the Stage uses. Its hidden state is
-  a row ``[token, pos]`` per position; it keeps each layer's cache length (so
+  a row ``[token, pos, slot]`` per position; it keeps each layer's cache length (so
   invariant 1 of docs/design.md is still checked) and charges each call's cost to its
   rank's clock. The final layer predicts ``truth(pos + 1)``: a fixed token per
   position, so every simulated decode is checked against plain greedy.
-- ``SimHeads`` decide per ``(layer, pos, token)`` from a hash: a head exits with
-  the layer's exit rate (given that it is evaluated) and is right with its
-  precision. A decision is the same whenever the same input is seen again.
+- ``SimHeads`` decide per ``(layer, pos, token)`` from a hash: with ``ExitStats``, a
+  head exits with the layer's exit rate (given that it is evaluated) and is right
+  with its precision, every position on its own; with ``ExitReplay``, each simulated
+  sequence reads real validation tokens in the order an answer generated them (from a
+  start drawn per sequence), and a head exits where that token's confidence passed
+  its threshold, right or wrong as it was. The replay keeps what the rates lose: easy
+  and hard tokens come in runs, and the speedup is concave in the exit rate, so the
+  rates alone overrate heads (docs/results.md, "Exit statistics in order"). A decision
+  is the same whenever the same input is seen again.
 - ``simulate`` drives one rank per stage the way ``DistributedRunner`` does: take
   in what has arrived, call ``stage.next_action()`` once, ship the output (data
   to the next rank after the link's latency and transfer time, predictions to
@@ -126,6 +132,35 @@ class ExitStats:
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.rate))
 
+    def moved(self, to: dict[int, int]) -> ExitStats:
+        """The heads at the layers ``to`` maps to, each with the statistics of its source layer."""
+        return ExitStats({new: self.rate[old] for new, old in to.items()},
+                         {new: self.precision[old] for new, old in to.items()})
+
+
+@dataclass
+class ExitReplay:
+    """Exit heads replayed from per-token outcomes (``train-heads``' ``outcomes.safetensors``): per
+    head layer, each validation token's confidence and whether the head agreed with the final layer,
+    in the order the answers generated them; a head exits when the confidence passes ``thresholds``."""
+
+    thresholds: dict[int, float]
+    confidence: dict[int, list[float]]
+    agreed: dict[int, list[bool]]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.thresholds))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.confidence[self.layers[0]])
+
+    def moved(self, to: dict[int, int]) -> ExitReplay:
+        return ExitReplay({new: self.thresholds[old] for new, old in to.items()},
+                          {new: self.confidence[old] for new, old in to.items()},
+                          {new: self.agreed[old] for new, old in to.items()})
+
 
 class _Clock:
     def __init__(self):
@@ -157,7 +192,7 @@ class SimModel:
         self._len[slot] = [0] * (self.end - self.start)
 
     def embed(self, tokens) -> torch.Tensor:
-        return torch.tensor([[t, -1] for t in tokens], dtype=torch.int64)
+        return torch.tensor([[t, -1, -1] for t in tokens], dtype=torch.int64)
 
     def _advance(self, hidden: torch.Tensor, pos: int, first: int, last: int, slot: int) -> torch.Tensor:
         lengths = self._len[slot]
@@ -169,6 +204,7 @@ class SimModel:
             lengths[layer - self.start] = pos + hidden.shape[0]
         out = hidden.clone()
         out[:, 1] = torch.arange(pos, pos + hidden.shape[0])
+        out[:, 2] = slot  # which sequence: the replayed heads read their own tokens
         return out
 
     def run_layers(self, hidden, pos: int, first: int, last: int, slot: int, parts=None) -> torch.Tensor:
@@ -185,23 +221,34 @@ class SimModel:
 
     def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
         self._charge(self.costs.lm_head(hidden.shape[0]))
-        return [self.truth(int(pos) + 1) for _, pos in hidden.tolist()]
+        return [self.truth(int(pos) + 1) for _, pos, _ in hidden.tolist()]
 
 
 class SimHeads:
-    """Exit heads that behave as ``ExitStats`` says (``_StageHeads`` charges each evaluation)."""
+    """Exit heads that behave as ``ExitStats`` or ``ExitReplay`` say (``_StageHeads`` charges each
+    evaluation). ``batch``: the simulated benchmark's batch of sequences now running (the replay
+    draws each sequence's start from it and the sequence's cache slot)."""
 
-    def __init__(self, exits: ExitStats, layers, truth, seed: int):
+    def __init__(self, exits: ExitStats | ExitReplay, layers, truth, seed: int):
         self.layers = tuple(sorted(layers))
         self.thresholds = {l: 0.5 for l in self.layers}
         self.exits, self.truth, self.seed = exits, truth, seed
+        self.batch = 0
 
     def predict(self, layer: int, row: torch.Tensor) -> tuple[int, float]:
-        token, pos = (int(x) for x in row.tolist())
-        if _uniform(self.seed, 1, layer, pos, token) >= self.exits.rate.get(layer, 0.0):
-            return 0, 0.0
+        token, pos, slot = (int(x) for x in row.tolist())
         right = self.truth(pos + 1)
-        if _uniform(self.seed, 2, layer, pos, token) < self.exits.precision.get(layer, 0.0):
+        if isinstance(self.exits, ExitReplay):
+            if layer not in self.exits.thresholds:
+                return 0, 0.0
+            i = (_mix(self.seed, 4, self.batch, slot) + pos) % self.exits.tokens
+            if self.exits.confidence[layer][i] <= self.exits.thresholds[layer]:
+                return 0, 0.0
+            if self.exits.agreed[layer][i]:
+                return right, 1.0
+        elif _uniform(self.seed, 1, layer, pos, token) >= self.exits.rate.get(layer, 0.0):
+            return 0, 0.0
+        elif _uniform(self.seed, 2, layer, pos, token) < self.exits.precision.get(layer, 0.0):
             return right, 1.0
         return (right + 1 + _mix(self.seed, 3, layer, pos) % (VOCAB - 1)) % VOCAB, 1.0  # any other token
 
@@ -213,7 +260,7 @@ class SimSpec:
     num_layers: int
     ranges: list[tuple[int, int]]  # each stage's [start, end)
     costs: Costs
-    exits: ExitStats | None = None
+    exits: ExitStats | ExitReplay | None = None
     head_layers: tuple[int, ...] = ()
     early_exit: str = "off"
     max_inflight: int = 2
@@ -376,7 +423,9 @@ def simulate(spec: SimSpec) -> SimResult:
 
     now, seq, mismatches = 0.0, 0, 0
     batches = [spec.prompts[i : i + spec.concurrency] for i in range(0, len(spec.prompts), spec.concurrency)]
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        if heads is not None:
+            heads.batch = index
         coord = Coordinator(max_inflight=spec.max_inflight, early_exit_below=spec.early_exit_below)
         seqs = []
         for n, new_tokens in batch:
