@@ -30,6 +30,7 @@ from adadecode.runtime.sim.costs import (
     setting_costs,
 )
 from adadecode.runtime.sim.fit import calibrate, fit_costs
+from adadecode.runtime.sim.heads import head_extra_weights
 from adadecode.runtime.sim.simulator import Costs, ExitReplay, ExitStats, SimSpec, simulate
 
 from .errors import report_error
@@ -98,14 +99,16 @@ class Setting:
             self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
         self.depth = self.model.layers
 
-    def exits(self, scenario: str | tuple[ExitStats | ExitReplay, int]) -> ExitStats | ExitReplay:
-        """A named scenario, or ``(stats, depth)`` of some heads: mapped to this model's depth."""
+    def exits(self, scenario: str | tuple) -> ExitStats | ExitReplay:
+        """A named scenario, or ``(stats, depth, manifest)`` of some heads: mapped to this model's depth."""
         if isinstance(scenario, tuple):
-            return exit_scenario("measured", self.depth, *scenario)
+            return exit_scenario("measured", self.depth, *scenario[:2])
         return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
 
-    def costs(self, stages: int) -> Costs:
-        return setting_costs(self.model, self.device, stages, link=self.link, compiled=self.compiled)
+    def costs(self, stages: int, head_extra: int = 0) -> Costs:
+        """``head_extra``: weights one head evaluation reads beyond a linear 1,024-token head's."""
+        return setting_costs(self.model, self.device, stages, link=self.link, compiled=self.compiled,
+                             head_extra=head_extra)
 
     def ranges(self, stages: int) -> list[tuple[int, int]]:
         c = self.costs(stages)
@@ -113,10 +116,11 @@ class Setting:
 
 
 def heads_exits(path: str, layers: Sequence[int] | None,
-                thresholds: Sequence[float]) -> tuple[ExitStats | ExitReplay, int]:
+                thresholds: Sequence[float]) -> tuple[ExitStats | ExitReplay, int, dict]:
     """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
-    (one per layer, or one for all; default: its defaults), and the depth of its model: replayed
-    token by token where train-heads recorded the outcomes, else from its calibration table."""
+    (one per layer, or one for all; default: its defaults), the depth of its model and its manifest
+    (which prices a head: ``run``): replayed token by token where train-heads recorded the outcomes,
+    else from its calibration table."""
     from adadecode.runtime.exit_heads import read_manifest, read_outcomes
     from adadecode.runtime.sim.heads import conditional_exits, exit_table, replay_exits
 
@@ -139,30 +143,33 @@ def heads_exits(path: str, layers: Sequence[int] | None,
         if (lacking := sorted(set(layers) - set(outcomes))):
             raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
                              "train-heads` into it")
-        return replay_exits(selection, outcomes), manifest["base_model"]["num_layers"]
+        return replay_exits(selection, outcomes), manifest["base_model"]["num_layers"], manifest
     table = exit_table(manifest)
     off_table = {l: t for l, t in selection.items() if all(r[0] != t for r in table[l])}
     if off_table:
         raise ValueError(f"--thresholds: {where} has no per-token outcomes and its calibration table has no row "
                          f"for {off_table}; use thresholds of its sweep {[r[0] for r in table[layers[0]]]}")
-    return conditional_exits(selection, table), manifest["base_model"]["num_layers"]
+    return conditional_exits(selection, table), manifest["base_model"]["num_layers"], manifest
 
 
 def run(setting: Setting, stages: int, mode: str, scenario: str | tuple = "measured", max_inflight: int = 2,
         layers: Sequence[int] | None = None, concurrency: int = 1, prompt_tokens: int = 64, new_tokens: int = 128,
         sequences: int = 8, seed: int = 0, early_exit_below: int | None = None) -> dict:
-    """Simulate one setting; the simulator's summary."""
+    """Simulate one setting; the simulator's summary. A heads directory's scenario (``heads_exits``)
+    prices a head evaluation by its type and vocabulary, as the runtime's head choice does."""
     exits = setting.exits(scenario)
+    extra = head_extra_weights(scenario[2], setting.model.hidden) if isinstance(scenario, tuple) else 0
     if layers:
         exits = exits.moved({l: min(exits.layers, key=lambda k, l=l: abs(k - l)) for l in layers})
     ranges = setting.ranges(stages)
     wait = None
     if mode == "wait":  # hold a parked backfill about as long as the next token takes to get there
-        c = setting.costs(stages)
+        c = setting.costs(stages, extra)
         wait = [a * c.layer(1) + i * (c.step_s + c.hop(1)) for i, (a, _) in enumerate(ranges)]
     spec = SimSpec(
-        num_layers=setting.depth, ranges=ranges, costs=setting.costs(stages), exits=exits if mode != "off" else None,
-        head_layers=exits.layers if mode != "off" else (), early_exit="deferred" if mode == "wait" else mode,
+        num_layers=setting.depth, ranges=ranges, costs=setting.costs(stages, extra),
+        exits=exits if mode != "off" else None, head_layers=exits.layers if mode != "off" else (),
+        early_exit="deferred" if mode == "wait" else mode,
         max_inflight=max_inflight, prompts=[(prompt_tokens, new_tokens)] * sequences, concurrency=concurrency,
         early_exit_below=early_exit_below, wait_s=wait, seed=seed,
     )
@@ -248,7 +255,8 @@ def requirements(profiles=("llama-3.1-8b", "llama-3.1-70b"), stage_counts=(4, 8,
                 for precision in precisions:
                     curve = {}
                     for rate in REQUIREMENT_RATES:
-                        stats = (ExitStats(dict.fromkeys(heads, rate), dict.fromkeys(heads, precision)), setting.depth)
+                        stats = (ExitStats(dict.fromkeys(heads, rate), dict.fromkeys(heads, precision)), setting.depth,
+                                 {})  # linear heads over 1,024 tokens
                         curve[rate] = max(run(setting, stages, mode, stats, inflight, **short)["tokens_per_s"] / off
                                           for mode in ("eager", "deferred"))
                     row = {"model": GPU_MODELS[profile].name, "stages": stages, "max_inflight": inflight,

@@ -415,6 +415,11 @@ def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, c
     assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "19", "--thresholds", "0.55"]) == 0
     exact = json.loads(capsys.readouterr().out)
     assert exact["acceptance_rate"] == 1.0 and exact["vs_off"] > from_table["vs_off"]
+    # a head over 16,384 tokens reads 16 times the LM-head rows per evaluation: priced so, as the head choice does
+    manifest["vocabulary"]["size"] = 16384
+    (heads / "manifest.json").write_text(json.dumps(manifest))
+    assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "19", "--thresholds", "0.55"]) == 0
+    assert json.loads(capsys.readouterr().out)["vs_off"] < exact["vs_off"]
     assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "7"]) == 2  # in the manifest, no outcomes
     assert "per-token outcomes have no heads at [7]" in capsys.readouterr().err
     assert simulate_main([*base, "--exits", str(tmp_path / "nothing")]) == 2
