@@ -9,15 +9,15 @@ run unchanged; only the model, the exit heads and the clock are simulated.
   invariant 1 of docs/design.md is still checked) and charges each call's cost to its
   rank's clock. The final layer predicts ``truth(pos + 1)``: a fixed token per
   position, so every simulated decode is checked against plain greedy.
-- ``SimHeads`` decide per ``(layer, pos, token)`` from a hash: with ``ExitStats``, a
-  head exits with the layer's exit rate (given that it is evaluated) and is right
+- ``SimHeads``: with ``ExitStats``, a head decides per ``(layer, pos, token)`` from a
+  hash: it exits with the layer's exit rate (given that it is evaluated) and is right
   with its precision, every position on its own; with ``ExitReplay``, each simulated
-  sequence reads real validation tokens in the order an answer generated them (from a
-  start drawn per sequence), and a head exits where that token's confidence passed
-  its threshold, right or wrong as it was. The replay keeps what the rates lose: easy
-  and hard tokens come in runs, and the speedup is concave in the exit rate, so the
-  rates alone overrate heads (docs/results.md, "Exit statistics in order"). A decision
-  is the same whenever the same input is seen again.
+  sequence reads real validation tokens in the order an answer generated them, from a
+  start drawn per (batch, stage 0's cache slot), and a head exits where that token's
+  confidence passed its threshold, right or wrong as it was. The replay keeps what
+  the rates lose: easy and hard tokens come in runs, and rates alone overrated the
+  heads' choice (docs/results.md, "Heads per setting", "Replayed in order"). A
+  decision is the same whenever the same input is seen again.
 - ``simulate`` drives one rank per stage the way ``DistributedRunner`` does: take
   in what has arrived, call ``stage.next_action()`` once, ship the output (data
   to the next rank after the link's latency and transfer time, predictions to
@@ -204,7 +204,8 @@ class SimModel:
             lengths[layer - self.start] = pos + hidden.shape[0]
         out = hidden.clone()
         out[:, 1] = torch.arange(pos, pos + hidden.shape[0])
-        out[:, 2] = slot  # which sequence: the replayed heads read their own tokens
+        fresh = out[:, 2] < 0  # stage 0's new rows; later stages keep stage 0's slot, so every head agrees
+        out[fresh, 2] = slot  # which sequence: the replayed heads read its tokens
         return out
 
     def run_layers(self, hidden, pos: int, first: int, last: int, slot: int, parts=None) -> torch.Tensor:
