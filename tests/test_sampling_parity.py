@@ -34,7 +34,10 @@ def engines():
     bundled_model_dir()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on two busy cores crawl
-    yield {p: Engine.load("bundled:smollm2-135m-instruct", stages=p) for p in (1, 2)}
+    # heads inside both stages of the 2-stage split (0-18, 19-29) at low thresholds, so that early tokens,
+    # rollbacks and deferred merges all happen on each engine whatever the manifest's defaults are
+    heads = {"exit_layers": (10, 19, 22, 25, 28), "thresholds": (0.5, 0.7, 0.3, 0.5, 0.6)}
+    yield {p: Engine.load("bundled:smollm2-135m-instruct", stages=p, **heads) for p in (1, 2)}
     torch.set_num_threads(threads)
 
 
