@@ -45,6 +45,7 @@ deterministic, so every rank of a job chooses the same heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -136,12 +137,13 @@ def replay_exits(selection: dict[int, float], outcomes) -> ExitReplay:
     order the answers generated them: a token exits at the first selected head above its threshold
     (the runtime evaluates no later head for it), right or wrong as that head was, and the runs of
     easy and hard tokens stay as they came. ``outcomes``: {layer: (confidence per token, agreed per
-    token)}."""
-    def values(x) -> list:
-        return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+    token), tensors or sequences; sequences are used as they are, not copied: the head choice
+    replays the same outcomes for every candidate)."""
+    def values(x) -> Sequence:
+        return x.tolist() if isinstance(x, torch.Tensor) else x
 
     return ExitReplay(dict(selection), {l: values(outcomes[l][0]) for l in selection},
-                      {l: [bool(a) for a in values(outcomes[l][1])] for l in selection})
+                      {l: values(outcomes[l][1]) for l in selection})
 
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,

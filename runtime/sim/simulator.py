@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -145,8 +146,8 @@ class ExitReplay:
     in the order the answers generated them; a head exits when the confidence passes ``thresholds``."""
 
     thresholds: dict[int, float]
-    confidence: dict[int, list[float]]
-    agreed: dict[int, list[bool]]
+    confidence: dict[int, Sequence[float]]
+    agreed: dict[int, Sequence[bool]]
 
     @property
     def layers(self) -> tuple[int, ...]:
