@@ -52,14 +52,16 @@ How.
   experts, and CUDA do too.
 
 Compile time is paid on a segment's first use of each chunk size (``compile_s``,
-reported with the first generation's stats); inductor caches its work on disk, in
-``$TORCHINDUCTOR_CACHE_DIR`` (default: ``inductor/`` in adadecode's cache directory).
+reported with the first generation's stats), in every process: inductor keeps its C++ kernels
+and autotuning results on disk (``$TORCHINDUCTOR_CACHE_DIR``, inductor's default
+``/tmp/torchinductor_$USER``), but not these graphs, whose frozen weights are packed into
+oneDNN tensors that its graph cache cannot pickle (it bypasses them), so a second run compiles
+as long as the first (docs/results.md, "Compile at start-up").
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import types
 from collections.abc import Sequence
@@ -398,10 +400,5 @@ def maybe_compile(
     """
     if not compiles(setting, model.device.type):
         return False
-    # Inductor keeps compiled kernels and autotuning results on disk; keep them with our other
-    # caches rather than in /tmp, so that a restart (or another rank) reuses them.
-    from .model_source import default_cache_dir
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
     model.step = CompiledStep(model, boundaries, max_chunk, max_rows=max_rows)
     return True

@@ -6,8 +6,8 @@ the defaults (heads chosen for the setting, runtime/sim/heads.py), and one with 
 manifest defaults (``--decoding.auto_heads=false``) for comparison; each run interleaves off
 and the mode per prompt. One thread per rank unless the setting says otherwise, pinned.
 
-    python scripts/bench_defaults.py --settings 1x1 1x2 2x1 3x1 --max-new-tokens 48
-    python scripts/bench_defaults.py --settings 1x1 2x1 --flag=--pipeline.compile=on --no-manifest   # compiled
+    python scripts/bench_defaults.py --settings 1x1 2x1 --no-manifest      # compiled (bench's default)
+    python scripts/bench_defaults.py --settings 1x1 1x2 2x1 3x1 --max-new-tokens 48 --flag=--pipeline.compile=off
 """
 
 from __future__ import annotations

@@ -44,6 +44,23 @@ def test_print_config_shows_overrides(capsys):
     assert "stages: 3" in out and "max_seq_len: 512" in out
 
 
+@pytest.mark.parametrize("argv, compiled", [
+    (["serve"], "on"),
+    (["bench"], "on"),
+    (["serve", "--pipeline.compile=off"], "off"),
+    (["bench", "--pipeline.compile=off"], "off"),
+    (["generate", "--prompt", "x"], "auto"),  # the runtime compiles `auto` on CUDA only
+])
+def test_serve_and_bench_compile_by_default_and_generate_on_cuda_only(monkeypatch, argv, compiled):
+    """`auto` is on for the long runs, `serve` and `bench` (what every rank they spawn re-parses too),
+    and left to the device for one `generate` call; an explicit setting always stands."""
+    seen = []
+    monkeypatch.setattr("adadecode.launcher.launch.launch",
+                        lambda cfg, *args, **kwargs: seen.append(cfg.pipeline.compile) or 0)
+    assert main(argv) == 0
+    assert seen == [compiled]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

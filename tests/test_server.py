@@ -349,7 +349,8 @@ class ServerProcess:
     """`adadecode serve --port 0 ...` as a child process group; stderr collected by a thread."""
 
     def __init__(self, *args: str):
-        cmd = [sys.executable, "-m", "adadecode.launcher.cli", "serve", "--port", "0", *args]
+        # the eager path: `serve` compiles by default, which takes minutes on this CPU
+        cmd = [sys.executable, "-m", "adadecode.launcher.cli", "serve", "--port", "0", "--pipeline.compile=off", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []

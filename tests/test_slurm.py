@@ -243,7 +243,7 @@ def test_scancel_of_a_serving_job_ends_every_rank_with_status_0(tmp_path):
             ["srun", "--ntasks=2", "--cpus-per-task=1", f"--job-name={name}", "--time=10", "--label",
              "sh", "-c", wrapper, "sh",
              "adadecode", "serve", "--stages", "2", "--model", str(model), "--model.max_seq_len=256",
-             "--port", str(port), f"--transport.timeout_s={TIMEOUT_S}"],
+             "--pipeline.compile=off", "--port", str(port), f"--transport.timeout_s={TIMEOUT_S}"],
             stdout=o, stderr=subprocess.STDOUT, env=slurm_env(), cwd=ROOT,
         )
     try:

@@ -103,7 +103,8 @@ class PipelineConfig:
     """Multi-rank runs: pin local rank i to its own cores (threads per rank each) when the node has enough."""
 
     compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: where it pays (docs/results.md)."""
+    """torch.compile each stage's layer loop (CUDA graphs on GPUs); auto: on CUDA, and on every device for `serve`
+    and `bench`, whose runs repay the minutes a CPU compile takes at load (docs/results.md)."""
 
     compile_warmup: bool = True
     """With compile: compile every chunk shape (1 to max_inflight + 1 rows, merged chunks, fused batches, the LM
