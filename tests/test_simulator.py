@@ -424,3 +424,31 @@ def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, c
     assert "per-token outcomes have no heads at [7]" in capsys.readouterr().err
     assert simulate_main([*base, "--exits", str(tmp_path / "nothing")]) == 2
     assert "give measured, paper, or a heads directory" in capsys.readouterr().err
+
+
+def test_finalists_tied_on_the_confirming_sample_go_to_the_one_the_search_scored_higher(monkeypatch):
+    """Every selection ties on CONFIRM's answers: the choice is the search's best, not the fifth."""
+    from types import SimpleNamespace
+
+    import adadecode.runtime.sim.heads as sim_heads
+    from adadecode.runtime.sim.heads import conditional_exits
+
+    def score(exits):  # more heads, and more exits, score higher in the search
+        return 1.0 + 0.01 * len(exits.layers) + 0.001 * sum(exits.rate.values())
+
+    searched = []
+
+    def fake(spec):
+        if spec.exits is None:
+            return SimpleNamespace(tokens_per_s=1.0)
+        if spec.seed == 1:  # the confirming sample
+            return SimpleNamespace(tokens_per_s=1.5)
+        searched.append(score(spec.exits))
+        return SimpleNamespace(tokens_per_s=searched[-1])
+
+    monkeypatch.setattr(sim_heads, "simulate", fake)
+    manifest = _bundled_manifest()
+    choice = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 2)
+    assert choice.speedup == 1.5
+    chosen = conditional_exits(dict(zip(choice.layers, choice.thresholds)), dict(exit_table(manifest)))
+    assert score(chosen) == max(searched)

@@ -222,9 +222,11 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
                     if s > best_speedup:
                         best, best_speedup = selection, s
         # the finalists, scored again on the larger sample
-        finalists = sorted((s, sel) for sel, s in scored.items() if s > 1.0)[-FINALISTS:]
+        finalists = sorted(((s, sel) for sel, s in scored.items() if s > 1.0), reverse=True)[:FINALISTS]
         confirmed = [(1.0, ())] + [(speedup(dict(sel), inflight, "confirm"), sel) for _, sel in finalists]
-        best_speedup, chosen = max(confirmed, key=lambda c: c[0])  # no head unless a finalist beats it there too
+        # max keeps the first of equals: no head unless a finalist beats it there too, then the
+        # finalist the search scored higher
+        best_speedup, chosen = max(confirmed, key=lambda c: c[0])
         return dict(chosen), best_speedup
 
     # max_inflight: the given one; else the heads are chosen at the default 2 and then the fewest
