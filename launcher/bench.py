@@ -12,7 +12,10 @@ machine's speed hits all alike:
 
 Tokens/s is generated tokens (prompt excluded) over the wall time of the whole
 call, prefill included. Each runtime mode's tokens are compared with ``hf``'s,
-so a speedup never hides a parity break; this runtime's rows also report each
+so a speedup never hides a parity break; on compiled stages (``bench``'s default,
+launcher/cli.py), whose kernels round differently from transformers', with
+``off``'s (always timed, first), and each row also counts the prompts identical
+to ``hf``'s (``identical_to_hf_generate``). This runtime's rows also report each
 stage's busy fraction and its merged / idle-backfill counts, and early-exit
 modes the exit rate and precision per head, the acceptance rate, the rollbacks
 and the fraction of compute they discarded (runtime/run_stats.py, as the
@@ -80,6 +83,7 @@ class _Tally:
 
     def __init__(self):
         self.tokens = self.seconds = self.matches = 0
+        self.hf_matches = 0  # a compiled run: prompts identical to transformers' generate
         self.totals = RunTotals()  # this runtime's counters (not transformers')
         self.divergences: list[dict] = []
 
@@ -116,6 +120,13 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
 
     d = cfg.decoding
     runs, hf_ks, sampling, prompts = plan.runs, plan.hf_ks, plan.sampling, plan.prompts
+    # Compiled kernels round differently from transformers' (docs/exactness.md): a compiled run's
+    # parity reference is its own plain decoding, `off` (timed first), and `generate`'s match count
+    # is reported beside it.
+    compiled = sampling is None and any(getattr(s, "model", None) is not None and s.model.step is not None
+                                        for s in engine.stages)
+    if compiled:
+        runs = [("off", "off", None)] + [r for r in runs if r[1] != "off"]
     hf = None
     if sampling is None:
         stage0 = engine.stages[0].model  # rank 0's own stage: the reference runs on its device, in its dtype
@@ -137,15 +148,18 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
     tally = {name: _Tally() for name in (["hf"] if hf is not None else []) + names + [f"hf-ee-{k}" for k in hf_ks]}
     generations = []  # each timed generation of this runtime, for the trace (the simulator fits on it)
     for n, ids in enumerate(encoded):
-        ref = None
+        ref = hf_ref = None
         if hf is not None:
-            ref, t_hf = hf_generate(hf, ids, d.max_new_tokens, eos)
+            hf_ref, t_hf = hf_generate(hf, ids, d.max_new_tokens, eos)
+            ref = None if compiled else hf_ref
             t = tally["hf"]
-            t.tokens, t.seconds, t.matches = t.tokens + len(ref), t.seconds + t_hf, t.matches + 1
+            t.tokens, t.seconds, t.matches = t.tokens + len(hf_ref), t.seconds + t_hf, t.matches + 1
         for name, mode, params in runs:
             res = engine.generate(ids, max_new_tokens=d.max_new_tokens, early_exit=mode, sampling=params)
-            ref = res.tokens if ref is None else ref  # sampling: off, run first, is the reference
+            ref = res.tokens if ref is None else ref  # sampling or compiled: off, run first, is the reference
             t, st = tally[name], res.stats
+            if compiled:
+                t.hf_matches += res.tokens == hf_ref
             t.tokens += len(res.tokens)
             t.seconds += st["elapsed_s"]
             t.totals.add(len(res.tokens), res.counters)
@@ -171,6 +185,8 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
         if base:
             row["vs_hf_generate"] = round(t.tokens_per_s / base, 3)
         row["token_identical_prompts"] = f"{t.matches}/{len(encoded)}"
+        if compiled and name in names:
+            row["identical_to_hf_generate"] = f"{t.hf_matches}/{len(encoded)}"
         if off and name not in ("hf", "off") and not name.startswith("hf-"):
             row["vs_off"] = round(t.tokens_per_s / off, 3)
         if name in names:
@@ -190,7 +206,8 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
         "threads": torch.get_num_threads(),
         "stages": engine.layer_ranges,
         "sampling": None if sampling is None else dataclasses.asdict(sampling),
-        "reference": "hf" if hf is not None else "off (plain sampling of this runtime)",
+        "reference": ("off (compiled plain decoding of this runtime)" if compiled
+                      else "hf" if hf is not None else "off (plain sampling of this runtime)"),
         "results": rows,
     }
     if args.json:
