@@ -92,6 +92,9 @@ def http_frontend(cfg: RunConfig):
     limits = HttpLimits(s.max_connections, s.read_timeout_s, s.send_timeout_s)
     http = HttpServer(build_app(frontend), s.host, s.port, log_level=cfg.logging.level, limits=limits).start()
     print(f"adadecode: serving {name} on {http.url} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    if cfg.pipeline.compile == "on":  # `serve`'s default (launcher/cli.py): say why `ready` takes minutes
+        print("adadecode: compiling every stage before it is ready (minutes on a CPU; --pipeline.compile=off "
+              "starts in seconds)", file=sys.stderr, flush=True)
     if not api_key and not is_loopback(s.host):
         print(f"adadecode: warning: listening on {s.host} without an API key: anyone who reaches this port can "
               "use the model; set ADADECODE_API_KEY (or --api-key) to require `Authorization: Bearer <key>`",
