@@ -14,6 +14,8 @@ Steps (each caches its output under --work, default /tmp/heads-study; rerun any 
   python scripts/heads_study.py --threads 1 run --family adapter --hidden 512 --layers 4,7,10,13,16 \
       --train-tokens 50000 --epochs 1 --seq-tokens 512 --init-from /tmp/heads-study/heads_0/linear \
       --out /tmp/heads-study/adapter.json --save /tmp/heads-study/heads_adapter
+  # does a head gain from the previous position's final state (T h + U final[t-1])? top-1..4 too
+  python scripts/heads_study.py --threads 2 context --layers 16,19,22,25 --epochs 10
   # cost per evaluation of each family against one decoder layer; markdown tables of result files
   python scripts/heads_study.py --threads 1 cost
   python scripts/heads_study.py report /tmp/heads-study/*.json
@@ -208,10 +210,77 @@ def main(argv=None):
     q.add_argument("--t-lr-scale", type=float, default=0.1, help="learning rate of a warm-started T, relative")
     q.add_argument("--baseline", action="store_true", help="also evaluate today's bundled linear heads")
     q.add_argument("--append", action="store_true", help="append to --out instead of starting it anew")
+    q = sub.add_parser("context")
+    q.add_argument("--layers", default="16,19")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--batch-tokens", type=int, default=256)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    {"prepare": cmd_prepare, "text": cmd_text, "run": cmd_run, "report": cmd_report, "cost": cmd_cost}[args.cmd](args)
+    {"prepare": cmd_prepare, "text": cmd_text, "run": cmd_run, "report": cmd_report, "cost": cmd_cost,
+     "context": cmd_context}[args.cmd](args)
+
+
+def cmd_context(args):
+    """Linear heads ``T h`` against ``T h + U p``, where ``p`` is the previous position's final
+    (normed) state, which the last stage of a pipeline holds when the next position reaches a head
+    on it (U starts at zero, so the second starts as the first); both on the on-policy data, the
+    same steps, validated on the answer positions: top-1..4 agreement, exit at precision."""
+    from adadecode.runtime.exit_heads import bundled_heads_path
+
+    work = Path(args.work)
+    base, _, _ = load_model()
+    vocab_ids = heads_file_tensors(bundled_heads_path())["vocab_ids"].long()
+    W = base.lm_head.weight[vocab_ids].contiguous()
+    norm_w, eps = base.model.norm.weight, base.config.rms_norm_eps
+    train = SeqStates.load(str(work / "onpolicy_train.pt"))
+    val = SeqStates.load(str(work / "onpolicy_validation.pt"))
+
+    def previous(data):  # zeros at a sequence's first position
+        p = torch.zeros_like(data.final, dtype=torch.float32)
+        p[1:] = data.final[:-1].float()
+        p[data.offsets[:-1]] = 0
+        return p
+
+    def logits(T, U, h, p):
+        x = h @ T.T + (p @ U.T if U is not None else 0)
+        return F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w, W)
+
+    p_train, p_val = previous(train), previous(val)
+    with torch.no_grad():
+        teacher = F.log_softmax(F.linear(train.final.float(), W), -1)
+    d, n = W.shape[1], len(train.targets)
+    total = args.epochs * math.ceil(n / args.batch_tokens)
+    for layer in (int(x) for x in args.layers.split(",")):
+        h_train, h_val = train.hidden[layer].float(), val.hidden[layer].float()
+        for with_context in (False, True):
+            torch.manual_seed(args.seed)
+            T = torch.nn.Parameter(torch.eye(d))
+            U = torch.nn.Parameter(torch.zeros(d, d)) if with_context else None
+            params = [T] + ([U] if U is not None else [])
+            opt = torch.optim.Adam(params, lr=args.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+            gen, t0 = torch.Generator().manual_seed(args.seed), time.perf_counter()
+            for _ in range(args.epochs):
+                for bt in batches_tokens(n, args.batch_tokens, gen):
+                    z = logits(T, U, h_train[bt], p_train[bt])
+                    loss = F.kl_div(F.log_softmax(z, -1), teacher[bt], log_target=True, reduction="batchmean")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+            with torch.no_grad():
+                z = logits(T, U, h_val[val.scored], p_val[val.scored])
+                target = val.targets[val.scored]
+                top = vocab_ids[z.topk(4, -1).indices]
+                agree = top[:, 0] == target
+                conf = torch.softmax(z, -1).max(-1).values
+                row = {f"top{k}": round(float((top[:, :k] == target[:, None]).any(-1).float().mean()), 4)
+                       for k in (1, 2, 3, 4)}
+                row.update({f"exit@p{p}": round(exit_at_precision(conf, agree, p)[0], 4) for p in (0.9, 0.8)})
+            log(f"layer {layer} {'T h + U final[t-1]' if with_context else 'T h'}: {row} "
+                f"({time.perf_counter() - t0:.0f} s)")
 
 # ---------------------------------------------------------------------------------------------
 # training and evaluation
