@@ -637,7 +637,11 @@ def test_sigterm_to_every_process_as_a_scheduler_sends_it_ends_serving_in_order(
     try:
         ranks = server.ranks()
         os.killpg(server.proc.pid, signal.SIGTERM)
-        assert server.proc.wait(30) == 0, server.stderr
+        try:
+            status = server.proc.wait(30)
+        except subprocess.TimeoutExpired:  # seen once under CI's load, not reproduced: keep what it said
+            pytest.fail(f"still running 30 s after SIGTERM; its stderr:\n{server.stderr}")
+        assert status == 0, server.stderr
         assert all(not Path(f"/proc/{pid}").exists() for pid in ranks.values())
         assert "rank 1: SIGTERM: serving ends when rank 0 ends it" in server.stderr
     finally:
