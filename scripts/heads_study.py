@@ -15,7 +15,7 @@ Steps (each caches its output under --work, default /tmp/heads-study; rerun any 
       --train-tokens 50000 --epochs 1 --seq-tokens 512 --init-from /tmp/heads-study/heads_0/linear \
       --out /tmp/heads-study/adapter.json --save /tmp/heads-study/heads_adapter
   # does a head gain from the previous position's final state (T h + U final[t-1])? top-1..4 too
-  python scripts/heads_study.py --threads 2 context --layers 16,19,22,25 --epochs 10
+  python scripts/heads_study.py --threads 2 context --layers 16,19,22,25 --epochs 10 --project
   # cost per evaluation of each family against one decoder layer; markdown tables of result files
   python scripts/heads_study.py --threads 1 cost
   python scripts/heads_study.py report /tmp/heads-study/*.json
@@ -215,6 +215,7 @@ def main(argv=None):
     q.add_argument("--epochs", type=int, default=10)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--batch-tokens", type=int, default=256)
+    q.add_argument("--project", action="store_true", help="then the head choice's speedups, top-1 and top-2")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -248,6 +249,7 @@ def cmd_context(args):
         return F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w, W)
 
     p_train, p_val = previous(train), previous(val)
+    outcomes: dict[int, dict] = {}
     with torch.no_grad():
         teacher = F.log_softmax(F.linear(train.final.float(), W), -1)
     d, n = W.shape[1], len(train.targets)
@@ -273,14 +275,47 @@ def cmd_context(args):
             with torch.no_grad():
                 z = logits(T, U, h_val[val.scored], p_val[val.scored])
                 target = val.targets[val.scored]
-                top = vocab_ids[z.topk(4, -1).indices]
+                probs, ids = torch.softmax(z, -1).topk(4, -1)
+                top = vocab_ids[ids]
                 agree = top[:, 0] == target
-                conf = torch.softmax(z, -1).max(-1).values
                 row = {f"top{k}": round(float((top[:, :k] == target[:, None]).any(-1).float().mean()), 4)
                        for k in (1, 2, 3, 4)}
-                row.update({f"exit@p{p}": round(exit_at_precision(conf, agree, p)[0], 4) for p in (0.9, 0.8)})
+                row.update({f"exit@p{p}": round(exit_at_precision(probs[:, 0], agree, p)[0], 4) for p in (0.9, 0.8)})
+            if not with_context:  # per validation token, in order: for --project
+                outcomes[layer] = {"top1": (probs[:, 0], agree),
+                                   "top2": (probs[:, :2].sum(-1), (top[:, :2] == target[:, None]).any(-1))}
             log(f"layer {layer} {'T h + U final[t-1]' if with_context else 'T h'}: {row} "
                 f"({time.perf_counter() - t0:.0f} s)")
+    if args.project:
+        project_branching(outcomes)
+
+
+def project_branching(outcomes):
+    """The head choice's best simulated speedup (eager) with the ``T h`` heads' outcomes replayed in
+    order, top-1 as the runtime runs them, and top-2: a token counts as right when the final one is
+    among the head's two best, the exit gated on their summed probability, the second row free.
+    Layers map to the target model by relative depth. A projection, and a bound on branching."""
+    from adadecode.runtime.sim.costs import LLAMA_8B, LLAMA_70B, SMOLLM2_135M
+    from adadecode.runtime.sim.heads import _choose
+
+    def best(shape, ranges, device, element_size, per_row_merges, kind):
+        to = {l: round(l * shape.layers / SMOLLM2_135M.layers) for l in outcomes}
+        rows = tuple((to[l], ((0.5, 0.5, 0.5),)) for l in sorted(outcomes))  # only the layers count
+        exact = tuple((to[l], tuple(outcomes[l][kind][0].tolist()), tuple(outcomes[l][kind][1].tolist()))
+                      for l in sorted(outcomes))
+        return _choose(shape, tuple(ranges), "eager", device, element_size, 0, rows, exact, False, 0, False,
+                       per_row_merges).speedup
+
+    def even(layers, stages):
+        cuts = [round(i * layers / stages) for i in range(stages + 1)]
+        return list(zip(cuts, cuts[1:]))
+
+    settings = [("this CPU, SmolLM2-135M, 2 ranks", SMOLLM2_135M, [(0, 19), (19, 30)], "cpu", 4, True)]
+    settings += [(f"H100, {shape.name}, P={p}", shape, even(shape.layers, p), "cuda", 2, False)
+                 for shape in (LLAMA_8B, LLAMA_70B) for p in (2, 4, 8)]
+    for name, shape, ranges, device, size, per_row in settings:
+        log(f"{name}: top-1 {best(shape, ranges, device, size, per_row, 'top1')}x, "
+            f"top-2 bound {best(shape, ranges, device, size, per_row, 'top2')}x")
 
 # ---------------------------------------------------------------------------------------------
 # training and evaluation
