@@ -626,6 +626,34 @@ def test_sigterm_stops_every_rank_cleanly(served):
     assert all(not Path(f"/proc/{pid}").exists() for pid in ranks.values())
 
 
+def test_sigterm_is_handled_before_ready_is_printed(tiny, monkeypatch):
+    """A scheduler (or a test) may answer `ready` with SIGTERM at once: by then rank 0 must end
+    serving in order, not die of the default action with the other ranks waiting on it."""
+    from adadecode.launcher.cli import parse
+    from adadecode.launcher.serve import command
+    from adadecode.launcher.serve.app import Frontend, ServeDefaults
+    from adadecode.runtime.engine import Engine
+
+    path, _, _ = tiny
+    cfg = parse(["serve", "--model", str(path), "--pipeline.compile=off", "--serve.max_num_seqs=1"])[1]
+    engine = Engine.load(str(path), heads=None, max_seq_len=MAX_LEN, device="cpu", dtype="float32")
+    frontend = Frontend(ServeDefaults("tiny", max_tokens=8, max_seq_len=MAX_LEN))
+    at_ready = []
+
+    def print_and_note(*args, **kwargs):
+        if args and str(args[0]).startswith("adadecode: ready"):
+            at_ready.append(signal.getsignal(signal.SIGTERM))
+            frontend.done.set()  # and end at once
+
+    monkeypatch.setattr(command, "print", print_and_note, raising=False)  # the module's name for print
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert command.serve_requests(frontend, engine, cfg) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(at_ready) == 1 and at_ready[0] not in (signal.SIG_DFL, previous)
+
+
 @pytest.mark.distributed
 def test_sigterm_to_every_process_as_a_scheduler_sends_it_ends_serving_in_order(tiny):
     """SIGTERM to the launcher and every rank at once (Slurm's scancel, `kill -TERM -PGID`, a

@@ -57,15 +57,17 @@ def serve_requests(frontend: Frontend, engine: Engine, cfg: RunConfig) -> int:
             "set decoding.heads (`adadecode train-heads`) or use --early-exit off"
         )
     below = s.early_exit_below or max(2, len(engine.layer_ranges))
+    if threading.current_thread() is threading.main_thread():
+        # Before `ready` is printed, which a scheduler or a test may answer with SIGTERM at once:
+        # after it, the default action would end this rank with the others still waiting on it.
+        # Left in place to the end: a second SIGTERM (the launcher passing on one this process
+        # got as well) must not kill the shutdown under way.
+        signal.signal(signal.SIGTERM, lambda *_: frontend.done.set())
     loop = ServingLoop(engine, max_num_seqs=s.max_num_seqs, max_queue=s.max_queue, early_exit_below=below).start()
     frontend.attach(engine, loop)
     layers = ", ".join(f"[{a}, {b})" for a, b in engine.layer_ranges)
     print(f"adadecode: ready: {len(engine.stages)} stage(s) {layers}, {s.max_num_seqs} sequences at once, "
           f"early exit {d.early_exit} by default, while fewer than {below} sequences run", file=sys.stderr, flush=True)
-    if threading.current_thread() is threading.main_thread():
-        # Left in place to the end: a second SIGTERM (the launcher passing on one this process
-        # got as well) must not kill the shutdown under way.
-        signal.signal(signal.SIGTERM, lambda *_: frontend.done.set())
     try:
         while not frontend.done.wait(0.5):
             pass
