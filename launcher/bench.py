@@ -123,8 +123,7 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
     # Compiled kernels round differently from transformers' (docs/exactness.md): a compiled run's
     # parity reference is its own plain decoding, `off` (timed first), and `generate`'s match count
     # is reported beside it.
-    compiled = sampling is None and any(getattr(s, "model", None) is not None and s.model.step is not None
-                                        for s in engine.stages)
+    compiled = sampling is None and engine.compiled
     if compiled:
         runs = [("off", "off", None)] + [r for r in runs if r[1] != "off"]
     hf = None

@@ -265,6 +265,12 @@ class Engine:
         return min(s.model.num_slots for s in self.stages if getattr(s, "model", None) is not None)
 
     @property
+    def compiled(self) -> bool:
+        """Whether this process's stages run the compiled layer loop (runtime/compiled_step.py): every
+        stage of a job is loaded with the same setting."""
+        return any(getattr(s, "model", None) is not None and s.model.step is not None for s in self.stages)
+
+    @property
     def compile_s(self) -> float:
         """Seconds this process's stages have spent compiling (runtime/compiled_step.py)."""
         return sum(s.model.step.compile_s for s in self.stages if getattr(s, "model", None) and s.model.step)

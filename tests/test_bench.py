@@ -22,10 +22,10 @@ def tiny(tmp_path_factory):
     return path, save_identity_heads(path, root / "heads", {3: 0.0}), prompts
 
 
-def bench_json(tiny, capsys, *, compiled: bool, modes: str = "eager") -> tuple[int, dict]:
+def bench_json(tiny, capsys, *, compiled: bool) -> tuple[int, dict]:
     path, heads, prompts = tiny
     args, cfg = parse(["bench", "--model", str(path), "--prompts", str(prompts), "--num-prompts", "2", "--warmup", "0",
-                       "--max-new-tokens", "6", "--modes", modes, "--json", f"--decoding.heads={heads}"])
+                       "--max-new-tokens", "6", "--modes", "eager", "--json", f"--decoding.heads={heads}"])
     engine = Engine.load(str(path), heads=str(heads), max_seq_len=128, device="cpu", dtype="float32")
     if compiled:  # dynamo's eager backend: the compiled step's code path with the eager path's bits
         for stage in engine.stages:
