@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from adadecode.runtime.partition import partition_layers
 from adadecode.runtime.sim.costs import (
@@ -99,10 +100,10 @@ class Setting:
             self.fits = lambda p: 2 * model.layer_params * model.layers / p < 0.8 * H100.memory_bytes
         self.depth = self.model.layers
 
-    def exits(self, scenario: str | tuple) -> ExitStats | ExitReplay:
-        """A named scenario, or ``(stats, depth, manifest)`` of some heads: mapped to this model's depth."""
-        if isinstance(scenario, tuple):
-            return exit_scenario("measured", self.depth, *scenario[:2])
+    def exits(self, scenario: str | HeadsScenario) -> ExitStats | ExitReplay:
+        """A named scenario, or some heads' statistics: mapped to this model's depth."""
+        if isinstance(scenario, HeadsScenario):
+            return exit_scenario("measured", self.depth, scenario.exits, scenario.depth)
         return exit_scenario(scenario, self.depth, self.measured, self.measured_depth)
 
     def costs(self, stages: int, head_extra: int = 0) -> Costs:
@@ -115,8 +116,16 @@ class Setting:
         return partition_layers(self.depth, stages, last_extra=c.lm_head_s / c.layer(1))
 
 
-def heads_exits(path: str, layers: Sequence[int] | None,
-                thresholds: Sequence[float]) -> tuple[ExitStats | ExitReplay, int, dict]:
+class HeadsScenario(NamedTuple):
+    """Some heads' exit statistics, the depth of their model, and their manifest (which prices a
+    head evaluation: its type and vocabulary, ``head_extra_weights``; ``{}``: linear, 1,024 tokens)."""
+
+    exits: ExitStats | ExitReplay
+    depth: int
+    manifest: dict
+
+
+def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[float]) -> HeadsScenario:
     """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
     (one per layer, or one for all; default: its defaults), the depth of its model and its manifest
     (which prices a head: ``run``): replayed token by token where train-heads recorded the outcomes,
@@ -143,22 +152,22 @@ def heads_exits(path: str, layers: Sequence[int] | None,
         if (lacking := sorted(set(layers) - set(outcomes))):
             raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
                              "train-heads` into it")
-        return replay_exits(selection, outcomes), manifest["base_model"]["num_layers"], manifest
+        return HeadsScenario(replay_exits(selection, outcomes), manifest["base_model"]["num_layers"], manifest)
     table = exit_table(manifest)
     off_table = {l: t for l, t in selection.items() if all(r[0] != t for r in table[l])}
     if off_table:
         raise ValueError(f"--thresholds: {where} has no per-token outcomes and its calibration table has no row "
                          f"for {off_table}; use thresholds of its sweep {[r[0] for r in table[layers[0]]]}")
-    return conditional_exits(selection, table), manifest["base_model"]["num_layers"], manifest
+    return HeadsScenario(conditional_exits(selection, table), manifest["base_model"]["num_layers"], manifest)
 
 
-def run(setting: Setting, stages: int, mode: str, scenario: str | tuple = "measured", max_inflight: int = 2,
+def run(setting: Setting, stages: int, mode: str, scenario: str | HeadsScenario = "measured", max_inflight: int = 2,
         layers: Sequence[int] | None = None, concurrency: int = 1, prompt_tokens: int = 64, new_tokens: int = 128,
         sequences: int = 8, seed: int = 0, early_exit_below: int | None = None) -> dict:
     """Simulate one setting; the simulator's summary. A heads directory's scenario (``heads_exits``)
     prices a head evaluation by its type and vocabulary, as the runtime's head choice does."""
     exits = setting.exits(scenario)
-    extra = head_extra_weights(scenario[2], setting.model.hidden) if isinstance(scenario, tuple) else 0
+    extra = head_extra_weights(scenario.manifest, setting.model.hidden) if isinstance(scenario, HeadsScenario) else 0
     if layers:
         exits = exits.moved({l: min(exits.layers, key=lambda k, l=l: abs(k - l)) for l in layers})
     ranges = setting.ranges(stages)
@@ -255,8 +264,8 @@ def requirements(profiles=("llama-3.1-8b", "llama-3.1-70b"), stage_counts=(4, 8,
                 for precision in precisions:
                     curve = {}
                     for rate in REQUIREMENT_RATES:
-                        stats = (ExitStats(dict.fromkeys(heads, rate), dict.fromkeys(heads, precision)), setting.depth,
-                                 {})  # linear heads over 1,024 tokens
+                        stats = HeadsScenario(ExitStats(dict.fromkeys(heads, rate), dict.fromkeys(heads, precision)),
+                                              setting.depth, {})
                         curve[rate] = max(run(setting, stages, mode, stats, inflight, **short)["tokens_per_s"] / off
                                           for mode in ("eager", "deferred"))
                     row = {"model": GPU_MODELS[profile].name, "stages": stages, "max_inflight": inflight,
