@@ -431,7 +431,6 @@ def test_finalists_tied_on_the_confirming_sample_go_to_the_one_the_search_scored
     from types import SimpleNamespace
 
     import adadecode.runtime.sim.heads as sim_heads
-    from adadecode.runtime.sim.heads import conditional_exits
 
     def score(exits):  # more heads, and more exits, score higher in the search
         return 1.0 + 0.01 * len(exits.layers) + 0.001 * sum(exits.rate.values())
