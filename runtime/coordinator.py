@@ -19,6 +19,10 @@ answers with commands.
   early-exit mode is ``off``). Every ``StepRequest`` carries the sequence's
   mode and sampling parameters, so the stages apply them without being told
   anything else.
+- With ``lookup``, each ``StepRequest`` of a greedy sequence with early exit
+  carries the context's guess of the token after it (runtime/context_lookup.py):
+  the first exit head the item reaches sends it on as the early token, which is
+  verified like any other.
 - Verification is an exact match in every decoding mode. Greedy and seeded
   sampling: the final layer's token is the truth. Speculative sampling: the
   last stage has already applied the ``min(1, p/q)`` test to the head's draw
@@ -40,6 +44,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from .context_lookup import ContextLookup
 from .events import (
     DONE,
     WAITING,
@@ -84,6 +89,8 @@ class SeqStats:
     early_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens started
     accepted_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens verified
     rejected_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> the wrong token a rollback undid
+    lookup_emitted: int = 0  # of early_emitted: the context's guesses (runtime/context_lookup.py)
+    lookup_accepted: int = 0  # of accepted: the context's guesses
 
 
 @dataclass
@@ -96,11 +103,13 @@ class Sequence:
     epoch: int = 0
     inflight: list[int] = field(default_factory=list)  # early tokens at len(tokens) + i
     inflight_layers: list[int] = field(default_factory=list)  # the head layer of each early token
+    inflight_lookup: list[bool] = field(default_factory=list)  # whether each early token is a lookup guess
     finish_reason: str | None = None
     stats: SeqStats = field(default_factory=SeqStats)
     early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
     sampling: SamplingParams | None = None  # carried by every StepRequest; None: greedy
     max_inflight: int = 0
+    lookup: ContextLookup | None = None  # greedy with early exit: the guesses its requests carry
     stop_checker: StopChecker = field(init=False, repr=False)  # decodes each verified token once
 
     def __post_init__(self) -> None:
@@ -112,8 +121,11 @@ class Sequence:
 
 
 class Coordinator:
-    def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None):
+    def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None, lookup: int = 0):
         """``max_inflight``: cap on unverified early tokens per sequence (0 disables early exit).
+
+        ``lookup``: the shortest match of a greedy sequence's last tokens earlier in it whose
+        continuation each ``StepRequest`` carries as its guess (runtime/context_lookup.py); 0: none.
 
         ``early_exit_below`` (serving): heads are used only while fewer sequences than this
         are running; at or above it each new item goes without heads (early exit off for that
@@ -125,6 +137,9 @@ class Coordinator:
         """
         self.max_inflight = max_inflight
         self.early_exit_below = early_exit_below
+        if lookup < 0:
+            raise ValueError(f"lookup is a match length (0: off), not {lookup}")
+        self.lookup = lookup
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
 
@@ -153,11 +168,12 @@ class Coordinator:
         if sampling is not None and sampling.plain_greedy:
             sampling = None  # temperature 0 alone is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
-        self.sequences[seq] = Sequence(
+        lookup = ContextLookup(self.lookup) if self.lookup and max_inflight and sampling is None else None
+        s = self.sequences[seq] = Sequence(
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
-            max_inflight=max_inflight,
+            max_inflight=max_inflight, lookup=lookup,
         )
-        self._actions.append(StepRequest(seq, 0, 0, tuple(prompt), self._mode(self.sequences[seq]), sampling))
+        self._actions.append(self._step(s, 0, tuple(prompt)))
 
     def cancel(self, seq: int, reason: str = "cancelled") -> None:
         """End ``seq`` now (``cancelled``, ``failed``): drop its queued commands and queue its
@@ -170,6 +186,7 @@ class Coordinator:
         s.finish_reason = reason
         s.inflight.clear()
         s.inflight_layers.clear()
+        s.inflight_lookup.clear()
         self._actions = deque(a for a in self._actions if getattr(a, "seq", None) != seq)
         self._actions.append(SequenceFinished(seq, reason))
 
@@ -233,23 +250,26 @@ class Coordinator:
         self._actions.append(Verified(s.seq, pos, (ev.token,), logprobs, ev.prompt_logprobs))
         if s.inflight:
             layer = s.inflight_layers.pop(0)
+            guessed = s.inflight_lookup.pop(0)
             if s.inflight.pop(0) == ev.token:
                 s.stats.accepted += 1
+                s.stats.lookup_accepted += guessed
                 _count(s.stats.accepted_by_layer, layer)
             else:
                 _count(s.stats.rejected_by_layer, layer)
                 s.inflight.clear()
                 s.inflight_layers.clear()
+                s.inflight_lookup.clear()
                 s.epoch += 1
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
                 if not self._maybe_finish(s):
-                    self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
+                    self._actions.append(self._step(s, pos, (ev.token,)))
                 return
             self._maybe_finish(s)
             return
         if not self._maybe_finish(s):
-            self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
+            self._actions.append(self._step(s, pos, (ev.token,)))
 
     def _on_early(self, s: Sequence, ev: EarlyPrediction) -> None:
         pos = len(s.tokens) + len(s.inflight)
@@ -259,9 +279,20 @@ class Coordinator:
             return  # past the length limit: the token could never be output
         s.inflight.append(ev.token)
         s.inflight_layers.append(ev.layer)
+        s.inflight_lookup.append(ev.lookup)
         s.stats.early_emitted += 1
+        s.stats.lookup_emitted += ev.lookup
         _count(s.stats.early_by_layer, ev.layer)
-        self._actions.append(StepRequest(s.seq, s.epoch, pos, (ev.token,), self._mode(s), s.sampling))
+        self._actions.append(self._step(s, pos, (ev.token,)))
+
+    def _step(self, s: Sequence, pos: int, tokens: tuple[int, ...]) -> StepRequest:
+        """``s``'s request for ``tokens`` at ``pos`` (the last of its tokens so far), with the
+        context's guess of the token after them when it looks up and its next item may exit."""
+        mode = self._mode(s)
+        guess = None
+        if s.lookup is not None and mode != "off":
+            guess = s.lookup.guess(s.tokens, s.inflight)
+        return StepRequest(s.seq, s.epoch, pos, tokens, mode, s.sampling, -1 if guess is None else guess)
 
     def _mode(self, s: Sequence) -> str | None:
         """The early-exit mode of ``s``'s next item: its own, or off while the pipeline is full."""
@@ -278,6 +309,7 @@ class Coordinator:
         s.finish_reason = reason
         s.inflight.clear()
         s.inflight_layers.clear()
+        s.inflight_lookup.clear()
         self._actions.append(SequenceFinished(s.seq, reason))
         return True
 

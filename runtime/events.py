@@ -57,6 +57,9 @@ class StepRequest:
 
     ``early_exit``: the sequence's mode (``EARLY_EXIT_MODES``); None: the stage's own default.
     ``sampling``: the sequence's sampling parameters; None: greedy.
+    ``lookup``: the context's guess of the token after the last of ``tokens``
+    (runtime/context_lookup.py), which the first exit head the item reaches sends on as
+    its early token; -1: none.
     """
 
     seq: int
@@ -65,6 +68,7 @@ class StepRequest:
     tokens: tuple[int, ...]
     early_exit: str | None = None
     sampling: SamplingParams | None = None
+    lookup: int = -1
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ class Activations:
     exit head is evaluated on it again. ``early_exit`` and ``sampling``: the
     sequence's, as on ``StepRequest``. ``proposals``: speculative sampling only, the
     exit heads' draws (and their q) for positions of this item that the last stage
-    will predict.
+    will predict. ``lookup``: as on ``StepRequest``, for the last position.
     """
 
     seq: int
@@ -122,6 +126,7 @@ class Activations:
     sampling: SamplingParams | None = None
     proposals: tuple[Proposal, ...] = ()
     tokens: tuple[int, ...] = ()  # the token ids of positions pos .. pos+S-1, when sampling.needs_tokens
+    lookup: int = -1
 
 
 # --- stages -> coordinator ------------------------------------------------------
@@ -144,7 +149,8 @@ class FinalPrediction:
 
 @dataclass(frozen=True)
 class EarlyPrediction:
-    """An exit head at ``layer`` is confident (``prob``) that ``token`` goes at position ``pos``."""
+    """An exit head at ``layer`` is confident (``prob``) that ``token`` goes at position ``pos``;
+    ``lookup``: the token is the context's guess the item carried, sent on at that head unread."""
 
     seq: int
     epoch: int
@@ -152,6 +158,7 @@ class EarlyPrediction:
     token: int
     layer: int
     prob: float
+    lookup: bool = False
 
 
 # --- coordinator -> user ----------------------------------------------------------

@@ -292,8 +292,8 @@ class Stage:
 
     def _try_exit(self, w: WorkItem) -> bool:
         assert self.heads is not None  # only a layer of _head_layers gets here, and without heads there is none
+        self.stats.head_evals += w.lookup < 0  # a lookup guess is sent on unread (token_choice.try_exit)
         early = try_exit(self.heads, w)
-        self.stats.head_evals += 1
         if early is not None:
             self.stats.early_exits[w.layer] = self.stats.early_exits.get(w.layer, 0) + 1
             self._out.append(early)

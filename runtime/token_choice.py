@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 def try_exit(heads: ExitHeads, w: WorkItem) -> EarlyPrediction | None:
     """The head at ``w.layer`` on ``w``'s last position: its token for ``w.end_pos`` if it is
     confident, else None. A confident head marks ``w`` emitted and, in speculative mode, leaves
-    its draw with ``w`` for the last stage to accept or resample."""
+    its draw with ``w`` for the last stage to accept or resample. An item that carries the
+    context's guess (``w.lookup``, greedy only) exits with it here, the head unread: the guess
+    is right far more often than an early head (runtime/context_lookup.py)."""
+    if w.lookup >= 0:
+        w.emitted = True
+        return EarlyPrediction(w.seq, w.epoch, w.end_pos, w.lookup, w.layer, 1.0, lookup=True)
     if w.sampling is None or w.sampling.greedy:  # greedy with penalties: the head guesses unpenalised
         token, prob = heads.predict(w.layer, w.hidden[-1])
         proposal = None

@@ -43,6 +43,7 @@ class WorkItem:
     proposals: dict[int, Proposal] = field(default_factory=dict)  # speculative: position -> head's draw
     merged: bool = False  # a deferred backfill joined it on this stage (for the trace)
     tokens: tuple[int, ...] = ()  # the token ids of its positions, when sampling.needs_tokens
+    lookup: int = -1  # the context's guess of the token after its last position (-1: none)
 
     @property
     def end_pos(self) -> int:
@@ -63,7 +64,7 @@ class WorkItem:
         last = event.pos + len(event.tokens) - 1
         tokens = event.tokens if event.sampling is not None and event.sampling.needs_tokens else ()
         return cls(event.seq, event.epoch, event.pos, layer, hidden, last, policy=policy, sampling=event.sampling,
-                   tokens=tokens)
+                   tokens=tokens, lookup=event.lookup)
 
     @classmethod
     def arrived(cls, event: Activations, policy: str) -> WorkItem:
@@ -71,14 +72,14 @@ class WorkItem:
         predict_from = last if event.predict_from < 0 else event.predict_from
         return cls(
             event.seq, event.epoch, event.pos, event.layer, event.hidden, predict_from, event.emitted, policy,
-            event.sampling, {p.pos: p for p in event.proposals}, tokens=event.tokens,
+            event.sampling, {p.pos: p for p in event.proposals}, tokens=event.tokens, lookup=event.lookup,
         )
 
     def activations(self, layer: int) -> Activations:
         """The item handed to the next stage, which starts at ``layer``."""
         return Activations(
             self.seq, self.epoch, self.pos, layer, self.hidden, self.predict_from, self.emitted, self.policy,
-            self.sampling, tuple(self.proposals.values()), self.tokens,
+            self.sampling, tuple(self.proposals.values()), self.tokens, self.lookup,
         )
 
 

@@ -103,6 +103,8 @@ def main() -> int:
     p.add_argument("--heads", default=None, help="exit-heads directory")
     p.add_argument("--modes", default="off")
     p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--lookup", type=int, default=0, help="the Coordinator's context lookup (0: off)")
+    p.add_argument("--exit-layers", default="", help="comma list of the heads to use (default: the manifest's)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--sampling", default="", help="JSON list of SamplingParams fields (dicts); empty: greedy")
     a = p.parse_args()
@@ -112,7 +114,7 @@ def main() -> int:
     split = [int(x) for x in a.split_points.split(",") if x]
     spec = LoadSpec(
         a.model, stages=env.world_size, split_points=split, max_seq_len=a.max_seq_len, heads=a.heads,
-        device="cpu", dtype=a.dtype,
+        device="cpu", dtype=a.dtype, exit_layers=tuple(int(x) for x in a.exit_layers.split(",") if x),
     )
     _, config, _, loaded = load_rank(spec, rank=env.rank)
     stage = loaded.stage
@@ -138,12 +140,13 @@ def main() -> int:
             samplings = [SamplingParams(**f) for f in json.loads(a.sampling)] if a.sampling else [None]
             prompts = [(p, sp) for p in json.loads(a.prompts) for sp in samplings]
             tokens = {m: [None] * len(prompts) for m in modes}
-            stats = {m: {"early_emitted": 0, "accepted": 0, "rollbacks": 0, "elapsed_s": 0.0} for m in modes}
+            counted = ("early_emitted", "accepted", "rollbacks", "lookup_emitted", "lookup_accepted")
+            stats = {m: {**{k: 0 for k in counted}, "elapsed_s": 0.0} for m in modes}
             failures, seq, run = [], 0, 0
             for i, (prompt, sampling) in enumerate(prompts):
                 for mode in modes:  # back to back, a different mode each run
                     while tokens[mode][i] is None:
-                        coord = Coordinator(max_inflight=a.max_inflight)
+                        coord = Coordinator(max_inflight=a.max_inflight, lookup=a.lookup)
                         coord.add_sequence(
                             seq, prompt, StopCriteria(a.max_new_tokens, eos), early_exit=mode, sampling=sampling
                         )
@@ -161,7 +164,7 @@ def main() -> int:
                         stats[mode]["elapsed_s"] += time.perf_counter() - t0
                         done = coord.sequences[seq - 1]
                         tokens[mode][i] = done.generated
-                        for k in ("early_emitted", "accepted", "rollbacks"):
+                        for k in counted:
                             stats[mode][k] += getattr(done.stats, k)
             runner.close()
             if a.out:

@@ -24,6 +24,7 @@ from adadecode.runtime.events import (
     StepRequest,
     Verified,
 )
+from adadecode.runtime.sampling import SamplingParams
 from adadecode.runtime.stopping import StopCriteria
 
 PROMPT = (11, 12, 13)
@@ -342,6 +343,36 @@ def test_early_prediction_capped_at_max_inflight():
     assert drain(coord) == []
     assert coord.sequences[0].inflight == [5]
     assert coord.sequences[0].stats.early_emitted == 1
+
+
+def test_requests_carry_the_contexts_guess_of_the_next_token():
+    """With ``lookup``, each request carries the token that followed the latest earlier match of
+    the sequence's last tokens, unverified ones included; a rollback drops them from the match."""
+    coord = Coordinator(max_inflight=2, lookup=2)
+    coord.add_sequence(0, [7, 8, 9, 7, 8], StopCriteria(8))
+    assert coord.next_action() == StepRequest(0, 0, 0, (7, 8, 9, 7, 8), lookup=9)  # "7 8" was followed by 9
+    coord.receive(early(5, 9))  # in flight: ... 7 8 9
+    assert drain(coord) == [StepRequest(0, 0, 5, (9,), lookup=7)]  # "8 9" was followed by 7
+    coord.receive(early(6, 4))  # in flight: 9 4, and "9 4" never occurred
+    assert drain(coord) == [StepRequest(0, 0, 6, (4,))]
+    coord.receive(final(5, 1))  # the 9 was wrong: roll back, start 1; "8 1" never occurred
+    assert drain(coord)[-1] == StepRequest(0, 1, 5, (1,))
+    coord.receive(final(6, 7, epoch=1))  # ... 8 1 7: "1 7" never occurred, a 1-token match is too short
+    assert drain(coord)[-1] == StepRequest(0, 1, 6, (7,))
+    coord.receive(final(7, 8, epoch=1))  # ... 1 7 8: "7 8" was followed by 9, then by 1 (the latest)
+    assert drain(coord)[-1] == StepRequest(0, 1, 7, (8,), lookup=1)
+
+
+@pytest.mark.parametrize("sampling,mode", [(None, "off"), (SamplingParams(0.7, seed=1), "eager")])
+def test_no_guess_without_early_exit_or_when_sampling(sampling, mode):
+    coord = Coordinator(max_inflight=2, lookup=1)
+    coord.add_sequence(0, [7, 8, 7], StopCriteria(8), early_exit=mode, sampling=sampling)
+    assert coord.next_action().lookup == -1
+
+
+def test_a_negative_lookup_is_refused():
+    with pytest.raises(ValueError, match="lookup is a match length"):
+        Coordinator(lookup=-1)
 
 
 @pytest.mark.parametrize("pos", [P - 1, P + 1, P + 2, 0])

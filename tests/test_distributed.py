@@ -68,12 +68,15 @@ MAX_NEW_TOKENS = 24
 
 
 def test_header_carries_every_activations_field():
-    act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True, early_exit="deferred")
+    act = Activations(7, 3, 41, 12, torch.zeros(5, 4), predict_from=43, emitted=True, early_exit="deferred",
+                      lookup=1234)
     head = decode_header(encode_header(act))
     assert head == {"seq": 7, "epoch": 3, "pos": 41, "layer": 12, "S": 5, "predict_from": 43, "emitted": 1,
-                    "early_exit": 2, "sampling": None, "proposals": 0, "tokens": 0, "kind": KIND_ACTIVATIONS}
-    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (len(HEADER_FIELDS),) == (22,)
-    assert decode_header(encode_header(Activations(7, 3, 41, 12, torch.zeros(1, 4))))["early_exit"] == -1
+                    "early_exit": 2, "sampling": None, "proposals": 0, "tokens": 0, "lookup": 1234,
+                    "kind": KIND_ACTIVATIONS}
+    assert encode_header(act).dtype == torch.int64 and encode_header(act).shape == (len(HEADER_FIELDS),) == (23,)
+    none = decode_header(encode_header(Activations(7, 3, 41, 12, torch.zeros(1, 4))))
+    assert none["early_exit"] == -1 and none["lookup"] == -1
     bad = encode_header(act).clone()
     bad[HEADER_FIELDS.index("early_exit")] = 3
     with pytest.raises(TransportError, match="early_exit 3"):
@@ -253,16 +256,17 @@ def assert_nothing_held(tmp_path: Path, world: int, sequences: int) -> None:
         assert h["finished_held"] == 0 and h["finished_floor"] == sequences, (r, h)
 
 
-@pytest.mark.parametrize("world, split", [(2, "3"), (3, "2,4")])
-def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split):
+@pytest.mark.parametrize("world, split, lookup, layers", [(2, "3", 0, ""), (3, "2,4", 0, ""), (2, "3", 1, "4,5")])
+def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split, lookup, layers):
     """Every prompt in every mode, the modes back to back (off, eager, deferred, off, ...) on the
     same slots: each sequence carries its own mode, and each run starts once every rank has
-    confirmed freeing the previous one's slot."""
+    confirmed freeing the previous one's slot. With ``lookup`` and heads on the second rank only,
+    the context's guesses ride the data plane to them."""
     path, heads, eos, refs = tiny
     exits, _, out = run_job(
         tmp_path, world, "--model", str(path), "--split-points", split, "--prompts", json.dumps(PROMPTS),
         "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--heads", str(heads),
-        "--modes", "off,eager,deferred",
+        "--modes", "off,eager,deferred", "--lookup", str(lookup), "--exit-layers", layers,
     )
     assert [ex.returncode for ex in exits] == [0] * world, [ex.describe() for ex in exits]
     for mode in ("off", "eager", "deferred"):
@@ -270,6 +274,7 @@ def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, t
     assert out["stats"]["off"]["early_emitted"] == 0
     for mode in ("eager", "deferred"):  # the premise: early tokens flowed and many were rolled back
         assert out["stats"][mode]["rollbacks"] >= 5 and out["stats"][mode]["accepted"] >= 1, out["stats"]
+        assert (out["stats"][mode]["lookup_emitted"] > 0) == bool(lookup), out["stats"]
     assert len(out["busy_s"]) == world and all(b > 0 for b in out["busy_s"])
     assert out["runner"] == {"unreleased": 0, "broken": None}
     assert_nothing_held(tmp_path, world, 3 * len(PROMPTS))

@@ -107,6 +107,35 @@ def test_forced_rollbacks_still_match_plain_greedy(engines, cases, stages, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_context_lookup_guesses_match_plain_greedy(engines, cases, stages, mode):
+    """The context's guesses (runtime/context_lookup.py) exit at the first head an item reaches:
+    with a 1-token match many are wrong, and every one is verified and, where wrong, rolled back.
+    The heads (on every stage) are almost never confident themselves, so the guesses carry the
+    exits. For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
+    engine = engines[stages]
+    layers = boundary_layers(engine)
+    with_heads(engine, untrained_heads(engine, layers, threshold=0.99))
+    emitted = {0: 0, 1: 0}
+    rollbacks = 0
+    default = engine.lookup
+    try:
+        for lookup in (0, 1):
+            engine.lookup = lookup
+            for ids, ref in cases:
+                for n in (MAX_NEW_TOKENS, 3):  # and a length stop with guesses in flight
+                    res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
+                    at = first_divergence(res.tokens, ref[:n])
+                    assert at is None, f"{stages} stages, {mode}, lookup {lookup}: diverges at {at}"
+                    emitted[lookup] += res.stats["early_emitted"]
+                    rollbacks += res.stats["rollbacks"] if lookup else 0
+    finally:
+        engine.lookup = default
+    assert emitted[1] > emitted[0] + 10  # the premise: the guesses went out
+    assert rollbacks >= 3  # and some were wrong
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_eager_and_deferred_match_off_with_a_confident_threshold(engines, cases, mode):
     """For deferred, the equality is the CPU fp32 property (module docstring), not a rule."""
     engine = with_heads(engines[1], untrained_heads(engines[1], [20, 26], threshold=0.6))

@@ -3,14 +3,14 @@
 Each message is two or three tensors, sent with separate ``isend`` calls
 (never coalesced, so a later item is not held behind an earlier one):
 
-- a fixed header, int64 [22]: ``seq, epoch, pos, layer, S, predict_from,
+- a fixed header, int64 [23]: ``seq, epoch, pos, layer, S, predict_from,
   emitted, early_exit, temperature, top_p, top_k, min_p, seed, sampling,
   repetition_penalty, presence_penalty, frequency_penalty, logprobs,
-  prompt_logprobs, proposals, tokens, kind`` — every field of ``Activations``
+  prompt_logprobs, proposals, tokens, lookup, kind`` — every field of ``Activations``
   except the tensor (``early_exit`` as its index in ``EARLY_EXIT_MODES``, -1 for
   None; the ``SamplingParams`` as its fields, floats as their float64 bits, the
   mode as its index in ``SAMPLING_MODES``, -1 for None; ``logprobs`` and
-  ``prompt_logprobs`` -1 for None), plus the chunk length ``S``, the lengths of
+  ``prompt_logprobs`` -1 for None; ``lookup`` -1 for none), plus the chunk length ``S``, the lengths of
   the proposals and of the token ids in the extras tensor (0 and 0: none sent)
   and the message kind (``KIND_ACTIVATIONS``, or ``KIND_STOP``: the upstream
   neighbour's orderly goodbye);
@@ -75,7 +75,7 @@ HEADER_FIELDS = (
     "seq", "epoch", "pos", "layer", "S", "predict_from", "emitted", "early_exit",
     "temperature", "top_p", "top_k", "min_p", "seed", "sampling",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "prompt_logprobs",
-    "proposals", "tokens", "kind",
+    "proposals", "tokens", "lookup", "kind",
 )
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "logprobs", "prompt_logprobs")
@@ -89,7 +89,7 @@ LINK_TIMEOUT = datetime.timedelta(days=365)  # see the module docstring: idle is
 
 # The header must carry every field of Activations: fail loudly the day one is added.
 _CARRIED = {"seq", "epoch", "pos", "layer", "hidden", "predict_from", "emitted", "early_exit", "sampling", "proposals",
-            "tokens"}
+            "tokens", "lookup"}
 _HAS = {f.name for f in fields(Activations)}
 if _HAS != _CARRIED:
     raise ImportError(
@@ -116,7 +116,7 @@ def _sampling_values(sp: SamplingParams | None) -> dict[str, int]:
 
 
 def encode_header(act: Activations | None, proposals: int = 0) -> torch.Tensor:
-    """The int64 [22] header of ``act`` (``proposals``: the length of the proposals in its extras
+    """The int64 [23] header of ``act`` (``proposals``: the length of the proposals in its extras
     tensor; its token ids follow them), or of a stop message for ``None``."""
     if act is None:
         values = {name: 0 for name in HEADER_FIELDS} | _sampling_values(None) | {"early_exit": -1, "kind": KIND_STOP}
@@ -126,7 +126,7 @@ def encode_header(act: Activations | None, proposals: int = 0) -> torch.Tensor:
             "predict_from": act.predict_from, "emitted": int(act.emitted),
             "early_exit": -1 if act.early_exit is None else EARLY_EXIT_MODES.index(act.early_exit),
             **_sampling_values(act.sampling), "proposals": proposals, "tokens": len(act.tokens),
-            "kind": KIND_ACTIVATIONS,
+            "lookup": act.lookup, "kind": KIND_ACTIVATIONS,
         }
     return torch.tensor([values[name] for name in HEADER_FIELDS], dtype=torch.int64)
 
@@ -321,7 +321,7 @@ class DataPlane:
                         head["seq"], head["epoch"], head["pos"], head["layer"], hidden,
                         predict_from=head["predict_from"], emitted=bool(head["emitted"]),
                         early_exit=None if head["early_exit"] < 0 else EARLY_EXIT_MODES[head["early_exit"]],
-                        sampling=head["sampling"], proposals=proposals, tokens=tokens,
+                        sampling=head["sampling"], proposals=proposals, tokens=tokens, lookup=head["lookup"],
                     )
                 )
         except BaseException as e:  # noqa: BLE001 - handed to the rank's loop, which raises it
