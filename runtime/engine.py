@@ -64,7 +64,7 @@ class Engine:
 
     def __init__(
         self, resolved: ResolvedModel, config, tokenizer, runner, max_seq_len: int, max_inflight: int = 2,
-        heads_choice=None, generation_config: str = "auto",
+        heads_choice=None, generation_config: str = "auto", lookup: int = 0,
     ):
         self.resolved = resolved
         self.config = config
@@ -79,6 +79,7 @@ class Engine:
         self.generation_defaults = read_generation_config(resolved.path, generation_config)
         self.eos_token_ids = _eos_ids(config, tokenizer, self.generation_defaults)
         self.max_inflight = max_inflight
+        self.lookup = lookup  # the context lookup's shortest match (runtime/context_lookup.py); 0: off
         # The heads chosen for this setting (runtime/sim/heads.py), or None: the config's / manifest's.
         # A choice of none means no head pays here, and early exit runs as off.
         self.heads_choice = heads_choice
@@ -106,7 +107,8 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
-                   spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config)
+                   spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config,
+                   lookup=spec.lookup)
 
     @property
     def heads_loaded(self) -> bool:
@@ -189,7 +191,7 @@ class Engine:
             ignore_eos=ignore_eos,
         )
         seq = self._next_seq
-        coord = Coordinator(max_inflight=self.max_inflight)
+        coord = Coordinator(max_inflight=self.max_inflight, lookup=self.lookup)
         coord.add_sequence(seq, ids, criteria, early_exit=early_exit, sampling=sampling)
         self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
@@ -238,8 +240,8 @@ class Engine:
         }
         derived = totals.summary()
         stats |= {k: derived[k] for k in (
-            "exit_rate_per_head", "precision_per_head", "acceptance_rate", "discarded_fraction", "stage_merged",
-            "stage_idle_backfills",
+            "exit_rate_per_head", "precision_per_head", "acceptance_rate", "lookup_rate", "lookup_acceptance",
+            "discarded_fraction", "stage_merged", "stage_idle_backfills",
         )}
         return GenerationResult(
             prompt_tokens=len(ids),
@@ -336,9 +338,9 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2,
-                 heads_choice=None, generation_config: str = "auto"):
+                 heads_choice=None, generation_config: str = "auto", lookup: int = 0):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice,
-                         generation_config)
+                         generation_config, lookup)
