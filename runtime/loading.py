@@ -54,6 +54,7 @@ class LoadSpec:
     # unverified early tokens per sequence (chunks of up to max_inflight + 1 rows get compiled);
     # 0: chosen with the heads before loading (runtime/engine.py), 2 where nothing is chosen
     max_inflight: int = 2
+    lookup: int = 3  # the Coordinator's context lookup: shortest match (runtime/context_lookup.py); 0: off
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     batching: str = "exact"  # serve.batching: exact, fused, auto (``exact_batches``)
     row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)

@@ -177,6 +177,10 @@ class DecodingConfig:
     max_inflight: int = 0
     """Most unverified early tokens per sequence in flight at once; 0: chosen with the heads (else 2)."""
 
+    lookup: int = 3
+    """Context lookup: an item whose last tokens match at least this many tokens earlier in the
+    sequence exits at its first head with the token that followed them (greedy only); 0: off."""
+
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends once the verified text contains any of them."""
 
@@ -194,6 +198,11 @@ class DecodingConfig:
             raise _invalid(
                 "decoding.max_inflight", self.max_inflight, "an integer >= 0 (0: chosen with the heads)",
                 "set e.g. `--decoding.max_inflight=2` (early_exit off ignores it)",
+            )
+        if self.lookup < 0:
+            raise _invalid(
+                "decoding.lookup", self.lookup, "an integer >= 0 (0: off)",
+                "set e.g. `--decoding.lookup=3` (a match of 3 tokens or more)",
             )
         for t in self.thresholds:
             if not 0.0 <= t < 1.0:
