@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same relative depths of the profile's model")
     p.add_argument("--thresholds", default="", metavar="T,T",
                    help="with --exits DIR: a threshold per exit layer, or one")
+    p.add_argument("--lookup", type=int, default=0, metavar="K",
+                   help="with --exits DIR: replay the context lookup's guesses of K or more matched tokens with "
+                        "the heads (decoding.lookup; docs/heads.md), from its per-token outcomes; 0: off")
     p.add_argument("--stages", type=int, default=1, metavar="P")
     p.add_argument("--early-exit", default="off", choices=["off", "eager", "deferred", "wait"],
                    help="wait: deferred, but later stages hold a parked backfill for the next token (simulated only)")
@@ -125,13 +128,14 @@ class HeadsScenario(NamedTuple):
     manifest: dict
 
 
-def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[float]) -> HeadsScenario:
+def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[float],
+                lookup: int = 0) -> HeadsScenario:
     """A heads directory's exit statistics at ``layers`` (default: its defaults) and ``thresholds``
     (one per layer, or one for all; default: its defaults), the depth of its model and its manifest
     (which prices a head: ``run``): replayed token by token where train-heads recorded the outcomes,
-    else from its calibration table."""
-    from adadecode.runtime.exit_heads import read_manifest, read_outcomes
-    from adadecode.runtime.sim.heads import conditional_exits, exit_table, replay_exits
+    else from its calibration table; with ``lookup``, the context lookup's guesses replayed with them."""
+    from adadecode.runtime.exit_heads import read_lookup_outcomes, read_manifest, read_outcomes
+    from adadecode.runtime.sim.heads import conditional_exits, exit_table, replay_exits, with_lookup
 
     where = Path(path).parent if Path(path).name == "manifest.json" else Path(path)
     manifest = read_manifest(where)
@@ -152,7 +156,16 @@ def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[fl
         if (lacking := sorted(set(layers) - set(outcomes))):
             raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
                              "train-heads` into it")
+        if lookup:
+            guesses = read_lookup_outcomes(where, manifest)
+            if guesses is None:
+                raise ValueError(f"--lookup: {where} records no context lookup outcomes; record them with "
+                                 f"`adadecode train-heads --outcomes-only --out {where}`")
+            outcomes = with_lookup(outcomes, lookup, *guesses)
         return HeadsScenario(replay_exits(selection, outcomes), manifest["base_model"]["num_layers"], manifest)
+    if lookup:
+        raise ValueError(f"--lookup: {where} has no per-token outcomes to replay the lookup with; record them with "
+                         f"`adadecode train-heads --outcomes-only --out {where}`")
     table = exit_table(manifest)
     off_table = {l: t for l, t in selection.items() if all(r[0] != t for r in table[l])}
     if off_table:
@@ -373,13 +386,16 @@ def check_args(a) -> None:
         a.threshold_list = [float(x) for x in a.thresholds.split(",") if x]
     except ValueError:
         raise ValueError(f"--thresholds {a.thresholds}: give numbers separated by commas, e.g. 0.5,0.8") from None
+    if a.lookup < 0:
+        raise ValueError(f"--lookup {a.lookup}: give a match length >= 1, or 0 for none")
     if a.exits not in ("measured", "paper"):
         if not Path(a.exits).exists():
             raise ValueError(f"--exits {a.exits}: give measured, paper, or a heads directory (`train-heads --out DIR`)")
-        a.exits = heads_exits(a.exits, a.layers, a.threshold_list)
+        a.exits = heads_exits(a.exits, a.layers, a.threshold_list, a.lookup)
         a.layers = None  # chosen inside the heads' statistics, and mapped to the profile's depth with them
-    elif a.thresholds:
-        raise ValueError("--thresholds applies to --exits DIR (a heads directory); the named scenarios fix theirs")
+    elif a.thresholds or a.lookup:
+        raise ValueError("--thresholds and --lookup apply to --exits DIR (a heads directory); the named scenarios "
+                         "fix theirs")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -484,6 +484,18 @@ def read_outcomes(path: str | Path, manifest: dict) -> dict[int, tuple[torch.Ten
     return {l: (tensors[f"confidence.{l}"].float(), tensors[f"agrees.{l}"].bool()) for l in layers}
 
 
+def read_lookup_outcomes(path: str | Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The context lookup on the same validation tokens (runtime/context_lookup.py): the length of
+    the longest match before each token [N] int64 (0: none) and whether its guess was the token [N]
+    bool; None for heads whose outcomes do not record it."""
+    if OUTCOMES_FILE not in manifest.get("files", {}):
+        return None
+    tensors = _read_heads_file(Path(path), manifest, OUTCOMES_FILE)
+    if "lookup.match" not in tensors:
+        return None
+    return tensors["lookup.match"].long(), tensors["lookup.agrees"].bool()
+
+
 def _read_heads_file(path: Path, manifest: dict, name: str = HEADS_FILE) -> dict[str, torch.Tensor]:
     """The tensors of ``path/name``, first checked against the manifest's size and sha256 where
     it records them (a manifest of an older version does not: safetensors' own header check is

@@ -322,6 +322,31 @@ def test_max_inflight_is_chosen_with_the_heads_when_left_open():
     assert f"max_inflight {open_.max_inflight}" in open_.note
 
 
+def test_the_context_lookup_is_replayed_with_the_heads():
+    """A token the lookup guesses exits at the first selected head with the guess's outcome; the
+    bundled heads record the lookup beside their outcomes, and plan_heads chooses with it (the
+    guesses are right far more often than the heads: the prediction rises), or without it at 0."""
+    from adadecode.runtime.exit_heads import bundled_heads_path, read_lookup_outcomes, read_outcomes
+    from adadecode.runtime.loading import LoadSpec, prepare
+    from adadecode.runtime.sim.heads import plan_heads, with_lookup
+
+    outcomes = {4: (torch.tensor([0.1, 0.9, 0.2]), torch.tensor([True, False, False]))}
+    match, agrees = torch.tensor([0, 3, 2]), torch.tensor([False, True, True])
+    conf, right = with_lookup(outcomes, 3, match, agrees)[4]
+    assert conf.tolist() == pytest.approx([0.1, 1.0, 0.2]) and right.tolist() == [True, True, False]
+    assert with_lookup(outcomes, 2, match, agrees)[4][1].tolist() == [True, True, True]
+
+    path = bundled_heads_path()
+    match, agrees = read_lookup_outcomes(path, _bundled_manifest())
+    assert len(match) == len(read_outcomes(path, _bundled_manifest())[19][0])
+    assert 0.5 < float((match >= 3).float().mean()) < 0.65 and float(agrees[match >= 3].float().mean()) > 0.85
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    two = LoadSpec(stages=2, auto_heads_for="eager", max_inflight=2)
+    _, with_it = plan_heads(two, *prepare(two), cpu, fp32, ranks=True)
+    _, without = plan_heads(two.replace(lookup=0), *prepare(two), cpu, fp32, ranks=True)
+    assert with_it.speedup > without.speedup + 0.1, (with_it, without)
+
+
 def test_heads_are_chosen_before_loading_and_loading_never_imports_the_simulator():
     """plan_heads turns a request for heads per setting into explicit layers and thresholds (or
     no heads at all) that the loader takes as given; the loader's import graph has no simulator."""
@@ -424,6 +449,19 @@ def test_simulate_a_heads_directory_token_by_token_or_from_its_table(tmp_path, c
     assert "per-token outcomes have no heads at [7]" in capsys.readouterr().err
     assert simulate_main([*base, "--exits", str(tmp_path / "nothing")]) == 2
     assert "give measured, paper, or a heads directory" in capsys.readouterr().err
+    # --lookup: the bundled heads record the lookup's outcomes; these two copies do not
+    assert simulate_main([*base, "--exits", str(heads), "--exit-layers", "19", "--lookup", "3"]) == 2
+    assert "records no context lookup outcomes" in capsys.readouterr().err
+    assert simulate_main([*base, "--exits", str(bundled), "--exit-layers", "19", "--lookup", "3"]) == 2
+    assert "no per-token outcomes" in capsys.readouterr().err
+    assert simulate_main([*base, "--lookup", "3"]) == 2 and "apply to --exits DIR" in capsys.readouterr().err
+    assert simulate_main([*base, "--lookup", "-1"]) == 2 and "match length" in capsys.readouterr().err
+    shipped = [*base, "--sequences", "8", "--exits", str(bundled_heads_path()), "--exit-layers", "19,25",
+               "--thresholds", "0.3,0.5"]
+    assert simulate_main(shipped) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert simulate_main([*shipped, "--lookup", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["acceptance_rate"] > alone["acceptance_rate"]
 
 
 def test_finalists_tied_on_the_confirming_sample_go_to_the_one_the_search_scored_higher(monkeypatch):

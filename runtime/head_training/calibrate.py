@@ -47,11 +47,16 @@ def calibration_table(outcomes, split: Split, sweep: Sequence[float] = THRESHOLD
     return {"split": split.name, "file": split.file, "prompts": split.prompts, "tokens": split.tokens, "heads": heads}
 
 
-def outcome_tensors(outcomes) -> dict[str, torch.Tensor]:
+def outcome_tensors(outcomes, lookup=None) -> dict[str, torch.Tensor]:
     """``head_outcomes`` as the tensors of ``outcomes.safetensors``: per head, each token's
-    confidence (fp16: thresholds are two-digit) and whether the head agreed with the final layer."""
+    confidence (fp16: thresholds are two-digit) and whether the head agreed with the final layer;
+    with ``lookup`` (``context_lookup.lookup_outcomes`` of the same tokens), the context lookup's
+    match length before each token and whether its guess was the token."""
     tensors = {}
     for l, (conf, agree) in outcomes.items():
         tensors[f"confidence.{l}"] = conf.to(torch.float16)
         tensors[f"agrees.{l}"] = agree.to(torch.uint8)
+    if lookup is not None:
+        tensors["lookup.match"] = torch.tensor(lookup[0], dtype=torch.uint8)
+        tensors["lookup.agrees"] = torch.tensor(lookup[1], dtype=torch.uint8)
     return tensors

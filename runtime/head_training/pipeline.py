@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..context_lookup import lookup_outcomes
 from ..device import check_placement, dtype_name
 from ..loading import plan_stages
 from ..sim.heads import HeadChoice, choose
@@ -137,7 +138,9 @@ def train_heads(
     for name in groups:
         splits[name] = make_split(name, files[name], items[at : at + len(ids[name])], layers)
         if name == "validation":
-            val_counts = [len(it["tokens"]) for it in items[at : at + len(ids[name])]]
+            val_items = items[at : at + len(ids[name])]
+            val_counts = [len(it["tokens"]) for it in val_items]
+            val_lookup = lookup_outcomes(ids[name], [it["tokens"].tolist() for it in val_items])
         at += len(ids[name])
     del items
     t_collect = time.perf_counter() - t_start
@@ -228,7 +231,7 @@ def train_heads(
     host_ids = vocab_ids.cpu() if vocab_ids is not None else None
     host_params = {l: {name: t.cpu() for name, t in p.items()} for l, p in params.items()}
     save_exit_heads(out, host_params, host_ids, manifest, dtype=save_dt,
-                    outcomes=outcome_tensors(outcomes["validation"]))
+                    outcomes=outcome_tensors(outcomes["validation"], val_lookup))
     log(f"wrote {out}: heads at {layers}, defaults {dict(zip(choice.layers, choice.thresholds))}")
     return manifest
 
@@ -345,6 +348,7 @@ def recompute_outcomes(
                     pad=pad, progress=progress)
     split = make_split("validation", validation.label, items, layers)
     counts = [len(it["tokens"]) for it in items]
+    lookup = lookup_outcomes(ids, [it["tokens"].tolist() for it in items])
     del items
     t_collect = time.perf_counter() - t_start
     outcomes = head_outcomes(heads, split)  # on the host
@@ -374,7 +378,7 @@ def recompute_outcomes(
         "seconds": {"collect": round(t_collect, 1), "total": round(time.perf_counter() - t_start, 1)},
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
     }
-    save_outcomes(path, outcome_tensors(outcomes), manifest, heads_record)
+    save_outcomes(path, outcome_tensors(outcomes, lookup), manifest, heads_record)
     log(f"wrote {path / 'outcomes.safetensors'} ({split.tokens} tokens) and {path / MANIFEST_FILE}")
     return manifest
 

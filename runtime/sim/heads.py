@@ -19,8 +19,10 @@ heads are chosen for the setting at start-up:
   whose confidence passes its threshold, right or wrong as that head was
   (``replay_exits``), and easy and hard tokens come in the runs they came in
   (rates alone, as if every token were drawn on its own, overrated the speedup by
-  about 10%, docs/results.md). Heads trained before
-  that record only a calibration table (exit rate and precision per head and
+  about 10%, docs/results.md). With the context lookup on (``LoadSpec.lookup``)
+  and its outcomes recorded beside the heads', a token it guesses exits at the
+  first selected head, right or wrong as the guess was (``with_lookup``). Heads
+  trained before that record only a calibration table (exit rate and precision per head and
   threshold); a head's chance to exit when reached is then estimated by assuming
   that a token confident at one head is confident at the later heads too
   (``conditional_exits``), which overrates many early, imprecise heads;
@@ -90,7 +92,7 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     path = resolve_heads(spec.heads, resolved)
     if path is None:
         return spec, None
-    from ..exit_heads import read_manifest, read_outcomes
+    from ..exit_heads import read_lookup_outcomes, read_manifest, read_outcomes
 
     manifest = read_manifest(path)
     if calibration_table(manifest) is None:  # heads without one keep their defaults
@@ -98,7 +100,8 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     element_size = torch.empty((), dtype=dtype).element_size()
     choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
                     ranks=ranks, outcomes=read_outcomes(path, manifest), compiled=spec.compiled(device.type),
-                    per_row_merges=not spec.shared_merges(device.type))
+                    per_row_merges=not spec.shared_merges(device.type), lookup=spec.lookup,
+                    lookup_outcomes=read_lookup_outcomes(path, manifest) if spec.lookup else None)
     if not choice.layers:
         return spec.replace(heads=None, auto_heads_for=None), choice
     return spec.replace(exit_layers=choice.layers, thresholds=choice.thresholds, auto_heads_for=None,
@@ -148,21 +151,34 @@ def replay_exits(selection: dict[int, float], outcomes) -> ExitReplay:
 
 def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, device_type: str,
            element_size: int, max_inflight: int, ranks: bool = True, outcomes=None, alone: bool = False,
-           compiled: bool = False, per_row_merges: bool = True) -> HeadChoice:
+           compiled: bool = False, per_row_merges: bool = True, lookup: int = 0, lookup_outcomes=None) -> HeadChoice:
     """The heads for this setting (see the module docstring). ``ranks``: one rank per stage;
     False: the stages run one after another in one process, which times like one stage.
     ``outcomes``: ``exit_heads.read_outcomes`` of the heads, when they have them. ``alone``: also
     a threshold for every head (train-heads writes them in the manifest). ``compiled``: the stages
     run the compiled layer loop (costs of runtime/sim/costs.py's compiled CPU profile).
     ``per_row_merges``: a merged chunk's decode rows run as one call each (``LoadSpec.shared_merges``
-    false), so a chunk of k decode rows is priced as k single rows, not as the shared call the traces timed."""
+    false), so a chunk of k decode rows is priced as k single rows, not as the shared call the traces timed.
+    ``lookup``, ``lookup_outcomes``: the context lookup's shortest match and ``read_lookup_outcomes``
+    of the heads (``with_lookup``); without both, the heads are chosen as if it were off."""
     shape = ModelShape.from_config(config)
+    if outcomes is not None and lookup and lookup_outcomes is not None:
+        outcomes = with_lookup(outcomes, lookup, *lookup_outcomes)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
     exact = None if outcomes is None else tuple(
         (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
     return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone,
                    head_extra_weights(manifest, shape.hidden), compiled, per_row_merges)
+
+
+def with_lookup(outcomes, lookup: int, match: torch.Tensor, agrees: torch.Tensor):
+    """The heads' per-token ``outcomes`` as the runtime meets them with a context lookup of shortest
+    match ``lookup``: a token the lookup guesses exits at the first selected head with the guess
+    (confidence 1 at every head, right or wrong as the guess was); the others as the heads were."""
+    guessed = match >= lookup
+    return {l: (torch.where(guessed, torch.ones_like(conf), conf), torch.where(guessed, agrees, agree))
+            for l, (conf, agree) in outcomes.items()}
 
 
 def head_extra_weights(manifest: dict, hidden: int) -> int:
