@@ -44,7 +44,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from .context_lookup import ContextLookup
+from .context_lookup import MAX_MATCH, ContextLookup
 from .events import (
     DONE,
     WAITING,
@@ -102,8 +102,8 @@ class Sequence:
     state: SeqState = SeqState.PREFILL
     epoch: int = 0
     inflight: list[int] = field(default_factory=list)  # early tokens at len(tokens) + i
-    inflight_layers: list[int] = field(default_factory=list)  # the head layer of each early token
-    inflight_lookup: list[bool] = field(default_factory=list)  # whether each early token is a lookup guess
+    # per early token: the layer of the head it exited at, and whether it is the context lookup's guess
+    inflight_from: list[tuple[int, bool]] = field(default_factory=list)
     finish_reason: str | None = None
     stats: SeqStats = field(default_factory=SeqStats)
     early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
@@ -137,8 +137,8 @@ class Coordinator:
         """
         self.max_inflight = max_inflight
         self.early_exit_below = early_exit_below
-        if lookup < 0:
-            raise ValueError(f"lookup is a match length (0: off), not {lookup}")
+        if not 0 <= lookup <= MAX_MATCH:
+            raise ValueError(f"lookup is a match length of 1 to {MAX_MATCH} tokens (0: off), not {lookup}")
         self.lookup = lookup
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
@@ -184,9 +184,7 @@ class Coordinator:
         if s.state is not SeqState.ERROR:  # ERROR stays: it tells what went wrong
             s.state = SeqState.FINISHED
         s.finish_reason = reason
-        s.inflight.clear()
-        s.inflight_layers.clear()
-        s.inflight_lookup.clear()
+        _drop_inflight(s)
         self._actions = deque(a for a in self._actions if getattr(a, "seq", None) != seq)
         self._actions.append(SequenceFinished(seq, reason))
 
@@ -249,17 +247,16 @@ class Coordinator:
         logprobs = () if ev.logprobs is None else (ev.logprobs,)
         self._actions.append(Verified(s.seq, pos, (ev.token,), logprobs, ev.prompt_logprobs))
         if s.inflight:
-            layer = s.inflight_layers.pop(0)
-            guessed = s.inflight_lookup.pop(0)
+            layer, guessed = s.inflight_from.pop(0)
             if s.inflight.pop(0) == ev.token:
                 s.stats.accepted += 1
                 s.stats.lookup_accepted += guessed
-                _count(s.stats.accepted_by_layer, layer)
+                if not guessed:  # the per-head counts are the heads' own
+                    _count(s.stats.accepted_by_layer, layer)
             else:
-                _count(s.stats.rejected_by_layer, layer)
-                s.inflight.clear()
-                s.inflight_layers.clear()
-                s.inflight_lookup.clear()
+                if not guessed:
+                    _count(s.stats.rejected_by_layer, layer)
+                _drop_inflight(s)
                 s.epoch += 1
                 s.stats.rollbacks += 1
                 self._actions.append(Rollback(s.seq, s.epoch, pos))
@@ -278,11 +275,12 @@ class Coordinator:
         if len(s.tokens) - s.prompt_len + len(s.inflight) >= s.criteria.max_new_tokens:
             return  # past the length limit: the token could never be output
         s.inflight.append(ev.token)
-        s.inflight_layers.append(ev.layer)
-        s.inflight_lookup.append(ev.lookup)
+        s.inflight_from.append((ev.layer, ev.lookup))
         s.stats.early_emitted += 1
-        s.stats.lookup_emitted += ev.lookup
-        _count(s.stats.early_by_layer, ev.layer)
+        if ev.lookup:
+            s.stats.lookup_emitted += 1
+        else:
+            _count(s.stats.early_by_layer, ev.layer)
         self._actions.append(self._step(s, pos, (ev.token,)))
 
     def _step(self, s: Sequence, pos: int, tokens: tuple[int, ...]) -> StepRequest:
@@ -307,11 +305,14 @@ class Coordinator:
             return False
         s.state = SeqState.FINISHED
         s.finish_reason = reason
-        s.inflight.clear()
-        s.inflight_layers.clear()
-        s.inflight_lookup.clear()
+        _drop_inflight(s)
         self._actions.append(SequenceFinished(s.seq, reason))
         return True
+
+
+def _drop_inflight(s: Sequence) -> None:
+    s.inflight.clear()
+    s.inflight_from.clear()
 
 
 def _count(counter: dict[int, int], key: int) -> None:

@@ -233,7 +233,7 @@ class Stage:
         of the queue, so an early token does not wait for the others' layers."""
         while batch:
             batch = [self._join_parked(w) for w in batch]
-            going, leaving, eager = self._queue.route(batch, lambda w: self._traced("head", self._try_exit, w))
+            going, leaving, eager = self._queue.route(batch, self._exit_or_guess)
             for w in going:
                 length = self.model.cache_length(w.layer, self._slot(w.seq))
                 if w.pos != length:
@@ -290,14 +290,21 @@ class Stage:
         self.stats.merged += 1
         return merge(parked, w)
 
+    def _exit_or_guess(self, w: WorkItem) -> bool:
+        """The head at ``w``'s layer, traced as one; an item carrying the context's guess exits with
+        it there, and that is no head evaluation (token_choice.try_exit)."""
+        return self._try_exit(w) if w.guessed else self._traced("head", self._try_exit, w)
+
     def _try_exit(self, w: WorkItem) -> bool:
         assert self.heads is not None  # only a layer of _head_layers gets here, and without heads there is none
-        self.stats.head_evals += w.lookup < 0  # a lookup guess is sent on unread (token_choice.try_exit)
+        self.stats.head_evals += not w.guessed  # a guess is sent on unread
         early = try_exit(self.heads, w)
-        if early is not None:
+        if early is None:
+            return False
+        if not early.lookup:  # the heads' own exits
             self.stats.early_exits[w.layer] = self.stats.early_exits.get(w.layer, 0) + 1
-            self._out.append(early)
-        return early is not None
+        self._out.append(early)
+        return True
 
     def _leave(self, items: list[WorkItem]) -> None:
         """Items past the stage's last layer: activations for the next stage or, on the last, tokens."""

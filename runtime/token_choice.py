@@ -33,7 +33,7 @@ def try_exit(heads: ExitHeads, w: WorkItem) -> EarlyPrediction | None:
     its draw with ``w`` for the last stage to accept or resample. An item that carries the
     context's guess (``w.lookup``, greedy only) exits with it here, the head unread: the guess
     is right far more often than an early head (runtime/context_lookup.py)."""
-    if w.lookup >= 0:
+    if w.guessed:
         w.emitted = True
         return EarlyPrediction(w.seq, w.epoch, w.end_pos, w.lookup, w.layer, 1.0, lookup=True)
     if w.sampling is None or w.sampling.greedy:  # greedy with penalties: the head guesses unpenalised

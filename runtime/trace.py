@@ -28,7 +28,9 @@ Events (``EVENT_FIELDS``), first the type, the track and the time(s):
 - ``rollback``: on a stage, a truncation to ``keep_len`` with the queued or parked items it
   dropped; on the coordinator, the command.
 - ``start``, ``early``, ``final``, ``finished``: the coordinator's commands and the
-  predictions it took in.
+  predictions it took in; ``guess``: an early token that is the context lookup's guess
+  (runtime/context_lookup.py), sent on at the head ``layer`` without evaluating it, so it
+  counts in no head's statistics.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "rollback": ("t", "seq", "epoch", "keep_len", "dropped"),
     "start": ("t", "seq", "epoch", "pos", "n"),
     "early": ("t", "seq", "epoch", "pos", "token", "layer", "prob"),
+    "guess": ("t", "seq", "epoch", "pos", "token", "layer"),
     "final": ("t", "seq", "epoch", "pos", "token"),
     "finished": ("t", "seq", "reason"),
 }

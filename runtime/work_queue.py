@@ -50,6 +50,12 @@ class WorkItem:
         return self.pos + self.hidden.shape[0]
 
     @property
+    def guessed(self) -> bool:
+        """It carries the context's guess of its next token, which its first head sends on unread
+        (greedy only: the Coordinator makes none for a sampled sequence)."""
+        return self.lookup >= 0 and self.sampling is None
+
+    @property
     def parts(self) -> tuple[int, ...]:
         """The row counts of the calls plain decoding makes for these positions: those up to
         ``predict_from`` as one (the prompt, whose last position is the first predicted), every

@@ -370,9 +370,10 @@ def test_no_guess_without_early_exit_or_when_sampling(sampling, mode):
     assert coord.next_action().lookup == -1
 
 
-def test_a_negative_lookup_is_refused():
-    with pytest.raises(ValueError, match="lookup is a match length"):
-        Coordinator(lookup=-1)
+@pytest.mark.parametrize("lookup", [-1, 5])
+def test_a_lookup_outside_the_matches_looked_up_is_refused(lookup):
+    with pytest.raises(ValueError, match="lookup is a match length of 1 to 4"):
+        Coordinator(lookup=lookup)
 
 
 @pytest.mark.parametrize("pos", [P - 1, P + 1, P + 2, 0])

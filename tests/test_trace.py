@@ -76,9 +76,15 @@ def test_compute_kinds_appear_where_expected(engine, mode, kinds):
         assert a <= c["a"] < c["b"] <= b and c["n"] >= 1
 
 
+@pytest.mark.parametrize("lookup", [0, 1])
 @pytest.mark.parametrize("mode", ["eager", "deferred"])
-def test_summary_equals_the_counters_and_the_trace(engine, mode):
-    result, events, before, after = traced(engine, mode)
+def test_summary_equals_the_counters_and_the_trace(engine, mode, lookup):
+    """With the context lookup, its guesses are their own trace events and counts, in no head's."""
+    engine.lookup = lookup
+    try:
+        result, events, before, after = traced(engine, mode)
+    finally:
+        engine.lookup = 0
     st = result.stats
     delta = [a - b for a, b in zip(after, before)]
     assert result.counters.stage_stats == delta and st["stage_stats"] == [d.as_dict() for d in delta]
@@ -97,7 +103,10 @@ def test_summary_equals_the_counters_and_the_trace(engine, mode):
         assert sum(h["exited"] for h in heads) == sum(after[i].early_exits.values()) - sum(
             before[i].early_exits.values()) == sum(d.early_exits.values())
     assert len(by_type(events, "rollback", COORDINATOR)) == st["rollbacks"]
-    assert len(by_type(events, "early", COORDINATOR)) >= st["early_emitted"]
+    guesses = len(by_type(events, "guess", COORDINATOR))
+    assert len(by_type(events, "early", COORDINATOR)) + guesses >= st["early_emitted"]
+    assert guesses >= st["lookup_emitted"] and (st["lookup_emitted"] > 0) == bool(lookup)
+    assert sum(st["early_by_layer"].values()) + st["lookup_emitted"] == st["early_emitted"]
     if st["early_emitted"]:
         assert st["acceptance_rate"] == round(st["accepted"] / st["early_emitted"], 4)
     for layer, n in st["early_by_layer"].items():

@@ -36,7 +36,9 @@ class ActionRouter:
     def predict(self, coord: Coordinator, event) -> None:
         """Hand a stage's ``FinalPrediction`` / ``EarlyPrediction`` to ``coord``."""
         if self.trace is not None:
-            if isinstance(event, EarlyPrediction):
+            if isinstance(event, EarlyPrediction) and event.lookup:
+                self.trace.record("guess", COORDINATOR, event.seq, event.epoch, event.pos, event.token, event.layer)
+            elif isinstance(event, EarlyPrediction):
                 self.trace.record("early", COORDINATOR, event.seq, event.epoch, event.pos, event.token, event.layer,
                                   event.prob)
             else:

@@ -119,7 +119,8 @@ def encode_header(act: Activations | None, proposals: int = 0) -> torch.Tensor:
     """The int64 [23] header of ``act`` (``proposals``: the length of the proposals in its extras
     tensor; its token ids follow them), or of a stop message for ``None``."""
     if act is None:
-        values = {name: 0 for name in HEADER_FIELDS} | _sampling_values(None) | {"early_exit": -1, "kind": KIND_STOP}
+        values = {name: 0 for name in HEADER_FIELDS} | _sampling_values(None) | {
+            "early_exit": -1, "lookup": -1, "kind": KIND_STOP}
     else:
         values = {
             "seq": act.seq, "epoch": act.epoch, "pos": act.pos, "layer": act.layer, "S": act.hidden.shape[0],
@@ -141,7 +142,8 @@ def decode_header(header: torch.Tensor) -> dict:
     if not -1 <= head["early_exit"] < len(EARLY_EXIT_MODES):
         raise TransportError(
             f"data-plane header carries early_exit {head['early_exit']}, not an EARLY_EXIT_MODES index")
-    if not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0 or head["tokens"] < 0:
+    if (not -1 <= head["sampling"] < len(SAMPLING_MODES) or head["proposals"] < 0 or head["tokens"] < 0
+            or head["lookup"] < -1):
         raise TransportError(f"malformed sampling fields in a data-plane header: {head}")
     given = {k: head.pop(k) for k in _SAMPLING_FIELDS}
     if head["sampling"] >= 0:
