@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from adadecode.runtime.context_lookup import MAX_MATCH
 from adadecode.runtime.partition import partition_layers
 from adadecode.runtime.sim.costs import (
     CPU_PROFILE,
@@ -386,8 +387,8 @@ def check_args(a) -> None:
         a.threshold_list = [float(x) for x in a.thresholds.split(",") if x]
     except ValueError:
         raise ValueError(f"--thresholds {a.thresholds}: give numbers separated by commas, e.g. 0.5,0.8") from None
-    if a.lookup < 0:
-        raise ValueError(f"--lookup {a.lookup}: give a match length >= 1, or 0 for none")
+    if not 0 <= a.lookup <= MAX_MATCH:
+        raise ValueError(f"--lookup {a.lookup}: give a match length of 1 to {MAX_MATCH} tokens, or 0 for none")
     if a.exits not in ("measured", "paper"):
         if not Path(a.exits).exists():
             raise ValueError(f"--exits {a.exits}: give measured, paper, or a heads directory (`train-heads --out DIR`)")

@@ -119,10 +119,16 @@ class Engine:
         """The heads were chosen for this setting and none pays: early exit runs as off."""
         return self.heads_choice is not None and not self.heads_choice.layers
 
-    def early_exit_for(self, mode: str) -> str:
+    def early_exit_for(self, mode: str, sampling: SamplingParams | None = None) -> str:
         """The early-exit mode a request for ``mode`` runs with: off where no head pays (the
-        choice's note said so at start-up), else ``mode``."""
-        return "off" if mode in EARLY_EXIT_MODES and self.early_exit_off_here else mode
+        choice's note said so at start-up), and off for a sequence the context lookup makes no
+        guesses for (sampled: ``sampling``) where the heads were chosen with the guesses and pay
+        only with them; else ``mode``."""
+        if mode not in EARLY_EXIT_MODES:
+            return mode
+        guessed = self.lookup > 0 and (sampling is None or sampling.plain_greedy)
+        needs = self.heads_choice is not None and self.heads_choice.needs_lookup
+        return "off" if self.early_exit_off_here or (needs and not guessed) else mode
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -179,7 +185,7 @@ class Engine:
             ids = list(prompt)
         else:
             ids = self.encode(prompt, chat)
-        early_exit = self.early_exit_for(early_exit)
+        early_exit = self.early_exit_for(early_exit, sampling)
         check_request(len(ids), max_new_tokens, early_exit, sampling, max_seq_len=self.max_seq_len,
                       heads_loaded=self.heads_loaded, model=self.resolved.origin)
         criteria = StopCriteria(
@@ -307,7 +313,7 @@ def load_rank(
     resolved, config, ranges = prepare(spec)
     spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=True)
     loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
-    loaded.heads_choice, loaded.max_inflight = choice, spec.max_inflight
+    loaded.heads_choice, loaded.max_inflight, loaded.lookup = choice, spec.max_inflight, spec.lookup
     return resolved, config, ranges, loaded
 
 

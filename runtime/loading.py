@@ -115,6 +115,7 @@ class LoadedStage:
     peak_host_mb: float  # host memory (RSS) the load added at its peak, file pages included; -1: unknown
     heads_choice: object = None  # the sim.heads.HeadChoice made for this setting before loading, if one was
     max_inflight: int = 2  # as planned with the heads (the Coordinator's)
+    lookup: int = 0  # the context lookup the heads were planned with (the Coordinator's)
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:

@@ -113,6 +113,8 @@ class Counters:
     early_emitted: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens
     early_accepted: dict[int, int] = field(default_factory=dict)
     early_rejected: dict[int, int] = field(default_factory=dict)
+    lookup_emitted: int = 0  # early tokens that were the context lookup's guesses (in no head's counts)
+    lookup_accepted: int = 0
 
 
 class ServingLoop:
@@ -203,6 +205,8 @@ class ServingLoop:
                 "early_emitted": dict(self.counters.early_emitted),
                 "early_accepted": dict(self.counters.early_accepted),
                 "early_rejected": dict(self.counters.early_rejected),
+                "lookup_emitted": self.counters.lookup_emitted,
+                "lookup_accepted": self.counters.lookup_accepted,
                 "stage_busy_seconds": list(runner.busy_s),
                 "healthy": self.healthy,
                 "error": self.error,
@@ -214,9 +218,10 @@ class ServingLoop:
         if request.max_new_tokens == 0 and (request.sampling is None or request.sampling.prompt_logprobs is None):
             raise ValueError("max_tokens must be >= 1, got 0 (0 is for the prompt's log probabilities alone: "
                              "send it with echo and logprobs)")
-        check_request(len(request.prompt), max(request.max_new_tokens, 1), e.early_exit_for(request.early_exit),
-                      request.sampling, max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded,
-                      tokens_name="max_tokens", model="this server")
+        mode = e.early_exit_for(request.early_exit, request.sampling)
+        check_request(len(request.prompt), max(request.max_new_tokens, 1), mode, request.sampling,
+                      max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded, tokens_name="max_tokens",
+                      model="this server")
         if not 0 <= request.min_tokens <= request.max_new_tokens:
             raise ValueError(f"min_tokens ({request.min_tokens}) must be in [0, max_tokens = {request.max_new_tokens}]")
 
@@ -278,7 +283,7 @@ class ServingLoop:
             stream = TextStream(e._decode, request.stop, pending.append, min_tokens=request.min_tokens)
             self._active[seq] = _Active(rid, request, on_event, stream, pending)
             self._seq_of[rid] = seq
-            mode = self.engine.early_exit_for(request.early_exit)
+            mode = self.engine.early_exit_for(request.early_exit, request.sampling)
             coord.add_sequence(seq, list(request.prompt), criteria, early_exit=mode,
                               sampling=request.sampling)
             self.counters.prompt_tokens += len(request.prompt)
@@ -323,6 +328,8 @@ class ServingLoop:
             _add(self.counters.early_accepted, layer, n)
         for layer, n in s.stats.rejected_by_layer.items():
             _add(self.counters.early_rejected, layer, n)
+        self.counters.lookup_emitted += s.stats.lookup_emitted
+        self.counters.lookup_accepted += s.stats.lookup_accepted
         text = ""
         if s.finish_reason != "cancelled":
             a.stream.flush()

@@ -347,6 +347,38 @@ def test_the_context_lookup_is_replayed_with_the_heads():
     assert with_it.speedup > without.speedup + 0.1, (with_it, without)
 
 
+def test_heads_that_pay_only_with_the_guesses_run_off_for_sequences_without_them(model_dir):
+    """One compiled stage (merged rows shared), deferred: the choice with the lookup's guesses pays
+    (layer 4) where the same heads without them do not, so a sampled sequence, which gets no
+    guesses, runs early exit off; on 2 ranks the heads pay alone too, and every sequence uses them."""
+    from adadecode.runtime.exit_heads import bundled_heads_path, read_lookup_outcomes, read_outcomes
+    from adadecode.runtime.sampling import SamplingParams
+    from adadecode.runtime.sim.heads import HeadChoice
+    from helpers import make_engine
+
+    path, manifest = bundled_heads_path(), _bundled_manifest()
+    kw = {"outcomes": read_outcomes(path, manifest), "lookup": 3,
+          "lookup_outcomes": read_lookup_outcomes(path, manifest)}
+    one = choose(manifest, _Config, [(0, 30)], "deferred", "cpu", 4, 0, ranks=False, compiled=True,
+                 per_row_merges=False, **kw)
+    assert one.layers and one.speedup >= MARGIN and one.without_lookup < MARGIN and one.needs_lookup
+    assert "sampled sequences, which get none, run early exit off" in one.note
+    two = choose(manifest, _Config, [(0, 19), (19, 30)], "eager", "cpu", 4, 0, **kw)
+    assert two.without_lookup >= MARGIN and not two.needs_lookup
+
+    engine = make_engine(model_dir, [(0, 3), (3, 6)])
+    engine.heads_choice, engine.lookup = one, 3
+    sampled = SamplingParams(0.7, seed=1)
+    assert engine.early_exit_for("deferred") == "deferred" and engine.early_exit_for("deferred", sampled) == "off"
+    assert engine.early_exit_for("deferred", SamplingParams(0.0)) == "deferred"  # temperature 0 alone is greedy
+    engine.lookup = 0  # no guesses for anyone
+    assert engine.early_exit_for("eager") == "off"
+    engine.heads_choice, engine.lookup = two, 3
+    assert engine.early_exit_for("eager", sampled) == "eager"
+    engine.heads_choice = HeadChoice((), (), 1.0, "none pays")
+    assert engine.early_exit_for("eager") == "off"
+
+
 def test_heads_are_chosen_before_loading_and_loading_never_imports_the_simulator():
     """plan_heads turns a request for heads per setting into explicit layers and thresholds (or
     no heads at all) that the loader takes as given; the loader's import graph has no simulator."""

@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from adadecode.runtime.context_lookup import MAX_MATCH
 from adadecode.runtime.params import DEVICE_PATTERN, BatchingMode, EarlyExitMode
 
 
@@ -199,9 +200,9 @@ class DecodingConfig:
                 "decoding.max_inflight", self.max_inflight, "an integer >= 0 (0: chosen with the heads)",
                 "set e.g. `--decoding.max_inflight=2` (early_exit off ignores it)",
             )
-        if self.lookup < 0:
+        if not 0 <= self.lookup <= MAX_MATCH:
             raise _invalid(
-                "decoding.lookup", self.lookup, "an integer >= 0 (0: off)",
+                "decoding.lookup", self.lookup, f"an integer from 0 (off) to {MAX_MATCH}, the longest match looked up",
                 "set e.g. `--decoding.lookup=3` (a match of 3 tokens or more)",
             )
         for t in self.thresholds:

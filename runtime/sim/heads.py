@@ -79,6 +79,14 @@ class HeadChoice:
     # With choose(alone=True): every head's threshold, the chosen one or else the best for that head alone
     alone: tuple[tuple[int, float], ...] = ()
     max_inflight: int = 2  # unverified early tokens per sequence: given, or chosen with the heads
+    # Chosen with the context lookup's guesses: the same heads' speedup for a sequence that gets
+    # none (sampled, or asking for penalties or log probabilities); None: chosen without guesses.
+    without_lookup: float | None = None
+
+    @property
+    def needs_lookup(self) -> bool:
+        """These heads pay only with the lookup's guesses: a sequence without them runs as off."""
+        return self.without_lookup is not None and bool(self.layers) and self.without_lookup < MARGIN
 
 
 def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tuple[int, int]],
@@ -162,14 +170,18 @@ def choose(manifest: dict, config, ranges: list[tuple[int, int]], policy: str, d
     ``lookup``, ``lookup_outcomes``: the context lookup's shortest match and ``read_lookup_outcomes``
     of the heads (``with_lookup``); without both, the heads are chosen as if it were off."""
     shape = ModelShape.from_config(config)
-    if outcomes is not None and lookup and lookup_outcomes is not None:
-        outcomes = with_lookup(outcomes, lookup, *lookup_outcomes)
     simulated = tuple(map(tuple, ranges)) if ranks else ((0, shape.layers),)
     table = tuple((l, tuple(rows)) for l, rows in sorted(exit_table(manifest).items()))  # hashable, for the cache
-    exact = None if outcomes is None else tuple(
-        (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
+
+    def hashable(outcomes):
+        return None if outcomes is None else tuple(
+            (l, tuple(conf.tolist()), tuple(agree.tolist())) for l, (conf, agree) in sorted(outcomes.items()))
+
+    plain = hashable(outcomes)
+    guessed = outcomes is not None and lookup and lookup_outcomes is not None
+    exact = hashable(with_lookup(outcomes, lookup, *lookup_outcomes)) if guessed else plain
     return _choose(shape, simulated, policy, device_type, element_size, max_inflight, table, exact, alone,
-                   head_extra_weights(manifest, shape.hidden), compiled, per_row_merges)
+                   head_extra_weights(manifest, shape.hidden), compiled, per_row_merges, plain if guessed else None)
 
 
 def with_lookup(outcomes, lookup: int, match: torch.Tensor, agrees: torch.Tensor):
@@ -196,7 +208,10 @@ def head_extra_weights(manifest: dict, hidden: int) -> int:
 
 @lru_cache(maxsize=16)
 def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_inflight, rows, exact,
-            alone: bool, head_extra: int, compiled: bool, per_row_merges: bool) -> HeadChoice:
+            alone: bool, head_extra: int, compiled: bool, per_row_merges: bool, plain=None) -> HeadChoice:
+    """``exact``: the per-token outcomes the heads are chosen on (with the lookup's guesses where it
+    is on); ``plain``: then the heads' own, on which the choice is scored again for sequences
+    without guesses (``HeadChoice.without_lookup``)."""
     table = dict(rows)
     per_token = None if exact is None else {l: (conf, agree) for l, conf, agree in exact}
     stages = len(ranges)
@@ -209,10 +224,11 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
                                seed=seed)).tokens_per_s for k, (prompts, seed) in samples.items()}
     scored: dict[tuple, float] = {}  # every selection the search scored
 
-    def speedup(selection: dict[int, float], inflight: int, sample: str = "search") -> float:
+    def speedup(selection: dict[int, float], inflight: int, sample: str = "search", outcomes=None) -> float:
         if not selection:
             return 1.0
-        exits = conditional_exits(selection, table) if per_token is None else replay_exits(selection, per_token)
+        outcomes = per_token if outcomes is None else outcomes
+        exits = conditional_exits(selection, table) if outcomes is None else replay_exits(selection, outcomes)
         prompts, seed = samples[sample]
         spec = SimSpec(num_layers=shape.layers, ranges=list(ranges), costs=costs, exits=exits, seed=seed,
                        head_layers=exits.layers, early_exit=policy, max_inflight=inflight, prompts=prompts)
@@ -266,6 +282,12 @@ def _choose(shape: ModelShape, ranges, policy, device_type, element_size, max_in
                           f"under the {MARGIN:.2f}x margin): early exit runs as off; set decoding.exit_layers and "
                           "decoding.thresholds to use heads anyway", each, inflight)
     chosen = tuple(sorted(best))
-    return HeadChoice(chosen, tuple(best[l] for l in chosen), round(best_speedup, 3),
-                      f"exit heads for {where}: layers {list(chosen)}, thresholds {[best[l] for l in chosen]}, "
-                      f"max_inflight {inflight} (simulated {best_speedup:.2f}x of off)", each, inflight)
+    note = (f"exit heads for {where}: layers {list(chosen)}, thresholds {[best[l] for l in chosen]}, "
+            f"max_inflight {inflight} (simulated {best_speedup:.2f}x of off")
+    alone_speedup = None
+    if plain is not None:  # chosen with the lookup's guesses: and for a sequence that gets none?
+        alone_speedup = round(speedup(best, inflight, "confirm", {l: (c, a) for l, c, a in plain}), 3)
+        note += (f" with the context lookup's guesses, {alone_speedup:.2f}x without them"
+                 + (": sampled sequences, which get none, run early exit off" if alone_speedup < MARGIN else ""))
+    return HeadChoice(chosen, tuple(best[l] for l in chosen), round(best_speedup, 3), note + ")", each, inflight,
+                      alone_speedup)
