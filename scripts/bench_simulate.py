@@ -40,8 +40,9 @@ def main() -> None:
         cmd = ["adadecode", "bench", "--config", a.config, "--stages", str(n), "--prompts", a.prompts,
                "--num-prompts", str(a.num_prompts), "--max-new-tokens", str(a.max_new_tokens),
                "--modes", "off,eager,deferred", "--trace", str(out), "--json",
-               # the manifest's heads in every setting: exits to calibrate on
-               "--decoding.auto_heads=false", f"--pipeline.compile={a.compile}"]
+               # the manifest's heads in every setting: exits to calibrate on; no context lookup, whose
+               # guesses the simulator replays only from a heads directory's outcomes, not from a trace
+               "--decoding.auto_heads=false", "--decoding.lookup=0", f"--pipeline.compile={a.compile}"]
         if n == 1:  # one rank: pin it to one core and one thread, as the multi-rank runs pin each rank
             cmd = ["taskset", "-c", "0", *cmd, "--pipeline.threads=1"]
         print("$", " ".join(cmd), file=sys.stderr)
