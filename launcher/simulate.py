@@ -135,7 +135,7 @@ def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[fl
     (one per layer, or one for all; default: its defaults), the depth of its model and its manifest
     (which prices a head: ``run``): replayed token by token where train-heads recorded the outcomes,
     else from its calibration table; with ``lookup``, the context lookup's guesses replayed with them."""
-    from adadecode.runtime.exit_heads import read_lookup_outcomes, read_manifest, read_outcomes
+    from adadecode.runtime.exit_heads import read_all_outcomes, read_manifest
     from adadecode.runtime.sim.heads import conditional_exits, exit_table, replay_exits, with_lookup
 
     where = Path(path).parent if Path(path).name == "manifest.json" else Path(path)
@@ -152,13 +152,12 @@ def heads_exits(path: str, layers: Sequence[int] | None, thresholds: Sequence[fl
         raise ValueError(f"--thresholds: {len(thresholds)} values for {len(layers)} exit layers; give one per layer, "
                          "or one for all")
     selection = dict(zip(layers, thresholds))
-    outcomes = read_outcomes(where, manifest)
+    outcomes, guesses = read_all_outcomes(where, manifest)
     if outcomes is not None:
         if (lacking := sorted(set(layers) - set(outcomes))):
             raise ValueError(f"{where}: its per-token outcomes have no heads at {lacking}; rerun `adadecode "
                              "train-heads` into it")
         if lookup:
-            guesses = read_lookup_outcomes(where, manifest)
             if guesses is None:
                 raise ValueError(f"--lookup: {where} records no context lookup outcomes; record them with "
                                  f"`adadecode train-heads --outcomes-only --out {where}`")

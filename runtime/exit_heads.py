@@ -474,26 +474,31 @@ def _head_params(path: Path, manifest: dict, tensors: Mapping[str, torch.Tensor]
     return params
 
 
+def read_all_outcomes(
+    path: str | Path, manifest: dict
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]] | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``outcomes.safetensors`` read once (checked against its checksum): ``(read_outcomes,
+    read_lookup_outcomes)``, each None where the file, or its part, is not there."""
+    if OUTCOMES_FILE not in manifest.get("files", {}):
+        return None, None
+    tensors = _read_heads_file(Path(path), manifest, OUTCOMES_FILE)
+    layers = sorted(int(k.rsplit(".", 1)[1]) for k in tensors if k.startswith("confidence."))
+    heads = {l: (tensors[f"confidence.{l}"].float(), tensors[f"agrees.{l}"].bool()) for l in layers}
+    lookup = (tensors["lookup.match"].long(), tensors["lookup.agrees"].bool()) if "lookup.match" in tensors else None
+    return heads, lookup
+
+
 def read_outcomes(path: str | Path, manifest: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
     """Per head layer: (confidence [N] float32, agreed with the final layer [N] bool) of every
     validation token, from ``outcomes.safetensors``; None for heads trained without it."""
-    if OUTCOMES_FILE not in manifest.get("files", {}):
-        return None
-    tensors = _read_heads_file(Path(path), manifest, OUTCOMES_FILE)
-    layers = sorted(int(k.rsplit(".", 1)[1]) for k in tensors if k.startswith("confidence."))
-    return {l: (tensors[f"confidence.{l}"].float(), tensors[f"agrees.{l}"].bool()) for l in layers}
+    return read_all_outcomes(path, manifest)[0]
 
 
 def read_lookup_outcomes(path: str | Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The context lookup on the same validation tokens (runtime/context_lookup.py): the length of
     the longest match before each token [N] int64 (0: none) and whether its guess was the token [N]
     bool; None for heads whose outcomes do not record it."""
-    if OUTCOMES_FILE not in manifest.get("files", {}):
-        return None
-    tensors = _read_heads_file(Path(path), manifest, OUTCOMES_FILE)
-    if "lookup.match" not in tensors:
-        return None
-    return tensors["lookup.match"].long(), tensors["lookup.agrees"].bool()
+    return read_all_outcomes(path, manifest)[1]
 
 
 def _read_heads_file(path: Path, manifest: dict, name: str = HEADS_FILE) -> dict[str, torch.Tensor]:

@@ -100,16 +100,17 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     path = resolve_heads(spec.heads, resolved)
     if path is None:
         return spec, None
-    from ..exit_heads import read_lookup_outcomes, read_manifest, read_outcomes
+    from ..exit_heads import read_all_outcomes, read_manifest
 
     manifest = read_manifest(path)
     if calibration_table(manifest) is None:  # heads without one keep their defaults
         return spec, None
     element_size = torch.empty((), dtype=dtype).element_size()
+    outcomes, lookup_outcomes = read_all_outcomes(path, manifest)
     choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
-                    ranks=ranks, outcomes=read_outcomes(path, manifest), compiled=spec.compiled(device.type),
+                    ranks=ranks, outcomes=outcomes, compiled=spec.compiled(device.type),
                     per_row_merges=not spec.shared_merges(device.type), lookup=spec.lookup,
-                    lookup_outcomes=read_lookup_outcomes(path, manifest) if spec.lookup else None)
+                    lookup_outcomes=lookup_outcomes)
     if not choice.layers:
         return spec.replace(heads=None, auto_heads_for=None), choice
     return spec.replace(exit_layers=choice.layers, thresholds=choice.thresholds, auto_heads_for=None,
