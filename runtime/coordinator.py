@@ -168,7 +168,7 @@ class Coordinator:
         if sampling is not None and sampling.plain_greedy:
             sampling = None  # temperature 0 alone is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
-        lookup = ContextLookup(self.lookup) if self.lookup and max_inflight and sampling is None else None
+        lookup = ContextLookup(self.lookup) if max_inflight and gets_guesses(self.lookup, sampling) else None
         s = self.sequences[seq] = Sequence(
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
             max_inflight=max_inflight, lookup=lookup,
@@ -308,6 +308,12 @@ class Coordinator:
         _drop_inflight(s)
         self._actions.append(SequenceFinished(s.seq, reason))
         return True
+
+
+def gets_guesses(lookup: int, sampling: SamplingParams | None) -> bool:
+    """Whether a sequence with early exit gets the context lookup's guesses: with the lookup on,
+    greedy only (temperature 0 alone is greedy; penalties and log probabilities are not)."""
+    return lookup > 0 and (sampling is None or sampling.plain_greedy)
 
 
 def _drop_inflight(s: Sequence) -> None:

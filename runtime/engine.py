@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .coordinator import Coordinator
+from .coordinator import Coordinator, gets_guesses
 from .detokenize import TextStream
 from .device import check_placement
 from .generation_config import GenerationDefaults, read_generation_config
@@ -126,9 +126,8 @@ class Engine:
         only with them; else ``mode``."""
         if mode not in EARLY_EXIT_MODES:
             return mode
-        guessed = self.lookup > 0 and (sampling is None or sampling.plain_greedy)
         needs = self.heads_choice is not None and self.heads_choice.needs_lookup
-        return "off" if self.early_exit_off_here or (needs and not guessed) else mode
+        return "off" if self.early_exit_off_here or (needs and not gets_guesses(self.lookup, sampling)) else mode
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
