@@ -23,6 +23,12 @@ answers with commands.
   carries the context's guess of the token after it (runtime/context_lookup.py):
   the first exit head the item reaches sends it on as the early token, which is
   verified like any other.
+- With ``draft``, such a request also carries up to ``draft`` tokens after its own: the
+  lookup's guess, the guess after that, and so on (prompt lookup decoding's draft). They
+  are in flight from the moment the request leaves (any match will do), and the final layer's predictions of
+  the same pass verify them one by one; the first that disagrees rolls back like a wrong
+  early token. A chunk of a few decode rows costs about one row where they share one call
+  (compiled on the CPU; docs/results.md), so a right draft is a token for nothing.
 - Verification is an exact match in every decoding mode. Greedy and seeded
   sampling: the final layer's token is the truth. Speculative sampling: the
   last stage has already applied the ``min(1, p/q)`` test to the head's draw
@@ -91,6 +97,7 @@ class SeqStats:
     rejected_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> the wrong token a rollback undid
     lookup_emitted: int = 0  # of early_emitted: the context's guesses (runtime/context_lookup.py)
     lookup_accepted: int = 0  # of accepted: the context's guesses
+    drafted: int = 0  # of lookup_emitted: drafts, sent with a request rather than at a head
 
 
 @dataclass
@@ -109,7 +116,8 @@ class Sequence:
     early_exit: str | None = None  # carried by every StepRequest; None: the stages' default
     sampling: SamplingParams | None = None  # carried by every StepRequest; None: greedy
     max_inflight: int = 0
-    lookup: ContextLookup | None = None  # greedy with early exit: the guesses its requests carry
+    draft: int = 0  # the most drafts each of its requests carries
+    lookup: ContextLookup | None = None  # greedy with early exit: the guesses and drafts its requests carry
     stop_checker: StopChecker = field(init=False, repr=False)  # decodes each verified token once
 
     def __post_init__(self) -> None:
@@ -121,11 +129,16 @@ class Sequence:
 
 
 class Coordinator:
-    def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None, lookup: int = 0):
-        """``max_inflight``: cap on unverified early tokens per sequence (0 disables early exit).
+    def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None, lookup: int = 0,
+                 draft: int = 0):
+        """``max_inflight``: cap on unverified early tokens per sequence (0: heads never start a token).
 
         ``lookup``: the shortest match of a greedy sequence's last tokens earlier in it whose
         continuation each ``StepRequest`` carries as its guess (runtime/context_lookup.py); 0: none.
+        ``draft``: with ``lookup``, the most drafts a greedy sequence's decode request carries
+        after its token (``StepRequest.drafts``); 0: none. Drafts take a match of any length (1 token
+        or more, as prompt lookup decoding does): where they pay, a wrong one costs little. Nothing
+        starts early after drafts, so with them a head's guess is only ever made without a match.
 
         ``early_exit_below`` (serving): heads are used only while fewer sequences than this
         are running; at or above it each new item goes without heads (early exit off for that
@@ -140,6 +153,9 @@ class Coordinator:
         if not 0 <= lookup <= MAX_MATCH:
             raise ValueError(f"lookup is a match length of 1 to {MAX_MATCH} tokens (0: off), not {lookup}")
         self.lookup = lookup
+        if draft < 0:
+            raise ValueError(f"draft is a number of tokens (0: none), not {draft}")
+        self.draft = draft if lookup else 0
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
 
@@ -168,10 +184,13 @@ class Coordinator:
         if sampling is not None and sampling.plain_greedy:
             sampling = None  # temperature 0 alone is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
-        lookup = ContextLookup(self.lookup) if max_inflight and gets_guesses(self.lookup, sampling) else None
+        draft = 0 if early_exit == "off" or not gets_guesses(self.lookup, sampling) else self.draft
+        lookup = None
+        if (max_inflight or draft) and gets_guesses(self.lookup, sampling):
+            lookup = ContextLookup(1 if draft else self.lookup)
         s = self.sequences[seq] = Sequence(
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
-            max_inflight=max_inflight, lookup=lookup,
+            max_inflight=max_inflight, draft=draft, lookup=lookup,
         )
         self._actions.append(self._step(s, 0, tuple(prompt)))
 
@@ -272,7 +291,9 @@ class Coordinator:
         pos = len(s.tokens) + len(s.inflight)
         if ev.pos != pos or len(s.inflight) >= s.max_inflight:
             return  # not the next free position, or too much unverified work: ignore
-        if len(s.tokens) - s.prompt_len + len(s.inflight) >= s.criteria.max_new_tokens:
+        if s.inflight_from and s.inflight_from[-1][0] == 0:
+            return  # it stands on drafts, which are right far less often than a head: ignore
+        if not _room(s):
             return  # past the length limit: the token could never be output
         s.inflight.append(ev.token)
         s.inflight_from.append((ev.layer, ev.lookup))
@@ -284,13 +305,24 @@ class Coordinator:
         self._actions.append(self._step(s, pos, (ev.token,)))
 
     def _step(self, s: Sequence, pos: int, tokens: tuple[int, ...]) -> StepRequest:
-        """``s``'s request for ``tokens`` at ``pos`` (the last of its tokens so far), with the
-        context's guess of the token after them when it looks up and its next item may exit."""
+        """``s``'s request for ``tokens`` at ``pos`` (the last of its tokens so far). Where it looks up
+        and its next item may exit: a decode step's drafts after them (in flight from now on), and
+        the context's guess of the token after those."""
         mode = self._mode(s)
-        guess = None
-        if s.lookup is not None and mode != "off":
+        if s.lookup is None or mode == "off":
+            return StepRequest(s.seq, s.epoch, pos, tokens, mode, s.sampling)
+        drafts: list[int] = []
+        guess = s.lookup.guess(s.tokens, s.inflight)
+        while guess is not None and pos > 0 and len(drafts) < s.draft and _room(s):
+            drafts.append(guess)
+            s.inflight.append(guess)
+            s.inflight_from.append((0, True))  # layer 0: the token entered with the request
             guess = s.lookup.guess(s.tokens, s.inflight)
-        return StepRequest(s.seq, s.epoch, pos, tokens, mode, s.sampling, -1 if guess is None else guess)
+        s.stats.early_emitted += len(drafts)
+        s.stats.lookup_emitted += len(drafts)
+        s.stats.drafted += len(drafts)
+        guess = -1 if guess is None or drafts or not s.max_inflight else guess  # nothing early after drafts
+        return StepRequest(s.seq, s.epoch, pos, tokens + tuple(drafts), mode, s.sampling, guess, len(drafts))
 
     def _mode(self, s: Sequence) -> str | None:
         """The early-exit mode of ``s``'s next item: its own, or off while the pipeline is full."""
@@ -314,6 +346,11 @@ def gets_guesses(lookup: int, sampling: SamplingParams | None) -> bool:
     """Whether a sequence with early exit gets the context lookup's guesses: with the lookup on,
     greedy only (temperature 0 alone is greedy; penalties and log probabilities are not)."""
     return lookup > 0 and (sampling is None or sampling.plain_greedy)
+
+
+def _room(s: Sequence) -> bool:
+    """Whether one more unverified token of ``s`` could still be output (the length limit)."""
+    return len(s.tokens) - s.prompt_len + len(s.inflight) < s.criteria.max_new_tokens
 
 
 def _drop_inflight(s: Sequence) -> None:

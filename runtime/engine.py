@@ -64,7 +64,7 @@ class Engine:
 
     def __init__(
         self, resolved: ResolvedModel, config, tokenizer, runner, max_seq_len: int, max_inflight: int = 2,
-        heads_choice=None, generation_config: str = "auto", lookup: int = 0,
+        heads_choice=None, generation_config: str = "auto", lookup: int = 0, draft: int = 0,
     ):
         self.resolved = resolved
         self.config = config
@@ -80,6 +80,7 @@ class Engine:
         self.eos_token_ids = _eos_ids(config, tokenizer, self.generation_defaults)
         self.max_inflight = max_inflight
         self.lookup = lookup  # the context lookup's shortest match (runtime/context_lookup.py); 0: off
+        self.draft = draft  # the most lookup drafts a greedy decode request carries (coordinator.py); 0: none
         # The heads chosen for this setting (runtime/sim/heads.py), or None: the config's / manifest's.
         # A choice of none means no head pays here, and early exit runs as off.
         self.heads_choice = heads_choice
@@ -108,7 +109,7 @@ class Engine:
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
                    spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config,
-                   lookup=spec.lookup)
+                   lookup=spec.lookup, draft=spec.draft)
 
     @property
     def heads_loaded(self) -> bool:
@@ -126,8 +127,15 @@ class Engine:
         only with them; else ``mode``."""
         if mode not in EARLY_EXIT_MODES:
             return mode
+        if self.drafts_for(sampling):
+            return mode  # its drafts pay with heads or without
         needs = self.heads_choice is not None and self.heads_choice.needs_lookup
         return "off" if self.early_exit_off_here or (needs and not gets_guesses(self.lookup, sampling)) else mode
+
+    def drafts_for(self, sampling: SamplingParams | None) -> bool:
+        """Whether a sequence with early exit and these sampling parameters gets the context lookup's
+        drafts (greedy only: coordinator.gets_guesses)."""
+        return self.draft > 0 and gets_guesses(self.lookup, sampling)
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -186,7 +194,7 @@ class Engine:
             ids = self.encode(prompt, chat)
         early_exit = self.early_exit_for(early_exit, sampling)
         check_request(len(ids), max_new_tokens, early_exit, sampling, max_seq_len=self.max_seq_len,
-                      heads_loaded=self.heads_loaded, model=self.resolved.origin)
+                      heads_loaded=self.heads_loaded or self.drafts_for(sampling), model=self.resolved.origin)
         criteria = StopCriteria(
             max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos_token_ids,
@@ -196,7 +204,7 @@ class Engine:
             ignore_eos=ignore_eos,
         )
         seq = self._next_seq
-        coord = Coordinator(max_inflight=self.max_inflight, lookup=self.lookup)
+        coord = Coordinator(max_inflight=self.max_inflight, lookup=self.lookup, draft=self.draft)
         coord.add_sequence(seq, ids, criteria, early_exit=early_exit, sampling=sampling)
         self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
@@ -313,12 +321,14 @@ def load_rank(
     spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=True)
     loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
     loaded.heads_choice, loaded.max_inflight, loaded.lookup = choice, spec.max_inflight, spec.lookup
+    loaded.draft = spec.draft
     return resolved, config, ranges, loaded
 
 
 def _plan(spec: LoadSpec, resolved, config, ranges, device, dtype, *, ranks: bool):
     """The heads for this setting, and ``max_inflight`` where it is left to them (0), before any
     weight is loaded (runtime/sim/heads.py)."""
+    spec = spec.replace(draft=spec.drafts(device.type))
     choice = None
     if spec.auto_heads_for not in (None, "off"):
         from .sim.heads import plan_heads
@@ -343,9 +353,9 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2,
-                 heads_choice=None, generation_config: str = "auto", lookup: int = 0):
+                 heads_choice=None, generation_config: str = "auto", lookup: int = 0, draft: int = 0):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice,
-                         generation_config, lookup)
+                         generation_config, lookup, draft)

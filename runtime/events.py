@@ -60,6 +60,9 @@ class StepRequest:
     ``lookup``: the context's guess of the token after the last of ``tokens``
     (runtime/context_lookup.py), which the first exit head the item reaches sends on as
     its early token; -1: none.
+    ``drafts``: how many of ``tokens``, at the end, are the context's drafts of the tokens
+    after the first: unverified, each verified by the final layer's prediction at the
+    position before it in this same pass (greedy only).
     """
 
     seq: int
@@ -69,6 +72,7 @@ class StepRequest:
     early_exit: str | None = None
     sampling: SamplingParams | None = None
     lookup: int = -1
+    drafts: int = 0
 
 
 @dataclass(frozen=True)

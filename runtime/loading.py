@@ -35,6 +35,9 @@ from .work_queue import group_size
 log = logging.getLogger("adadecode.loading")
 
 
+DEFAULT_DRAFT = 3  # a token and 3 drafts: 4 rows, the most one call streams the weights for (compiled_step.FUSED_ROWS)
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """Everything that decides what a pipeline's stages hold (see ``Engine.load`` for the fields)."""
@@ -55,6 +58,9 @@ class LoadSpec:
     # 0: chosen with the heads before loading (runtime/engine.py), 2 where nothing is chosen
     max_inflight: int = 2
     lookup: int = 3  # the Coordinator's context lookup: shortest match (runtime/context_lookup.py); 0: off
+    # with lookup, the most drafts a greedy decode request carries (coordinator.py); 0: none; -1: auto,
+    # DEFAULT_DRAFT where a chunk's decode rows share one call (``shared_merges``), else none (``drafts``)
+    draft: int = -1
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     batching: str = "exact"  # serve.batching: exact, fused, auto (``exact_batches``)
     row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)
@@ -95,6 +101,17 @@ class LoadSpec:
             return not model.merges_rows
         return self.batching == "exact"
 
+    def drafts(self, device_type: str) -> int:
+        """The most drafts per request on ``device_type``: ``draft``, or for auto (-1) ``DEFAULT_DRAFT``
+        where a chunk of a token and its drafts costs about one row (``shared_merges``) and none where
+        each row is its own call, so a draft costs a row (docs/results.md, Lookup drafts); none
+        without the lookup."""
+        if not self.lookup:
+            return 0
+        if self.draft >= 0:
+            return self.draft
+        return DEFAULT_DRAFT if self.shared_merges(device_type) else 0
+
     def shared_merges(self, device_type: str) -> bool:
         """Whether a merged chunk's decode rows run as one call, costing about one row's weight
         reads: with ``row_invariant`` off (a shared call whose last bits may differ), or compiled
@@ -116,6 +133,7 @@ class LoadedStage:
     heads_choice: object = None  # the sim.heads.HeadChoice made for this setting before loading, if one was
     max_inflight: int = 2  # as planned with the heads (the Coordinator's)
     lookup: int = 0  # the context lookup the heads were planned with (the Coordinator's)
+    draft: int = 0  # the Coordinator's drafts per request
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
@@ -186,7 +204,9 @@ def build_stage(
         # a fused batch's decode rows: a stage of a pipeline runs its share of the sequences (group_size)
         batch_rows = group_size(spec.num_slots, len(ranges)) if spec.batching != "exact" else 0
         cuts = stage_heads.layers if stage_heads else ()
-        if maybe_compile(model, spec.compile, cuts, spec.max_inflight + 1, batch_rows):
+        # a merged chunk: a token and its drafts, or backfills and the next token
+        chunk = max(spec.max_inflight, spec.drafts(device.type)) + 1
+        if maybe_compile(model, spec.compile, cuts, chunk, batch_rows):
             if spec.compile_warmup:
                 model.warm_up()
     params = {  # by storage: a tied LM head is the embedding

@@ -153,7 +153,8 @@ def check_request(prompt_tokens: int, max_new_tokens: int, early_exit: str, samp
                   heads_loaded: bool, tokens_name: str = "max_new_tokens", model: str = "this model") -> None:
     """One request's checks, for every entry point (Engine.generate, ServingLoop.submit): each
     names the field and the fix. ``early_exit``: the mode the request runs with here (an unknown
-    one is refused); ``tokens_name``: what the caller calls ``max_new_tokens``."""
+    one is refused); ``heads_loaded``: exit heads, or drafts for this request, to start tokens early
+    with; ``tokens_name``: what the caller calls ``max_new_tokens``."""
     if prompt_tokens < 1:
         raise ValueError("the prompt is empty; give at least one token")
     if max_new_tokens < 1:
@@ -168,7 +169,8 @@ def check_request(prompt_tokens: int, max_new_tokens: int, early_exit: str, samp
     if early_exit != "off" and not heads_loaded:
         raise ValueError(
             f"early_exit `{early_exit}` needs exit heads and {model} has none loaded; train them with "
-            "`adadecode train-heads` and set decoding.heads, or use early_exit `off`"
+            "`adadecode train-heads` and set decoding.heads, decode greedily with the context lookup's drafts "
+            "(decoding.lookup and decoding.draft), or use early_exit `off`"
         )
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling must be a SamplingParams or None, not {type(sampling).__name__}")

@@ -220,8 +220,8 @@ class ServingLoop:
                              "send it with echo and logprobs)")
         mode = e.early_exit_for(request.early_exit, request.sampling)
         check_request(len(request.prompt), max(request.max_new_tokens, 1), mode, request.sampling,
-                      max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded, tokens_name="max_tokens",
-                      model="this server")
+                      max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded or e.drafts_for(request.sampling),
+                      tokens_name="max_tokens", model="this server")
         if not 0 <= request.min_tokens <= request.max_new_tokens:
             raise ValueError(f"min_tokens ({request.min_tokens}) must be in [0, max_tokens = {request.max_new_tokens}]")
 
@@ -230,7 +230,7 @@ class ServingLoop:
     def _serve(self) -> None:
         while self._running:
             self._coord = Coordinator(max_inflight=self.engine.max_inflight, early_exit_below=self.early_exit_below,
-                                      lookup=self.engine.lookup)
+                                      lookup=self.engine.lookup, draft=self.engine.draft)
             try:
                 self.engine.runner.run(self._coord, on_verified=self._on_verified, feed=self)
             except BaseException as exc:

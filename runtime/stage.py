@@ -139,6 +139,9 @@ class Stage:
         elif isinstance(event, StepRequest):
             if not self.is_first:
                 raise self._error(f"StepRequest sent to a stage other than 0 (sequence {event.seq})")
+            if not 0 <= event.drafts < len(event.tokens):
+                raise self._error(f"StepRequest of {len(event.tokens)} tokens says {event.drafts} of them are "
+                                  f"drafts: at least the first is not (sequence {event.seq})")
             self._enqueue(WorkItem.embedded(event, self._policy_of(event), self.model.embed(event.tokens), self.start))
         else:  # Activations
             if event.layer != self.start:

@@ -104,6 +104,7 @@ def main() -> int:
     p.add_argument("--modes", default="off")
     p.add_argument("--max-inflight", type=int, default=2)
     p.add_argument("--lookup", type=int, default=0, help="the Coordinator's context lookup (0: off)")
+    p.add_argument("--draft", type=int, default=0, help="the Coordinator's drafts per request (0: none)")
     p.add_argument("--exit-layers", default="", help="comma list of the heads to use (default: the manifest's)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--sampling", default="", help="JSON list of SamplingParams fields (dicts); empty: greedy")
@@ -140,13 +141,13 @@ def main() -> int:
             samplings = [SamplingParams(**f) for f in json.loads(a.sampling)] if a.sampling else [None]
             prompts = [(p, sp) for p in json.loads(a.prompts) for sp in samplings]
             tokens = {m: [None] * len(prompts) for m in modes}
-            counted = ("early_emitted", "accepted", "rollbacks", "lookup_emitted", "lookup_accepted")
+            counted = ("early_emitted", "accepted", "rollbacks", "lookup_emitted", "lookup_accepted", "drafted")
             stats = {m: {**{k: 0 for k in counted}, "elapsed_s": 0.0} for m in modes}
             failures, seq, run = [], 0, 0
             for i, (prompt, sampling) in enumerate(prompts):
                 for mode in modes:  # back to back, a different mode each run
                     while tokens[mode][i] is None:
-                        coord = Coordinator(max_inflight=a.max_inflight, lookup=a.lookup)
+                        coord = Coordinator(max_inflight=a.max_inflight, lookup=a.lookup, draft=a.draft)
                         coord.add_sequence(
                             seq, prompt, StopCriteria(a.max_new_tokens, eos), early_exit=mode, sampling=sampling
                         )

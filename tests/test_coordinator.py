@@ -363,6 +363,85 @@ def test_requests_carry_the_contexts_guess_of_the_next_token():
     assert drain(coord)[-1] == StepRequest(0, 1, 7, (8,), lookup=1)
 
 
+def drafting(max_new_tokens: int = 8, max_inflight: int = 2, draft: int = 2) -> Coordinator:
+    """Sequence 0 of prompt 7 8 9 7 (its first request handed out) under a 1-token lookup with drafts."""
+    coord = Coordinator(max_inflight=max_inflight, lookup=1, draft=draft)
+    coord.add_sequence(0, [7, 8, 9, 7], StopCriteria(max_new_tokens))
+    first = coord.next_action()  # a prompt carries no drafts
+    assert first == StepRequest(0, 0, 0, (7, 8, 9, 7), lookup=8 if max_inflight else -1)
+    return coord
+
+
+def test_decode_requests_carry_the_lookups_drafts_which_the_final_layer_verifies():
+    """A decode request carries up to ``draft`` tokens of the lookup's continuation after its own,
+    in flight at once; the final predictions of the same pass verify them one by one, and the one
+    after the last drafts starts the next request."""
+    coord = drafting()
+    coord.receive(final(4, 8))  # 7 8 9 7 | 8: "8" was followed by 9, then "9" by 7
+    assert drain(coord)[-1] == StepRequest(0, 0, 4, (8, 9, 7), drafts=2)  # no guess rides after drafts
+    s = coord.sequences[0]
+    assert s.inflight == [9, 7] and s.stats.lookup_emitted == s.stats.early_emitted == s.stats.drafted == 2
+    coord.receive(final(5, 9))
+    coord.receive(final(6, 7))
+    assert [type(a) for a in drain(coord)] == [Verified, Verified]  # accepted: nothing new to start
+    coord.receive(final(7, 8))  # past the drafts: committed, and the next request starts
+    assert drain(coord)[-1] == StepRequest(0, 0, 7, (8, 9, 7), drafts=2)
+    assert s.tokens == [7, 8, 9, 7, 8, 9, 7, 8] and s.stats.lookup_accepted == s.stats.accepted == 2
+
+
+def test_a_wrong_draft_rolls_back_to_its_position():
+    coord = drafting()
+    coord.receive(final(4, 8))
+    drain(coord)  # drafts 9 7 at positions 5, 6
+    coord.receive(final(5, 9))
+    coord.receive(final(6, 3))  # the 7 was wrong: keep positions < 6, start the 3 (never seen: no drafts)
+    assert drain(coord)[-2:] == [Rollback(0, 1, 6), StepRequest(0, 1, 6, (3,))]
+    coord.receive(final(7, 4))  # of the old epoch's pass: stale
+    assert drain(coord) == [] and coord.sequences[0].tokens == [7, 8, 9, 7, 8, 9, 3]
+    assert coord.sequences[0].stats.rollbacks == 1
+
+
+def test_drafts_stop_at_the_length_limit():
+    """A draft is a token the sequence could still output, like an early one."""
+    coord = drafting(max_new_tokens=3)
+    coord.receive(final(4, 8))  # 1 token out, room for 2 more: both drafts fit
+    assert drain(coord)[-1].drafts == 2
+    coord = drafting(max_new_tokens=2)
+    coord.receive(final(4, 8))
+    assert drain(coord)[-1] == StepRequest(0, 0, 4, (8, 9), drafts=1)
+
+
+def test_nothing_starts_early_on_drafts_and_a_head_token_gets_its_own():
+    """An early token after a request's drafts stands on them (right far less often than a head):
+    it is ignored. A head's token on a request without drafts starts its item, with drafts."""
+    coord = drafting()
+    coord.receive(final(4, 8))
+    drain(coord)
+    coord.receive(early(7, 8))  # after the drafts 9 7
+    assert drain(coord) == [] and coord.sequences[0].inflight == [9, 7]
+    coord = drafting()
+    coord.receive(early(4, 8))  # the prompt's item exits at a head: 8 starts, with its drafts
+    assert drain(coord) == [StepRequest(0, 0, 4, (8, 9, 7), drafts=2)]
+    assert coord.sequences[0].inflight == [8, 9, 7]
+
+
+@pytest.mark.parametrize("sampling,mode", [(None, "off"), (SamplingParams(0.7, seed=1), "eager")])
+def test_no_drafts_without_early_exit_or_when_sampling(sampling, mode):
+    coord = Coordinator(max_inflight=2, lookup=1, draft=3)
+    coord.add_sequence(0, [7, 8, 7], StopCriteria(8), early_exit=mode, sampling=sampling)
+    drain(coord)
+    coord.receive(final(3, 8))
+    assert drain(coord)[-1].drafts == 0
+
+
+def test_drafts_need_no_heads():
+    """Without heads (``max_inflight`` 0) a greedy sequence still gets drafts, but no guess rides
+    the request, since no head would send it on."""
+    coord = drafting(max_inflight=0)
+    coord.receive(final(4, 8))
+    assert drain(coord)[-1] == StepRequest(0, 0, 4, (8, 9, 7), drafts=2)
+
+
 @pytest.mark.parametrize("sampling,mode", [(None, "off"), (SamplingParams(0.7, seed=1), "eager")])
 def test_no_guess_without_early_exit_or_when_sampling(sampling, mode):
     coord = Coordinator(max_inflight=2, lookup=1)

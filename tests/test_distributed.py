@@ -256,17 +256,21 @@ def assert_nothing_held(tmp_path: Path, world: int, sequences: int) -> None:
         assert h["finished_held"] == 0 and h["finished_floor"] == sequences, (r, h)
 
 
-@pytest.mark.parametrize("world, split, lookup, layers", [(2, "3", 0, ""), (3, "2,4", 0, ""), (2, "3", 1, "4,5")])
-def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split, lookup, layers):
+@pytest.mark.parametrize("world, split, lookup, layers, draft", [
+    (2, "3", 0, "", 0), (3, "2,4", 0, "", 0), (2, "3", 1, "4,5", 0), (3, "2,4", 1, "4,5", 3),
+])
+def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, tiny, world, split, lookup, layers,
+                                                                     draft):
     """Every prompt in every mode, the modes back to back (off, eager, deferred, off, ...) on the
     same slots: each sequence carries its own mode, and each run starts once every rank has
     confirmed freeing the previous one's slot. With ``lookup`` and heads on the second rank only,
-    the context's guesses ride the data plane to them."""
+    the context's guesses ride the data plane to them; with ``draft``, the drafts' rows cross every
+    rank and the last predicts each of them."""
     path, heads, eos, refs = tiny
     exits, _, out = run_job(
         tmp_path, world, "--model", str(path), "--split-points", split, "--prompts", json.dumps(PROMPTS),
         "--max-new-tokens", str(MAX_NEW_TOKENS), "--eos", str(eos), "--heads", str(heads),
-        "--modes", "off,eager,deferred", "--lookup", str(lookup), "--exit-layers", layers,
+        "--modes", "off,eager,deferred", "--lookup", str(lookup), "--exit-layers", layers, "--draft", str(draft),
     )
     assert [ex.returncode for ex in exits] == [0] * world, [ex.describe() for ex in exits]
     for mode in ("off", "eager", "deferred"):
@@ -275,6 +279,7 @@ def test_ranks_give_the_reference_tokens_with_and_without_early_exit(tmp_path, t
     for mode in ("eager", "deferred"):  # the premise: early tokens flowed and many were rolled back
         assert out["stats"][mode]["rollbacks"] >= 5 and out["stats"][mode]["accepted"] >= 1, out["stats"]
         assert (out["stats"][mode]["lookup_emitted"] > 0) == bool(lookup), out["stats"]
+        assert (out["stats"][mode]["drafted"] > 0) == bool(draft), out["stats"]
     assert len(out["busy_s"]) == world and all(b > 0 for b in out["busy_s"])
     assert out["runner"] == {"unreleased": 0, "broken": None}
     assert_nothing_held(tmp_path, world, 3 * len(PROMPTS))

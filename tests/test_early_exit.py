@@ -135,6 +135,85 @@ def test_context_lookup_guesses_match_plain_greedy(engines, cases, stages, mode)
     assert rollbacks >= 3  # and some were wrong
 
 
+class DraftingCoordinator(coordinator_module.Coordinator):
+    """The real Coordinator, also keeping every draft it sends: (position, token)."""
+
+    drafts: list = []
+
+    def next_action(self):
+        action = super().next_action()
+        if getattr(action, "drafts", 0):
+            first = action.pos + len(action.tokens) - action.drafts
+            DraftingCoordinator.drafts.extend(enumerate(action.tokens[-action.drafts:], first))
+        return action
+
+
+def drafting(engine: Engine, lookup: int = 1, draft: int = 3):
+    """``engine`` with the lookup's drafts (restored by the caller: ``engine.lookup, engine.draft``)."""
+    saved = engine.lookup, engine.draft
+    engine.lookup, engine.draft = lookup, draft
+    return saved
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
+    """Decode requests carry the lookup's drafts (coordinator.py), verified by the final layer in
+    the same pass. With 1-token matches many are wrong and roll back; with heads at every
+    boundary the guess after the drafts exits there too, and without heads the drafts run alone.
+    For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
+    engine = engines[stages]
+    saved = drafting(engine)
+    emitted = accepted = rollbacks = 0
+    try:
+        for heads in (untrained_heads(engine, boundary_layers(engine), threshold=0.99), None):
+            with_heads(engine, heads)
+            for ids, ref in cases:
+                for n in (MAX_NEW_TOKENS, 3):  # and a length stop with drafts in flight
+                    res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
+                    at = first_divergence(res.tokens, ref[:n])
+                    assert at is None, f"{stages} stages, {mode}, heads {heads is not None}: diverges at {at}"
+                    emitted += res.stats["lookup_emitted"]
+                    accepted += res.stats["lookup_accepted"]
+                    rollbacks += res.stats["rollbacks"]
+    finally:
+        engine.lookup, engine.draft = saved
+    assert accepted > 10 and rollbacks >= 3  # the premise: drafts went out, right and wrong
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_eos_drafted_stops_only_once_verified(engines, monkeypatch, stages):
+    """Declare a drafted token the EOS: where the draft was right, generation ends exactly there,
+    once verified; where it was wrong, it is rolled back and never ends the sequence."""
+    engine = with_heads(engines[stages], None)
+    monkeypatch.setattr("adadecode.runtime.engine.Coordinator", DraftingCoordinator)
+    eos, saved = engine.eos_token_ids, drafting(engine)
+    right = wrong = 0
+    n = 48  # long enough for a draft from the prompt to be a token's first occurrence in the output
+    try:
+        for prompt in select_prompts("data/prompts/mix.jsonl", 3):
+            ids = engine.encode(prompt, chat=isinstance(prompt, list))
+            ref = engine.generate(ids, max_new_tokens=n).tokens  # plain decoding: equal to generate's, tested
+            DraftingCoordinator.drafts = []
+            engine.generate(ids, max_new_tokens=n, early_exit="eager")
+            for pos, token in DraftingCoordinator.drafts:
+                j = pos - len(ids)  # the draft at position ``pos`` stands for output token j
+                if not 0 <= j < len(ref) or token in ref[:j] or (right if token == ref[j] else wrong) >= 2:
+                    continue  # the first occurrence only, so that the draft is the trigger
+                if token != ref[j] and token in ref:
+                    continue
+                engine.eos_token_ids = frozenset({token})
+                res = engine.generate(ids, max_new_tokens=n, early_exit="eager")
+                engine.eos_token_ids = eos
+                assert res.tokens == (ref[: j + 1] if token == ref[j] else ref), (stages, pos, token)
+                assert res.finish_reason == ("eos" if token == ref[j] else "length")
+                right, wrong = right + (token == ref[j]), wrong + (token != ref[j])
+    finally:
+        engine.eos_token_ids = eos
+        engine.lookup, engine.draft = saved
+    assert right >= 1 and wrong >= 1, f"found {right} right and {wrong} wrong drafted EOS cases"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_eager_and_deferred_match_off_with_a_confident_threshold(engines, cases, mode):
     """For deferred, the equality is the CPU fp32 property (module docstring), not a rule."""
@@ -227,6 +306,16 @@ def test_stop_string_with_early_exit(engines):
 
 
 def test_early_exit_without_heads_is_refused(engines):
+    """Without heads and without drafts (none here: eager CPU stages, ``LoadSpec.drafts``), or for a
+    sampled request, which gets no drafts."""
     engine = with_heads(engines[1], None)
+    assert engine.draft == 0
     with pytest.raises(ValueError, match="needs exit heads"):
         engine.generate("Hi", max_new_tokens=2, early_exit="eager")
+    saved = drafting(engine)
+    try:
+        assert engine.generate("Hi", max_new_tokens=2, early_exit="eager").finish_reason in ("length", "eos")
+        with pytest.raises(ValueError, match="needs exit heads"):
+            engine.generate("Hi", max_new_tokens=2, early_exit="eager", temperature=0.7, seed=1)
+    finally:
+        engine.lookup, engine.draft = saved

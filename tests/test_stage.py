@@ -202,6 +202,38 @@ def test_two_stages_predict_what_one_stage_predicts(model_dir):
     assert s1.next_action() == single.next_action()
 
 
+@pytest.mark.parametrize("ranges", [[(0, 6)], TWO])
+def test_a_request_with_drafts_predicts_every_drafts_position(model_dir, ranges):
+    """A decode request's drafts (``StepRequest.drafts``) run with its token as one chunk, and the
+    final layer predicts each position, the drafts' included: the tokens plain decoding of the
+    same tokens gives, which is how the Coordinator verifies them."""
+    expected = hf_greedy(model_dir, list(PROMPT), 5)
+    pipeline = stages(model_dir, ranges)
+
+    def run(event):
+        pipeline[0].receive(event)
+        out = drain(pipeline[0])
+        for stage in pipeline[1:]:
+            for item in out:
+                stage.receive(item)
+            out = drain(stage)
+        return out
+
+    assert run(StepRequest(0, 0, 0, PROMPT)) == [FinalPrediction(0, 0, P, expected[0])]
+    # the token, then two right drafts and a wrong one: four positions, four predictions
+    out = run(StepRequest(0, 0, P, (expected[0], expected[1], expected[2], 0), drafts=3))
+    assert [(o.pos, o.token) for o in out] == [(P + 1, expected[1]), (P + 2, expected[2]), (P + 3, expected[3]),
+                                               (P + 4, out[-1].token)]
+    assert all(lengths(stage) == [P + 4] * (stage.end - stage.start) for stage in pipeline)
+
+
+@pytest.mark.parametrize("drafts", [1, -1])
+def test_a_request_that_is_all_drafts_raises(model_dir, drafts):
+    (stage,) = stages(model_dir, [(0, 6)])
+    with pytest.raises(ProtocolError, match="drafts"):
+        stage.receive(StepRequest(0, 0, 0, (7,), drafts=drafts))
+
+
 def test_step_request_to_a_later_stage_raises(model_dir):
     _, s1 = stages(model_dir)
     with pytest.raises(ProtocolError, match="StepRequest") as exc:

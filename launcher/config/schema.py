@@ -180,7 +180,13 @@ class DecodingConfig:
 
     lookup: int = 3
     """Context lookup: an item whose last tokens match at least this many tokens earlier in the
-    sequence exits at its first head with the token that followed them (greedy only); 0: off."""
+    sequence exits at its first head with the token that followed them (greedy only); drafts take
+    a match of any length; 0: off (no guesses, no drafts)."""
+
+    draft: int = -1
+    """With lookup: the most tokens of the lookup's continuation a decode step carries as drafts, verified
+    in the same pass (greedy with early exit on); 0: none; -1: 3 where a chunk of decode rows costs about
+    one row (compiled on the CPU, or row_invariant off), else none."""
 
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends once the verified text contains any of them."""
@@ -204,6 +210,11 @@ class DecodingConfig:
             raise _invalid(
                 "decoding.lookup", self.lookup, f"an integer from 0 (off) to {MAX_MATCH}, the longest match looked up",
                 "set e.g. `--decoding.lookup=3` (a match of 3 tokens or more)",
+            )
+        if self.draft < -1:
+            raise _invalid(
+                "decoding.draft", self.draft, "an integer >= 0 (0: no drafts), or -1 (chosen for the setting)",
+                "set e.g. `--decoding.draft=3`",
             )
         for t in self.thresholds:
             if not 0.0 <= t < 1.0:
