@@ -23,12 +23,13 @@ answers with commands.
   carries the context's guess of the token after it (runtime/context_lookup.py):
   the first exit head the item reaches sends it on as the early token, which is
   verified like any other.
-- With ``draft``, such a request also carries up to ``draft`` tokens after its own: the
-  lookup's guess, the guess after that, and so on (prompt lookup decoding's draft). They
-  are in flight from the moment the request leaves (any match will do), and the final layer's predictions of
-  the same pass verify them one by one; the first that disagrees rolls back like a wrong
-  early token. A chunk of a few decode rows costs about one row where they share one call
-  (compiled on the CPU; docs/results.md), so a right draft is a token for nothing.
+- With ``draft``, a decode request also carries up to ``draft`` tokens after its own: the
+  lookup's guess from a match of any length, the guess after that, and so on (prompt lookup
+  decoding's draft). They are in flight from the moment the request leaves, and the final
+  layer's predictions of the same pass verify them one by one; the first that disagrees rolls
+  back like a wrong early token. A chunk of a few decode rows costs about one row where they
+  share one call (compiled on the CPU; docs/results.md), so a right draft is a token for
+  nothing. Nothing starts early on top of drafts.
 - Verification is an exact match in every decoding mode. Greedy and seeded
   sampling: the final layer's token is the truth. Speculative sampling: the
   last stage has already applied the ``min(1, p/q)`` test to the head's draw

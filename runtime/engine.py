@@ -121,14 +121,17 @@ class Engine:
         return self.heads_choice is not None and not self.heads_choice.layers
 
     def early_exit_for(self, mode: str, sampling: SamplingParams | None = None) -> str:
-        """The early-exit mode a request for ``mode`` runs with: off where no head pays (the
-        choice's note said so at start-up), and off for a sequence the context lookup makes no
-        guesses for (sampled: ``sampling``) where the heads were chosen with the guesses and pay
-        only with them; else ``mode``."""
+        """The early-exit mode a request for ``mode`` runs with: ``mode`` for a sequence that gets the
+        lookup's drafts (greedy, ``drafts_for``); else off where no head pays (the choice's note said
+        so at start-up) or none is loaded beside the drafts, and off for a sequence the context lookup
+        makes no guesses for (sampled: ``sampling``) where the heads were chosen with the guesses and
+        pay only with them; else ``mode``."""
         if mode not in EARLY_EXIT_MODES:
             return mode
         if self.drafts_for(sampling):
             return mode  # its drafts pay with heads or without
+        if self.draft and not self.heads_loaded:
+            return "off"  # the drafts are all there is, and this sequence gets none (sampled)
         needs = self.heads_choice is not None and self.heads_choice.needs_lookup
         return "off" if self.early_exit_off_here or (needs and not gets_guesses(self.lookup, sampling)) else mode
 
@@ -330,7 +333,13 @@ def _plan(spec: LoadSpec, resolved, config, ranges, device, dtype, *, ranks: boo
     weight is loaded (runtime/sim/heads.py)."""
     spec = spec.replace(draft=spec.drafts(device.type))
     choice = None
-    if spec.auto_heads_for not in (None, "off"):
+    if spec.auto_heads_for not in (None, "off") and spec.draft:
+        # The choice does not model drafts, and where they run (compiled on the CPU) heads chosen
+        # without them added nothing on top on 2 ranks (docs/results.md, Lookup drafts).
+        log.info("the context lookup's drafts run here (up to %d a step, greedy requests); no exit heads "
+                 "are chosen with them, so sampled requests run early exit off", spec.draft)
+        spec = spec.replace(heads=None, auto_heads_for=None)
+    elif spec.auto_heads_for not in (None, "off"):
         from .sim.heads import plan_heads
 
         spec, choice = plan_heads(spec, resolved, config, ranges, device, dtype, ranks=ranks)

@@ -149,12 +149,12 @@ def summary_lines(summary: dict, stages: list[tuple[int, int]]) -> list[str]:
     """The end-of-run summary as a few lines of text (the CLI's stderr)."""
     s = summary
     lines = [f"{s['tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s"]
-    if s["exit_rate_per_head"]:
+    if s["exit_rate_per_head"] or s["lookup_acceptance"] is not None:  # heads, or the lookup's drafts alone
         acc = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.3f}"
         lines.append(f"early exit: acceptance {acc}, {s['rollbacks']} rollbacks, "
                      f"{100 * s['discarded_fraction']:.1f}% of compute discarded")
         if s["lookup_acceptance"] is not None:
-            lines.append(f"  context lookup: {s['lookup_rate']:.3f} of the tokens guessed, "
+            lines.append(f"  context lookup: {s['lookup_rate']:.3f} guesses and drafts a token, "
                          f"acceptance {s['lookup_acceptance']:.3f}")
         for l, rate in s["exit_rate_per_head"].items():
             p = s["precision_per_head"][l]

@@ -406,6 +406,26 @@ def test_heads_are_chosen_before_loading_and_loading_never_imports_the_simulator
     assert plan_heads(off, *prepare(off), cpu, fp32, ranks=True) == (off, None)
 
 
+def test_drafts_run_where_a_chunk_costs_about_a_row_and_take_the_place_of_the_head_choice():
+    """``draft: -1`` is 3 where a chunk's decode rows share one call (compiled on the CPU, or
+    row_invariant off) and none elsewhere; a number is kept; no lookup, no drafts. Where drafts
+    run, no heads are chosen (the choice does not model them): ``_plan`` loads none."""
+    from adadecode.runtime.engine import _plan
+    from adadecode.runtime.loading import DEFAULT_DRAFT, LoadSpec, prepare
+
+    assert LoadSpec(compile="on").drafts("cpu") == DEFAULT_DRAFT == 3
+    assert LoadSpec(compile="off", row_invariant="off").drafts("cpu") == 3
+    assert LoadSpec(compile="off").drafts("cpu") == LoadSpec(compile="on").drafts("cuda") == 0
+    assert LoadSpec(compile="off", draft=2).drafts("cpu") == 2
+    assert LoadSpec(compile="on", lookup=0).drafts("cpu") == 0
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    for compile, heads in (("on", None), ("off", "auto")):
+        two = LoadSpec(stages=2, auto_heads_for="eager", max_inflight=0, compile=compile)
+        spec, choice = _plan(two, *prepare(two), cpu, fp32, ranks=True)
+        assert spec.heads == heads and spec.draft == (3 if compile == "on" else 0)
+        assert (choice is None) == (compile == "on") and spec.max_inflight >= 1
+
+
 # --- the command -----------------------------------------------------------------------------------
 
 

@@ -173,7 +173,8 @@ class DecodingConfig:
     """Confidence thresholds: one for every head, or one per exit layer; empty: as exit_layers."""
 
     auto_heads: bool = True
-    """With exit_layers and thresholds empty: heads chosen for this setting by the simulator, none where none pays."""
+    """With exit_layers and thresholds empty: heads chosen for this setting by the simulator, none where none pays
+    or where the lookup's drafts run."""
 
     max_inflight: int = 0
     """Most unverified early tokens per sequence in flight at once; 0: chosen with the heads (else 2)."""

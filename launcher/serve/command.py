@@ -51,10 +51,11 @@ def serve_requests(frontend: Frontend, engine: Engine, cfg: RunConfig) -> int:
 
     s, d = cfg.serve, cfg.decoding
     heads_loaded = any(st.heads is not None for st in engine.stages)
-    if d.early_exit != "off" and not engine.early_exit_off_here and not heads_loaded:
+    if d.early_exit != "off" and not engine.early_exit_off_here and not heads_loaded and not engine.draft:
         raise ValueError(
-            f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded; "
-            "set decoding.heads (`adadecode train-heads`) or use --early-exit off"
+            f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded "
+            "and no lookup drafts run here; set decoding.heads (`adadecode train-heads`), decoding.draft, "
+            "or use --early-exit off"
         )
     below = s.early_exit_below or max(2, len(engine.layer_ranges))
     if threading.current_thread() is threading.main_thread():

@@ -109,7 +109,7 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     outcomes, lookup_outcomes = read_all_outcomes(path, manifest)
     choice = choose(manifest, config, ranges, spec.auto_heads_for, device.type, element_size, spec.max_inflight,
                     ranks=ranks, outcomes=outcomes, compiled=spec.compiled(device.type),
-                    per_row_merges=not spec.shared_merges(device.type), lookup=0 if spec.draft else spec.lookup,
+                    per_row_merges=not spec.shared_merges(device.type), lookup=spec.lookup,
                     lookup_outcomes=lookup_outcomes)
     if not choice.layers:
         return spec.replace(heads=None, auto_heads_for=None), choice
