@@ -40,6 +40,7 @@ COLOURS = {
     "early-exited": "#55a868",
     "backfill": "#dd8452",
     "merged": "#8172b3",
+    "drafts": "#937860",
     "discarded": "#c44e52",
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 MAX_MATCH = 4  # the longest suffix looked up; longer matches change the guess rarely (docs/results.md)
+MAX_DRAFT = 8  # drafts per request (coordinator.py): past 3 a chunk outgrows what one CPU call streams for free
 
 
 class ContextLookup:

@@ -51,7 +51,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from .context_lookup import MAX_MATCH, ContextLookup
+from .context_lookup import MAX_DRAFT, MAX_MATCH, ContextLookup
 from .events import (
     DONE,
     WAITING,
@@ -69,6 +69,8 @@ from .events import (
 from .params import check_early_exit
 from .sampling import SamplingParams
 from .stopping import StopChecker, StopCriteria
+
+DRAFTED = 0  # the "layer" of a draft in ``Sequence.inflight_from``: it entered with its request
 
 
 class SeqState(enum.Enum):
@@ -141,8 +143,8 @@ class Coordinator:
         or more, as prompt lookup decoding does): where they pay, a wrong one costs little. Nothing
         starts early after drafts, so with them a head's guess is only ever made without a match.
 
-        ``early_exit_below`` (serving): heads are used only while fewer sequences than this
-        are running; at or above it each new item goes without heads (early exit off for that
+        ``early_exit_below`` (serving): heads (and drafts) are used only while fewer sequences than
+        this are running; at or above it each new item goes without them (early exit off for that
         token), whatever its sequence's mode. Once several sequences fill the pipeline, a
         stage no longer idles, so the work a wrong early token throws away is no longer free
         (docs/serving.md, Early exit under load). An item already under way keeps its mode; a
@@ -154,8 +156,8 @@ class Coordinator:
         if not 0 <= lookup <= MAX_MATCH:
             raise ValueError(f"lookup is a match length of 1 to {MAX_MATCH} tokens (0: off), not {lookup}")
         self.lookup = lookup
-        if draft < 0:
-            raise ValueError(f"draft is a number of tokens (0: none), not {draft}")
+        if not 0 <= draft <= MAX_DRAFT:
+            raise ValueError(f"draft is a number of tokens from 0 (none) to {MAX_DRAFT}, not {draft}")
         self.draft = draft if lookup else 0
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
@@ -185,7 +187,7 @@ class Coordinator:
         if sampling is not None and sampling.plain_greedy:
             sampling = None  # temperature 0 alone is greedy: the stages' greedy path, bit for bit
         max_inflight = 0 if early_exit == "off" else self.max_inflight
-        draft = 0 if early_exit == "off" or not gets_guesses(self.lookup, sampling) else self.draft
+        draft = self.draft if early_exit != "off" and gets_drafts(self.draft, self.lookup, sampling) else 0
         lookup = None
         if (max_inflight or draft) and gets_guesses(self.lookup, sampling):
             lookup = ContextLookup(1 if draft else self.lookup)
@@ -292,7 +294,7 @@ class Coordinator:
         pos = len(s.tokens) + len(s.inflight)
         if ev.pos != pos or len(s.inflight) >= s.max_inflight:
             return  # not the next free position, or too much unverified work: ignore
-        if s.inflight_from and s.inflight_from[-1][0] == 0:
+        if s.inflight_from and s.inflight_from[-1][0] == DRAFTED:
             return  # it stands on drafts, which are right far less often than a head: ignore
         if not _room(s):
             return  # past the length limit: the token could never be output
@@ -313,16 +315,17 @@ class Coordinator:
         if s.lookup is None or mode == "off":
             return StepRequest(s.seq, s.epoch, pos, tokens, mode, s.sampling)
         drafts: list[int] = []
-        guess = s.lookup.guess(s.tokens, s.inflight)
+        guess, length = s.lookup.match(s.tokens, s.inflight)
         while guess is not None and pos > 0 and len(drafts) < s.draft and _room(s):
             drafts.append(guess)
             s.inflight.append(guess)
-            s.inflight_from.append((0, True))  # layer 0: the token entered with the request
-            guess = s.lookup.guess(s.tokens, s.inflight)
+            s.inflight_from.append((DRAFTED, True))
+            guess, length = s.lookup.match(s.tokens, s.inflight)
         s.stats.early_emitted += len(drafts)
         s.stats.lookup_emitted += len(drafts)
         s.stats.drafted += len(drafts)
-        guess = -1 if guess is None or drafts or not s.max_inflight else guess  # nothing early after drafts
+        # nothing early after drafts; a head's guess needs a match of at least ``lookup`` tokens
+        guess = -1 if guess is None or drafts or length < self.lookup or not s.max_inflight else guess
         return StepRequest(s.seq, s.epoch, pos, tokens + tuple(drafts), mode, s.sampling, guess, len(drafts))
 
     def _mode(self, s: Sequence) -> str | None:
@@ -347,6 +350,12 @@ def gets_guesses(lookup: int, sampling: SamplingParams | None) -> bool:
     """Whether a sequence with early exit gets the context lookup's guesses: with the lookup on,
     greedy only (temperature 0 alone is greedy; penalties and log probabilities are not)."""
     return lookup > 0 and (sampling is None or sampling.plain_greedy)
+
+
+def gets_drafts(draft: int, lookup: int, sampling: SamplingParams | None) -> bool:
+    """Whether a sequence with early exit gets the context lookup's drafts: where they are on,
+    for the same sequences as its guesses."""
+    return draft > 0 and gets_guesses(lookup, sampling)
 
 
 def _room(s: Sequence) -> bool:

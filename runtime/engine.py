@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .coordinator import Coordinator, gets_guesses
+from .coordinator import Coordinator, gets_drafts, gets_guesses
 from .detokenize import TextStream
 from .device import check_placement
 from .generation_config import GenerationDefaults, read_generation_config
@@ -137,8 +137,13 @@ class Engine:
 
     def drafts_for(self, sampling: SamplingParams | None) -> bool:
         """Whether a sequence with early exit and these sampling parameters gets the context lookup's
-        drafts (greedy only: coordinator.gets_guesses)."""
-        return self.draft > 0 and gets_guesses(self.lookup, sampling)
+        drafts (greedy only: coordinator.gets_drafts)."""
+        return gets_drafts(self.draft, self.lookup, sampling)
+
+    def starts_early(self, sampling: SamplingParams | None) -> bool:
+        """Whether a sequence with these sampling parameters has anything to start tokens early
+        with: exit heads, or the lookup's drafts."""
+        return self.heads_loaded or self.drafts_for(sampling)
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
@@ -197,7 +202,7 @@ class Engine:
             ids = self.encode(prompt, chat)
         early_exit = self.early_exit_for(early_exit, sampling)
         check_request(len(ids), max_new_tokens, early_exit, sampling, max_seq_len=self.max_seq_len,
-                      heads_loaded=self.heads_loaded or self.drafts_for(sampling), model=self.resolved.origin)
+                      heads_loaded=self.starts_early(sampling), model=self.resolved.origin)
         criteria = StopCriteria(
             max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos_token_ids,
@@ -257,7 +262,7 @@ class Engine:
         derived = totals.summary()
         stats |= {k: derived[k] for k in (
             "exit_rate_per_head", "precision_per_head", "acceptance_rate", "lookup_rate", "lookup_acceptance",
-            "discarded_fraction", "stage_merged", "stage_idle_backfills",
+            "draft_rate", "discarded_fraction", "stage_merged", "stage_idle_backfills",
         )}
         return GenerationResult(
             prompt_tokens=len(ids),
@@ -333,7 +338,7 @@ def _plan(spec: LoadSpec, resolved, config, ranges, device, dtype, *, ranks: boo
     weight is loaded (runtime/sim/heads.py)."""
     spec = spec.replace(draft=spec.drafts(device.type))
     choice = None
-    if spec.auto_heads_for not in (None, "off") and spec.draft:
+    if spec.chooses_heads and spec.draft:
         # The choice does not model drafts, and where they run (compiled on the CPU) heads chosen
         # without them added nothing on top on 2 ranks (docs/results.md, Lookup drafts).
         log.info("the context lookup's drafts run here (up to %d a step, greedy requests); no exit heads "

@@ -101,6 +101,11 @@ class LoadSpec:
             return not model.merges_rows
         return self.batching == "exact"
 
+    @property
+    def chooses_heads(self) -> bool:
+        """Whether the heads are left to the per-setting choice: early exit on, none given."""
+        return self.auto_heads_for not in (None, "off") and not self.exit_layers and not self.thresholds
+
     def drafts(self, device_type: str) -> int:
         """The most drafts per request on ``device_type``: ``draft``, or for auto (-1) ``DEFAULT_DRAFT``
         where a chunk of a token and its drafts costs about one row (``shared_merges``) and none where
@@ -204,8 +209,10 @@ def build_stage(
         # a fused batch's decode rows: a stage of a pipeline runs its share of the sequences (group_size)
         batch_rows = group_size(spec.num_slots, len(ranges)) if spec.batching != "exact" else 0
         cuts = stage_heads.layers if stage_heads else ()
-        # a merged chunk: a token and its drafts, or backfills and the next token
-        chunk = max(spec.max_inflight, spec.drafts(device.type)) + 1
+        # a merged chunk: a token and its drafts, or backfills and the next token (with its drafts,
+        # where heads run beside them: a backfill parks only where a head let its token out)
+        draft = spec.drafts(device.type)
+        chunk = (spec.max_inflight + draft if spec.heads is not None else max(spec.max_inflight, draft)) + 1
         if maybe_compile(model, spec.compile, cuts, chunk, batch_rows):
             if spec.compile_warmup:
                 model.warm_up()

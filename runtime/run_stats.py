@@ -13,8 +13,10 @@ rates are computed from the totals, never averaged. Dicts are for the edges:
   share that the final layer confirmed (an early token dropped unverified, at
   the end of a sequence or behind an earlier rejection, counts neither way);
 - acceptance: accepted early tokens over early tokens started;
-- lookup rate and acceptance: the same two for the context lookup's guesses
-  (runtime/context_lookup.py), which exit at a head but are no head's;
+- lookup rate and acceptance: the same two for the context lookup's tokens
+  (runtime/context_lookup.py): its guesses, which exit at a head but are no head's,
+  and its drafts, sent with their request (the rate, per output token, can pass 1);
+  the draft rate: the drafts alone;
 - discarded fraction: cache entries (layer x position) that rollbacks threw
   away over those computed, all stages together (``StageStats.computed`` /
   ``discarded``).
@@ -48,6 +50,7 @@ class GenerationStats:
     rejected_by_layer: dict[int, int] = field(default_factory=dict)  # head layer -> early tokens rolled back
     lookup_emitted: int = 0  # of early_emitted: the context lookup's guesses
     lookup_accepted: int = 0  # of accepted: the context lookup's guesses
+    drafted: int = 0  # of lookup_emitted: drafts, sent with their request (coordinator.py)
     stage_stats: list[StageStats] = field(default_factory=list)
 
     @classmethod
@@ -61,6 +64,7 @@ class GenerationStats:
             out.rollbacks += s.rollbacks
             out.lookup_emitted += s.lookup_emitted
             out.lookup_accepted += s.lookup_accepted
+            out.drafted += s.drafted
             out.early_by_layer = add_by_layer(out.early_by_layer, s.early_by_layer)
             out.accepted_by_layer = add_by_layer(out.accepted_by_layer, s.accepted_by_layer)
             out.rejected_by_layer = add_by_layer(out.rejected_by_layer, s.rejected_by_layer)
@@ -78,6 +82,7 @@ class GenerationStats:
             rejected_by_layer=add_by_layer(self.rejected_by_layer, other.rejected_by_layer),
             lookup_emitted=self.lookup_emitted + other.lookup_emitted,
             lookup_accepted=self.lookup_accepted + other.lookup_accepted,
+            drafted=self.drafted + other.drafted,
             stage_stats=_per_stage(self.stage_stats, other.stage_stats, StageStats()),
         )
 
@@ -137,6 +142,7 @@ class RunTotals:
             "acceptance_rate": round(c.accepted / c.early_emitted, 4) if c.early_emitted else None,
             "lookup_rate": round(c.lookup_emitted / self.tokens, 4) if self.tokens else 0.0,
             "lookup_acceptance": round(c.lookup_accepted / c.lookup_emitted, 4) if c.lookup_emitted else None,
+            "draft_rate": round(c.drafted / self.tokens, 4) if self.tokens else 0.0,
             "rollbacks": c.rollbacks,
             "discarded_fraction": round(discarded / computed, 4) if computed else 0.0,
             "stage_busy_fraction": [round(f, 4) for f in self.stage_busy_fraction],
@@ -154,8 +160,8 @@ def summary_lines(summary: dict, stages: list[tuple[int, int]]) -> list[str]:
         lines.append(f"early exit: acceptance {acc}, {s['rollbacks']} rollbacks, "
                      f"{100 * s['discarded_fraction']:.1f}% of compute discarded")
         if s["lookup_acceptance"] is not None:
-            lines.append(f"  context lookup: {s['lookup_rate']:.3f} guesses and drafts a token, "
-                         f"acceptance {s['lookup_acceptance']:.3f}")
+            lines.append(f"  context lookup: {s['lookup_rate']:.3f} guesses and drafts a token "
+                         f"({s['draft_rate']:.3f} drafts), acceptance {s['lookup_acceptance']:.3f}")
         for l, rate in s["exit_rate_per_head"].items():
             p = s["precision_per_head"][l]
             lines.append(f"  head at layer {l}: exit rate {rate:.3f}, precision {'-' if p is None else f'{p:.3f}'}")

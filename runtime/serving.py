@@ -220,7 +220,7 @@ class ServingLoop:
                              "send it with echo and logprobs)")
         mode = e.early_exit_for(request.early_exit, request.sampling)
         check_request(len(request.prompt), max(request.max_new_tokens, 1), mode, request.sampling,
-                      max_seq_len=e.max_seq_len, heads_loaded=e.heads_loaded or e.drafts_for(request.sampling),
+                      max_seq_len=e.max_seq_len, heads_loaded=e.starts_early(request.sampling),
                       tokens_name="max_tokens", model="this server")
         if not 0 <= request.min_tokens <= request.max_new_tokens:
             raise ValueError(f"min_tokens ({request.min_tokens}) must be in [0, max_tokens = {request.max_new_tokens}]")

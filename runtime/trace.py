@@ -19,8 +19,10 @@ Events (``EVENT_FIELDS``), first the type, the track and the time(s):
 
 - ``compute``: a chunk through layers ``[a, b)``; ``kind`` is ``plain``, ``early-exited``
   (the segment that ended at a confident head: its token went out early), ``backfill``
-  (layers left after an early exit, on the exiting stage or a later one) or ``merged``
-  (a deferred backfill run together with the next token).
+  (layers left after an early exit, on the exiting stage or a later one), ``merged``
+  (a deferred backfill run together with the next token) or ``drafts`` (a token with the
+  context lookup's drafts, coordinator.py, from layer 0; it reads no head, and past its first
+  segment it shows as a ``backfill``).
 - ``head``: an exit head evaluated on the chunk's last position; ``exited``: it was confident.
 - ``lm_head``: the last stage's final norm, LM head and token choice for ``n`` rows of items leaving it.
 - ``send`` / ``recv``: activations leaving a stage / reaching the next.
@@ -38,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 COORDINATOR = -1
-COMPUTE_KINDS = ("plain", "early-exited", "backfill", "merged")
+COMPUTE_KINDS = ("plain", "early-exited", "backfill", "merged", "drafts")
 
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "compute": ("t0", "t1", "seq", "epoch", "pos", "n", "a", "b", "kind"),
@@ -78,7 +80,9 @@ class TraceRecorder:
         out = run(batch, layer, stop)
         t1 = self.clock()
         for w in batch:
-            kind = "merged" if w.merged else "backfill" if w.emitted else "plain"
+            # at layer 0 only a request with drafts is emitted (it reads no head); later it reads as a backfill
+            kind = ("merged" if w.merged else "drafts" if w.emitted and layer == 0 else "backfill" if w.emitted
+                    else "plain")
             self._last_compute[track, w.seq] = len(self.events)
             self.events.append(("compute", track, t0, t1, w.seq, w.epoch, w.pos, w.hidden.shape[0], layer, stop, kind))
         return out

@@ -67,11 +67,12 @@ class WorkItem:
     @classmethod
     def embedded(cls, event: StepRequest, policy: str, hidden: torch.Tensor, layer: int) -> WorkItem:
         """Stage 0's item for ``event``'s tokens, embedded as ``hidden``; the final layer predicts from the
-        last token that is not a draft (each draft's position is then predicted too, which verifies it)."""
+        last token that is not a draft (each draft's position is then predicted too, which verifies it).
+        An item with drafts reads no head (``emitted``): nothing starts early on top of drafts."""
         last = event.pos + len(event.tokens) - 1 - event.drafts
         tokens = event.tokens if event.sampling is not None and event.sampling.needs_tokens else ()
-        return cls(event.seq, event.epoch, event.pos, layer, hidden, last, policy=policy, sampling=event.sampling,
-                   tokens=tokens, lookup=event.lookup)
+        return cls(event.seq, event.epoch, event.pos, layer, hidden, last, event.drafts > 0, policy,
+                   event.sampling, tokens=tokens, lookup=event.lookup)
 
     @classmethod
     def arrived(cls, event: Activations, policy: str) -> WorkItem:

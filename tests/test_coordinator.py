@@ -403,9 +403,9 @@ def test_a_wrong_draft_rolls_back_to_its_position():
 
 def test_drafts_stop_at_the_length_limit():
     """A draft is a token the sequence could still output, like an early one."""
-    coord = drafting(max_new_tokens=3)
-    coord.receive(final(4, 8))  # 1 token out, room for 2 more: both drafts fit
-    assert drain(coord)[-1].drafts == 2
+    coord = drafting(max_new_tokens=3, draft=3)
+    coord.receive(final(4, 8))  # 1 token out, room for 2 more of the 3 drafts the lookup has
+    assert drain(coord)[-1] == StepRequest(0, 0, 4, (8, 9, 7), drafts=2)
     coord = drafting(max_new_tokens=2)
     coord.receive(final(4, 8))
     assert drain(coord)[-1] == StepRequest(0, 0, 4, (8, 9), drafts=1)
@@ -423,6 +423,23 @@ def test_nothing_starts_early_on_drafts_and_a_head_token_gets_its_own():
     coord.receive(early(4, 8))  # the prompt's item exits at a head: 8 starts, with its drafts
     assert drain(coord) == [StepRequest(0, 0, 4, (8, 9, 7), drafts=2)]
     assert coord.sequences[0].inflight == [8, 9, 7]
+
+
+def test_with_drafts_a_heads_guess_still_needs_a_match_of_lookup_tokens():
+    """Drafts take any match; the guess a head sends on (only where no draft could go: the
+    prompt's item, or at the length limit) keeps the shortest match ``lookup`` asks for."""
+    coord = Coordinator(max_inflight=2, lookup=2, draft=3)
+    coord.add_sequence(0, [7, 8, 9, 7], StopCriteria(8))
+    assert coord.next_action().lookup == -1  # "7" was followed by 8: a match of 1 < 2
+    coord = Coordinator(max_inflight=2, lookup=2, draft=3)
+    coord.add_sequence(0, [7, 8, 9, 7, 8], StopCriteria(8))
+    assert coord.next_action().lookup == 9  # "7 8" was followed by 9
+
+
+@pytest.mark.parametrize("draft", [-1, 9])
+def test_a_draft_outside_its_bounds_is_refused(draft):
+    with pytest.raises(ValueError, match="draft is a number of tokens from 0"):
+        Coordinator(lookup=1, draft=draft)
 
 
 @pytest.mark.parametrize("sampling,mode", [(None, "off"), (SamplingParams(0.7, seed=1), "eager")])

@@ -341,7 +341,8 @@ def test_random_pipelines_decode_greedy_and_keep_exact_caches(num_stages, policy
     # the premises: the runs really went through the paths this test is for
     assert seen["rollbacks"] > RUNS and seen["accepted"] > RUNS
     assert seen["eos"] > RUNS // 4 and seen["length"] > RUNS // 4 and seen["early EOS rejected"] > 0
-    assert seen["lookup guesses"] > RUNS // 20  # the context lookup's guesses went out too
+    # the context lookup's guesses went out too (fewer than without drafts: none rides on drafts)
+    assert seen["lookup guesses"] > RUNS // 20
     # and its drafts (this model's greedy tokens rarely repeat, so few are right: the bundled
     # model's tests, tests/test_early_exit.py, are where right drafts abound)
     assert seen["drafts"] > RUNS // 10

@@ -424,6 +424,9 @@ def test_drafts_run_where_a_chunk_costs_about_a_row_and_take_the_place_of_the_he
         spec, choice = _plan(two, *prepare(two), cpu, fp32, ranks=True)
         assert spec.heads == heads and spec.draft == (3 if compile == "on" else 0)
         assert (choice is None) == (compile == "on") and spec.max_inflight >= 1
+    given = LoadSpec(stages=2, auto_heads_for="eager", compile="on", exit_layers=(19,), thresholds=(0.5,))
+    spec, choice = _plan(given, *prepare(given), cpu, fp32, ranks=True)  # heads given: they run with the drafts
+    assert choice is None and spec.heads == "auto" and spec.exit_layers == (19,) and spec.draft == 3
 
 
 # --- the command -----------------------------------------------------------------------------------

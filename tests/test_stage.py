@@ -227,6 +227,23 @@ def test_a_request_with_drafts_predicts_every_drafts_position(model_dir, ranges)
     assert all(lengths(stage) == [P + 4] * (stage.end - stage.start) for stage in pipeline)
 
 
+def test_an_item_with_drafts_reads_no_head(model_dir):
+    """Nothing starts early on top of drafts: a head, even one confident about everything, is not
+    evaluated on a request that carries them, and the chunk runs through."""
+    from test_compiled_step import random_heads
+
+    s0, s1 = stages(model_dir)
+    heads = random_heads([s0, s1], threshold=0.0)
+    s0.heads = s1.heads = heads.select([2], {2: 0.0})
+    s0.policy = "deferred"
+    s0.receive(StepRequest(0, 0, 0, PROMPT))
+    assert isinstance(drain(s0)[0], EarlyPrediction)  # the head is confident on a plain item
+    evals = s0.stats.head_evals
+    s0.receive(StepRequest(0, 0, P, (3, 4, 5), drafts=2))
+    (out,) = [o for o in drain(s0) if o.pos == P]
+    assert isinstance(out, Activations) and out.hidden.shape[0] == 3 and s0.stats.head_evals == evals
+
+
 @pytest.mark.parametrize("drafts", [1, -1])
 def test_a_request_that_is_all_drafts_raises(model_dir, drafts):
     (stage,) = stages(model_dir, [(0, 6)])

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adadecode.runtime.context_lookup import MAX_MATCH
+from adadecode.runtime.context_lookup import MAX_DRAFT, MAX_MATCH
 from adadecode.runtime.params import DEVICE_PATTERN, BatchingMode, EarlyExitMode
 
 
@@ -212,9 +212,10 @@ class DecodingConfig:
                 "decoding.lookup", self.lookup, f"an integer from 0 (off) to {MAX_MATCH}, the longest match looked up",
                 "set e.g. `--decoding.lookup=3` (a match of 3 tokens or more)",
             )
-        if self.draft < -1:
+        if not -1 <= self.draft <= MAX_DRAFT:
             raise _invalid(
-                "decoding.draft", self.draft, "an integer >= 0 (0: no drafts), or -1 (chosen for the setting)",
+                "decoding.draft", self.draft,
+                f"an integer from 0 (no drafts) to {MAX_DRAFT}, or -1 (chosen for the setting)",
                 "set e.g. `--decoding.draft=3`",
             )
         for t in self.thresholds:

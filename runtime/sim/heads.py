@@ -95,7 +95,7 @@ def plan_heads(spec: LoadSpec, resolved: ResolvedModel, config, ranges: list[tup
     is nothing to choose (early exit off, heads given explicitly, or heads without a calibration).
     A choice of no head loads none (``heads=None``): early exit runs as off. ``ranks``: one rank
     per stage; False: the stages run one after another in one process."""
-    if spec.auto_heads_for in (None, "off") or spec.exit_layers or spec.thresholds:
+    if not spec.chooses_heads:
         return spec, None
     path = resolve_heads(spec.heads, resolved)
     if path is None:
