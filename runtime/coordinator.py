@@ -158,7 +158,7 @@ class Coordinator:
         self.lookup = lookup
         if not 0 <= draft <= MAX_DRAFT:
             raise ValueError(f"draft is a number of tokens from 0 (none) to {MAX_DRAFT}, not {draft}")
-        self.draft = draft if lookup else 0
+        self.draft = draft  # a sequence gets drafts only with the lookup on (gets_drafts)
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
 

@@ -50,8 +50,7 @@ def serve_requests(frontend: Frontend, engine: Engine, cfg: RunConfig) -> int:
     from adadecode.runtime.transport.errors import TransportError
 
     s, d = cfg.serve, cfg.decoding
-    heads_loaded = any(st.heads is not None for st in engine.stages)
-    if d.early_exit != "off" and not engine.early_exit_off_here and not heads_loaded and not engine.draft:
+    if d.early_exit != "off" and not engine.early_exit_off_here and not engine.starts_early(None):  # greedy default
         raise ValueError(
             f"decoding.early_exit = {d.early_exit!r} is every request's default, but no exit heads are loaded "
             "and no lookup drafts run here; set decoding.heads (`adadecode train-heads`), decoding.draft, "
