@@ -62,6 +62,10 @@ Exit heads for a model (self-distillation; see launcher/train_heads.py):
 
     adadecode train-heads --model ~/models/Qwen2.5-0.5B-Instruct --out heads/qwen --threads 2
 
+A draft table for a model (its own greedy answers; see launcher/draft_table.py):
+
+    adadecode build-draft-table --model ~/models/Qwen2.5-0.5B-Instruct --out tables/qwen.safetensors
+
 Every config key is a flag `--section.key=value` (see `adadecode generate --help`);
 precedence is CLI > `--config FILE` > the model's generation_config.json (its EOS ids, and
 sampling where it sets do_sample; `--generation-config none` ignores it) > defaults.
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by launcher/train_heads.py (main() hands it the arguments); listed here for --help.
     sub.add_parser("train-heads", add_help=False, help="train exit heads for a model (train-heads --help)")
+    sub.add_parser("build-draft-table", add_help=False,
+                   help="the model's own answers as a table of drafts (build-draft-table --help)")
     # Parsed by launcher/simulate.py, likewise.
     sub.add_parser("simulate", add_help=False,
                    help="simulate this runtime's schedule: fit a trace, project to other hardware (simulate --help)")
@@ -350,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train_heads import main as train_heads
 
         return train_heads(argv[1:])
+    if argv[:1] == ["build-draft-table"]:  # likewise
+        from .draft_table import main as build_draft_table
+
+        return build_draft_table(argv[1:])
     if argv[:1] == ["simulate"]:  # its own flags, no model to load
         from .simulate import main as simulate
 

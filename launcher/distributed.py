@@ -176,7 +176,7 @@ def run_rank(
                 return 0
             engine = PipelineEngine(resolved, config, runner, m.max_seq_len, max_inflight=loaded.max_inflight,
                                     heads_choice=loaded.heads_choice, generation_config=m.generation_config,
-                                    lookup=loaded.lookup, draft=loaded.draft)
+                                    lookup=loaded.lookup, draft=loaded.draft, table=loaded.table)
             code = use_engine(engine)
             runner.close()
             return code

@@ -21,17 +21,24 @@ and rolled back at will) are searched directly on each guess.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .draft_table import DraftTable
 
 MAX_MATCH = 4  # the longest suffix looked up; longer matches change the guess rarely (docs/results.md)
 MAX_DRAFT = 8  # drafts per request (coordinator.py): past 3 a chunk outgrows what one CPU call streams for free
 
 
 class ContextLookup:
-    def __init__(self, min_len: int, max_len: int = MAX_MATCH):
+    def __init__(self, min_len: int, max_len: int = MAX_MATCH, table: DraftTable | None = None):
+        """``table``: where the sequence has no match, the model's own answers to other prompts
+        are looked up instead (runtime/draft_table.py)."""
         if not 1 <= min_len:
             raise ValueError(f"context lookup needs a match of at least 1 token, not {min_len}")
         self.min_len = min_len
         self.max_len = max(max_len, min_len)
+        self.table = table
         self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> the end of its latest occurrence
         self._indexed = 0  # n-grams ending before this index (with a committed token after them) are in
 
@@ -64,6 +71,8 @@ class ContextLookup:
             j = self._last_end.get(key)
             if j is not None:
                 return committed[j + 1], k
+        if self.table is not None:
+            return self.table.match(history)
         return None, 0
 
 

@@ -29,7 +29,9 @@ answers with commands.
   layer's predictions of the same pass verify them one by one; the first that disagrees rolls
   back like a wrong early token. A chunk of a few decode rows costs about one row where they
   share one call (compiled on the CPU; docs/results.md), so a right draft is a token for
-  nothing. Nothing starts early on top of drafts.
+  nothing. Nothing starts early on top of drafts. With a ``table``, where the sequence itself
+  has no match, the model's own answers to other prompts give the drafts
+  (runtime/draft_table.py).
 - Verification is an exact match in every decoding mode. Greedy and seeded
   sampling: the final layer's token is the truth. Speculative sampling: the
   last stage has already applied the ``min(1, p/q)`` test to the head's draw
@@ -50,6 +52,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .context_lookup import MAX_DRAFT, MAX_MATCH, ContextLookup
 from .events import (
@@ -69,6 +72,9 @@ from .events import (
 from .params import check_early_exit
 from .sampling import SamplingParams
 from .stopping import StopChecker, StopCriteria
+
+if TYPE_CHECKING:
+    from .draft_table import DraftTable
 
 DRAFTED = 0  # the "layer" of a draft in ``Sequence.inflight_from``: it entered with its request
 
@@ -133,7 +139,7 @@ class Sequence:
 
 class Coordinator:
     def __init__(self, max_inflight: int = 0, early_exit_below: int | None = None, lookup: int = 0,
-                 draft: int = 0):
+                 draft: int = 0, table: DraftTable | None = None):
         """``max_inflight``: cap on unverified early tokens per sequence (0: heads never start a token).
 
         ``lookup``: the shortest match of a greedy sequence's last tokens earlier in it whose
@@ -142,6 +148,8 @@ class Coordinator:
         after its token (``StepRequest.drafts``); 0: none. Drafts take a match of any length (1 token
         or more, as prompt lookup decoding does): where they pay, a wrong one costs little. Nothing
         starts early after drafts, so with them a head's guess is only ever made without a match.
+        ``table``: with drafts, where a sequence has no match, its drafts come from this table of the
+        model's own answers (runtime/draft_table.py).
 
         ``early_exit_below`` (serving): heads (and drafts) are used only while fewer sequences than
         this are running; at or above it each new item goes without them (early exit off for that
@@ -159,6 +167,7 @@ class Coordinator:
         if not 0 <= draft <= MAX_DRAFT:
             raise ValueError(f"draft is a number of tokens from 0 (none) to {MAX_DRAFT}, not {draft}")
         self.draft = draft  # a sequence gets drafts only with the lookup on (gets_drafts)
+        self.table = table
         self.sequences: dict[int, Sequence] = {}
         self._actions: deque[Command] = deque()
 
@@ -190,7 +199,7 @@ class Coordinator:
         draft = self.draft if early_exit != "off" and gets_drafts(self.draft, self.lookup, sampling) else 0
         lookup = None
         if (max_inflight or draft) and gets_guesses(self.lookup, sampling):
-            lookup = ContextLookup(1 if draft else self.lookup)
+            lookup = ContextLookup(1, table=self.table) if draft else ContextLookup(self.lookup)
         s = self.sequences[seq] = Sequence(
             seq, len(prompt), list(prompt), criteria, early_exit=early_exit, sampling=sampling,
             max_inflight=max_inflight, draft=draft, lookup=lookup,

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from .coordinator import Coordinator, gets_drafts, gets_guesses
 from .detokenize import TextStream
 from .device import check_placement
+from .draft_table import DraftTable
 from .generation_config import GenerationDefaults, read_generation_config
 from .hf_adapter import ModelArgs
-from .loading import LoadedStage, LoadSpec, build_stage, prepare
+from .loading import LoadedStage, LoadSpec, build_stage, prepare, resolve_draft_table
 from .model_source import ResolvedModel
 from .params import EARLY_EXIT_MODES, SamplingParams, check_request
 from .run_stats import GenerationStats, RunTotals
@@ -65,6 +66,7 @@ class Engine:
     def __init__(
         self, resolved: ResolvedModel, config, tokenizer, runner, max_seq_len: int, max_inflight: int = 2,
         heads_choice=None, generation_config: str = "auto", lookup: int = 0, draft: int = 0,
+        table: DraftTable | None = None,
     ):
         self.resolved = resolved
         self.config = config
@@ -81,6 +83,7 @@ class Engine:
         self.max_inflight = max_inflight
         self.lookup = lookup  # the context lookup's shortest match (runtime/context_lookup.py); 0: off
         self.draft = draft  # the most lookup drafts a greedy decode request carries (coordinator.py); 0: none
+        self.table = table  # where the sequence has no match, drafts from the model's own answers (draft_table.py)
         # The heads chosen for this setting (runtime/sim/heads.py), or None: the config's / manifest's.
         # A choice of none means no head pays here, and early exit runs as off.
         self.heads_choice = heads_choice
@@ -109,7 +112,7 @@ class Engine:
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
                    spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config,
-                   lookup=spec.lookup, draft=spec.draft)
+                   lookup=spec.lookup, draft=spec.draft, table=resolve_draft_table(spec, resolved, config))
 
     @property
     def heads_loaded(self) -> bool:
@@ -212,7 +215,7 @@ class Engine:
             ignore_eos=ignore_eos,
         )
         seq = self._next_seq
-        coord = Coordinator(max_inflight=self.max_inflight, lookup=self.lookup, draft=self.draft)
+        coord = Coordinator(max_inflight=self.max_inflight, lookup=self.lookup, draft=self.draft, table=self.table)
         coord.add_sequence(seq, ids, criteria, early_exit=early_exit, sampling=sampling)
         self._next_seq += 1  # only ids that reach the stages: gapless ids keep their finished sets small
 
@@ -330,6 +333,8 @@ def load_rank(
     loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
     loaded.heads_choice, loaded.max_inflight, loaded.lookup = choice, spec.max_inflight, spec.lookup
     loaded.draft = spec.draft
+    if rank == 0:  # the Coordinator's
+        loaded.table = resolve_draft_table(spec, resolved, config)
     return resolved, config, ranges, loaded
 
 
@@ -367,9 +372,10 @@ class PipelineEngine(Engine):
     """
 
     def __init__(self, resolved: ResolvedModel, config, runner, max_seq_len: int, max_inflight: int = 2,
-                 heads_choice=None, generation_config: str = "auto", lookup: int = 0, draft: int = 0):
+                 heads_choice=None, generation_config: str = "auto", lookup: int = 0, draft: int = 0,
+                 table: DraftTable | None = None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         super().__init__(resolved, config, tokenizer, runner, max_seq_len, max_inflight, heads_choice,
-                         generation_config, lookup, draft)
+                         generation_config, lookup, draft, table)

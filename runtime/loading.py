@@ -61,6 +61,9 @@ class LoadSpec:
     # with lookup, the most drafts a greedy decode request carries (coordinator.py); 0: none; -1: auto,
     # DEFAULT_DRAFT where a chunk's decode rows share one call (``shared_merges``), else none (``drafts``)
     draft: int = -1
+    # where drafts run: the table of the model's own answers they fall back on (runtime/draft_table.py):
+    # a .safetensors file, "auto" (the bundled model's), or None
+    draft_table: str | None = "auto"
     num_slots: int = 1  # sequences a stage can hold at once (one KV cache slot each)
     batching: str = "exact"  # serve.batching: exact, fused, auto (``exact_batches``)
     row_invariant: str = "auto"  # merged rows get the bits they get alone: auto, on, off (runtime/row_invariant.py)
@@ -139,6 +142,7 @@ class LoadedStage:
     max_inflight: int = 2  # as planned with the heads (the Coordinator's)
     lookup: int = 0  # the context lookup the heads were planned with (the Coordinator's)
     draft: int = 0  # the Coordinator's drafts per request
+    table: object = None  # rank 0: the Coordinator's draft table (runtime/draft_table.py), or None
 
 
 def prepare(spec: LoadSpec) -> tuple[ResolvedModel, object, list[tuple[int, int]]]:
@@ -272,6 +276,27 @@ def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | N
             "`adadecode train-heads --out DIR` wrote, or use `auto` / `none`"
         )
     return path
+
+
+def resolve_draft_table(spec: LoadSpec, resolved: ResolvedModel, config):
+    """The draft table for ``spec`` (its ``draft`` resolved: ``_plan``), or None where no drafts run or
+    none is named; ``auto`` is the table shipped for the bundled model."""
+    name = spec.draft_table
+    if not spec.draft or name is None or str(name) in ("", "none"):
+        return None
+    from .draft_table import bundled_table_path, load_draft_table
+
+    if str(name) == "auto":
+        if not resolved.origin.startswith("bundled:"):
+            return None
+        path = bundled_table_path(resolved.origin.split(":", 1)[1])
+        if not path.exists():
+            return None
+    else:
+        path = Path(name).expanduser()
+    table = load_draft_table(path, fingerprint=resolved.fingerprint, vocab_size=config.vocab_size)
+    log.info("draft table %s: %d n-grams", path, len(table))
+    return table
 
 
 def _thresholds_for(layers: Sequence[int], thresholds: Sequence[float], mine: Sequence[int]):

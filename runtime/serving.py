@@ -230,7 +230,8 @@ class ServingLoop:
     def _serve(self) -> None:
         while self._running:
             self._coord = Coordinator(max_inflight=self.engine.max_inflight, early_exit_below=self.early_exit_below,
-                                      lookup=self.engine.lookup, draft=self.engine.draft)
+                                      lookup=self.engine.lookup, draft=self.engine.draft,
+                                      table=self.engine.table)
             try:
                 self.engine.runner.run(self._coord, on_verified=self._on_verified, feed=self)
             except BaseException as exc:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from adadecode.launcher.bench import first_divergence, hf_generate
 from adadecode.runtime import coordinator as coordinator_module
+from adadecode.runtime.draft_table import bundled_table_path, load_draft_table
 from adadecode.runtime.engine import Engine
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.prompts import select_prompts
@@ -148,11 +149,17 @@ class DraftingCoordinator(coordinator_module.Coordinator):
         return action
 
 
-def drafting(engine: Engine, lookup: int = 1, draft: int = 3):
-    """``engine`` with the lookup's drafts (restored by the caller: ``engine.lookup, engine.draft``)."""
-    saved = engine.lookup, engine.draft
-    engine.lookup, engine.draft = lookup, draft
+def drafting(engine: Engine, lookup: int = 1, draft: int = 3, table=None):
+    """``engine`` with the lookup's drafts, and ``table``'s where the sequence has no match
+    (restored by the caller: ``engine.lookup, engine.draft, engine.table``)."""
+    saved = engine.lookup, engine.draft, engine.table
+    engine.lookup, engine.draft, engine.table = lookup, draft, table
     return saved
+
+
+def bundled_table(engine: Engine):
+    return load_draft_table(bundled_table_path(), fingerprint=engine.resolved.fingerprint,
+                            vocab_size=engine.args.vocab_size)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -160,14 +167,17 @@ def drafting(engine: Engine, lookup: int = 1, draft: int = 3):
 def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
     """Decode requests carry the lookup's drafts (coordinator.py), verified by the final layer in
     the same pass. With 1-token matches many are wrong and roll back; with heads at every
-    boundary the guess after the drafts exits there too, and without heads the drafts run alone.
+    boundary the guess after the drafts exits there too; without heads the drafts run alone, and
+    the bundled draft table drafts where the sequence has no match.
     For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = engines[stages]
     saved = drafting(engine)
     emitted = accepted = rollbacks = 0
     try:
-        for heads in (untrained_heads(engine, boundary_layers(engine), threshold=0.99), None):
+        for heads, table in ((untrained_heads(engine, boundary_layers(engine), threshold=0.99), None),
+                             (None, bundled_table(engine))):
             with_heads(engine, heads)
+            engine.table = table
             for ids, ref in cases:
                 for n in (MAX_NEW_TOKENS, 3):  # and a length stop with drafts in flight
                     res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
@@ -177,7 +187,7 @@ def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
                     accepted += res.stats["lookup_accepted"]
                     rollbacks += res.stats["rollbacks"]
     finally:
-        engine.lookup, engine.draft = saved
+        engine.lookup, engine.draft, engine.table = saved
     assert accepted > 10 and rollbacks >= 3  # the premise: drafts went out, right and wrong
 
 
@@ -210,7 +220,7 @@ def test_eos_drafted_stops_only_once_verified(engines, monkeypatch, stages):
                 right, wrong = right + (token == ref[j]), wrong + (token != ref[j])
     finally:
         engine.eos_token_ids = eos
-        engine.lookup, engine.draft = saved
+        engine.lookup, engine.draft, engine.table = saved
     assert right >= 1 and wrong >= 1, f"found {right} right and {wrong} wrong drafted EOS cases"
 
 
@@ -319,4 +329,4 @@ def test_early_exit_without_heads_is_refused(engines):
         sampled = engine.generate("Hi", max_new_tokens=2, early_exit="eager", temperature=0.7, seed=1)
         assert sampled.stats["early_exit"] == "off"
     finally:
-        engine.lookup, engine.draft = saved
+        engine.lookup, engine.draft, engine.table = saved

@@ -328,7 +328,7 @@ def load_spec(cfg: RunConfig, *, serving: bool = False):
         m.source, stages=p.stages, split_points=p.split_points, device=m.device, dtype=m.dtype,
         max_seq_len=m.max_seq_len, cache_dir=m.cache_dir or None, revision=m.revision or None, heads=d.heads,
         exit_layers=d.exit_layers, thresholds=d.thresholds, compile=p.compile, max_inflight=d.max_inflight,
-        lookup=d.lookup, draft=d.draft,
+        lookup=d.lookup, draft=d.draft, draft_table=None if d.draft_table == "none" else d.draft_table,
         row_invariant=p.row_invariant, compile_warmup=p.compile_warmup,
         auto_heads_for=d.early_exit if d.auto_heads else None,
         num_slots=cfg.serve.max_num_seqs if serving else 1, batching=cfg.serve.batching,

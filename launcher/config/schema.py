@@ -189,6 +189,10 @@ class DecodingConfig:
     in the same pass (greedy with early exit on); 0: none; -1: 3 where a chunk of decode rows costs about
     one row (compiled on the CPU, or row_invariant off), else none."""
 
+    draft_table: str = "auto"
+    """Where drafts run and the sequence has no match: a table of the model's own answers that drafts
+    (`adadecode build-draft-table`, a .safetensors file); auto: the table shipped for the bundled model; none."""
+
     stop: list[str] = field(default_factory=list)
     """Stop strings: generation ends once the verified text contains any of them."""
 
@@ -217,6 +221,12 @@ class DecodingConfig:
                 "decoding.draft", self.draft,
                 f"an integer from 0 (no drafts) to {MAX_DRAFT}, or -1 (chosen for the setting)",
                 "set e.g. `--decoding.draft=3`",
+            )
+        if self.draft_table not in ("auto", "none") and not self.draft_table.endswith(".safetensors"):
+            raise _invalid(
+                "decoding.draft_table", self.draft_table,
+                "auto, none, or the .safetensors file `adadecode build-draft-table --out FILE` wrote",
+                "set e.g. `--decoding.draft_table=none`",
             )
         for t in self.thresholds:
             if not 0.0 <= t < 1.0:
