@@ -193,7 +193,8 @@ def run_bench(args, cfg: RunConfig, plan: BenchPlan, engine: Engine) -> int:
             keys = ["stage_busy_fraction", "stage_merged", "stage_idle_backfills"]
             if name != "off":
                 keys += ["exit_rate_per_head", "precision_per_head", "acceptance_rate", "lookup_rate",
-                         "lookup_acceptance", "draft_rate", "rollbacks", "discarded_fraction"]
+                         "lookup_acceptance", "draft_rate", "table_rate", "table_acceptance", "rollbacks",
+                         "discarded_fraction"]
             row.update({k: summary[k] for k in keys})
         if t.divergences:
             row["divergences"] = t.divergences

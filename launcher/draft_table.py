@@ -2,14 +2,14 @@
 
 The table shipped for the bundled model (its exact command is in the file's metadata):
 
-    taskset -c 0,1 adadecode build-draft-table --threads 2 \\
+    taskset -c 1 adadecode build-draft-table --threads 1 \\
         --out runtime/assets/draft_tables/smollm2-135m-instruct/draft_table.safetensors
 
 Another model, then decoding with its table:
 
     adadecode build-draft-table --model ~/models/Qwen2.5-0.5B-Instruct --out tables/qwen.safetensors
     adadecode generate --model ~/models/Qwen2.5-0.5B-Instruct --decoding.draft_table=tables/qwen.safetensors \\
-        --early-exit eager --prompt "..."
+        --decoding.draft=3 --early-exit eager --prompt "..."   # drafts: default only where compiled on the CPU
 
 Data: `--prompts` minus every `--val-every`-th prompt (the exit heads' validation prompts);
 data/prompts/heldout.jsonl and validation_mix.jsonl are never built on (data/prompts/README.md).

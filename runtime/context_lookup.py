@@ -39,6 +39,7 @@ class ContextLookup:
         self.min_len = min_len
         self.max_len = max(max_len, min_len)
         self.table = table
+        self.from_table = False  # whether the latest ``match`` came from the table
         self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> the end of its latest occurrence
         self._indexed = 0  # n-grams ending before this index (with a committed token after them) are in
 
@@ -56,7 +57,9 @@ class ContextLookup:
         return self.match(committed, tail)[0]
 
     def match(self, committed: Sequence[int], tail: Sequence[int] = ()) -> tuple[int | None, int]:
-        """``guess`` and the length of the match it continues (0: none)."""
+        """``guess`` and the length of the match it continues (0: none); ``from_table`` says whether
+        the table gave it."""
+        self.from_table = False
         self._extend(committed)
         n = len(committed)
         history = list(committed[-(self.max_len + 1) :]) + list(tail)  # enough for the tail's own matches
@@ -72,7 +75,9 @@ class ContextLookup:
             if j is not None:
                 return committed[j + 1], k
         if self.table is not None:
-            return self.table.match(history)
+            guess, k = self.table.match(history)
+            self.from_table = guess is not None
+            return guess, k
         return None, 0
 
 

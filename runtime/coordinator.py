@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from .draft_table import DraftTable
 
 DRAFTED = 0  # the "layer" of a draft in ``Sequence.inflight_from``: it entered with its request
+TABLED = -1  # the same for a draft from the draft table (runtime/draft_table.py)
 
 
 class SeqState(enum.Enum):
@@ -107,6 +108,8 @@ class SeqStats:
     lookup_emitted: int = 0  # of early_emitted: the context's guesses (runtime/context_lookup.py)
     lookup_accepted: int = 0  # of accepted: the context's guesses
     drafted: int = 0  # of lookup_emitted: drafts, sent with a request rather than at a head
+    table_drafted: int = 0  # of drafted: the draft table's (runtime/draft_table.py)
+    table_accepted: int = 0  # of lookup_accepted: the draft table's
 
 
 @dataclass
@@ -282,6 +285,7 @@ class Coordinator:
             if s.inflight.pop(0) == ev.token:
                 s.stats.accepted += 1
                 s.stats.lookup_accepted += guessed
+                s.stats.table_accepted += layer == TABLED
                 if not guessed:  # the per-head counts are the heads' own
                     _count(s.stats.accepted_by_layer, layer)
             else:
@@ -303,7 +307,7 @@ class Coordinator:
         pos = len(s.tokens) + len(s.inflight)
         if ev.pos != pos or len(s.inflight) >= s.max_inflight:
             return  # not the next free position, or too much unverified work: ignore
-        if s.inflight_from and s.inflight_from[-1][0] == DRAFTED:
+        if s.inflight_from and s.inflight_from[-1][0] <= DRAFTED:
             return  # it stands on drafts, which are right far less often than a head: ignore
         if not _room(s):
             return  # past the length limit: the token could never be output
@@ -328,13 +332,16 @@ class Coordinator:
         while guess is not None and pos > 0 and len(drafts) < s.draft and _room(s):
             drafts.append(guess)
             s.inflight.append(guess)
-            s.inflight_from.append((DRAFTED, True))
+            s.inflight_from.append((TABLED if s.lookup.from_table else DRAFTED, True))
+            s.stats.table_drafted += s.lookup.from_table
             guess, length = s.lookup.match(s.tokens, s.inflight)
         s.stats.early_emitted += len(drafts)
         s.stats.lookup_emitted += len(drafts)
         s.stats.drafted += len(drafts)
-        # nothing early after drafts; a head's guess needs a match of at least ``lookup`` tokens
-        guess = -1 if guess is None or drafts or length < self.lookup or not s.max_inflight else guess
+        # nothing early after drafts; a head's guess needs a match of at least ``lookup`` tokens in the
+        # sequence itself (the table's matches were never measured as guesses)
+        if guess is None or drafts or length < self.lookup or not s.max_inflight or s.lookup.from_table:
+            guess = -1
         return StepRequest(s.seq, s.epoch, pos, tokens + tuple(drafts), mode, s.sampling, guess, len(drafts))
 
     def _mode(self, s: Sequence) -> str | None:

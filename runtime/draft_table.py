@@ -17,6 +17,7 @@ stored as one safetensors file whose metadata names the model it was built for.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from . import atomic_io
 FORMAT = "adadecode-draft-table"
 FORMAT_VERSION = "1"
 TABLE_FILE = "draft_table.safetensors"
-MAX_LEN = 4  # the longest n-gram kept: longer ones change the continuation rarely (docs/results.md)
+MAX_LEN = 4  # the longest n-gram kept: 6 drafted no better (docs/results.md, The draft table)
 
 
 class DraftTable:
@@ -69,6 +70,7 @@ class DraftTable:
 
     def save(self, path: str | Path) -> Path:
         """Write the table to ``path`` (a ``.safetensors`` file), atomically (runtime/atomic_io.py)."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -84,7 +86,7 @@ class DraftTable:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_io.replacing(path, mode=0o644) as tmp:
                 save_file({"keys": keys, "tokens": tokens}, str(tmp), metadata=meta)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports its I/O failures as SafetensorError
             raise ValueError(f"cannot write the draft table {path} ({e}); free space or fix permissions there, "
                              f"or choose another --out") from e
         return path
@@ -99,6 +101,18 @@ def _backoff(best: dict[tuple[int, ...], int], key: tuple[int, ...]) -> int | No
     return None
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that could not be written before the answers are generated (minutes)."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: a draft table is one .safetensors file; name it e.g. {TABLE_FILE}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create {out.parent} ({e.strerror}); choose another --out") from e
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable here; fix permissions or choose another --out")
+
+
 def bundled_table_path(name: str = "smollm2-135m-instruct") -> Path:
     return Path(__file__).parent / "assets" / "draft_tables" / name / TABLE_FILE
 
@@ -111,7 +125,8 @@ def load_draft_table(path: str | Path, *, fingerprint: str, vocab_size: int) -> 
     path = Path(path)
     rebuild = f"build one with `adadecode build-draft-table --model SOURCE --out {path}`"
     if not path.is_file():
-        raise ValueError(f"draft table {path} does not exist; {rebuild}, or set decoding.draft_table=none")
+        what = "is a directory, not a .safetensors file" if path.is_dir() else "does not exist"
+        raise ValueError(f"draft table {path} {what}; {rebuild}, or set decoding.draft_table=none")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -121,14 +136,25 @@ def load_draft_table(path: str | Path, *, fingerprint: str, vocab_size: int) -> 
             keys, tokens = f.get_tensor("keys"), f.get_tensor("tokens")
     except (SafetensorError, OSError, KeyError) as e:
         raise ValueError(f"draft table {path} cannot be read ({e}); {rebuild}") from e
-    meta = {k: v if k in ("format", "format_version") else json.loads(v) for k, v in meta.items()}
-    base = meta.get("base_model") or {}
+    try:
+        meta = {k: v if k in ("format", "format_version") else json.loads(v) for k, v in meta.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"draft table {path}: its metadata is damaged ({e}); {rebuild}") from e
+    base = meta.get("base_model")
+    if not isinstance(base, dict):
+        raise ValueError(f"draft table {path} names no base model; {rebuild}")
     if base.get("fingerprint") != fingerprint:
         raise ValueError(
             f"draft table {path} was built for another model ({base.get('origin')}, fingerprint "
             f"{base.get('fingerprint')}); the loaded model has fingerprint {fingerprint}. {rebuild[0].upper()}"
             f"{rebuild[1:]} for this model, or set decoding.draft_table=none")
-    max_len = int(meta.get("max_len", 0))
+    max_len = meta.get("max_len")
+    if not isinstance(max_len, int) or not 1 <= max_len <= MAX_LEN:
+        raise ValueError(f"draft table {path}: n-grams of up to {max_len} tokens; this runtime looks up 1 to "
+                         f"{MAX_LEN}; {rebuild}")
+    if keys.dtype != torch.int32 or tokens.dtype != torch.int32:
+        raise ValueError(f"draft table {path}: keys and tokens must be int32 token ids, not {keys.dtype} and "
+                         f"{tokens.dtype}; {rebuild}")
     if keys.dim() != 2 or keys.shape[1] != max_len or tokens.shape != keys.shape[:1]:
         raise ValueError(f"draft table {path}: keys of shape {tuple(keys.shape)} and tokens of shape "
                          f"{tuple(tokens.shape)} do not fit n-grams of up to {max_len} tokens; {rebuild}")
@@ -178,8 +204,7 @@ def build_draft_table(
     if not 2 <= val_every:
         raise ValueError(f"--val-every {val_every}: expected at least 2 (every N-th prompt is left out)")
     train = split_prompts(texts, val_every)[0]
-    if not str(out).endswith(".safetensors"):
-        raise ValueError(f"--out {out}: a draft table is one .safetensors file; name it e.g. {TABLE_FILE}")
+    _check_out(Path(out))
     dev, dt = check_placement(device, dtype, "inprocess")
     if threads > 0:
         torch.set_num_threads(threads)
@@ -189,6 +214,9 @@ def build_draft_table(
     if not resolved.has_tokenizer:
         raise ValueError(f"{resolved.path} has no tokenizer files; build-draft-table needs one to encode the prompts")
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    if not getattr(tokenizer, "chat_template", None) and (template != "raw" or any(isinstance(p, list) for p in train)):
+        raise ValueError(f"the tokenizer of {resolved.origin} has no chat template: give --template raw, and "
+                         f"prompts without chat messages")
     base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
     ids = []
     for p in train:  # messages take the template; a text prompt as ``template`` says

@@ -108,11 +108,12 @@ class Engine:
         device, dtype = check_placement(spec.device, spec.dtype, "inprocess")
         resolved, config, ranges = prepare(spec)
         spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=False)
+        table = resolve_draft_table(spec, resolved, config)  # before the weights: a bad table fails fast
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         built = [build_stage(spec, resolved, config, ranges, i, device=device, dtype=dtype) for i in range(len(ranges))]
         return cls(resolved, config, tokenizer, LocalRunner([b.stage for b in built]), spec.max_seq_len,
                    spec.max_inflight, heads_choice=choice, generation_config=spec.generation_config,
-                   lookup=spec.lookup, draft=spec.draft, table=resolve_draft_table(spec, resolved, config))
+                   lookup=spec.lookup, draft=spec.draft, table=table)
 
     @property
     def heads_loaded(self) -> bool:
@@ -265,7 +266,8 @@ class Engine:
         derived = totals.summary()
         stats |= {k: derived[k] for k in (
             "exit_rate_per_head", "precision_per_head", "acceptance_rate", "lookup_rate", "lookup_acceptance",
-            "draft_rate", "discarded_fraction", "stage_merged", "stage_idle_backfills",
+            "draft_rate", "table_rate", "table_acceptance", "discarded_fraction", "stage_merged",
+            "stage_idle_backfills",
         )}
         return GenerationResult(
             prompt_tokens=len(ids),
@@ -330,11 +332,10 @@ def load_rank(
     )
     resolved, config, ranges = prepare(spec)
     spec, choice = _plan(spec, resolved, config, ranges, device, dtype, ranks=True)
+    table = resolve_draft_table(spec, resolved, config) if rank == 0 else None  # the Coordinator's; fails fast
     loaded = build_stage(spec, resolved, config, ranges, rank, device=device, dtype=dtype)
     loaded.heads_choice, loaded.max_inflight, loaded.lookup = choice, spec.max_inflight, spec.lookup
-    loaded.draft = spec.draft
-    if rank == 0:  # the Coordinator's
-        loaded.table = resolve_draft_table(spec, resolved, config)
+    loaded.draft, loaded.table = spec.draft, table
     return resolved, config, ranges, loaded
 
 

@@ -282,7 +282,12 @@ def resolve_draft_table(spec: LoadSpec, resolved: ResolvedModel, config):
     """The draft table for ``spec`` (its ``draft`` resolved: ``_plan``), or None where no drafts run or
     none is named; ``auto`` is the table shipped for the bundled model."""
     name = spec.draft_table
-    if not spec.draft or name is None or str(name) in ("", "none"):
+    if name is None or str(name) in ("", "none"):
+        return None
+    if not spec.draft:
+        if str(name) != "auto":
+            log.warning("decoding.draft_table=%s is not used: no drafts run here (decoding.draft resolves to 0 "
+                        "on this device and path); set e.g. --decoding.draft=3 to draft", name)
         return None
     from .draft_table import bundled_table_path, load_draft_table
 

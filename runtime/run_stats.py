@@ -51,6 +51,8 @@ class GenerationStats:
     lookup_emitted: int = 0  # of early_emitted: the context lookup's guesses
     lookup_accepted: int = 0  # of accepted: the context lookup's guesses
     drafted: int = 0  # of lookup_emitted: drafts, sent with their request (coordinator.py)
+    table_drafted: int = 0  # of drafted: the draft table's (runtime/draft_table.py)
+    table_accepted: int = 0  # of lookup_accepted: the draft table's
     stage_stats: list[StageStats] = field(default_factory=list)
 
     @classmethod
@@ -65,6 +67,8 @@ class GenerationStats:
             out.lookup_emitted += s.lookup_emitted
             out.lookup_accepted += s.lookup_accepted
             out.drafted += s.drafted
+            out.table_drafted += s.table_drafted
+            out.table_accepted += s.table_accepted
             out.early_by_layer = add_by_layer(out.early_by_layer, s.early_by_layer)
             out.accepted_by_layer = add_by_layer(out.accepted_by_layer, s.accepted_by_layer)
             out.rejected_by_layer = add_by_layer(out.rejected_by_layer, s.rejected_by_layer)
@@ -83,6 +87,8 @@ class GenerationStats:
             lookup_emitted=self.lookup_emitted + other.lookup_emitted,
             lookup_accepted=self.lookup_accepted + other.lookup_accepted,
             drafted=self.drafted + other.drafted,
+            table_drafted=self.table_drafted + other.table_drafted,
+            table_accepted=self.table_accepted + other.table_accepted,
             stage_stats=_per_stage(self.stage_stats, other.stage_stats, StageStats()),
         )
 
@@ -143,6 +149,8 @@ class RunTotals:
             "lookup_rate": round(c.lookup_emitted / self.tokens, 4) if self.tokens else 0.0,
             "lookup_acceptance": round(c.lookup_accepted / c.lookup_emitted, 4) if c.lookup_emitted else None,
             "draft_rate": round(c.drafted / self.tokens, 4) if self.tokens else 0.0,
+            "table_rate": round(c.table_drafted / self.tokens, 4) if self.tokens else 0.0,
+            "table_acceptance": round(c.table_accepted / c.table_drafted, 4) if c.table_drafted else None,
             "rollbacks": c.rollbacks,
             "discarded_fraction": round(discarded / computed, 4) if computed else 0.0,
             "stage_busy_fraction": [round(f, 4) for f in self.stage_busy_fraction],
@@ -162,6 +170,8 @@ def summary_lines(summary: dict, stages: list[tuple[int, int]]) -> list[str]:
         if s["lookup_acceptance"] is not None:
             lines.append(f"  context lookup: {s['lookup_rate']:.3f} guesses and drafts a token "
                          f"({s['draft_rate']:.3f} drafts), acceptance {s['lookup_acceptance']:.3f}")
+        if s["table_acceptance"] is not None:
+            lines.append(f"  draft table: {s['table_rate']:.3f} drafts a token, acceptance {s['table_acceptance']:.3f}")
         for l, rate in s["exit_rate_per_head"].items():
             p = s["precision_per_head"][l]
             lines.append(f"  head at layer {l}: exit rate {rate:.3f}, precision {'-' if p is None else f'{p:.3f}'}")

@@ -172,7 +172,7 @@ def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
     For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = engines[stages]
     saved = drafting(engine)
-    emitted = accepted = rollbacks = 0
+    emitted = accepted = rollbacks = tabled = table_right = 0
     try:
         for heads, table in ((untrained_heads(engine, boundary_layers(engine), threshold=0.99), None),
                              (None, bundled_table(engine))):
@@ -186,9 +186,12 @@ def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
                     emitted += res.stats["lookup_emitted"]
                     accepted += res.stats["lookup_accepted"]
                     rollbacks += res.stats["rollbacks"]
+                    tabled += res.counters.table_drafted
+                    table_right += res.counters.table_accepted
     finally:
         engine.lookup, engine.draft, engine.table = saved
     assert accepted > 10 and rollbacks >= 3  # the premise: drafts went out, right and wrong
+    assert 0 < table_right < tabled  # and the table's, right and wrong
 
 
 @pytest.mark.parametrize("stages", [1, 3])

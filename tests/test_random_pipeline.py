@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from adadecode.runtime.coordinator import Coordinator
+from adadecode.runtime.draft_table import DraftTable
 from adadecode.runtime.events import (
     DONE,
     WAITING,
@@ -62,6 +63,7 @@ class Run:
     p_wrong: float
     lookup: int  # the Coordinator's context lookup (0: off): guesses from the sequence's own tokens
     draft: int  # with lookup, the Coordinator's drafts per decode request (0: none)
+    table: bool  # with drafts, a draft table (greedy answers and noise) where a sequence has no match
     weights: dict[tuple[str, int], float]
     sequences: dict[int, tuple[tuple[int, ...], StopCriteria, list[int]]]  # seq -> prompt, criteria, greedy
     num_layers: int = field(init=False)
@@ -74,7 +76,8 @@ class Run:
         return (
             f"run {self.seed} ({self.num_stages} stages, {self.policy}): layers {self.ranges}, heads at "
             f"{self.head_layers}, max_inflight {self.max_inflight}, early_exit_below {self.early_exit_below}, "
-            f"p_wrong {self.p_wrong}, lookup {self.lookup}, draft {self.draft}, weights {self.weights}, "
+            f"p_wrong {self.p_wrong}, lookup {self.lookup}, draft {self.draft}, table {self.table}, "
+            f"weights {self.weights}, "
             f"sequences {seqs}"
         )
 
@@ -106,6 +109,7 @@ def draw(seed: int, num_stages: int, policy: str) -> Run:
         p_wrong=rng.choice((0.0, 0.3, 0.6, 1.0)),
         lookup=random.Random(f"lookup/{num_stages}/{policy}/{seed}").choice((0, 0, 1, 2)),  # the draws above as before
         draft=random.Random(f"draft/{num_stages}/{policy}/{seed}").choice((0, 0, 1, 3)),
+        table=random.Random(f"table/{num_stages}/{policy}/{seed}").random() < 0.5,
         # how eagerly each channel delivers and each stage computes: lopsided weights make
         # the rare orders common (a late Rollback on one stage, a stage that lags, ...)
         weights={
@@ -159,6 +163,17 @@ class ReferenceCaches:
         return self._memo[tokens]
 
 
+def draft_table(run: Run) -> DraftTable | None:
+    """For ``run.table``: the sequences' own greedy answers, which the table drafts right, and random
+    ones, which it drafts wrong."""
+    if not run.table:
+        return None
+    rng = random.Random(f"table tokens/{run.num_stages}/{run.policy}/{run.seed}")
+    answers = [[*prompt, *ref] for prompt, _, ref in run.sequences.values()]
+    answers += [[rng.randrange(VOCAB) for _ in range(8)] for _ in range(4)]
+    return DraftTable.build(answers)
+
+
 def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -> Counter:
     """One run; returns counters of what it exercised. Raises AssertionError naming the run."""
     run = draw(seed, num_stages, policy)
@@ -169,7 +184,7 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
         for i, (a, b) in enumerate(run.ranges)
     ]
     coord = Coordinator(max_inflight=run.max_inflight, early_exit_below=run.early_exit_below, lookup=run.lookup,
-                        draft=run.draft)
+                        draft=run.draft, table=draft_table(run))
     control = [deque() for _ in stages]  # coordinator -> stage i
     data = [deque() for _ in stages[1:]]  # stage i -> stage i + 1
     predictions = [deque() for _ in stages]  # stage i -> coordinator
@@ -324,6 +339,8 @@ def run_pipeline(seed: int, num_stages: int, policy: str, trace: bool = False) -
         seen["accepted"] += s.stats.accepted
         seen["lookup guesses"] += s.stats.lookup_emitted - s.stats.drafted
         seen["drafts"] += s.stats.drafted
+        seen["table drafts"] += s.stats.table_drafted
+        seen["table drafts right"] += s.stats.table_accepted
         seen["early tokens rejected"] += s.stats.early_emitted - s.stats.accepted
     for stage in stages:
         seen["merged"] += stage.stats.merged
@@ -346,6 +363,7 @@ def test_random_pipelines_decode_greedy_and_keep_exact_caches(num_stages, policy
     # and its drafts (this model's greedy tokens rarely repeat, so few are right: the bundled
     # model's tests, tests/test_early_exit.py, are where right drafts abound)
     assert seen["drafts"] > RUNS // 10
+    assert 0 < seen["table drafts right"] < seen["table drafts"]  # the draft table's, right and wrong
     assert seen["heads on again"] > 0  # the load rule switched a running sequence's heads back on
     if policy == "deferred":  # merging is rarer on later stages, which wait longer for the next token
         assert seen["merged"] > RUNS // 10 and seen["idle backfills"] > RUNS
