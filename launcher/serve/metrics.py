@@ -106,9 +106,10 @@ class _LoopCollector:
             for layer, n in sorted(m[key].items()):
                 family.add_metric([str(layer)], n)
             yield family
-        yield _counter("adadecode:lookup_tokens_emitted_total", "Early tokens that were the context lookup's guesses.",
+        yield _counter("adadecode:lookup_tokens_emitted_total",
+                       "Early tokens that were the context lookup's guesses or drafts (the draft table's included).",
                        m["lookup_emitted"])
-        yield _counter("adadecode:lookup_tokens_accepted_total", "The context lookup's guesses verified.",
+        yield _counter("adadecode:lookup_tokens_accepted_total", "The context lookup's guesses and drafts verified.",
                        m["lookup_accepted"])
         busy = CounterMetricFamily("adadecode:stage_busy_seconds_total",
                                    "Seconds each stage spent computing (remote stages: as of their last report).",
