@@ -54,7 +54,9 @@ class DraftTable:
                 for k in range(1, min(max_len, j + 1) + 1):
                     counts.setdefault(tuple(seq[j - k + 1 : j + 1]), Counter())[seq[j + 1]] += 1
         best = {key: c.most_common(1)[0][0] for key, c in counts.items()}
-        kept = {key: tok for key, tok in best.items() if len(key) == 1 or _backoff(best, key) != tok}
+        # every suffix of a counted n-gram was counted too, so ``match`` without ``key``'s own entry
+        # finds ``best[key[1:]]``
+        kept = {key: tok for key, tok in best.items() if len(key) == 1 or best[key[1:]] != tok}
         return cls(kept, max_len, meta)
 
     def match(self, history: Sequence[int]) -> tuple[int | None, int]:
@@ -90,15 +92,6 @@ class DraftTable:
             raise ValueError(f"cannot write the draft table {path} ({e}); free space or fix permissions there, "
                              f"or choose another --out") from e
         return path
-
-
-def _backoff(best: dict[tuple[int, ...], int], key: tuple[int, ...]) -> int | None:
-    """What ``match`` would find for ``key`` without its own entry: its longest suffix's continuation."""
-    for k in range(len(key) - 1, 0, -1):
-        token = best.get(key[-k:])
-        if token is not None:
-            return token
-    return None
 
 
 def _check_out(out: Path) -> None:
@@ -187,10 +180,8 @@ def build_draft_table(
     server's chat API), or ``both`` (each prompt twice); chat messages always take the template."""
     import time
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .device import check_placement
-    from .head_training.collect import collect, encode, eos_ids
+    from .head_training.collect import collect, encode, load_base
     from .head_training.validation import split_prompts
     from .hf_adapter import load_hf_config
     from .model_source import resolve_model
@@ -211,21 +202,16 @@ def build_draft_table(
     t0 = time.perf_counter()
     resolved = resolve_model(model)
     config = load_hf_config(resolved.path)
-    if not resolved.has_tokenizer:
-        raise ValueError(f"{resolved.path} has no tokenizer files; build-draft-table needs one to encode the prompts")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    base, tokenizer, eos, pad = load_base(resolved, dev, dt, "build-draft-table")
     if not getattr(tokenizer, "chat_template", None) and (template != "raw" or any(isinstance(p, list) for p in train)):
         raise ValueError(f"the tokenizer of {resolved.origin} has no chat template: give --template raw, and "
                          f"prompts without chat messages")
-    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
     ids = []
     for p in train:  # messages take the template; a text prompt as ``template`` says
         if isinstance(p, list) or template in ("chat", "both"):
             ids.append(encode(tokenizer, p if isinstance(p, list) else [{"role": "user", "content": p}]))
         if not isinstance(p, list) and template in ("raw", "both"):
             ids.append(encode(tokenizer, p))
-    eos = eos_ids(base, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     items = collect(base, ids, (), max_new_tokens=max_new_tokens, batch_size=batch_size, eos=eos, pad=pad,
                     progress=progress)
     answers = [[int(t) for t in item["tokens"].tolist()] for item in items]

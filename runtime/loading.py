@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,10 +265,7 @@ def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | N
     if str(heads) == "auto":
         from .exit_heads import bundled_heads_path
 
-        if not resolved.origin.startswith("bundled:"):
-            return None
-        path = bundled_heads_path(resolved.origin.split(":", 1)[1])
-        return path if path.exists() else None
+        return _bundled(resolved, bundled_heads_path)
     path = Path(heads).expanduser()
     if not (path / "manifest.json").exists():
         raise ValueError(
@@ -276,6 +273,14 @@ def resolve_heads(heads: str | Path | None, resolved: ResolvedModel) -> Path | N
             "`adadecode train-heads --out DIR` wrote, or use `auto` / `none`"
         )
     return path
+
+
+def _bundled(resolved: ResolvedModel, path_for: Callable[[str], Path]) -> Path | None:
+    """``auto``'s asset: ``path_for(name)`` for the bundled model ``name`` where it exists, else None."""
+    if not resolved.origin.startswith("bundled:"):
+        return None
+    path = path_for(resolved.origin.split(":", 1)[1])
+    return path if path.exists() else None
 
 
 def resolve_draft_table(spec: LoadSpec, resolved: ResolvedModel, config):
@@ -291,14 +296,9 @@ def resolve_draft_table(spec: LoadSpec, resolved: ResolvedModel, config):
         return None
     from .draft_table import bundled_table_path, load_draft_table
 
-    if str(name) == "auto":
-        if not resolved.origin.startswith("bundled:"):
-            return None
-        path = bundled_table_path(resolved.origin.split(":", 1)[1])
-        if not path.exists():
-            return None
-    else:
-        path = Path(name).expanduser()
+    path = _bundled(resolved, bundled_table_path) if str(name) == "auto" else Path(name).expanduser()
+    if path is None:
+        return None
     table = load_draft_table(path, fingerprint=resolved.fingerprint, vocab_size=config.vocab_size)
     log.info("draft table %s: %d n-grams", path, len(table))
     return table

@@ -18,6 +18,7 @@ from adadecode.runtime.draft_table import bundled_table_path, load_draft_table
 from adadecode.runtime.engine import Engine
 from adadecode.runtime.exit_heads import ExitHeads
 from adadecode.runtime.prompts import select_prompts
+from adadecode.runtime.run_stats import GenerationStats
 from helpers import bundled_model_dir
 
 pytestmark = pytest.mark.slow  # the bundled model, for many tokens
@@ -123,13 +124,9 @@ def test_context_lookup_guesses_match_plain_greedy(engines, cases, stages, mode)
     try:
         for lookup in (0, 1):
             engine.lookup = lookup
-            for ids, ref in cases:
-                for n in (MAX_NEW_TOKENS, 3):  # and a length stop with guesses in flight
-                    res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
-                    at = first_divergence(res.tokens, ref[:n])
-                    assert at is None, f"{stages} stages, {mode}, lookup {lookup}: diverges at {at}"
-                    emitted[lookup] += res.stats["early_emitted"]
-                    rollbacks += res.stats["rollbacks"] if lookup else 0
+            counts = decode_cases(engine, cases, mode, f"{stages} stages, {mode}, lookup {lookup}")
+            emitted[lookup] += counts.early_emitted
+            rollbacks += counts.rollbacks if lookup else 0
     finally:
         engine.lookup = default
     assert emitted[1] > emitted[0] + 10  # the premise: the guesses went out
@@ -147,6 +144,19 @@ class DraftingCoordinator(coordinator_module.Coordinator):
             first = action.pos + len(action.tokens) - action.drafts
             DraftingCoordinator.drafts.extend(enumerate(action.tokens[-action.drafts:], first))
         return action
+
+
+def decode_cases(engine: Engine, cases, mode: str, what: str) -> GenerationStats:
+    """Each case decoded in ``mode`` to MAX_NEW_TOKENS and to 3 (a length stop with early tokens in
+    flight), token for token against its reference; their counters added up."""
+    total = GenerationStats()
+    for ids, ref in cases:
+        for n in (MAX_NEW_TOKENS, 3):
+            res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
+            at = first_divergence(res.tokens, ref[:n])
+            assert at is None, f"{what}: diverges at {at}"
+            total += res.counters
+    return total
 
 
 def drafting(engine: Engine, lookup: int = 1, draft: int = 3, table=None):
@@ -172,26 +182,17 @@ def test_lookup_drafts_match_plain_greedy(engines, cases, stages, mode):
     For deferred, equal tokens are the CPU fp32 property (module docstring), not a rule."""
     engine = engines[stages]
     saved = drafting(engine)
-    emitted = accepted = rollbacks = tabled = table_right = 0
+    total = GenerationStats()
     try:
         for heads, table in ((untrained_heads(engine, boundary_layers(engine), threshold=0.99), None),
                              (None, bundled_table(engine))):
             with_heads(engine, heads)
             engine.table = table
-            for ids, ref in cases:
-                for n in (MAX_NEW_TOKENS, 3):  # and a length stop with drafts in flight
-                    res = engine.generate(ids, max_new_tokens=n, early_exit=mode)
-                    at = first_divergence(res.tokens, ref[:n])
-                    assert at is None, f"{stages} stages, {mode}, heads {heads is not None}: diverges at {at}"
-                    emitted += res.stats["lookup_emitted"]
-                    accepted += res.stats["lookup_accepted"]
-                    rollbacks += res.stats["rollbacks"]
-                    tabled += res.counters.table_drafted
-                    table_right += res.counters.table_accepted
+            total += decode_cases(engine, cases, mode, f"{stages} stages, {mode}, heads {heads is not None}")
     finally:
         engine.lookup, engine.draft, engine.table = saved
-    assert accepted > 10 and rollbacks >= 3  # the premise: drafts went out, right and wrong
-    assert 0 < table_right < tabled  # and the table's, right and wrong
+    assert total.lookup_accepted > 10 and total.rollbacks >= 3  # the premise: drafts went out, right and wrong
+    assert 0 < total.table_accepted < total.table_drafted  # and the table's, right and wrong
 
 
 @pytest.mark.parametrize("stages", [1, 3])

@@ -50,6 +50,22 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def load_base(resolved, device, dtype, command: str):
+    """The frozen base model of ``resolved`` (a ``ResolvedModel``) on ``device`` in ``dtype``, with
+    what a greedy pass over it needs: ``(base, tokenizer, eos ids, the id that pads a batch)``.
+    ``command`` names the caller in the error for a model without a tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not resolved.has_tokenizer:
+        raise ValueError(f"{resolved.path} has no tokenizer files; {command} needs one to encode the prompts")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dtype, device_map=device).eval()
+    base.requires_grad_(False)
+    eos = eos_ids(base, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return base, tokenizer, eos, pad
+
+
 @torch.inference_mode()
 def collect(model, prompts: Sequence[list[int]], layers: Sequence[int], *, max_new_tokens: int,
             batch_size: int, eos: Sequence[int], pad: int, progress: bool = True) -> list[dict]:

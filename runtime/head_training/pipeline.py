@@ -17,7 +17,7 @@ from ..device import check_placement, dtype_name
 from ..loading import plan_stages
 from ..sim.heads import HeadChoice, choose
 from .calibrate import calibration_table, head_outcomes, outcome_tensors
-from .collect import Split, collect, encode, eos_ids, make_split
+from .collect import Split, collect, encode, load_base, make_split
 from .train import train
 from .validation import Validation, extra_files, sha256, split_prompts
 from .vocab import DEFAULT_VOCAB_SIZE, choose_vocabulary, coverage, soft_counts
@@ -74,8 +74,6 @@ def train_heads(
     Returns the manifest. Raises ValueError (``PlacementError`` for ``device``/``dtype``) with
     the fix for bad arguments, before the model loads where it can.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..exit_heads import HEAD_TYPES, ExitHeads, save_exit_heads
     from ..hf_adapter import load_hf_config
     from ..model_source import resolve_model
@@ -116,15 +114,9 @@ def train_heads(
     # stage boundaries of 2-4 ranks: there an exit lets the next token in as its stage hands over
     boundaries = [b for p in range(2, 5) if p < num_layers for _, b in plan_stages(config, p)[:-1]]
     layers = parse_layers(layers, num_layers, boundaries)
-    if not resolved.has_tokenizer:
-        raise ValueError(f"{resolved.path} has no tokenizer files; train-heads needs one to encode the prompts")
-    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
-    base.requires_grad_(False)
+    base, tokenizer, eos, pad = load_base(resolved, dev, dt, "train-heads")
     norm, lm_head = base.model.norm, base.lm_head.weight
     ids = {name: [encode(tokenizer, p) for p in ps] for name, ps in groups.items()}
-    eos = eos_ids(base, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     kind = f"mlp-{mlp_hidden}" if head_type == "mlp" else head_type
     log(f"{resolved.origin}: {num_layers} layers, hidden {d}, vocab {vocab}; {dev}, {dtype_name(dt)}; "
         f"candidate {kind} heads at {layers}; prompts: {', '.join(f'{k} {len(v)}' for k, v in ids.items())}")
@@ -272,8 +264,6 @@ def recompute_outcomes(
     defaults' setting (else 2 ranks, eager). Returns the manifest; ValueError with the fix for a
     directory without heads and for bad arguments, before the model loads where it can.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..exit_heads import HEADS_FILE, MANIFEST_FILE, file_record, load_exit_heads, read_manifest, save_outcomes
     from ..hf_adapter import load_hf_config
     from ..model_source import resolve_model
@@ -326,19 +316,13 @@ def recompute_outcomes(
         raise ValueError(f"the heads in {out} are for {base_record.get('origin')} (fingerprint "
                          f"{base_record['fingerprint'][:12]}...), not {resolved.origin} "
                          f"({resolved.fingerprint[:12]}...); give --model the model they were trained for")
-    if not resolved.has_tokenizer:
-        raise ValueError(f"{resolved.path} has no tokenizer files; train-heads needs one to encode the prompts")
     config = load_hf_config(resolved.path)
-    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-    base = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=dt, device_map=dev).eval()
-    base.requires_grad_(False)
+    base, tokenizer, eos, pad = load_base(resolved, dev, dt, "train-heads")
     heads = load_exit_heads(path, fingerprint=resolved.fingerprint, config=config, norm=base.model.norm,
                             lm_head_weight=base.lm_head.weight)
     layers = list(heads.available_layers)
     heads_record = dict((manifest.get("files") or {}).get(HEADS_FILE) or file_record(path / HEADS_FILE))
     ids = [encode(tokenizer, p) for p in validation.prompts]
-    eos = eos_ids(base, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     log(f"{resolved.origin}: heads at {layers} from {out}; {dev}, {dtype_name(dt)}; validation prompts: "
         + ", ".join(f"{f} {len(p)}" for f, p in zip(validation.files, validation.parts))
         + f"; up to {max_new_tokens} new tokens each")
